@@ -1,0 +1,363 @@
+"""Content-hashed artifact store: keys, locks, atomic publish, provenance.
+
+Layout::
+
+    STORE/<stage>/<key[:16]>/          one artifact
+        artifact.json                  key, inputs, resolved config, versions, git SHA, command, timings
+        LOCK                           while a process writes it: {"pid", "host", "started"}
+        COMPLETE                       written last (tmp + rename): the artifact is published
+        ...                            the stage's own files
+    STORE/experiments/<name>.json      stage -> key last built for an experiment (what `status` diffs against)
+
+A directory without ``COMPLETE`` is an interrupted run: the stage resumes inside it. Identity is one
+function, :func:`artifact_key`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pipeline.errors import DkpError, LockError
+
+# Bumped by hand when the meaning of a stage's output changes (never derived from the git SHA).
+SCHEMA_VERSIONS: dict[str, int] = {
+    "manifest": 1,
+    "depth": 1,
+    "teach": 1,
+    "distill": 1,
+    "teacher_embeddings": 1,
+    "eval": 1,
+}
+
+COMPLETE = "COMPLETE"
+LOCK = "LOCK"
+RECORD = "artifact.json"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the exact bytes that are hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str]) -> str:
+    """sha256 of canonical JSON of (stage, schema version, semantic config, upstream keys, input fingerprint).
+
+    ``config`` must already be the *semantic* config (see :func:`pipeline.config.semantic_dict`).
+    """
+    if stage not in SCHEMA_VERSIONS:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(SCHEMA_VERSIONS)}")
+    payload = {
+        "stage": stage,
+        "schema": SCHEMA_VERSIONS[stage],
+        "config": config,
+        "upstream": dict(upstream),
+        "fingerprint": fingerprint,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str]) -> dict:
+    """What :func:`artifact_key` hashed, kept in artifact.json so `status` can say why a key changed."""
+    return {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "config": config, "upstream": dict(upstream),
+            "fingerprint": fingerprint}
+
+
+# ---------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary name in the same directory, fsync, rename over ``path``, fsync the directory.
+
+    A crash leaves either the old file or the new one, never a torn one; a failed write (disk full)
+    leaves the old file untouched and removes the temporary.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# provenance
+
+
+def git_sha() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Versions of what can change results; torch & co. only if already imported (keeps `status` fast)."""
+    from importlib import metadata
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for dist in ("distill-dkp", "torch", "torchvision", "timm", "h5py", "numpy", "opencv-python-headless"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------------
+# locks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lock:
+    """An exclusive lock file holding the owner's pid and host.
+
+    Created with O_CREAT|O_EXCL, so two processes cannot both take it. A lock whose owner is a dead
+    process on this host is stale and taken over; one from another host is never broken
+    automatically (we cannot see its processes): the message says how to remove it.
+    """
+
+    path: Path
+    held: bool = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.read_owner()
+                if owner is None:
+                    # Torn/empty lock file: its writer died between create and write.
+                    if time.time() - self._mtime() > 5:
+                        self._break()
+                        continue
+                    time.sleep(0.2)
+                    continue
+                if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+                    self._break()  # stale: its process is gone
+                    continue
+                raise LockError(
+                    f"{self.path.parent} is being written by pid {owner.get('pid')} on {owner.get('host')} "
+                    f"since {owner.get('started')}. Wait for it to finish, or, if that process is gone "
+                    f"(another host), remove {self.path}."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise LockError(f"could not take the lock {self.path}; remove it if no process is writing there")
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _break(self) -> None:
+        # Rename first so two processes breaking the same stale lock cannot both succeed.
+        grave = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, grave)
+            grave.unlink()
+        except FileNotFoundError:
+            pass
+
+    def read_owner(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def __enter__(self) -> "Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the store
+
+
+@dataclass
+class ArtifactState:
+    stage: str
+    key: str
+    path: Path
+    state: str  # fresh | in_progress | missing
+    record: Optional[dict] = None
+    locked_by: Optional[dict] = None
+
+
+@dataclass
+class Store:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @classmethod
+    def from_option(cls, store: Optional[str]) -> "Store":
+        return cls(Path(store or os.environ.get("DKP_STORE") or "dkp-store"))
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:16]
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / COMPLETE).exists()
+
+    def record(self, stage: str, key: str) -> Optional[dict]:
+        try:
+            rec = json.loads((self.path(stage, key) / RECORD).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        # A 16-hex prefix collision is astronomically unlikely but must never serve the wrong artifact.
+        if rec.get("key") not in (None, key):
+            return None
+        return rec
+
+    def state(self, stage: str, key: str) -> ArtifactState:
+        p = self.path(stage, key)
+        rec = self.record(stage, key)
+        if (p / COMPLETE).exists() and rec is not None and rec.get("key") == key:
+            return ArtifactState(stage, key, p, "fresh", rec)
+        if p.exists():
+            owner = Lock(p / LOCK).read_owner() if (p / LOCK).exists() else None
+            return ArtifactState(stage, key, p, "in_progress", rec, owner)
+        return ArtifactState(stage, key, p, "missing")
+
+    # experiments: which key each stage had when last built, for "stale because ..."
+    def experiment_file(self, name: str) -> Path:
+        return self.root / "experiments" / f"{name}.json"
+
+    def last_built(self, name: str) -> dict[str, str]:
+        try:
+            return json.loads(self.experiment_file(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def remember(self, name: str, stage: str, key: str) -> None:
+        f = self.experiment_file(name)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with Lock(f.with_suffix(".lock")):
+            data = self.last_built(name)
+            data[stage] = key
+            write_json_atomic(f, data)
+
+    @contextlib.contextmanager
+    def open_for_write(self, stage: str, key: str, *, inputs: dict, config: dict) -> Iterator["ArtifactWriter"]:
+        """Lock the artifact directory (creating it) and yield a writer; nothing is published unless
+        :meth:`ArtifactWriter.publish` is called. An exception leaves the directory as a resume point."""
+        p = self.path(stage, key)
+        p.mkdir(parents=True, exist_ok=True)
+        with Lock(p / LOCK):
+            if (p / COMPLETE).exists():
+                raise DkpError(f"{p} is already complete; nothing to write")
+            w = ArtifactWriter(stage=stage, key=key, path=p, inputs=inputs, config=config)
+            w.write_record(status="in_progress")
+            yield w
+
+
+@dataclass
+class ArtifactWriter:
+    stage: str
+    key: str
+    path: Path
+    inputs: dict
+    config: dict
+    started: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)
+
+    def write_record(self, status: str, **extra: Any) -> None:
+        self.extra.update(extra)
+        prev = {}
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            prev = json.loads((self.path / RECORD).read_text())
+        rec = {
+            "key": self.key,
+            "stage": self.stage,
+            "status": status,
+            "inputs": self.inputs,
+            "config": self.config,
+            "versions": versions(),
+            "git_sha": git_sha(),
+            "command": sys.argv,
+            "host": socket.gethostname(),
+            "timings": {
+                "first_started": prev.get("timings", {}).get("first_started", _now()),
+                "this_run_started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(
+                    timespec="seconds"),
+                "seconds_this_run": round(time.time() - self.started, 3),
+            },
+            **self.extra,
+        }
+        write_json_atomic(self.path / RECORD, rec)
+
+    def publish(self, **extra: Any) -> None:
+        """Final artifact.json, then the COMPLETE marker, last and atomically."""
+        self.write_record(status="complete", **extra)
+        write_atomic(self.path / COMPLETE, self.key + "\n")

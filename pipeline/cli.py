@@ -1,0 +1,272 @@
+"""`dkp-pipeline`: thin click commands over the Python API in `pipeline/`.
+
+Heavy imports (torch, timm, h5py) happen inside the commands that need them, so `--help` is instant.
+User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+CONFIG_HELP = "A preset name (synthetic, human36m, taichi, deepfashion) or an experiment YAML."
+SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
+
+
+def _config_options(f):
+    f = click.option("--store", envvar="DKP_STORE", default="dkp-store", show_default=True,
+                     help="Artifact store directory (env DKP_STORE).")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(f)
+    f = click.argument("config", metavar="CONFIG")(f)
+    return f
+
+
+def _load(config: str, overrides):
+    from pipeline.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+class DkpGroup(click.Group):
+    """Turns DkpError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        from pipeline.errors import DkpError
+
+        try:
+            return super().invoke(ctx)
+        except DkpError as e:
+            _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=DkpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="distill-dkp")
+def main() -> None:
+    """Distill-DKP: self-supervised human keypoints from video frames.
+
+    \b
+    Pipeline (each box is a command; `run` walks them all, reusing what is fresh):
+      manifest -> depth (MiDaS 3.1 -> HDF5 depth cache) -> teach (depth teacher)
+               -> distill (RGB student + frozen teacher) -> eval (paper protocols)
+
+    Every stage's output is an artifact in the store, keyed by the hash of everything that
+    determines it; `status CONFIG` says which are fresh, stale (and why) or missing.
+    Quick start:  dkp-pipeline run synthetic
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# status / run
+
+
+def _print_plan(plan, console, title: str = "") -> None:
+    from rich.table import Table
+
+    colours = {"fresh": "green", "stale": "yellow", "missing": "red", "in_progress": "cyan"}
+    t = Table(title=title or f"experiment {plan.cfg.name!r} · store {plan.store.root}", title_justify="left")
+    t.add_column("stage")
+    t.add_column("state")
+    t.add_column("key")
+    t.add_column("why / progress", overflow="fold")
+    for s in plan:
+        detail = "; ".join(([s.progress] if s.progress else []) + s.why)
+        t.add_row(s.stage, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
+    console.print(t)
+
+
+@main.command()
+@_config_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config, overrides, store, as_json):
+    """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress, with its key."""
+    from pipeline.artifacts import Store
+    from pipeline.graph import build_plan, dumps
+
+    cfg = _load(config, overrides)
+    plan = build_plan(cfg, Store.from_option(store), progress=not as_json)
+    if as_json:
+        click.echo(dumps(plan))
+    else:
+        _print_plan(plan, _console())
+
+
+@main.command()
+@_config_options
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and the plan; run nothing.")
+@click.option("--until", type=click.Choice(["manifest", "depth", "teach", "distill", "eval"]), default="eval",
+              show_default=True, help="Stop after this stage.")
+def run(config, overrides, store, dry_run, until):
+    """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
+
+    Fresh stages are reused; a second run does nothing and says so."""
+    from pipeline.runner import run_pipeline
+
+    cfg = _load(config, overrides)
+    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=_console())
+
+
+def _stage_command(name: str, doc: str):
+    @click.option("--dry-run", is_flag=True, help="Print the resolved config and this stage's key; run nothing.")
+    @_config_options
+    def cmd(config, overrides, store, dry_run, **opts):
+        from pipeline.runner import run_pipeline
+
+        cfg = _load(config, overrides)
+        run_pipeline(cfg, store, dry_run=dry_run, until=name, only=name, console=_console(), stage_options=opts)
+
+    cmd.__doc__ = doc
+    return cmd
+
+
+depth_cmd = _stage_command(
+    "depth",
+    """Stage 1: MiDaS 3.1 (or imported depth files) over every frame into the HDF5 depth cache.
+
+    Resumable after any crash (finished shards are kept), shardable across machines with
+    --shard i/n and across GPUs with `torchrun --nproc-per-node N dkp-pipeline depth ...`.""",
+)
+depth_cmd = click.option("--shard", default=None, metavar="I/N",
+                         help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it.")(depth_cmd)
+depth_cmd = click.option("--skip-bad-frames", is_flag=True,
+                         help="Mark unreadable frames invalid in the cache instead of failing.")(depth_cmd)
+main.command("depth")(depth_cmd)
+
+main.command("teach")(_stage_command(
+    "teach", """Stage 2: train the AutoLink teacher on the cached depth maps (resumes from its last checkpoint)."""))
+main.command("distill")(_stage_command(
+    "distill", """Stage 3: train the RGB student with the frozen teacher: recon + gamma * (1 - cos)."""))
+main.command("eval")(_stage_command(
+    "eval", """Score the student (and teacher, baseline) with the dataset's protocol: metrics.json + pictures."""))
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@main.group()
+def manifest():
+    """Dataset manifests: frame lists with splits, annotations and content fingerprints."""
+
+
+@manifest.command("build")
+@click.argument("name")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Dataset root directory.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the manifest (default: <root>/<name>.manifest.json).")
+def manifest_build(name, root, output):
+    """Walk dataset NAME (see data_manifests/) under --root, fingerprint every frame, write a manifest."""
+    from pathlib import Path
+
+    from pipeline.manifest import build_manifest
+
+    m = build_manifest(name, root, progress=True)
+    out = Path(output) if output else Path(root) / f"{name}.manifest.json"
+    m.save(out)
+    _console().print(f"{len(m.frame_ids)} frames, fingerprint {m.fingerprint} -> {out}")
+
+
+@manifest.command("list")
+def manifest_list():
+    """List the dataset descriptions shipped in data_manifests/."""
+    from pipeline.manifest import list_datasets
+
+    for n in list_datasets():
+        click.echo(n)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", "n", default=600, show_default=True, help="Number of frames.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Image size (square).")
+def synth(out, n, seed, size):
+    """Write the built-in synthetic dataset (folder layout, with GT depth and keypoints) to OUT."""
+    from pathlib import Path
+
+    from pipeline.synth import write_synthetic
+
+    info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, progress=True)
+    _console().print(f"wrote {n} frames to {out}", info if isinstance(info, dict) else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+
+
+@main.group()
+def cache():
+    """Depth caches: verify, export one shareable file, import a colleague's."""
+
+
+@cache.command("verify")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+def cache_verify(cache_dir):
+    """Re-check every shard's checksum, every chunk and every frame hash of a depth cache."""
+    from pipeline.cachecli import verify_command
+
+    verify_command(cache_dir, _console())
+
+
+@cache.command("export")
+@_config_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .h5 file to write.")
+def cache_export(config, overrides, store, output):
+    """Write CONFIG's depth cache as ONE HDF5 file a colleague can `cache import`."""
+    from pipeline.cachecli import export_command
+
+    export_command(_load(config, overrides), store, output, _console())
+
+
+@cache.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", envvar="DKP_STORE", default="dkp-store", show_default=True)
+def cache_import(file, store):
+    """Verify a shared depth-cache file and place it in the store under its key (no MiDaS needed)."""
+    from pipeline.cachecli import import_command
+
+    import_command(file, store, _console())
+
+
+# --------------------------------------------------------------------------------------------------
+# inference / benchmarks
+
+
+@main.command()
+@click.argument("student", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--device", default="auto", show_default=True)
+def predict(student, images, output, device):
+    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on RGB IMAGES or folders.
+
+    Writes keypoints.json (pixels, (x, y)) and one overlay PNG per image."""
+    from pipeline.predict import predict_command
+
+    predict_command(student, images, output, device, _console())
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["teach", "depth", "cache", "teacher-cache"]))
+@click.option("--batch", default=16, show_default=True)
+@click.option("--size", default=128, show_default=True)
+@click.option("--steps", default=10, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Append the result (JSON line) to this file.")
+def bench(what, batch, size, steps, device, output):
+    """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
+    from pipeline.bench import bench_command
+
+    bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

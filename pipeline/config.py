@@ -1,0 +1,338 @@
+"""Experiment configuration: frozen dataclasses, layered.
+
+Layers, later wins: package defaults (the dataclass defaults below, AutoLink's published values) ->
+a named preset shipped in ``pipeline/presets/`` or an experiment YAML holding only the differences
+(which may itself start from a preset with ``base: <preset>``) -> ``--set a.b=value`` overrides.
+Unknown keys and type mismatches are :class:`~pipeline.errors.ConfigError` naming the key and the valid ones.
+
+Which fields change results is decided in one place, :data:`NON_SEMANTIC`: everything else is part of
+the artifact key of its stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+# Fields that cannot change a stage's output bytes (or whose content enters the key another way,
+# like weight files, which are keyed by their sha256). Matched by field name at any depth.
+NON_SEMANTIC = frozenset(
+    {
+        "name",  # experiment label for humans
+        "num_workers",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "device",
+        "progress",
+        "compile",  # torch.compile: same maths, different kernels
+        "batch_size_inference",
+        "weights",  # keyed by the file's sha256 instead of its path
+        "vgg_weights",  # idem
+        "shard_size",  # how frames are grouped into files, not their values
+    }
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: str = "synthetic"  # data_manifests/<name>.yaml, or a path to a manifest YAML
+    root: str = "data/synthetic"  # dataset root; relative paths resolve against the working directory
+    # Built-in synthetic data: generated into `root` by `run` when it is missing.
+    synth_frames: int = 600
+    synth_seed: int = 0
+    synth_image_size: int = 128
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    provider: str = "midas"  # midas: run MiDaS 3.1 | files: import depth maps named by the manifest
+    model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
+    weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
+    storage_dtype: str = "float16"  # float16 (+ per-frame scale) | float32
+    shard_size: int = 1024  # frames per HDF5 shard: the unit of atomic writes and resume
+    batch_size_inference: int = 8
+    num_workers: int = 2
+    compile: bool = False
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_keypoints: int = 16
+    image_size: int = 128  # model resolution (AutoLink: 128)
+    heatmap_size: int = 32  # soft-argmax grid; image_size / 4 in AutoLink's detector
+    thick: float = 5e-4  # link Gaussian width in squared normalised units (sigma ~ 1 px at 128)
+    sklr: float = 512.0  # learning-rate multiplier of the link weights
+    mask_ratio: float = 0.8  # fraction of mask cells removed
+    mask_blocks: int = 16  # mask grid is mask_blocks x mask_blocks
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 20001
+    batch_size: int = 64  # global batch (split across DDP ranks)
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    seed: int = 0
+    recon_loss: str = "perceptual"  # perceptual (VGG16, AutoLink) | l1ssim (no weights needed)
+    vgg_weights: Optional[str] = None  # VGG16 ImageNet weights; default: torchvision's cache
+    hflip: Optional[bool] = None  # None = what the dataset manifest says AutoLink does
+    depth_norm: str = "minmax"  # teacher input: per-frame min-max of inverse depth to [-1, 1]
+    amp: str = "auto"  # auto | off | bf16 | fp16
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_every: int = 1000
+    num_workers: int = 2
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class TeachConfig(TrainConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    gamma: float = 0.1  # weight of (1 - cos) between teacher and student embeddings
+    layer: str = "logits"  # detector tensor distilled: logits (pre-softmax output layer) | heatmaps | down1..4 | up1..2
+    flatten: str = "sample"  # cosine over: sample (whole tensor) | keypoint (per map) | location (per pixel)
+    teacher_cache: bool = True  # precompute teacher embeddings once when the teacher input is deterministic
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocol: str = "auto"  # auto = the manifest's protocol | h36m | taichi | deepfashion | l2
+    batch_size_inference: int = 64
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    teach: TeachConfig = field(default_factory=TeachConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "depth.provider": ("midas", "files"),
+    "depth.precision": ("fp32", "bf16", "fp16"),
+    "depth.storage_dtype": ("float16", "float32"),
+    "recon_loss": ("perceptual", "l1ssim"),
+    "depth_norm": ("minmax",),
+    "amp": ("auto", "off", "bf16", "fp16"),
+    "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),
+    "flatten": ("sample", "keypoint", "location"),
+    "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# presets
+
+
+def list_presets() -> list[str]:
+    files = resources.files("pipeline") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path | str, what: str) -> dict:
+    try:
+        text = Path(path).read_text() if not hasattr(path, "read_text") else path.read_text()
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _preset_dict(name: str) -> dict:
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
+    return _read_yaml(resources.files("pipeline") / "presets" / f"{name}.yaml", "preset")
+
+
+# ---------------------------------------------------------------------------------------------------
+# merging and type checking
+
+
+def _field_map(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
+
+
+def _resolve_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(value: Any, tp, dotted: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], dotted)
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"config field {dotted}: expected {name}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_choice(dotted: str, value: Any) -> None:
+    leaf = dotted.split(".")[-1]
+    choices = CHOICES.get(dotted) or CHOICES.get(leaf)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config field {dotted}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _build(cls, data: dict, prefix: str, base):
+    """Return ``cls`` built from ``base`` (an instance) updated with the mapping ``data``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
+    fmap = _field_map(cls)
+    unknown = sorted(set(data) - set(fmap))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (in {where}); valid keys: {', '.join(sorted(fmap))}"
+        )
+    kwargs = {}
+    for name, f in fmap.items():
+        current = getattr(base, name)
+        if name not in data:
+            kwargs[name] = current
+            continue
+        tp = _resolve_type(cls, f)
+        if is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.", current)
+        else:
+            value = _coerce(data[name], tp, f"{prefix}{name}")
+            if value is not None:
+                _check_choice(f"{prefix}{name}", value)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"teach.lr=3e-4"`` -> (["teach", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"bad --set {text!r}: expected KEY=VALUE, e.g. --set teach.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"bad --set {text!r}: the key must be dotted names, e.g. teach.model.n_keypoints")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad --set {text!r}: value is not valid YAML ({e})") from None
+    # YAML reads 3e-4 as a string (it wants 3.0e-4); users write floats the Python way.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value.strip() not in ("", ".") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: dict = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def _fix_yaml_floats(obj):
+    """PyYAML reads ``1e-4`` (no dot) as a string; accept it as a float like Python does."""
+    if isinstance(obj, dict):
+        return {k: _fix_yaml_floats(v) for k, v in obj.items()}
+    if isinstance(obj, str):
+        try:
+            if any(c in obj for c in "eE") and obj.strip()[0] in "0123456789.-+":
+                return float(obj)
+        except (ValueError, IndexError):
+            pass
+    return obj
+
+
+def load_config(source: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Resolve the layered config.
+
+    ``source`` is a preset name (see :func:`list_presets`), a path to an experiment YAML, or None for the
+    package defaults. An experiment YAML may start from a preset with a top-level ``base: <preset>``.
+    """
+    cfg = ExperimentConfig()
+    default_name = "defaults"
+    if source is not None:
+        p = Path(source)
+        if p.suffix in (".yaml", ".yml") or p.exists():
+            data = _fix_yaml_floats(_read_yaml(p, "experiment config"))
+            base = data.pop("base", None)
+            if base is not None:
+                cfg = _build(ExperimentConfig, _fix_yaml_floats(_preset_dict(base)), "", cfg)
+            default_name = p.stem
+            try:
+                cfg = _build(ExperimentConfig, data, "", cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from None
+        else:
+            cfg = _build(ExperimentConfig, _fix_yaml_floats(_preset_dict(source)), "", cfg)
+            default_name = source
+        if cfg.name == "experiment":
+            cfg = dataclasses.replace(cfg, name=default_name)
+    for text in overrides:
+        path, value = parse_override(text)
+        try:
+            cfg = _build(ExperimentConfig, _nest(path, value), "", cfg)
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from None
+    return cfg
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def semantic_dict(obj) -> dict:
+    """The fields of a config section that change results (NON_SEMANTIC removed at every depth)."""
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in NON_SEMANTIC}
+        return d
+
+    return strip(dataclasses.asdict(obj))
+
+
+def to_yaml(obj) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -1,0 +1,201 @@
+"""The stage graph: keys of every stage for a config, and why each is fresh, stale or missing.
+
+manifest -> depth -> teach -> distill -> eval. Computing the keys needs only the manifest (whose frame
+fingerprints are memoised by inode/size/mtime) and the digests of weight files, so `status` is cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import config as C
+from pipeline.artifacts import Store, artifact_key, key_inputs
+
+STAGES = ("manifest", "depth", "teach", "distill", "eval")
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    key: str
+    inputs: dict
+    config: dict  # resolved config section saved beside the artifact (semantic and not)
+    state: str = "missing"  # fresh | stale | missing | in_progress
+    why: list[str] = field(default_factory=list)
+    progress: Optional[str] = None
+    path: Optional[Path] = None
+
+
+@dataclass
+class Plan:
+    cfg: C.ExperimentConfig
+    store: Store
+    stages: dict[str, StagePlan]
+    manifest: Any  # pipeline.manifest.Manifest
+
+    def __iter__(self):
+        return iter(self.stages.values())
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def explain_change(stage: str, old: dict, new: dict, store: Store) -> list[str]:
+    """Human reasons why the inputs of a stage differ from those it was last built with."""
+    why: list[str] = []
+    if old.get("schema") != new.get("schema"):
+        why.append(f"stage schema version changed ({old.get('schema')} -> {new.get('schema')})")
+    of, nf = _flat(old.get("config", {})), _flat(new.get("config", {}))
+    for k in sorted(set(of) | set(nf)):
+        if of.get(k, "<absent>") != nf.get(k, "<absent>"):
+            why.append(f"config field {stage}.{k} changed ({of.get(k, '<absent>')!r} -> {nf.get(k, '<absent>')!r})")
+    ou, nu = old.get("upstream", {}), new.get("upstream", {})
+    for k in sorted(set(ou) | set(nu)):
+        if ou.get(k) != nu.get(k):
+            label = "dataset manifest" if k == "manifest" else f"{k}"
+            why.append(f"upstream {label} changed ({str(ou.get(k))[:12]} -> {str(nu.get(k))[:12]})")
+    if old.get("fingerprint") != new.get("fingerprint"):
+        why.append(frames_changed(old, new, store) if stage == "manifest" else "input fingerprint changed")
+    return why or ["inputs differ"]
+
+
+def frames_changed(old: dict, new: dict, store: Store) -> str:
+    from pipeline.manifest import Manifest
+
+    try:
+        old_m = Manifest.load(store.path("manifest", old["_key"]) / "manifest.json")
+        a = dict(zip(old_m.frame_ids, old_m.fingerprints))
+        b = dict(zip(new["_frames"][0], new["_frames"][1]))
+    except Exception:  # the old manifest is gone or unreadable: we can only say that frames changed
+        return "frames changed"
+    added = len(set(b) - set(a))
+    removed = len(set(a) - set(b))
+    modified = sum(1 for k in set(a) & set(b) if a[k] != b[k])
+    parts = [f"{n} {w}" for n, w in ((added, "added"), (removed, "removed"), (modified, "modified")) if n]
+    return "frames changed: " + (", ".join(parts) if parts else "order changed")
+
+
+def file_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of a weights file, memoised by (inode, size, mtime) like frame fingerprints."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"missing:{p}"
+    from pipeline.fingerprint import sha256_file_memo
+
+    return sha256_file_memo(p)
+
+
+def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
+    from pipeline.manifest import build_manifest
+
+    m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
+    stages: dict[str, StagePlan] = {}
+
+    def add(stage: str, semantic: dict, upstream: dict, fingerprint: Optional[str], resolved: dict) -> StagePlan:
+        key = artifact_key(stage, semantic, upstream, fingerprint)
+        sp = StagePlan(stage, key, key_inputs(stage, semantic, upstream, fingerprint), resolved)
+        stages[stage] = sp
+        return sp
+
+    mdesc = {"dataset": cfg.data.manifest, "description_sha256": m.description_sha256}
+    add("manifest", mdesc, {}, m.fingerprint, C.to_dict(cfg.data))
+
+    d_sem = C.semantic_dict(cfg.depth)
+    if cfg.depth.provider == "midas":
+        d_sem["weights_sha256"] = file_digest(cfg.depth.weights)
+        d_fp = m.fingerprint
+    else:
+        d_sem.pop("model_type", None)
+        d_sem.pop("precision", None)
+        d_sem["depth_options"] = m.depth_options
+        d_fp = m.depth_fingerprint
+    add("depth", d_sem, {"manifest": stages["manifest"].key}, d_fp, C.to_dict(cfg.depth))
+
+    def train_sem(section: C.TrainConfig) -> dict:
+        s = C.semantic_dict(section)
+        s["hflip"] = m.hflip if section.hflip is None else section.hflip
+        if section.recon_loss == "perceptual":
+            s["vgg_sha256"] = file_digest(section.vgg_weights) if section.vgg_weights else "torchvision-default"
+        return s
+
+    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, None, C.to_dict(cfg.teach))
+    add("distill", train_sem(cfg.distill), {"teach": stages["teach"].key, "depth": stages["depth"].key,
+                                           "manifest": stages["manifest"].key}, None, C.to_dict(cfg.distill))
+    e_sem = C.semantic_dict(cfg.eval)
+    if e_sem.get("protocol") == "auto":
+        e_sem["protocol"] = m.protocol
+    add("eval", e_sem, {"distill": stages["distill"].key, "teach": stages["teach"].key,
+                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, None,
+        C.to_dict(cfg.eval))
+
+    # states and reasons
+    last = store.last_built(cfg.name)
+    for name in STAGES:
+        sp = stages[name]
+        st = store.state(name, sp.key)
+        sp.path = st.path
+        if st.state == "fresh":
+            sp.state = "fresh"
+        elif st.state == "in_progress":
+            sp.state = "in_progress"
+            sp.progress = progress_of(name, st.path)
+            if st.locked_by:
+                sp.why.append(f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
+            else:
+                sp.why.append("interrupted; will resume")
+        else:
+            prev_key = last.get(name)
+            prev = store.record(name, prev_key) if prev_key else None
+            if prev is not None and prev_key != sp.key:
+                sp.state = "stale"
+                old_inputs = dict(prev.get("inputs", {}), _key=prev_key)
+                new_inputs = dict(sp.inputs, _frames=(m.frame_ids, m.fingerprints))
+                sp.why = explain_change(name, old_inputs, new_inputs, store)
+            else:
+                sp.state = "missing"
+    return Plan(cfg=cfg, store=store, stages=stages, manifest=m)
+
+
+def progress_of(stage: str, path: Path) -> Optional[str]:
+    """'frames 1024/6000' or 'step 300/20001' for an interrupted artifact, read from its files."""
+    try:
+        if stage == "depth":
+            from pipeline.depth_cache import progress
+
+            done, total = progress(path)
+            return f"frames {done}/{total}"
+        if stage in ("teach", "distill"):
+            from pipeline.train import progress as train_progress
+
+            done, total = train_progress(path)
+            return f"step {done}/{total}"
+    except Exception:
+        return None
+    return None
+
+
+def digest_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan_as_json(plan: Plan) -> list[dict]:
+    return [
+        {"stage": s.stage, "key": s.key, "state": s.state, "why": s.why, "progress": s.progress,
+         "path": str(s.path) if s.path else None}
+        for s in plan
+    ]
+
+
+def dumps(plan: Plan) -> str:
+    return json.dumps(plan_as_json(plan), indent=2)

@@ -1,0 +1,132 @@
+"""Walk the stage graph: reuse fresh artifacts, resume interrupted ones, build the rest.
+
+Each stage module in :mod:`pipeline.stages` exposes ``run(ctx: StageContext) -> dict`` which writes its
+files into ``ctx.path`` (resuming from whatever an interrupted run left there) and returns extra fields for
+artifact.json; publishing (artifact.json, then COMPLETE) is done here, once, for every stage.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import config as C
+from pipeline.artifacts import Store
+from pipeline.errors import DkpError
+from pipeline.graph import STAGES, Plan, StagePlan, build_plan
+
+STAGE_MODULES = {
+    "depth": "pipeline.stages.depth",
+    "teach": "pipeline.stages.teach",
+    "distill": "pipeline.stages.distill",
+    "eval": "pipeline.stages.evaluate",
+}
+
+
+@dataclass
+class StageContext:
+    cfg: C.ExperimentConfig
+    plan: Plan
+    stage: StagePlan
+    store: Store
+    path: Path  # the artifact directory being written
+    console: Any
+    options: dict = field(default_factory=dict)
+
+    def upstream_path(self, stage: str) -> Path:
+        return self.store.path(stage, self.plan.stages[stage].key)
+
+
+def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
+    """The built-in dataset is generated on first use, so `run synthetic` works on a fresh clone."""
+    root = Path(cfg.data.root)
+    if cfg.data.manifest != "synthetic" or (root / "dataset.yaml").exists():
+        return
+    from pipeline.synth import write_synthetic
+
+    console.print(f"generating the synthetic dataset: {cfg.data.synth_frames} frames -> {root}")
+    write_synthetic(root, n=cfg.data.synth_frames, seed=cfg.data.synth_seed,
+                    image_size=cfg.data.synth_image_size, progress=True)
+
+
+def _publish_manifest(plan: Plan, sp: StagePlan, store: Store, console) -> None:
+    with store.open_for_write("manifest", sp.key, inputs=sp.inputs, config=sp.config) as w:
+        plan.manifest.save(w.path / "manifest.json")
+        w.publish(n_frames=len(plan.manifest.frame_ids), fingerprint=plan.manifest.fingerprint)
+
+
+def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: bool = False, until: str = "eval",
+                 only: Optional[str] = None, console=None, stage_options: Optional[dict] = None) -> Plan:
+    from rich.console import Console
+
+    console = console or Console()
+    store = Store.from_option(store_dir)
+    if dry_run:
+        console.print("[bold]resolved config[/]", markup=True)
+        console.print(C.to_yaml(cfg), markup=False, highlight=False)
+        if cfg.data.manifest == "synthetic" and not (Path(cfg.data.root) / "dataset.yaml").exists():
+            console.print(f"(synthetic data not generated yet at {cfg.data.root}: `run` would generate it first; "
+                          "no plan until then)")
+            return None  # type: ignore[return-value]
+    else:
+        ensure_synthetic_data(cfg, console)
+    plan = build_plan(cfg, store, progress=not dry_run)
+    wanted = STAGES[: STAGES.index(until) + 1] if only is None else (only,)
+    if dry_run:
+        from pipeline.cli import _print_plan
+
+        _print_plan(plan, console)
+        todo = [s for s in wanted if plan.stages[s].state != "fresh"]
+        console.print("would build: " + (", ".join(todo) if todo else "nothing (all fresh)"))
+        return plan
+
+    if only is not None:
+        for up in STAGES[: STAGES.index(only)]:
+            if plan.stages[up].state != "fresh" and up != "manifest":
+                raise DkpError(
+                    f"stage {only} needs {up}, which is {plan.stages[up].state}; build it first with "
+                    f"`dkp-pipeline run {cfg.name} --until {up}` (or `dkp-pipeline {up} ...`)"
+                )
+
+    built = []
+    for name in (STAGES[: STAGES.index(until) + 1] if only is None else ("manifest", only)):
+        sp = plan.stages[name]
+        if sp.state == "fresh":
+            if name in wanted:
+                console.print(f"[green]✓[/] {name:8s} fresh  {sp.key[:16]}  (reused)", markup=True)
+            store.remember(cfg.name, name, sp.key)
+            continue
+        t0 = time.time()
+        reason = "; ".join(([sp.progress] if sp.progress else []) + sp.why) or sp.state
+        console.print(f"[yellow]→[/] {name:8s} {sp.state}  {sp.key[:16]}  ({reason})", markup=True)
+        if name == "manifest":
+            _publish_manifest(plan, sp, store, console)
+        else:
+            _run_stage(name, cfg, plan, sp, store, console, stage_options or {})
+        store.remember(cfg.name, name, sp.key)
+        sp.state = "fresh"
+        built.append(name)
+        console.print(f"[green]✓[/] {name:8s} built  {sp.key[:16]}  in {time.time() - t0:.1f}s -> "
+                      f"{store.path(name, sp.key)}", markup=True)
+    if not built:
+        console.print("nothing to do: every stage is fresh")
+    return plan
+
+
+def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> None:
+    try:
+        mod = importlib.import_module(STAGE_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == STAGE_MODULES[name]:
+            raise DkpError(f"stage {name} is not built yet in this version of distill-dkp") from None
+        raise
+    if hasattr(mod, "run_managed"):
+        # Stages with their own multi-process writing protocol (depth under torchrun / --shard).
+        mod.run_managed(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options))
+        return
+    with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
+        ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
+        extra = mod.run(ctx) or {}
+        w.publish(**extra)

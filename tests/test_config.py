@@ -1,0 +1,85 @@
+import dataclasses
+
+import pytest
+
+from pipeline.config import (ExperimentConfig, NON_SEMANTIC, list_presets, load_config, parse_override,
+                             semantic_dict)
+from pipeline.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def test_presets_ship_and_load():
+    assert {"synthetic", "human36m", "taichi", "deepfashion"} <= set(list_presets())
+    for name in list_presets():
+        cfg = load_config(name)
+        assert cfg.name == name
+    assert load_config("taichi").distill.gamma == 0.4
+    assert load_config("human36m").distill.gamma == 0.1
+    assert load_config("taichi").teach.model.n_keypoints == 10
+
+
+def test_layers_defaults_then_yaml_then_set(tmp_path):
+    y = tmp_path / "exp.yaml"
+    y.write_text("base: taichi\nteach:\n  lr: 2e-4\n  model: {thick: 1e-3}\n")
+    cfg = load_config(str(y), ["teach.lr=3e-4", "distill.gamma=0"])
+    assert cfg.name == "exp"
+    assert cfg.teach.lr == 3e-4  # --set beats the YAML
+    assert cfg.teach.model.thick == 1e-3  # YAML beats the preset
+    assert cfg.teach.model.n_keypoints == 10  # preset beats the defaults
+    assert cfg.teach.weight_decay == 1e-3  # package default
+    assert cfg.distill.gamma == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.teach.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("teach.lrr=1", "unknown config key teach.lrr"),
+        ("teach.lr=abc", "teach.lr: expected float"),
+        ("teach.steps=1.5", "teach.steps: expected int"),
+        ("nosuch.x=1", "unknown config key nosuch"),
+        ("teach", "expected KEY=VALUE"),
+        ("teach..lr=1", "dotted names"),
+        ("distill.layer=foo", "not one of logits"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("synthetic", [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("teach:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(y))
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "teach.learning_rate" in msg and "lr" in msg and "weight_decay" in msg
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="valid presets: .*synthetic"):
+        load_config("nope")
+
+
+def test_parse_override_types():
+    assert parse_override("teach.lr=3e-4") == (["teach", "lr"], 3e-4)
+    assert parse_override("teach.hflip=true") == (["teach", "hflip"], True)
+    assert parse_override("depth.weights=/a/b.pt") == (["depth", "weights"], "/a/b.pt")
+
+
+def test_semantic_dict_drops_non_semantic_fields_only():
+    s = semantic_dict(ExperimentConfig().teach)
+    assert "num_workers" not in s and "log_every" not in s and "device" not in s
+    assert s["lr"] == 1e-4 and s["model"]["n_keypoints"] == 16
+    assert "workers" not in str(sorted(s))
+    assert "num_workers" in NON_SEMANTIC
+
+
+@pytest.mark.parametrize("args", [["--set", "teach.lrr=1"], ["--set", "teach.lr=abc"], ["--set", "oops"]])
+def test_cli_config_errors_exit_2(args, tmp_path):
+    r = run_cli(["status", "synthetic", *args, "--store", str(tmp_path / "s")], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
