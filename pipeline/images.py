@@ -1,0 +1,124 @@
+"""Reading frames and depth files into the conventions of docs/conventions.md, with named errors.
+
+Decisions for unusual inputs (documented in docs/reliability.md):
+- grayscale (8/16-bit): converted to RGB by replication;
+- 16-bit RGB: scaled to 8-bit (value / 257), as every 8-bit pipeline would see it;
+- RGBA: alpha dropped (frames are opaque video frames; compositing on a colour would invent content);
+- CMYK JPEG: OpenCV's decoder converts it to RGB;
+- zero-byte, truncated or non-image files: refused with the file named.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ManifestError
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """Decode one frame. Returns (H, W, 3) uint8 RGB."""
+    import cv2
+
+    path = Path(path)
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ManifestError(f"frame {path}: file not found (was it moved? rebuild the manifest)") from None
+    if raw.size == 0:
+        raise ManifestError(f"frame {path}: file is empty (0 bytes); re-extract it or remove it from the dataset "
+                            "(or pass --skip-bad-frames)")
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ManifestError(f"frame {path}: not a decodable image (truncated or not JPEG/PNG); re-extract it or "
+                            "pass --skip-bad-frames")
+    if _looks_truncated(path, raw):
+        raise ManifestError(f"frame {path}: image data is truncated (no end marker); re-extract it or pass "
+                            "--skip-bad-frames")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ManifestError(f"frame {path}: unsupported sample type {img.dtype}; convert it to 8-bit RGB")
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    elif img.shape[2] != 3:
+        raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected RGB")
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def _looks_truncated(path: Path, raw: np.ndarray) -> bool:
+    # OpenCV decodes truncated JPEGs (grey bottom rows) and some truncated PNGs without failing.
+    suffix = path.suffix.lower()
+    tail = raw[-16:].tobytes()
+    if suffix in (".jpg", ".jpeg"):
+        return b"\xff\xd9" not in raw[-64:].tobytes()
+    if suffix == ".png":
+        return b"IEND" not in tail
+    return False
+
+
+def read_depth_file(path: Path | str, *, kind: str, scale: float = 1.0) -> np.ndarray:
+    """Read an external depth map and convert it to relative inverse depth (larger = nearer).
+
+    ``kind`` is ``"depth"`` (near = small: converted as 1 / d) or ``"inverse"`` (near = large).
+    PNGs (8/16-bit, one channel) are multiplied by ``scale``; ``.npy`` files must hold a 2-D float array.
+    Returns (H, W) float32. Non-finite values, negative depth or a wrong shape are named errors.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"depth file {path}: not found")
+    if path.suffix.lower() == ".npy":
+        try:
+            d = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ManifestError(f"depth file {path}: not a plain numpy array ({e}); pickled arrays are refused") from None
+        except Exception as e:  # truncated, not an npy
+            raise ManifestError(f"depth file {path}: unreadable .npy ({e})") from None
+    else:
+        d = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if d is None:
+            raise ManifestError(f"depth file {path}: not a readable PNG")
+    if d.ndim == 3 and d.shape[2] == 1:
+        d = d[:, :, 0]
+    if d.ndim != 2:
+        raise ManifestError(f"depth file {path}: shape {d.shape}; expected a single-channel (H, W) map")
+    d = d.astype(np.float32) * np.float32(scale)
+    if not np.isfinite(d).all():
+        raise ManifestError(f"depth file {path}: contains NaN or Inf; fix or remove the file")
+    if kind == "depth":
+        if (d < 0).any():
+            raise ManifestError(f"depth file {path}: negative depth values; is depth_kind right (depth vs inverse)?")
+        return (1.0 / np.maximum(d, 1e-6)).astype(np.float32)
+    if kind == "inverse":
+        return d
+    raise ManifestError(f"depth_kind {kind!r} for {path}: expected 'depth' or 'inverse'")
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to ``size`` then a centre crop to size x size (docs/conventions.md)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    out = cv2.resize(img, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else img
+    y0, x0 = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(out[y0:y0 + size, x0:x0 + size])
+
+
+def square_transform(h: int, w: int, size: int) -> tuple[float, float, float, float]:
+    """The keypoint map of :func:`resize_square`: (sx, sy, off_x, off_y) with x' = sx*x + off_x, y' = sy*y + off_y.
+
+    cv2.resize maps pixel centres, x' + 0.5 = (x + 0.5) * sx, then the crop subtracts its offset.
+    """
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    sx, sy = nw / w, nh / h
+    y0, x0 = (nh - size) // 2, (nw - size) // 2
+    # cv2.resize maps pixel centres: x' + 0.5 = (x + 0.5) * sx
+    return sx, sy, 0.5 * sx - 0.5 - x0, 0.5 * sy - 0.5 - y0
