@@ -172,8 +172,9 @@ def _load_index(cache_dir: Path) -> dict:
         index = _read_json(path, "depth cache index")
     except FileNotFoundError:
         done, total = progress(cache_dir) if (cache_dir / LAYOUT_FILE).exists() else (0, 0)
+        todo = "to finalize it" if done == total else "(every rank / --shard job) to complete it"
         raise CacheError(f"depth cache {cache_dir} is not finished (no {INDEX_FILE}; {done}/{total} frames written); "
-                         f"re-run `dkp-pipeline depth` (every rank/--shard job) to complete it") from None
+                         f"re-run `dkp-pipeline depth` {todo}") from None
     if index.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{path}: schema_version {index.get('schema_version')!r}, this tool reads "
                          f"{SCHEMA_VERSION}; rebuild the cache with this version of dkp-pipeline")
