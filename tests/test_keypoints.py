@@ -288,3 +288,11 @@ def test_convert_autolink_state_dict_loads_strictly():
     assert torch.equal(fresh.detector.head.weight, model.detector.head.weight)
     with pytest.raises(KeyError, match="unexpected"):
         convert_autolink_state_dict({"generator.w": torch.zeros(1)})
+
+
+def test_keypoints_stay_float32_under_autocast():
+    model = AutoLink(n_keypoints=3, image_size=32, heatmap_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 3, 32, 32), mask_generator=torch.Generator().manual_seed(0))
+    assert out.keypoints.dtype == torch.float32 and out.edge_map.dtype == torch.float32
+    assert out.reconstruction.dtype == torch.bfloat16

@@ -55,10 +55,11 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     b, k, h, w = logits.shape
     if h != w:
         raise ValueError(f"soft_argmax expects square heatmaps, got {h}x{w}")
-    # Softmax in float32 even under autocast: 1024-way softmax in fp16 loses the small tail.
-    probs = F.softmax(logits.float().reshape(b, k, h * w), dim=-1)  # (B, K, h*w)
-    grid = coordinate_grid(h, device=logits.device, dtype=probs.dtype).reshape(h * w, 2)  # (h*w, 2)
-    keypoints = probs @ grid  # (B, K, 2)
+    # float32 even under autocast: a fp16/bf16 matmul would round keypoints to ~1/4 px at 128.
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        probs = F.softmax(logits.float().reshape(b, k, h * w), dim=-1)  # (B, K, h*w)
+        grid = coordinate_grid(h, device=logits.device, dtype=probs.dtype).reshape(h * w, 2)  # (h*w, 2)
+        keypoints = probs @ grid  # (B, K, 2)
     return keypoints, probs.reshape(b, k, h, w)
 
 
