@@ -1,0 +1,500 @@
+"""The built-in synthetic dataset: articulated human-like figures in front of cluttered walls.
+
+Why it exists: the pipeline must run end to end, and its claims must be testable, without any
+download. The scene is built so that the paper's argument holds by construction: the walls carry
+bars and blobs drawn in the figure's own colours and shaded like its limbs, so colour alone cannot
+tell figure from background, while depth can (the figure is always metres in front of the walls).
+
+Scene, per frame (pure numpy + OpenCV drawing, no file I/O):
+
+- a 3-D skeleton (16 or 20 joints, :data:`JOINT_NAMES`) posed by forward kinematics from random joint
+  angles (torso lean, neck, shoulders, elbows, hips, knees, limb twist, whole-body yaw over the
+  full circle), projected with a pinhole camera (x right, y down, z forward);
+- limbs rendered as shaded capsules with a per-pixel z-buffer, so near limbs occlude far ones;
+- one wall, or two walls meeting in a corner, tilted planes at 7-11 m: flat posters, bars, blobs, and
+  distractor capsules/discs in the figure's colours, all at wall depth;
+- sensor noise on the RGB.
+
+Frames are grouped in *clips* of ``clip_length`` consecutive indices: inside a clip the figure, its
+clothes, the walls and the light stay the same and the joint angles, yaw and position move smoothly
+(sinusoids of the frame number), so a clip looks like a short video. Everything is a pure function
+of ``(seed, index)``: the clip's parameters come from a generator seeded with ``(seed, clip)`` and the
+frame's noise from one seeded with ``(seed, index)`` (PCG64 via SeedSequence; no global state).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# Skeleton
+# ----------------------------------------------------------------------------------------------
+# Left/right are the figure's own (anatomical) sides, as in Human3.6M. The 16-joint skeleton is the
+# first 16 entries; the 20-joint one adds hands and toes.
+JOINT_NAMES: tuple[str, ...] = (
+    "pelvis", "thorax", "neck", "head_top",
+    "r_shoulder", "r_elbow", "r_wrist",
+    "l_shoulder", "l_elbow", "l_wrist",
+    "r_hip", "r_knee", "r_ankle",
+    "l_hip", "l_knee", "l_ankle",
+    "r_hand", "l_hand", "r_toe", "l_toe",
+)
+SUPPORTED_N_JOINTS = (16, 20)
+_LEFT_RIGHT_PAIRS: tuple[tuple[int, int], ...] = (
+    (7, 4), (8, 5), (9, 6), (13, 10), (14, 11), (15, 12), (17, 16), (19, 18),
+)
+# Parent of each joint (the root has -1): the bones of the kinematic tree.
+_PARENT: tuple[int, ...] = (-1, 0, 1, 2, 1, 4, 5, 1, 7, 8, 0, 10, 11, 0, 13, 14, 6, 9, 12, 15)
+
+# Body part colour slots, indices into a clip's palette.
+_SKIN, _SHIRT, _TROUSERS, _SHOES = 0, 1, 2, 3
+# Bones drawn as capsules: (joint a, joint b, radius in m at body scale 1, colour slot).
+# The head is a separate sphere (see _render_figure).
+_LIMBS: tuple[tuple[int, int, float, int], ...] = (
+    (0, 1, 0.15, _SHIRT),      # torso
+    (1, 2, 0.05, _SKIN),       # neck
+    (1, 4, 0.065, _SHIRT), (4, 5, 0.05, _SHIRT), (5, 6, 0.04, _SKIN),
+    (1, 7, 0.065, _SHIRT), (7, 8, 0.05, _SHIRT), (8, 9, 0.04, _SKIN),
+    (0, 10, 0.09, _TROUSERS), (10, 11, 0.075, _TROUSERS), (11, 12, 0.055, _TROUSERS),
+    (0, 13, 0.09, _TROUSERS), (13, 14, 0.075, _TROUSERS), (14, 15, 0.055, _TROUSERS),
+    (6, 16, 0.035, _SKIN), (9, 17, 0.035, _SKIN), (12, 18, 0.045, _SHOES), (15, 19, 0.045, _SHOES),
+)
+_HEAD_RADIUS = 0.105  # m, at body scale 1
+
+# Bone lengths in metres for a 1.75 m figure at body scale 1.
+_LEN = {
+    "spine": 0.50, "neck": 0.10, "head": 0.23, "shoulder": 0.19, "upper_arm": 0.29, "forearm": 0.26,
+    "hand": 0.09, "hip": 0.10, "thigh": 0.43, "shin": 0.42, "foot": 0.14,
+}
+
+# Joint-angle ranges in radians: (low, high). Each angle follows base + amp * sin(2 pi f t + phase)
+# inside its clip, clipped to the range.
+_ANGLE_RANGES: dict[str, tuple[float, float]] = {
+    "torso_pitch": (-0.2, 0.5), "torso_roll": (-0.25, 0.25),
+    "neck_pitch": (-0.3, 0.4), "neck_roll": (-0.3, 0.3),
+    "r_shoulder_flex": (-0.8, 2.6), "r_shoulder_abd": (0.05, 1.8), "r_elbow": (0.0, 2.3), "r_arm_twist": (-0.8, 0.8),
+    "l_shoulder_flex": (-0.8, 2.6), "l_shoulder_abd": (0.05, 1.8), "l_elbow": (0.0, 2.3), "l_arm_twist": (-0.8, 0.8),
+    "r_hip_flex": (-0.5, 1.6), "r_hip_abd": (0.0, 0.6), "r_knee": (0.0, 2.0), "r_leg_twist": (-0.3, 0.3),
+    "l_hip_flex": (-0.5, 1.6), "l_hip_abd": (0.0, 0.6), "l_knee": (0.0, 2.0), "l_leg_twist": (-0.3, 0.3),
+}
+_ANGLE_NAMES = tuple(_ANGLE_RANGES)
+
+# Random-stream labels, so that clip parameters and per-frame noise never share a generator.
+_STREAM_CLIP = 1
+_STREAM_FRAME = 2
+
+
+def joint_names(n_joints: int) -> tuple[str, ...]:
+    """Names of the synthetic skeleton's joints, in keypoint order."""
+    _check_n_joints(n_joints)
+    return JOINT_NAMES[:n_joints]
+
+
+def left_right_pairs(n_joints: int) -> tuple[tuple[int, int], ...]:
+    """(left, right) joint index pairs of the synthetic skeleton (the figure's own sides)."""
+    _check_n_joints(n_joints)
+    return tuple((a, b) for a, b in _LEFT_RIGHT_PAIRS if a < n_joints and b < n_joints)
+
+
+def _check_n_joints(n_joints: int) -> None:
+    if n_joints not in SUPPORTED_N_JOINTS:
+        raise ValueError(f"n_joints={n_joints!r} is not a synthetic skeleton; choose one of {SUPPORTED_N_JOINTS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and result
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """What the generator draws. Every field changes the pixels, so all belong in an artifact key."""
+
+    image_size: int = 128  # image height in pixels (and width unless image_width is set)
+    image_width: int | None = None  # None = square; a different width tests (x, y) handling
+    n_joints: int = 16  # 16 (H36M-like) or 20 (adds hands and toes)
+    clip_length: int = 32  # consecutive indices sharing figure, clothes and walls (1 = independent frames)
+    n_clutter: int = 24  # wall shapes per frame (posters, bars, blobs)
+    distractor_fraction: float = 0.5  # share of wall shapes drawn in the figure's colours and shading
+    noise_std: float = 2.0  # Gaussian sensor noise on RGB, in 8-bit levels
+    focal: float = 1.8  # focal length in units of the image height (about 31 deg vertical field of view)
+    figure_depth: tuple[float, float] = (3.4, 4.8)  # pelvis distance from the camera, m
+    wall_depth: tuple[float, float] = (8.0, 10.0)  # wall distance at the image centre, m
+
+    def __post_init__(self) -> None:
+        _check_n_joints(self.n_joints)
+        if self.image_size < 16 or (self.image_width is not None and self.image_width < 16):
+            raise ValueError(f"image_size/image_width must be >= 16 px, got {self.image_size}/{self.image_width}")
+        if self.clip_length < 1:
+            raise ValueError(f"clip_length must be >= 1, got {self.clip_length}")
+        if self.n_clutter < 0 or not 0.0 <= self.distractor_fraction <= 1.0 or self.noise_std < 0:
+            raise ValueError("n_clutter >= 0, 0 <= distractor_fraction <= 1 and noise_std >= 0 are required")
+        lo, hi = self.figure_depth
+        wlo, whi = self.wall_depth
+        if not (0.5 < lo <= hi) or not (wlo <= whi):
+            raise ValueError(f"bad depth ranges: figure_depth={self.figure_depth}, wall_depth={self.wall_depth}")
+        # The figure extends about 1 m in depth around its pelvis; keep the walls clearly behind it.
+        if wlo < hi + 2.0:
+            raise ValueError(
+                f"wall_depth starts at {wlo} m, too close to figure_depth up to {hi} m; "
+                f"the walls must start at least 2 m behind the figure (>= {hi + 2.0})"
+            )
+
+    @property
+    def height(self) -> int:
+        return self.image_size
+
+    @property
+    def width(self) -> int:
+        return self.image_width if self.image_width is not None else self.image_size
+
+
+@dataclass(frozen=True)
+class SyntheticFrame:
+    """One rendered frame.
+
+    rgb (H, W, 3) uint8 RGB; depth (H, W) float32 metric depth along the optical axis in metres
+    (near = small, walls 7-11 m); keypoints (J, 2) float32 pixel (x, y) of the joint centres
+    (docs/conventions.md), also for joints outside the image; visible (J,) bool = inside the image;
+    occluded (J,) bool = inside the image but hidden behind another body part (approximate, still
+    annotated, as in Human3.6M); mask (H, W) bool figure pixels; palette (4, 3) uint8 the figure's
+    base colours (skin, shirt, trousers, shoes), which the wall distractors reuse.
+    """
+
+    rgb: np.ndarray
+    depth: np.ndarray
+    keypoints: np.ndarray
+    visible: np.ndarray
+    occluded: np.ndarray
+    mask: np.ndarray
+    palette: np.ndarray
+    index: int
+    clip: int
+    joint_names: tuple[str, ...] = field(default=(), repr=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random clip parameters
+# ----------------------------------------------------------------------------------------------
+def _rng(seed: int, stream: int, key: int) -> np.random.Generator:
+    if seed < 0 or key < 0:
+        raise ValueError(f"seed and index must be non-negative integers, got seed={seed}, index/clip={key}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), stream, int(key)])))
+
+
+@dataclass(frozen=True)
+class _Clip:
+    palette: np.ndarray  # (4, 3) float: skin, shirt, trousers, shoes
+    scale: float
+    lengths: dict
+    angle_base: np.ndarray  # (A,)
+    angle_amp: np.ndarray
+    angle_freq: np.ndarray
+    angle_phase: np.ndarray
+    yaw0: float
+    yaw_rate: float
+    root_xyz: np.ndarray  # (3,) pelvis position at t = 0 (x as a fraction of the half-width at that depth)
+    root_amp: np.ndarray  # (3,)
+    root_freq: float
+    root_phase: np.ndarray  # (3,)
+    light: np.ndarray  # (3,) unit vector from the surface towards the light
+    walls: np.ndarray  # (n_walls, 3): inverse-depth plane coefficients a + b x + c y
+    wall_colours: np.ndarray  # (n_walls, 3)
+    clutter: tuple  # drawing commands
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(30, 230, size=3).astype(np.float64)
+
+
+def _make_clip(cfg: SyntheticConfig, seed: int, clip: int) -> _Clip:
+    rng = _rng(seed, _STREAM_CLIP, clip)
+    h, w = cfg.height, cfg.width
+    skin = np.array([rng.uniform(120, 235), rng.uniform(80, 190), rng.uniform(60, 160)])
+    palette = np.stack([skin, _random_colour(rng), _random_colour(rng), _random_colour(rng)])
+    scale = rng.uniform(0.9, 1.1)
+    lengths = {k: v * scale * rng.uniform(0.93, 1.07) for k, v in _LEN.items()}
+
+    lo = np.array([_ANGLE_RANGES[n][0] for n in _ANGLE_NAMES])
+    hi = np.array([_ANGLE_RANGES[n][1] for n in _ANGLE_NAMES])
+    base = rng.uniform(lo, hi)
+    amp = rng.uniform(0.0, 0.35, size=len(lo)) * (hi - lo)
+    freq = rng.uniform(0.01, 0.06, size=len(lo))  # cycles per frame
+    phase = rng.uniform(0, 2 * np.pi, size=len(lo))
+
+    # Root: x as a fraction of the visible half-width at the root's depth, y in metres, z in metres.
+    root = np.array([rng.uniform(-0.45, 0.45), rng.uniform(-0.15, 0.1), rng.uniform(*cfg.figure_depth)])
+    root_amp = np.array([rng.uniform(0, 0.2), rng.uniform(0, 0.05), rng.uniform(0, 0.3)])
+    root_phase = rng.uniform(0, 2 * np.pi, size=3)
+
+    # Light from the camera's side of the scene (negative z component points towards the camera).
+    light = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.2), -1.0])
+    light /= np.linalg.norm(light)
+
+    # Walls: planes n . P = d with P = Z * ((x - cx)/f, (y - cy)/f, 1), so 1/Z = (n . ray) / d is
+    # affine in pixel coordinates. Two walls meeting in a vertical corner: the visible surface is the
+    # nearer one, i.e. the larger inverse depth.
+    f = cfg.focal * h
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    n_walls = 1 + int(rng.random() < 0.5)
+    walls = []
+    for k in range(n_walls):
+        yaw = rng.uniform(-0.35, 0.35) if n_walls == 1 else (0.45 if k == 0 else -0.45) + rng.uniform(-0.15, 0.15)
+        pitch = rng.uniform(-0.15, 0.15)
+        normal = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
+        d = rng.uniform(*cfg.wall_depth) * normal[2]
+        # 1/Z = (nx (x-cx)/f + ny (y-cy)/f + nz) / d
+        a = (normal[2] - normal[0] * cx / f - normal[1] * cy / f) / d
+        walls.append((a, normal[0] / (f * d), normal[1] / (f * d)))
+    walls = np.array(walls)
+    # Keep every wall pixel at least 2 m behind the farthest figure depth (corners included).
+    corners = np.array([[1.0, 0, 0], [1.0, w - 1, 0], [1.0, 0, h - 1], [1.0, w - 1, h - 1]])
+    max_inv = (corners @ walls.T).max()
+    min_inv_allowed = 1.0 / (cfg.wall_depth[0] - 1.0)
+    if max_inv > min_inv_allowed:
+        walls *= min_inv_allowed / max_inv
+    wall_colours = np.stack([_random_colour(rng) for _ in range(n_walls)])
+
+    clutter = []
+    side = float(min(h, w))
+    for _ in range(cfg.n_clutter):
+        cx_, cy_ = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
+        if rng.random() < cfg.distractor_fraction:
+            # Limb-like distractor in one of the figure's colours, shaded like the figure.
+            slot = int(rng.integers(0, 3 if cfg.n_joints == 16 else 4))  # 16 joints: no feet, no shoes
+            if rng.random() < 0.6:
+                ang = rng.uniform(0, np.pi)
+                half = rng.uniform(0.05, 0.2) * side
+                dx, dy = np.cos(ang) * half, np.sin(ang) * half
+                r = rng.uniform(0.015, 0.05) * side
+                clutter.append(("capsule", (cx_ - dx, cy_ - dy), (cx_ + dx, cy_ + dy), r, slot))
+            else:
+                clutter.append(("capsule", (cx_, cy_), (cx_, cy_), rng.uniform(0.03, 0.08) * side, slot))
+        else:
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            kind = rng.integers(0, 3)
+            if kind == 0:  # poster
+                hw, hh = rng.uniform(0.04, 0.2, size=2) * side
+                clutter.append(("rect", (int(cx_ - hw), int(cy_ - hh)), (int(cx_ + hw), int(cy_ + hh)), colour))
+            elif kind == 1:  # bar
+                ang = rng.uniform(0, np.pi)
+                half = rng.uniform(0.1, 0.5) * side
+                p0 = (int(cx_ - np.cos(ang) * half), int(cy_ - np.sin(ang) * half))
+                p1 = (int(cx_ + np.cos(ang) * half), int(cy_ + np.sin(ang) * half))
+                clutter.append(("bar", p0, p1, max(1, int(rng.uniform(0.01, 0.05) * side)), colour))
+            else:  # blob
+                axes = (max(1, int(rng.uniform(0.02, 0.1) * side)), max(1, int(rng.uniform(0.02, 0.1) * side)))
+                clutter.append(("blob", (int(cx_), int(cy_)), axes, float(rng.uniform(0, 180)), colour))
+    return _Clip(
+        palette=palette, scale=scale, lengths=lengths, angle_base=base, angle_amp=amp, angle_freq=freq,
+        angle_phase=phase, yaw0=rng.uniform(-np.pi, np.pi), yaw_rate=rng.uniform(-0.06, 0.06),
+        root_xyz=root, root_amp=root_amp, root_freq=rng.uniform(0.01, 0.04), root_phase=root_phase,
+        light=light, walls=walls, wall_colours=wall_colours, clutter=tuple(clutter),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pose: forward kinematics in camera coordinates (x right, y down, z forward)
+# ----------------------------------------------------------------------------------------------
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _ortho(v: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """The component of v orthogonal to unit vector ``axis``, normalised."""
+    return _unit(v - (v @ axis) * axis)
+
+
+def _limb(root: np.ndarray, down: np.ndarray, fwd: np.ndarray, out: np.ndarray,
+          flex: float, abd: float, bend: float, twist: float, bend_sign: float,
+          l1: float, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-bone limb from ``root``: returns (middle joint, end joint, direction of the second bone)."""
+    d1 = np.cos(abd) * np.cos(flex) * down + np.cos(abd) * np.sin(flex) * fwd + np.sin(abd) * out
+    w = _ortho(fwd, d1)
+    w = np.cos(twist) * w + np.sin(twist) * np.cross(d1, w)  # twist the bending plane about the bone
+    d2 = np.cos(bend) * d1 + bend_sign * np.sin(bend) * w
+    mid = root + l1 * d1
+    return mid, mid + l2 * d2, d2
+
+
+def _pose_3d(clip: _Clip, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ``t`` of the clip: joint offsets from the pelvis (20, 3) in metres (camera axes), and the
+    root (3,) = (x as a fraction of the visible half-width, y in m, z in m)."""
+    ang = clip.angle_base + clip.angle_amp * np.sin(2 * np.pi * clip.angle_freq * t + clip.angle_phase)
+    lo = np.array([_ANGLE_RANGES[n][0] for n in _ANGLE_NAMES])
+    hi = np.array([_ANGLE_RANGES[n][1] for n in _ANGLE_NAMES])
+    a = dict(zip(_ANGLE_NAMES, np.clip(ang, lo, hi)))
+    L = clip.lengths
+
+    yaw = clip.yaw0 + clip.yaw_rate * t
+    # Body frame at yaw 0: facing the camera (-z), its left on the camera's right (+x).
+    c, s = np.cos(yaw), np.sin(yaw)
+    left = np.array([c, 0.0, s])
+    fwd = np.array([s, 0.0, -c])
+    up = np.array([0.0, -1.0, 0.0])
+    down = -up
+
+    p = np.zeros((20, 3))
+    p[0] = 0.0
+    pt, rl = a["torso_pitch"], a["torso_roll"]
+    spine = np.cos(pt) * np.cos(rl) * up + np.sin(pt) * fwd + np.cos(pt) * np.sin(rl) * left
+    t_left = _ortho(left, spine)
+    t_fwd = _unit(fwd - (fwd @ spine) * spine - (fwd @ t_left) * t_left)
+    p[1] = spine * L["spine"]
+    p[2] = p[1] + spine * L["neck"]
+    npt, nrl = a["neck_pitch"], a["neck_roll"]
+    head = np.cos(npt) * np.cos(nrl) * spine + np.sin(npt) * t_fwd + np.cos(npt) * np.sin(nrl) * t_left
+    p[3] = p[2] + head * L["head"]
+    for side, sh, el, wr, hand in (("r", 4, 5, 6, 16), ("l", 7, 8, 9, 17)):
+        sgn = 1.0 if side == "l" else -1.0
+        p[sh] = p[1] + sgn * L["shoulder"] * t_left - 0.03 * spine
+        p[el], p[wr], d2 = _limb(p[sh], -spine, t_fwd, sgn * t_left, a[f"{side}_shoulder_flex"], a[f"{side}_shoulder_abd"],
+                                 a[f"{side}_elbow"], a[f"{side}_arm_twist"], 1.0, L["upper_arm"], L["forearm"])
+        p[hand] = p[wr] + L["hand"] * d2
+    for side, hip, kn, an, toe in (("r", 10, 11, 12, 18), ("l", 13, 14, 15, 19)):
+        sgn = 1.0 if side == "l" else -1.0
+        p[hip] = sgn * L["hip"] * left
+        p[kn], p[an], _ = _limb(p[hip], down, fwd, sgn * left, a[f"{side}_hip_flex"], a[f"{side}_hip_abd"],
+                                a[f"{side}_knee"], a[f"{side}_leg_twist"], -1.0, L["thigh"], L["shin"])
+        p[toe] = p[an] + L["foot"] * fwd
+
+    # Root trajectory: smooth drift in x/y/z; x is kept inside the field of view at that depth.
+    osc = np.sin(2 * np.pi * clip.root_freq * t + clip.root_phase)
+    z = float(np.clip(clip.root_xyz[2] + clip.root_amp[2] * osc[2], 1.0, None))
+    return p, np.array([clip.root_xyz[0] + clip.root_amp[0] * osc[0], clip.root_xyz[1] + clip.root_amp[1] * osc[1], z])
+
+
+# ----------------------------------------------------------------------------------------------
+# Rasterisation
+# ----------------------------------------------------------------------------------------------
+def _draw_capsule(rgb: np.ndarray, zbuf: np.ndarray | None, mask: np.ndarray | None,
+                  a: np.ndarray, b: np.ndarray, ra: float, rb: float, za: float, zb: float,
+                  colour: np.ndarray, light: np.ndarray, focal: float, ambient: float = 0.35) -> None:
+    """Shade a capsule (segment a-b in pixels, radii ra/rb in pixels, axis depths za/zb in m) into
+    ``rgb`` (H, W, 3) uint8. With ``zbuf`` (H, W) float32 metres, a pixel is written only where the
+    capsule's surface is nearer than the buffer, and the buffer is updated (z-buffering); without it
+    the capsule is painted flat onto whatever is there (wall distractors keep the wall's depth)."""
+    h, w = rgb.shape[:2]
+    r_max = max(ra, rb)
+    x0 = max(int(np.floor(min(a[0], b[0]) - r_max)), 0)
+    x1 = min(int(np.ceil(max(a[0], b[0]) + r_max)) + 1, w)
+    y0 = max(int(np.floor(min(a[1], b[1]) - r_max)), 0)
+    y1 = min(int(np.ceil(max(a[1], b[1]) + r_max)) + 1, h)
+    if x0 >= x1 or y0 >= y1:
+        return
+    # Pixel-centre offsets from a, as a row (1, w') and a column (h', 1) that broadcast to (h', w').
+    px = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(a[0])
+    py = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(a[1])
+    abx, aby = float(b[0] - a[0]), float(b[1] - a[1])
+    len2 = abx * abx + aby * aby
+    if len2 > 1e-9:
+        t = np.minimum(np.maximum((px * np.float32(abx / len2) + py * np.float32(aby / len2)), 0.0), 1.0)
+    else:
+        t = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    dx, dy = px - t * np.float32(abx), py - t * np.float32(aby)  # (h', w') offset from the closest axis point
+    dist = np.sqrt(dx * dx + dy * dy)
+    r = ra + t * (rb - ra)
+    inside = dist < r
+    if not inside.any():
+        return
+    s = dist[inside] / r[inside]  # 0 on the axis, 1 on the silhouette
+    bulge = np.sqrt(np.maximum(1.0 - s * s, 0.0))
+    inv = 1.0 / np.maximum(dist[inside], 1e-6)
+    # Surface normal of the tube seen from the camera: sideways in the image plane, towards the camera.
+    nx, ny, nz = dx[inside] * inv * s, dy[inside] * inv * s, -bulge
+    shade = ambient + (1.0 - ambient) * np.maximum(nx * light[0] + ny * light[1] + nz * light[2], 0.0)
+    col = np.clip(colour[None, :] * shade[:, None], 0, 255).astype(np.uint8)  # (n, 3)
+    iy, ix = np.nonzero(inside)
+    iy += y0
+    ix += x0
+    if zbuf is not None:
+        tt = t[inside]
+        z_axis = za + tt * (zb - za)
+        depth = z_axis - bulge * r[inside] * z_axis / focal  # the surface bulges towards the camera
+        nearer = depth < zbuf[iy, ix]
+        iy, ix, col, depth = iy[nearer], ix[nearer], col[nearer], depth[nearer]
+        zbuf[iy, ix] = depth
+        if mask is not None:
+            mask[iy, ix] = True
+    rgb[iy, ix] = col
+
+
+def _render_walls(cfg: SyntheticConfig, clip: _Clip) -> tuple[np.ndarray, np.ndarray]:
+    """Wall RGB (H, W, 3) uint8 with clutter, and wall depth (H, W) float32 metres."""
+    h, w = cfg.height, cfg.width
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    inv = np.stack([a + b * xs + c * ys for a, b, c in clip.walls])  # (n_walls, H, W) inverse depth
+    which = inv.argmax(axis=0)  # nearer wall is visible (concave corner)
+    depth = (1.0 / inv.max(axis=0)).astype(np.float32)
+    # Base colour, darker towards the floor so walls are not flat colour fields.
+    shade = (1.0 - 0.25 * ys / h)[..., None]  # (H, 1, 1)
+    rgb = (clip.wall_colours[which] * shade).astype(np.uint8)  # (H, W, 3)
+    focal = cfg.focal * h
+    for item in clip.clutter:
+        kind = item[0]
+        if kind == "capsule":
+            _, p0, p1, r, slot = item
+            _draw_capsule(rgb, None, None, np.asarray(p0), np.asarray(p1), r, r, 0.0, 0.0,
+                          clip.palette[slot], clip.light, focal)
+        elif kind == "rect":
+            cv2.rectangle(rgb, item[1], item[2], item[3], thickness=-1)
+        elif kind == "bar":
+            cv2.line(rgb, item[1], item[2], item[4], thickness=item[3], lineType=cv2.LINE_AA)
+        else:
+            cv2.ellipse(rgb, item[1], item[2], item[3], 0, 360, item[4], thickness=-1, lineType=cv2.LINE_AA)
+    return rgb, depth
+
+
+def render_frame(cfg: SyntheticConfig, seed: int, index: int) -> SyntheticFrame:
+    """Render frame ``index`` of the synthetic sequence ``seed``; a pure function of (cfg, seed, index).
+
+    Returns a :class:`SyntheticFrame` (RGB (H, W, 3) uint8, depth (H, W) float32 m, keypoints (J, 2)
+    pixel (x, y), visibility)."""
+    clip_id, t = divmod(int(index), cfg.clip_length)
+    clip = _make_clip(cfg, seed, clip_id)
+    frame_rng = _rng(seed, _STREAM_FRAME, index)
+    h, w = cfg.height, cfg.width
+    focal = cfg.focal * h
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+
+    rgb, depth = _render_walls(cfg, clip)
+    body, root = _pose_3d(clip, t)
+    # Root x was drawn as a fraction of the visible half-width at the root depth.
+    root_x = root[0] * (w / 2.0) * root[2] / focal
+    pts = body + np.array([root_x, root[1], root[2]])  # (20, 3) metres
+    z = pts[:, 2]
+    kp = np.stack([focal * pts[:, 0] / z + cx, focal * pts[:, 1] / z + cy], axis=1)  # (20, 2) pixels (x, y)
+
+    mask = np.zeros((h, w), dtype=bool)
+    scale = clip.scale
+    for ja, jb, radius, slot in _LIMBS:
+        if ja >= cfg.n_joints or jb >= cfg.n_joints:
+            continue
+        rm = radius * scale
+        _draw_capsule(rgb, depth, mask, kp[ja], kp[jb], focal * rm / z[ja], focal * rm / z[jb], z[ja], z[jb],
+                      clip.palette[slot], clip.light, focal)
+    # Head: a sphere in the upper part of the neck -> head-top segment.
+    hc = pts[2] + 0.55 * (pts[3] - pts[2])
+    hz = hc[2]
+    hxy = np.array([focal * hc[0] / hz + cx, focal * hc[1] / hz + cy])
+    hr = focal * _HEAD_RADIUS * scale / hz
+    _draw_capsule(rgb, depth, mask, hxy, hxy, hr, hr, hz, hz, clip.palette[_SKIN], clip.light, focal)
+
+    if cfg.noise_std > 0:
+        noise = frame_rng.standard_normal(size=rgb.shape, dtype=np.float32) * np.float32(cfg.noise_std)
+        rgb = np.clip(rgb.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+    kp = kp[: cfg.n_joints].astype(np.float32)
+    zj = z[: cfg.n_joints]
+    visible = (kp[:, 0] >= 0) & (kp[:, 0] <= w - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= h - 1)
+    occluded = np.zeros(cfg.n_joints, dtype=bool)
+    ix = np.clip(np.rint(kp[:, 0]).astype(int), 0, w - 1)
+    iy = np.clip(np.rint(kp[:, 1]).astype(int), 0, h - 1)
+    # A joint lies on its bone's axis; the surface in front of it is at most a limb radius nearer.
+    occluded[visible] = depth[iy[visible], ix[visible]] < zj[visible] - 0.2 * scale
+    return SyntheticFrame(
+        rgb=rgb, depth=depth, keypoints=kp, visible=visible, occluded=occluded, mask=mask,
+        palette=clip.palette.astype(np.uint8), index=int(index), clip=clip_id,
+        joint_names=joint_names(cfg.n_joints),
+    )
