@@ -517,10 +517,16 @@ def progress(cache_dir: str | os.PathLike) -> tuple[int, int]:
 def finalize(cache_dir: str | os.PathLike) -> dict:
     """Check every shard is present and write ``index.json`` (layout + all entries) atomically; returns it.
 
-    This is also the merge step of a distributed run: run it once after all ranks finished.
+    This is also the merge step of a distributed run: call it from ONE process (e.g. rank 0 after a
+    barrier) once all ranks finished; it also removes temp files a killed finalize left behind.
     """
     cache_dir = Path(cache_dir)
     layout = _load_layout(cache_dir)
+    # Temps of layout.json/index.json left by a killed process. Only safe because finalize runs once, after
+    # every rank is past its CacheWriter construction (the only other writer of these files).
+    for path in cache_dir.iterdir():
+        if path.name.startswith((f"{LAYOUT_FILE}.tmp-", f"{INDEX_FILE}.tmp-")):
+            path.unlink(missing_ok=True)
     entries, missing = [], []
     shard_size, n_frames = layout["shard_size"], layout["n_frames"]
     for i in range(layout["n_shards"]):

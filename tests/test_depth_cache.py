@@ -152,7 +152,9 @@ def test_resume_skips_finished_shards_and_cleans_temps(tmp_path):
     assert (shards / "shard-00000.h5").stat().st_ino == stat0.st_ino  # finished shard untouched
     for p in w2.shards_todo():
         w2.write_shard(p, ids[p.start:p.stop], hashes[p.start:p.stop], depths[p.start:p.stop], valid[p.start:p.stop])
+    (c / "index.json.tmp-999-deadbeef").write_text("{")  # a finalize killed mid-write
     dc.finalize(c)
+    assert sorted(p.name for p in c.iterdir()) == ["index.json", "layout.json", "shards"]
     build(tmp_path / "ref", n=12, shard_size=4)
     assert shard_digests(c) == shard_digests(tmp_path / "ref")
 
