@@ -235,8 +235,18 @@ class CacheWriter:
     def _ensure_layout(self) -> None:
         path = self.cache_dir / LAYOUT_FILE
         if not path.exists():
-            # Ranks may race here; they write identical content, so whichever rename lands last is fine.
-            _write_json_atomic(path, self.layout)
+            # Ranks race here: link() publishes the complete temp file only if no layout exists yet, so the
+            # first rank's layout wins atomically and every rank then checks its own settings against it.
+            tmp = _tmp_name(path)
+            tmp.write_text(json.dumps(self.layout, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+            _fsync_file(tmp)
+            try:
+                os.link(tmp, path)
+                _fsync_dir(path.parent)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
         have = _read_json(path, "depth cache layout")
         if _canonical_json(have) == _canonical_json(self.layout):
             return
@@ -653,11 +663,13 @@ class DepthCacheReader:
                              f"{self.cache_dir} (it could not be read when the cache was built); skip frames for "
                              f"which is_valid() is False")
         h, w = (int(v) for v in meta["shape"][row])
-        f = self._file(shard)
+        depth = meta.get("depth")
+        if depth is None or not depth.id.valid:  # the file was closed by the LRU since
+            depth = meta["depth"] = self._file(shard)["depth"]
         try:
-            stored = f["depth"][row, :h, :w]
+            stored = depth[row, :h, :w]
         except (OSError, RuntimeError, ValueError) as exc:
-            raise CacheError(f"depth cache shard {f.filename}: frame {frame_index} cannot be read ({exc}); "
+            raise CacheError(f"depth cache shard {depth.file.filename}: frame {frame_index} cannot be read ({exc}); "
                              f"run `dkp-pipeline cache verify` and rebuild or re-import the cache") from exc
         return stored.astype(np.float32) * np.float32(meta["scale"][row])
 

@@ -52,7 +52,8 @@ def build(cache_dir: Path, n: int = 10, shard_size: int = 4, *, rank: int = 0, w
 
 
 def shard_digests(cache_dir: Path) -> list[str]:
-    return [e["sha256"] for e in dc.read_index(cache_dir)["shards"]]
+    """sha256 of the shard files as they are on disk (not as the index claims)."""
+    return [dc.sha256_file(cache_dir / e["file"]) for e in dc.read_index(cache_dir)["shards"]]
 
 
 def test_round_trip_mixed_sizes_float16(tmp_path):
@@ -150,7 +151,14 @@ def test_resume_skips_finished_shards_and_cleans_temps(tmp_path):
         fh.truncate(stat0.st_size)
     assert [p.index for p in w2.shards_todo()] == [1, 2]
     assert (shards / "shard-00000.h5").stat().st_ino == stat0.st_ino  # finished shard untouched
-    for p in w2.shards_todo():
+    # same size, different bytes: only a rehash notices
+    data = bytearray((shards / "shard-00000.h5").read_bytes())
+    data[-1] ^= 1
+    (shards / "shard-00000.h5").write_bytes(bytes(data))
+    assert w2.is_done(w2.plan(0)) and not w2.is_done(w2.plan(0), rehash=True)
+    todo = w2.shards_todo(rehash=True)
+    assert [p.index for p in todo] == [0, 1, 2]
+    for p in todo:
         w2.write_shard(p, ids[p.start:p.stop], hashes[p.start:p.stop], depths[p.start:p.stop], valid[p.start:p.stop])
     (c / "index.json.tmp-999-deadbeef").write_text("{")  # a finalize killed mid-write
     dc.finalize(c)
@@ -180,7 +188,8 @@ def test_two_ranks_write_disjoint_shards_and_merge_to_single_writer_result(tmp_p
     merged = dc.finalize(c)
     assert dc.progress(c) == (14, 14) and merged["n_frames"] == 14
     build(tmp_path / "single", n=14, shard_size=3)
-    assert merged == dc.read_index(tmp_path / "single")  # bytewise-identical shards, same index
+    assert merged == dc.read_index(tmp_path / "single")
+    assert shard_digests(c) == shard_digests(tmp_path / "single")  # bytewise-identical shard files
     assert w0.shards_todo(0, 2) == [] and w0.shards_todo(1, 2) == []
 
 

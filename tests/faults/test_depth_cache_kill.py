@@ -28,9 +28,10 @@ HELPER = Path(__file__).with_name("depth_cache_writer.py")
 N_FRAMES, SHARD_SIZE = 60, 4
 
 
-def _start(cache_dir: Path) -> subprocess.Popen:
+def _start(cache_dir: Path, rank: int = 0, world: int = 1) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(cache_dir), str(N_FRAMES), str(SHARD_SIZE)],
+    args = [str(cache_dir), str(N_FRAMES), str(SHARD_SIZE), str(rank), str(world)]
+    proc = subprocess.Popen([sys.executable, str(HELPER), *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     return proc
@@ -106,3 +107,28 @@ def test_depth_cache_survives_kill9_at_5_random_points(tmp_path):
 @pytest.mark.slow
 def test_depth_cache_survives_kill9_at_20_random_points(tmp_path):
     _run_with_kills(tmp_path, n_kills=20, seed=4321)
+
+
+def test_killed_rank_resumes_its_part_while_the_other_rank_runs(tmp_path):
+    """Two ranks write one cache concurrently; rank 1 is SIGKILLed mid-run and restarted; the merge equals
+    a single writer's cache (so neither rank's temp cleanup touched the other's files)."""
+    ref, t_ref = _reference(tmp_path)
+    work = tmp_path / "work"
+    r0, r1 = _start(work, 0, 2), _start(work, 1, 2)
+    deadline = time.monotonic() + 60
+    while not (work / "shards" / "shard-00001.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.002)  # kill rank 1 after its first finished shard, somewhere inside its second
+    time.sleep(random.Random(7).uniform(0, 0.1) * t_ref)
+    assert r1.poll() is None, "rank 1 finished before it could be killed"
+    r1.send_signal(signal.SIGKILL)
+    r1.communicate(timeout=120)
+    out, err = r0.communicate(timeout=120)
+    assert r0.returncode == 0 and out.strip() == "done", err
+    assert dc.progress(work)[0] < N_FRAMES
+    r1 = _start(work, 1, 2)
+    out, err = r1.communicate(timeout=120)
+    assert r1.returncode == 0, err
+    assert dc.finalize(work) == dc.read_index(ref)
+    for entry in dc.read_index(ref)["shards"]:
+        assert (work / entry["file"]).read_bytes() == (ref / entry["file"]).read_bytes()
+    assert not [p.name for p in (work / "shards").iterdir() if ".tmp-" in p.name]
