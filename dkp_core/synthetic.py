@@ -446,6 +446,32 @@ def _render_walls(cfg: SyntheticConfig, clip: _Clip) -> tuple[np.ndarray, np.nda
     return rgb, depth
 
 
+def _project(cfg: SyntheticConfig, clip: _Clip, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """All 20 joints of frame ``t``: 3-D positions (20, 3) in metres, pixel (x, y) positions (20, 2)."""
+    h, w = cfg.height, cfg.width
+    focal = cfg.focal * h
+    body, root = _pose_3d(clip, t)
+    # Root x was drawn as a fraction of the visible half-width at the root depth.
+    root_x = root[0] * (w / 2.0) * root[2] / focal
+    pts = body + np.array([root_x, root[1], root[2]])  # (20, 3) metres
+    z = pts[:, 2]
+    kp = np.stack([focal * pts[:, 0] / z + (w - 1) / 2.0, focal * pts[:, 1] / z + (h - 1) / 2.0], axis=1)
+    return pts, kp  # kp: (20, 2) pixels (x, y)
+
+
+def _inside(cfg: SyntheticConfig, kp: np.ndarray) -> np.ndarray:
+    return (kp[:, 0] >= 0) & (kp[:, 0] <= cfg.width - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= cfg.height - 1)
+
+
+def frame_keypoints(cfg: SyntheticConfig, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ground truth of frame ``index`` without rasterising it (much cheaper than
+    :func:`render_frame`, identical values): keypoints (J, 2) float32 pixel (x, y), visible (J,) bool."""
+    clip_id, t = divmod(int(index), cfg.clip_length)
+    _, kp = _project(cfg, _make_clip(cfg, seed, clip_id), t)
+    kp = kp[: cfg.n_joints].astype(np.float32)
+    return kp, _inside(cfg, kp)
+
+
 def render_frame(cfg: SyntheticConfig, seed: int, index: int) -> SyntheticFrame:
     """Render frame ``index`` of the synthetic sequence ``seed``; a pure function of (cfg, seed, index).
 
@@ -459,12 +485,8 @@ def render_frame(cfg: SyntheticConfig, seed: int, index: int) -> SyntheticFrame:
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
 
     rgb, depth = _render_walls(cfg, clip)
-    body, root = _pose_3d(clip, t)
-    # Root x was drawn as a fraction of the visible half-width at the root depth.
-    root_x = root[0] * (w / 2.0) * root[2] / focal
-    pts = body + np.array([root_x, root[1], root[2]])  # (20, 3) metres
+    pts, kp = _project(cfg, clip, t)
     z = pts[:, 2]
-    kp = np.stack([focal * pts[:, 0] / z + cx, focal * pts[:, 1] / z + cy], axis=1)  # (20, 2) pixels (x, y)
 
     mask = np.zeros((h, w), dtype=bool)
     scale = clip.scale
@@ -487,7 +509,7 @@ def render_frame(cfg: SyntheticConfig, seed: int, index: int) -> SyntheticFrame:
 
     kp = kp[: cfg.n_joints].astype(np.float32)
     zj = z[: cfg.n_joints]
-    visible = (kp[:, 0] >= 0) & (kp[:, 0] <= w - 1) & (kp[:, 1] >= 0) & (kp[:, 1] <= h - 1)
+    visible = _inside(cfg, kp)
     occluded = np.zeros(cfg.n_joints, dtype=bool)
     ix = np.clip(np.rint(kp[:, 0]).astype(int), 0, w - 1)
     iy = np.clip(np.rint(kp[:, 1]).astype(int), 0, h - 1)
