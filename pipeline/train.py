@@ -711,14 +711,15 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                                 f"{tuple(getattr(loss, 'shape', ()))}")
 
             # One small collective per step: the global mean loss and "has any rank been signalled",
-            # so every rank stops (or raises) at the same step.
+            # so every rank finishes this step and then stops (or raises) at the same step. The step
+            # is completed rather than discarded because its forward pass already moved BatchNorm's
+            # running statistics: a checkpoint taken without the update would not be a real step.
             flags = torch.stack([loss.detach().float(),
                                  torch.tensor(1.0 if stop.signum else 0.0, device=loss.device)])
             if world > 1:
                 dist.all_reduce(flags)
             loss_value = float(flags[0]) / world
-            if float(flags[1]) > 0:
-                break  # this step's forward is discarded; `done` steps are complete
+            stop_after_this_step = float(flags[1]) > 0
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(_nonfinite_message(loss_value, step, settings, sampler, run_dir, last_ckpt))
 
@@ -743,24 +744,16 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
             if on_eval is not None and dist_env.is_main and (
                     (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps):
                 _run_eval(on_eval, done, model)
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                if dist_env.is_main:
-                    last_ckpt = save_checkpoint(done)
-                else:
-                    last_ckpt = ckpt_dir / checkpoint_name(done)
-        if done < settings.steps:  # left the loop early: some rank was signalled
-            stop_signum = stop.signum or signal.SIGTERM  # (another rank's signal: report SIGTERM)
-            if done > start_step and (last_ckpt is None or last_ckpt.name != checkpoint_name(done)):
-                if dist_env.is_main:
-                    last_ckpt = save_checkpoint(done)
-                else:
-                    last_ckpt = ckpt_dir / checkpoint_name(done)
-            if world > 1:
-                dist.barrier()  # let rank 0 finish writing before torchrun sees the others exit
-            where = f"checkpoint {last_ckpt} (step {done}/{settings.steps})" if last_ckpt else "no checkpoint yet"
-            raise TrainingInterrupted(
-                f"training stopped by {signal.Signals(stop_signum).name} after step {done}/{settings.steps}; "
-                f"resume point: {where}. Re-run the same command to continue from it.", stop_signum)
+            if (done % settings.checkpoint_every == 0 or done == settings.steps
+                    or (stop_after_this_step and done < settings.steps)):
+                last_ckpt = save_checkpoint(done) if dist_env.is_main else ckpt_dir / checkpoint_name(done)
+            if stop_after_this_step and done < settings.steps:
+                stop_signum = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
+                if world > 1:
+                    dist.barrier()  # let rank 0 finish writing before torchrun sees the others exit
+                raise TrainingInterrupted(
+                    f"training stopped by {signal.Signals(stop_signum).name} after step {done}/{settings.steps}; "
+                    f"checkpoint {last_ckpt} saved. Re-run the same command to continue from it.", stop_signum)
     finally:
         progress.close()
         stop.restore()
