@@ -104,8 +104,10 @@ class DatasetSpec:
 
     @property
     def description_sha256(self) -> str:
-        """sha256 (hex) of the canonical JSON of :meth:`to_dict`: what the manifest stage key uses."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 (hex) of the canonical JSON of :meth:`to_dict` without the free-text ``description``
+        and the informational ``extra``: what the manifest stage key uses."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("description", "extra")}
+        text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -545,15 +547,14 @@ def _walk_images(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[str]) 
             continue
         seen.add(real)
         dirnames.sort()
-        for fn in sorted(filenames):
-            if fn.lower().endswith(exts):
-                out.append(Path(dirpath, fn).relative_to(root).as_posix())
+        rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()  # string joins below: pathlib is slow per file
+        pre = "" if rel_dir == "." else rel_dir + "/"
+        out.extend(pre + fn for fn in filenames if fn.lower().endswith(exts))
     return sorted(out)
 
 
 def _strip_ext(rel: str) -> str:
-    p = PurePosixPath(rel)
-    return str(p.with_suffix("")) if p.suffix else rel
+    return os.path.splitext(rel)[0]  # only the last component's extension ("a.b/c.png" -> "a.b/c")
 
 
 # ---- Human3.6M
@@ -848,7 +849,9 @@ def _walk_taichi(spec: DatasetSpec, root: Path) -> _Listing:
     f = spec.files
     L = _Listing(kp_units="pixels_xy")
     tdir = _require_dir(spec, root, f["train_dir"], "the training videos' frame folders, <video>.mp4/<n>.png")
-    train = _walk_images(spec, root, tdir, f["train_exts"])
+    # ImageFolder semantics: each sub-folder (a video) is a class; files directly in train/ are not frames.
+    train = [r for r in _walk_images(spec, root, tdir, f["train_exts"])
+             if len(PurePosixPath(r).relative_to(PurePosixPath(f["train_dir"])).parts) >= 2]
     if not train:
         raise _fail(spec, f"no training frames in {tdir}")
     J = spec.n_joints

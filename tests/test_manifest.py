@@ -248,6 +248,9 @@ def test_synthetic_layout_with_depth_and_dataset_yaml(tmp_path):
     m2 = M.build_manifest("synthetic", root, progress=False)
     assert m2.depth_options == {"kind": "inverse_depth", "scale": 0.001}
     assert m2.description_sha256 != m.description_sha256
+    (root / "dataset.yaml").write_text("depth_kind: inverse_depth\ndepth_scale: 0.001\nn_joints: 3\nnote: hi\n")
+    m3 = M.build_manifest("synthetic", root, progress=False)
+    assert m3.description_sha256 == m2.description_sha256  # information-only keys do not change keys
 
 
 def test_folder_depth_errors(tmp_path):
@@ -466,6 +469,7 @@ def make_taichi(root, style="0.14.1"):
     img(root / "train/vid1.mp4/0000001.png", 64, 48)
     img(root / "train/vid0.mp4/0000000.png", 64, 48)
     (root / "train/vid0.mp4/notes.txt").write_text("not an image")
+    img(root / "train/stray.png", 64, 48)  # not inside a video folder: ImageFolder ignores it
     for name in ("b.png", "a.png"):
         img(root / "eval_images/taichi-256/train" / name, 64, 48)
     img(root / "eval_images/taichi-256/test/c.png", 64, 48)
