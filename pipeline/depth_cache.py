@@ -54,7 +54,7 @@ _HASH_CHUNK = 1 << 20
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,15 +68,8 @@ def _normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory by path (so a rename or a closed file's data survives a power cut)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,7 +90,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -239,10 +232,10 @@ class CacheWriter:
             # first rank's layout wins atomically and every rank then checks its own settings against it.
             tmp = _tmp_name(path)
             tmp.write_text(json.dumps(self.layout, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-            _fsync_file(tmp)
+            _fsync(tmp)
             try:
                 os.link(tmp, path)
-                _fsync_dir(path.parent)
+                _fsync(path.parent)
             except FileExistsError:
                 pass
             finally:
@@ -451,11 +444,11 @@ class ShardWriter:
         f.flush()
         f.close()
         self._file = self._depth = None
-        _fsync_file(self._tmp)
+        _fsync(self._tmp)
         digest = sha256_file(self._tmp)
         size = self._tmp.stat().st_size
         os.replace(self._tmp, self._final)
-        _fsync_dir(self._final.parent)
+        _fsync(self._final.parent)
         entry = {
             "schema_version": SCHEMA_VERSION,
             "shard": self.plan.index,
@@ -487,9 +480,22 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException as commit_exc:
+                self.abort()
+                self._raise_os_error(commit_exc)
+                raise
         else:
             self.abort()
+            self._raise_os_error(exc)
+
+    def _raise_os_error(self, exc: BaseException) -> None:
+        # Disk full, quota, I/O errors: the user's to fix; published shards are untouched by design.
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise CacheError(f"writing depth cache shard {self._final} failed ({exc}); free disk space (or fix the "
+                             f"file system) and re-run `dkp-pipeline depth`: finished shards are kept and it "
+                             f"resumes from there") from exc
 
 
 def _read_entry(cache_dir: Path, index: int) -> dict | None:
@@ -865,10 +871,10 @@ def export_cache(cache_dir: str | os.PathLike, out_file: str | os.PathLike) -> s
                     group.attrs["entry_json"] = _canonical_json(entry)
                     for name in src:
                         src.copy(src[name], group, name=name)
-        _fsync_file(tmp)
+        _fsync(tmp)
         digest = sha256_file(tmp)
         os.replace(tmp, out_file)
-        _fsync_dir(out_file.parent)
+        _fsync(out_file.parent)
     finally:
         tmp.unlink(missing_ok=True)
     side = out_file.with_name(out_file.name + ".sha256")
@@ -950,10 +956,10 @@ def _import_shard(src: h5py.File, writer: CacheWriter, entry: dict) -> None:
                 dst.attrs[key] = value
         for ds_name in group:
             src.copy(group[ds_name], dst, name=ds_name)
-    _fsync_file(tmp)
+    _fsync(tmp)
     size, digest = tmp.stat().st_size, sha256_file(tmp)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     # Copied files are not byte-identical to the sender's, so sha256/bytes are this file's own; the data
     # itself is checked frame by frame (checksums + frame hashes digest) by verify() afterwards.
     new_entry = dict(entry, bytes=size, sha256=digest)

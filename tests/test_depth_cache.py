@@ -1,6 +1,7 @@
 """The HDF5 depth cache: round trip, resume, rank partition, verify, spec check, export/import, DataLoader."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -335,3 +336,22 @@ def test_reader_pickles_without_handles_and_works_in_dataloader_workers(tmp_path
     for i, d in seen.items():
         np.testing.assert_array_equal(d, reader.read(i))
         assert d.shape == depths[i].shape
+
+
+def test_disk_full_while_writing_keeps_finished_shards(tmp_path, monkeypatch):
+    c = tmp_path / "c"
+    ids, hashes, depths, valid = frames(8)
+    w = dc.CacheWriter(c, spec=SPEC, n_frames=8, shard_size=4)
+    w.write_shard(w.plan(0), ids[:4], hashes[:4], depths[:4], valid[:4])
+    before = (c / "shards" / "shard-00000.h5").read_bytes()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dc, "_fsync", full)  # the first fsync of shard 1's temp file hits a full disk
+    with pytest.raises(CacheError, match=r"shard-00001.h5 failed .*No space left.*finished shards are kept"):
+        w.write_shard(w.plan(1), ids[4:], hashes[4:], depths[4:], valid[4:])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (c / "shards").iterdir()) == ["shard-00000.h5", "shard-00000.json"]
+    assert (c / "shards" / "shard-00000.h5").read_bytes() == before and w.is_done(w.plan(0))
+    assert [p.index for p in w.shards_todo()] == [1]
