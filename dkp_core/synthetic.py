@@ -255,36 +255,43 @@ def _make_clip(cfg: SyntheticConfig, seed: int, clip: int) -> _Clip:
         walls *= min_inv_allowed / max_inv
     wall_colours = np.stack([_random_colour(rng) for _ in range(n_walls)])
 
-    clutter = []
+    # All clutter randomness in a few vectorised draws (one call per quantity, not per shape).
+    m = cfg.n_clutter
     side = float(min(h, w))
-    for _ in range(cfg.n_clutter):
-        cx_, cy_ = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
-        if rng.random() < cfg.distractor_fraction:
+    centre = rng.uniform(0, 1, size=(m, 2)) * np.array([w - 1, h - 1])
+    is_distractor = rng.random(m) < cfg.distractor_fraction
+    slot = rng.integers(0, 3 if cfg.n_joints == 16 else 4, size=m)  # 16 joints: no feet, no shoes
+    is_bar = rng.random(m) < 0.6  # distractors: limb-like capsule (bar) or disc (blob)
+    kind = rng.integers(0, 3, size=m)  # other clutter: poster, bar, blob
+    ang = rng.uniform(0, np.pi, size=m)
+    u = rng.random((m, 3))  # sizes, mapped into each kind's range below
+    colour = rng.integers(0, 256, size=(m, 3))
+    clutter = []
+    for i in range(m):
+        cx_, cy_ = centre[i]
+        cos, sin = np.cos(ang[i]), np.sin(ang[i])
+        if is_distractor[i]:
             # Limb-like distractor in one of the figure's colours, shaded like the figure.
-            slot = int(rng.integers(0, 3 if cfg.n_joints == 16 else 4))  # 16 joints: no feet, no shoes
-            if rng.random() < 0.6:
-                ang = rng.uniform(0, np.pi)
-                half = rng.uniform(0.05, 0.2) * side
-                dx, dy = np.cos(ang) * half, np.sin(ang) * half
-                r = rng.uniform(0.015, 0.05) * side
-                clutter.append(("capsule", (cx_ - dx, cy_ - dy), (cx_ + dx, cy_ + dy), r, slot))
+            if is_bar[i]:
+                half = (0.05 + 0.15 * u[i, 0]) * side
+                r = (0.015 + 0.035 * u[i, 1]) * side
+                clutter.append(("capsule", (cx_ - cos * half, cy_ - sin * half), (cx_ + cos * half, cy_ + sin * half),
+                                r, int(slot[i])))
             else:
-                clutter.append(("capsule", (cx_, cy_), (cx_, cy_), rng.uniform(0.03, 0.08) * side, slot))
-        else:
-            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            kind = rng.integers(0, 3)
-            if kind == 0:  # poster
-                hw, hh = rng.uniform(0.04, 0.2, size=2) * side
-                clutter.append(("rect", (int(cx_ - hw), int(cy_ - hh)), (int(cx_ + hw), int(cy_ + hh)), colour))
-            elif kind == 1:  # bar
-                ang = rng.uniform(0, np.pi)
-                half = rng.uniform(0.1, 0.5) * side
-                p0 = (int(cx_ - np.cos(ang) * half), int(cy_ - np.sin(ang) * half))
-                p1 = (int(cx_ + np.cos(ang) * half), int(cy_ + np.sin(ang) * half))
-                clutter.append(("bar", p0, p1, max(1, int(rng.uniform(0.01, 0.05) * side)), colour))
-            else:  # blob
-                axes = (max(1, int(rng.uniform(0.02, 0.1) * side)), max(1, int(rng.uniform(0.02, 0.1) * side)))
-                clutter.append(("blob", (int(cx_), int(cy_)), axes, float(rng.uniform(0, 180)), colour))
+                clutter.append(("capsule", (cx_, cy_), (cx_, cy_), (0.03 + 0.05 * u[i, 0]) * side, int(slot[i])))
+            continue
+        col = tuple(int(c) for c in colour[i])
+        if kind[i] == 0:  # poster
+            hw, hh = (0.04 + 0.16 * u[i, :2]) * side
+            clutter.append(("rect", (int(cx_ - hw), int(cy_ - hh)), (int(cx_ + hw), int(cy_ + hh)), col))
+        elif kind[i] == 1:  # bar
+            half = (0.1 + 0.4 * u[i, 0]) * side
+            p0 = (int(cx_ - cos * half), int(cy_ - sin * half))
+            p1 = (int(cx_ + cos * half), int(cy_ + sin * half))
+            clutter.append(("bar", p0, p1, max(1, int((0.01 + 0.04 * u[i, 1]) * side)), col))
+        else:  # blob
+            axes = (max(1, int((0.02 + 0.08 * u[i, 0]) * side)), max(1, int((0.02 + 0.08 * u[i, 1]) * side)))
+            clutter.append(("blob", (int(cx_), int(cy_)), axes, float(180 * u[i, 2]), col))
     return _Clip(
         palette=palette, scale=scale, lengths=lengths, angle_base=base, angle_amp=amp, angle_freq=freq,
         angle_phase=phase, yaw0=rng.uniform(-np.pi, np.pi), yaw_rate=rng.uniform(-0.06, 0.06),
@@ -392,25 +399,26 @@ def _draw_capsule(rgb: np.ndarray, zbuf: np.ndarray | None, mask: np.ndarray | N
     else:
         t = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
     dx, dy = px - t * np.float32(abx), py - t * np.float32(aby)  # (h', w') offset from the closest axis point
-    dist = np.sqrt(dx * dx + dy * dy)
-    r = ra + t * (rb - ra)
-    inside = dist < r
-    if not inside.any():
-        return
-    s = dist[inside] / r[inside]  # 0 on the axis, 1 on the silhouette
-    bulge = np.sqrt(np.maximum(1.0 - s * s, 0.0))
-    inv = 1.0 / np.maximum(dist[inside], 1e-6)
-    # Surface normal of the tube seen from the camera: sideways in the image plane, towards the camera.
-    nx, ny, nz = dx[inside] * inv * s, dy[inside] * inv * s, -bulge
-    shade = ambient + (1.0 - ambient) * np.maximum(nx * light[0] + ny * light[1] + nz * light[2], 0.0)
-    col = np.clip(colour[None, :] * shade[:, None], 0, 255).astype(np.uint8)  # (n, 3)
+    r = np.float32(ra) + t * np.float32(rb - ra)
+    inside = dx * dx + dy * dy < r * r
     iy, ix = np.nonzero(inside)
+    if iy.size == 0:
+        return
+    # From here on only the n covered pixels: (n,) arrays.
+    dx, dy, r, t = dx[iy, ix], dy[iy, ix], r[iy, ix], t[iy, ix]
+    dist = np.sqrt(dx * dx + dy * dy)
+    s = dist / r  # 0 on the axis, 1 on the silhouette
+    bulge = np.sqrt(np.maximum(1.0 - s * s, 0.0))
+    inv = s / np.maximum(dist, 1e-6)
+    # Surface normal of the tube seen from the camera: sideways in the image plane, towards the camera.
+    lit = dx * (inv * light[0]) + dy * (inv * light[1]) - bulge * light[2]
+    shade = ambient + (1.0 - ambient) * np.maximum(lit, 0.0)
+    col = np.clip(colour[None, :] * shade[:, None], 0, 255).astype(np.uint8)  # (n, 3)
     iy += y0
     ix += x0
     if zbuf is not None:
-        tt = t[inside]
-        z_axis = za + tt * (zb - za)
-        depth = z_axis - bulge * r[inside] * z_axis / focal  # the surface bulges towards the camera
+        z_axis = za + t * (zb - za)
+        depth = z_axis - bulge * r * z_axis / focal  # the surface bulges towards the camera
         nearer = depth < zbuf[iy, ix]
         iy, ix, col, depth = iy[nearer], ix[nearer], col[nearer], depth[nearer]
         zbuf[iy, ix] = depth
@@ -424,12 +432,21 @@ def _render_walls(cfg: SyntheticConfig, clip: _Clip) -> tuple[np.ndarray, np.nda
     h, w = cfg.height, cfg.width
     ys = np.arange(h, dtype=np.float32)[:, None]
     xs = np.arange(w, dtype=np.float32)[None, :]
-    inv = np.stack([a + b * xs + c * ys for a, b, c in clip.walls])  # (n_walls, H, W) inverse depth
-    which = inv.argmax(axis=0)  # nearer wall is visible (concave corner)
-    depth = (1.0 / inv.max(axis=0)).astype(np.float32)
     # Base colour, darker towards the floor so walls are not flat colour fields.
     shade = (1.0 - 0.25 * ys / h)[..., None]  # (H, 1, 1)
-    rgb = (clip.wall_colours[which] * shade).astype(np.uint8)  # (H, W, 3)
+    cols = clip.wall_colours.astype(np.float32)
+    a, b, c = (np.float32(v) for v in clip.walls[0])
+    inv = a + b * xs + c * ys  # (H, W) inverse depth of wall 0
+    if len(clip.walls) == 1:
+        rgb = np.empty((h, w, 3), dtype=np.uint8)  # C-contiguous: OpenCV draws into it
+        rgb[:] = (cols[0] * shade).astype(np.uint8)
+    else:
+        a, b, c = (np.float32(v) for v in clip.walls[1])
+        inv1 = a + b * xs + c * ys
+        second = inv1 > inv  # the nearer wall is the visible one (concave corner)
+        inv = np.maximum(inv, inv1)
+        rgb = np.where(second[..., None], cols[1] * shade, cols[0] * shade).astype(np.uint8)  # (H, W, 3)
+    depth = 1.0 / inv  # (H, W) float32 metres
     focal = cfg.focal * h
     for item in clip.clutter:
         kind = item[0]
@@ -504,8 +521,10 @@ def render_frame(cfg: SyntheticConfig, seed: int, index: int) -> SyntheticFrame:
     _draw_capsule(rgb, depth, mask, hxy, hxy, hr, hr, hz, hz, clip.palette[_SKIN], clip.light, focal)
 
     if cfg.noise_std > 0:
-        noise = frame_rng.standard_normal(size=rgb.shape, dtype=np.float32) * np.float32(cfg.noise_std)
-        rgb = np.clip(rgb.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+        noisy = frame_rng.standard_normal(size=rgb.shape, dtype=np.float32)  # (H, W, 3)
+        noisy *= np.float32(cfg.noise_std)
+        noisy += rgb
+        rgb = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
     kp = kp[: cfg.n_joints].astype(np.float32)
     zj = z[: cfg.n_joints]
