@@ -17,6 +17,10 @@ including its quirks, so numbers are comparable with the published ones:
 Inputs (every protocol): ``det_fit`` (N_fit, K, 2) and ``det_test`` (N_test, K, 2) detected keypoints,
 ``gt_fit`` (N_fit, J, 2) and ``gt_test`` (N_test, J, 2) ground truth, all in **pixels (x, y)** of the same
 square ``image_size`` x ``image_size`` frame (docs/conventions.md); missing GT joints are NaN.
+``image_size`` is the side of the frame the *annotations* are in (128 for Human3.6M, 256 for Taichi and
+DeepFashion), not the detector's input size: convert detections with ``x = (u + 1) / 2 * (image_size - 1)``.
+"Normalised by image size" means divided by ``image_size - 1``, the span between the first and last
+pixel centres that AutoLink's [0, 1] Human3.6M landmarks cover (pipeline/manifest.py reads them so).
 
 Why the numbers do not depend on our (x, y) order, although AutoLink works in (row, col): a
 permutation of the regression's input columns permutes the coefficients and leaves the
@@ -208,7 +212,8 @@ def h36m_l2(
     :data:`H36M_CORRECTED_SWAP_PAIRS` for the intended one. ``max_swap_rounds`` only guards against a
     loop that AutoLink would run forever (never observed); hitting it is recorded in ``details``.
 
-    Returns an :class:`EvalResult`: value = 100 * mean L2 / image_size (percent of the image side),
+    Returns an :class:`EvalResult`: value = 100 * mean L2 / (image_size - 1) (percent of the image
+    side, measured between the first and last pixel centres as AutoLink's [0, 1] landmarks are),
     pred_test / gt_test (N_test, 32, 2) pixels (x, y), gt_test after the test-time swaps.
     """
     df, gf, dt, gt, size = _check_inputs(det_fit, gt_fit, det_test, gt_test, image_size)
@@ -222,9 +227,10 @@ def h36m_l2(
         raise ValueError("h36m_l2: ground truth contains NaN; Human3.6M annotates every joint, check the GT reader")
     perm = _swap_permutation(n_joints, swap_pairs)
 
-    # AutoLink units: detections u*0.5+0.5 = x/(S-1) in [0, 1]; GT landmarks in [0, 1] = pixels / S.
+    # AutoLink units: detections u*0.5+0.5 = x/(S-1) in [0, 1]; GT landmarks in [0, 1] with 0 and 1 at
+    # the first and last pixel centres, i.e. pixels / (S-1) -- the inverse of the manifest's H36M reader.
     x_fit = _flat(df) / (size - 1)  # (N_fit, 2K)
-    y_fit = gf / size  # (N_fit, 32, 2)
+    y_fit = gf / (size - 1)  # (N_fit, 32, 2)
     rounds_fit, swapped_fit = 0, 0
     while True:
         beta = _lstsq(x_fit, _flat(y_fit))  # (2K, 64)
@@ -244,7 +250,7 @@ def h36m_l2(
     fit_err = _per_sample_l2((x_fit[keep] @ beta).reshape(y_fit[keep].shape), y_fit[keep]).mean()
 
     x_test = _flat(dt) / (size - 1)
-    y_test = gt / size
+    y_test = gt / (size - 1)
     pred_test = (x_test @ beta).reshape(y_test.shape)  # (N_test, 32, 2)
     rounds_test, swapped_test = 0, 0
     while True:
@@ -263,8 +269,8 @@ def h36m_l2(
         value=value,
         unit="% of image size (mean L2)",
         higher_is_better=False,
-        pred_test=pred_test * size,
-        gt_test=y_test * size,
+        pred_test=pred_test * (size - 1),
+        gt_test=y_test * (size - 1),
         details={
             "n_fit": int(df.shape[0]),
             "n_fit_kept": int(keep.sum()),
@@ -423,7 +429,8 @@ def normalised_l2(
     orientation (GT or mirrored GT) that its prediction is closer to, until no sample changes or
     ``max_flip_rounds``; each test sample is scored against the closer orientation.
 
-    Returns an :class:`EvalResult`: value = 100 * mean over test frames of the mean joint L2 / image_size;
+    Returns an :class:`EvalResult`: value = 100 * mean over test frames of the mean joint L2 /
+    (image_size - 1), the same normalisation as :func:`h36m_l2`;
     pred_test / gt_test (N_test, J, 2) pixels (x, y), gt_test in the orientation that was scored.
     """
     df, gf, dt, gt, size = _check_inputs(det_fit, gt_fit, det_test, gt_test, image_size)
@@ -440,7 +447,7 @@ def normalised_l2(
         return _with_intercept(x) if intercept else x
 
     x_fit, x_test = features(df), features(dt)
-    y_fit = gf / size
+    y_fit = gf / (size - 1)
     rounds = 0
     while True:
         beta = _fit_columns(x_fit, _flat(y_fit), what="normalised_l2")
@@ -452,7 +459,7 @@ def normalised_l2(
             break
         y_fit = np.where(better[:, None, None], y_fit[:, perm], y_fit)
         rounds += 1
-    y_test = gt / size
+    y_test = gt / (size - 1)
     pred_test = (x_test @ beta).reshape(y_test.shape)  # (N_test, J, 2)
     dist = _per_sample_l2(pred_test, y_test)
     if perm is not None:
@@ -469,8 +476,8 @@ def normalised_l2(
         value=100.0 * float(dist[scored].mean()),
         unit="% of image size (mean L2)",
         higher_is_better=False,
-        pred_test=pred_test * size,
-        gt_test=y_test * size,
+        pred_test=pred_test * (size - 1),
+        gt_test=y_test * (size - 1),
         details={
             "n_fit": int(df.shape[0]),
             "n_test": int(dt.shape[0]),
