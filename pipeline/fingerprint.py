@@ -174,8 +174,9 @@ def _progress_bar(total: int, desc: str):
     from rich.text import Text
 
     class FilesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:  # rich's speed estimate over its recent window
-            return Text(f"{task.speed or 0:,.0f} files/s")
+        def render(self, task) -> Text:  # average over the scan: rich's windowed estimate needs many updates
+            rate = task.completed / task.elapsed if task.elapsed else 0.0
+            return Text(f"{rate:,.0f} files/s")
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FilesPerSecond(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=False)

@@ -597,7 +597,7 @@ def _h36m_landmarks(spec: DatasetSpec, root: Path, rels: list[str], memo: Option
         cache = memo.path.parent / "annotations" / f"{combine(fps + [key])[5:]}.npy"
         try:
             arr = np.load(cache, allow_pickle=False)
-            if arr.shape[0] == len(rels):
+            if arr.shape[0] == len(rels) and (not spec.n_joints or arr.shape[1:] == (spec.n_joints, 2)):
                 return arr
         except (OSError, ValueError):
             pass  # no cache yet, or a corrupt one: parse again
@@ -1173,5 +1173,6 @@ def _scan(spec: DatasetSpec, root: Path, rels: list[str], memo: Optional[Fingerp
     except FileNotFoundError as e:
         raise _fail(spec, f"file {e.filename} not found (was it removed while the manifest was built?)") from None
     except (OSError, ValueError) as e:
-        name = getattr(e, "filename", None)
-        raise _fail(spec, f"{desc} file {name or ''} unreadable: {e}; replace or remove it") from None
+        name = getattr(e, "filename", None)  # OSErrors carry it; probe ValueErrors put the path in the text
+        what = f"{desc} file {name}" if name else f"{desc} file"
+        raise _fail(spec, f"{what} unreadable: {e}; replace or remove it") from None

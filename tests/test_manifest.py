@@ -333,6 +333,20 @@ def test_human36m_rebuild_parses_and_reads_nothing(tmp_path, reads, monkeypatch)
     np.testing.assert_array_equal(m1.keypoints, m2.keypoints)
 
 
+def test_human36m_reads_matlab_v73_landmarks_too(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    root = tmp_path / "h"
+    make_h36m(root)
+    rel = "S1/Landmarks/Directions 1.54138969/000000.mat"
+    rc = RNG.uniform(0, 1, (32, 2))
+    with h5py.File(root / rel, "w", userblock_size=512) as f:  # v7.3 = HDF5 after a 512-byte header
+        f["keypoints_2d"] = rc.T  # MATLAB writes column-major: (32, 2) is stored as (2, 32)
+    _age(root / rel)
+    m = M.build_manifest("human36m", root, progress=False)
+    i = m.frame_ids.index("S1/Directions 1.54138969/000000")
+    np.testing.assert_allclose(m.keypoints[i], np.stack([rc[:, 1] * 127, rc[:, 0] * 95], axis=1), rtol=1e-5)
+
+
 def test_human36m_wobg_lists_masks_and_requires_them(tmp_path):
     root = tmp_path / "h"
     make_h36m(root, wobg=True)
