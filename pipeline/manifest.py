@@ -45,6 +45,8 @@ _OPTIONAL = ("description", "keypoint_margin", "depth")
 # Keys ROOT/dataset.yaml may override for the folder layout (synth writes some of them).
 _OVERRIDABLE = ("n_joints", "n_keypoints", "image_size", "hflip", "keypoint_margin", "protocol",
                 "depth_kind", "depth_scale")
+# Keys of ROOT/dataset.yaml known to be information only (synth's generator block); others are warned about.
+_INFORMATIONAL = ("synthetic", "description")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,9 +210,10 @@ def _apply_overrides(d: dict, root: Path, src: str) -> dict:
         raise ManifestError(f"{p}: expected a mapping such as 'depth_kind: depth', got {type(o).__name__}")
     d = dict(d)
     extra = {k: v for k, v in o.items() if k not in _OVERRIDABLE}
-    if extra:
+    if set(extra) - set(_INFORMATIONAL):
         log.warning("%s: keys %s are not dataset options (kept as information only); options are: %s",
                     p, ", ".join(sorted(extra)), ", ".join(_OVERRIDABLE))
+    if extra:
         d["extra"] = extra
     for k in ("n_joints", "n_keypoints", "image_size", "hflip", "keypoint_margin", "protocol"):
         if k in o:

@@ -618,3 +618,16 @@ def test_deepfashion_errors(tmp_path):
     os.remove(root / "data_train.csv")
     with pytest.raises(ManifestError, match="split file 'data_train.csv' not found"):
         M.build_manifest("deepfashion", root, progress=False)
+
+
+def test_manifest_of_what_synth_writes(tmp_path, caplog):
+    synth = pytest.importorskip("pipeline.synth")
+    out = tmp_path / "s"
+    synth.write_synthetic(out, n=6, seed=0, image_size=32, progress=False, clip_length=2, test_fraction=0.34)
+    with caplog.at_level("WARNING", logger="pipeline.manifest"):
+        m = M.build_manifest("synthetic", out, progress=False)
+    assert "not dataset options" not in caplog.text  # synth's own keys are understood
+    assert len(m) == 6 and m.depth_options == {"kind": "depth", "scale": 1.0}
+    assert m.sizes.tolist() == [[32, 32]] * 6 and m.n_joints == m.spec.n_joints
+    assert len(m.split("test")) >= 1 and len(m.split("train")) + len(m.split("test")) == 6
+    assert m.depth_fingerprint.startswith("xxh3:") and "synthetic" in m.spec.extra
