@@ -13,7 +13,7 @@ timm's BEiT only supports its build size.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -139,9 +139,11 @@ def _beit_block(blk: nn.Module, x: torch.Tensor, grid: Tuple[int, int], index: t
 class BeitBackbone(nn.Module):
     """BEiT (MiDaS ``beitl16_512`` / ``beitl16_384`` / ``beitb16_384``) at any size multiple of 16."""
 
-    def __init__(self, *, timm_name: str, hooks: Sequence[int], in_channels: Sequence[int], vit_features: int):
+    def __init__(self, *, timm_name: str, hooks: Sequence[int], in_channels: Sequence[int], vit_features: int,
+                 timm_kwargs: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        # timm_kwargs: architecture overrides for timm (e.g. depth/embed_dim of a tiny test model).
+        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(timm_kwargs or {}))
         self.hooks = tuple(int(h) for h in hooks)
         self.reassemble = nn.ModuleList(
             ReadoutReassemble(vit_features=vit_features, out_channels=c, resample=r)

@@ -145,5 +145,10 @@ class MidasDpt(nn.Module):
         list of (B, C_i, H/s_i, W/s_i) with strides 4, 8, 16, 32 (LeViT: 16, 32, 64)."""
         return self.pretrained(x)
 
+    def forward_with_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """One pass giving both ``forward(x)`` (B, H, W) and ``forward_features(x)``."""
+        feats = self.pretrained(x)
+        return self.scratch(feats).squeeze(1), feats  # (B, 1, H, W) -> (B, H, W)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scratch(self.pretrained(x)).squeeze(1)  # (B, 1, H, W) -> (B, H, W)
