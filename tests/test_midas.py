@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dkp_core.midas import create_model, get_spec, list_models, load_official_state_dict
-from dkp_core.midas.backbones import BeitBackbone, beit_relative_position_index
+from dkp_core.midas.backbones import BeitBackbone, VitBackbone, beit_relative_position_index
 from dkp_core.midas.transforms import postprocess, preprocess, target_size
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "midas"
@@ -179,6 +179,34 @@ def test_beit_compiles_fullgraph_on_nonsquare_input():
         out = torch.compile(bb, backend="aot_eager", fullgraph=True)(x)
     assert [tuple(o.shape) for o in out] == [(1, 8, 12, 20), (1, 16, 6, 10), (1, 32, 3, 5), (1, 32, 2, 3)]
     for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["vit", "hybrid"])
+def test_vit_walk_equals_timm_forward_intermediates(hybrid):
+    """No fixture exists for dpt_large_384 / dpt_hybrid_384: at the build size (no position
+    embedding resize) our token walk must equal timm's own ``forward_intermediates``."""
+    torch.manual_seed(0)
+    name = "vit_base_r50_s16_384" if hybrid else "vit_base_patch16_384"
+    bb = VitBackbone(timm_name=name, hooks=(0, 1, 2, 3), in_channels=(256, 512, 32, 32) if hybrid else (8, 16, 32, 32),
+                     vit_features=32, hybrid=hybrid,
+                     timm_kwargs=dict(depth=4, embed_dim=32, num_heads=2, img_size=64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = bb(x)
+        spatial = bb.model.forward_intermediates(x, indices=[2, 3] if hybrid else [0, 1, 2, 3],
+                                                 return_prefix_tokens=True, norm=False, intermediates_only=True)
+        expect = []
+        if hybrid:
+            cnn = bb.model.patch_embed.backbone
+            y = cnn.stem(x)
+            expect += [cnn.stages[0](y), cnn.stages[1](cnn.stages[0](y))]
+            torch.testing.assert_close(cnn.norm(cnn.stages(cnn.stem(x))), cnn(x))  # nothing hidden in cnn(x)
+        for i, (grid_map, prefix) in enumerate(spatial):
+            tokens = torch.cat([prefix, grid_map.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + 16, C)
+            expect.append(bb.reassemble[len(expect)](tokens, (4, 4)))
+    assert [tuple(o.shape) for o in ours] == [tuple(e.shape) for e in expect]
+    for a, b in zip(ours, expect):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -187,9 +187,10 @@ class VitBackbone(nn.Module):
     """ViT-L/16 (dpt_large_384) or ViT-B/16 on ResNet-50 stages (dpt_hybrid_384), any size multiple of 16."""
 
     def __init__(self, *, timm_name: str, hooks: Sequence[int], in_channels: Sequence[int], vit_features: int,
-                 hybrid: bool):
+                 hybrid: bool, timm_kwargs: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        # timm_kwargs: architecture overrides for timm (e.g. depth/embed_dim of a tiny test model).
+        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(timm_kwargs or {}))
         self.hybrid = hybrid
         self.hooks = tuple(int(h) for h in hooks)
         if getattr(self.model, "num_prefix_tokens", 1) != 1 or getattr(self.model, "no_embed_class", False):
