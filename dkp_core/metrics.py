@@ -225,6 +225,8 @@ def h36m_l2(
         )
     if np.isnan(gf).any() or np.isnan(gt).any():
         raise ValueError("h36m_l2: ground truth contains NaN; Human3.6M annotates every joint, check the GT reader")
+    if df.shape[0] < 2:
+        raise ValueError(f"h36m_l2: the fit split has {df.shape[0]} frame; the 3-sigma pruning needs at least 2")
     perm = _swap_permutation(n_joints, swap_pairs)
 
     # AutoLink units: detections u*0.5+0.5 = x/(S-1) in [0, 1]; GT landmarks in [0, 1] with 0 and 1 at
