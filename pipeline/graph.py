@@ -176,7 +176,7 @@ def progress_of(stage: str, path: Path) -> Optional[str]:
             done, total = progress(path)
             return f"frames {done}/{total}"
         if stage in ("teach", "distill"):
-            from pipeline.train import progress as train_progress
+            from pipeline.stages.common import train_progress
 
             done, total = train_progress(path)
             return f"step {done}/{total}"

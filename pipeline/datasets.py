@@ -1,0 +1,102 @@
+"""Training/evaluation datasets over a manifest (RGB) and a depth cache (teacher input).
+
+Every item is a pure function of (index, epoch): the horizontal flip is drawn from
+:func:`pipeline.train.sample_generator` seeded by (seed, epoch, index), and RGB and depth of the
+same frame get the same flip, so the student and the frozen teacher see aligned inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.images import read_rgb, resize_square
+
+
+def normalise_inverse_depth(inv: np.ndarray, method: str = "minmax") -> np.ndarray:
+    """Teacher input from relative inverse depth: per-frame min-max over finite pixels to [-1, 1].
+
+    Near (large inverse depth) -> +1, far -> -1. A constant map becomes all zeros. Returns float32 (H, W).
+    """
+    if method != "minmax":
+        raise ValueError(f"unknown depth normalisation {method!r}; valid: minmax")
+    d = np.asarray(inv, dtype=np.float32)
+    finite = np.isfinite(d)
+    if not finite.any():
+        return np.zeros_like(d)
+    lo, hi = float(d[finite].min()), float(d[finite].max())
+    if hi - lo < 1e-12:
+        return np.zeros_like(d)
+    out = (np.where(finite, d, lo) - lo) / (hi - lo) * 2.0 - 1.0
+    return out.astype(np.float32)
+
+
+def rgb_to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(127.5).sub_(1.0)
+
+
+def depth_to_tensor(depth_norm: np.ndarray, channels: int = 3) -> torch.Tensor:
+    """(H, W) in [-1, 1] -> (channels, H, W) float32, the depth replicated to the detector's input channels."""
+    return torch.from_numpy(np.ascontiguousarray(depth_norm)).float().unsqueeze(0).repeat(channels, 1, 1)
+
+
+class FrameDataset:
+    """Frames of a manifest at the model size, as RGB and/or normalised depth, with a seeded flip.
+
+    ``get(i, epoch)`` returns a dict with ``index`` (manifest index), ``flip`` (bool tensor) and
+    ``rgb`` (3, S, S) and/or ``depth`` (3, S, S), both in [-1, 1].
+    """
+
+    def __init__(self, *, manifest, indices: Sequence[int], image_size: int, use_rgb: bool, use_depth: bool,
+                 depth_reader=None, hflip: bool = False, seed: int = 0, depth_norm: str = "minmax") -> None:
+        if use_depth and depth_reader is None:
+            raise ValueError("use_depth needs a depth_reader")
+        self.manifest = manifest
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.image_size = image_size
+        self.use_rgb, self.use_depth = use_rgb, use_depth
+        self.reader = depth_reader
+        self.hflip, self.seed, self.depth_norm = hflip, seed, depth_norm
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _flip(self, i: int, epoch: int) -> bool:
+        if not self.hflip:
+            return False
+        from pipeline.train import sample_generator
+
+        return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
+
+    def load(self, i: int, flip: bool = False) -> dict:
+        m = int(self.indices[i])
+        item: dict = {"index": torch.tensor(m), "flip": torch.tensor(flip)}
+        if self.use_rgb:
+            img = resize_square(read_rgb(self.manifest.path_of(m)), self.image_size)
+            if flip:
+                img = img[:, ::-1]
+            item["rgb"] = rgb_to_tensor(img)
+        if self.use_depth:
+            d = resize_square(self.reader.read(m), self.image_size)
+            if flip:
+                d = d[:, ::-1]
+            item["depth"] = depth_to_tensor(normalise_inverse_depth(d, self.depth_norm))
+        return item
+
+    def get(self, i: int, epoch: int) -> dict:
+        return self.load(i, self._flip(i, epoch))
+
+    # Plain map-style access (evaluation, embedding caches): never flipped.
+    def __getitem__(self, i: int) -> dict:
+        return self.load(i, False)
+
+
+def valid_train_indices(manifest, reader=None, split: str = "train") -> np.ndarray:
+    """Manifest indices of ``split`` that have a valid depth map (when a cache is given)."""
+    idx = manifest.split(split)
+    if reader is not None:
+        ok = np.array([reader.is_valid(int(i)) for i in idx], dtype=bool)
+        idx = idx[ok]
+    return idx

@@ -1,0 +1,103 @@
+"""What teach and distill share: model construction from config, losses, pictures, model loading."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline import config as C
+from pipeline.errors import CheckpointError
+
+
+def model_args(section: C.TrainConfig, in_channels: int = 3) -> dict:
+    m = section.model
+    return dict(n_keypoints=m.n_keypoints, in_channels=in_channels, image_size=m.image_size,
+                heatmap_size=m.heatmap_size, thick=m.thick, sklr=m.sklr, mask_ratio=m.mask_ratio,
+                mask_blocks=m.mask_blocks)
+
+
+def build_model(args: dict):
+    from dkp_core.keypoints import AutoLink
+
+    return AutoLink(**args)
+
+
+def train_settings(section: C.TrainConfig):
+    from pipeline.train import TrainSettings
+
+    return TrainSettings(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
+                         weight_decay=section.weight_decay, seed=section.seed, amp=section.amp,
+                         checkpoint_every=section.checkpoint_every, log_every=section.log_every,
+                         eval_every=section.eval_every, num_workers=section.num_workers, device=section.device)
+
+
+def reconstruction_loss(section: C.TrainConfig):
+    from dkp_core.losses import make_reconstruction_loss
+
+    if section.recon_loss == "perceptual":
+        from pipeline.vgg_weights import load_vgg16_state_dict
+
+        return make_reconstruction_loss("perceptual", vgg_state_dict=load_vgg16_state_dict(section.vgg_weights))
+    return make_reconstruction_loss(section.recon_loss)
+
+
+def load_trained(path: Path):
+    """Rebuild an AutoLink from a trainer's model.pt (weights_only). Returns (model in eval(), payload)."""
+    from pipeline.checkpoint import load_safe
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no trained model here (expected model.pt from teach/distill)")
+    payload = load_safe(p)
+    args = payload.get("model_args")
+    state = payload.get("model") or payload.get("state_dict") or payload.get("model_state")
+    if not isinstance(args, dict) or state is None:
+        raise CheckpointError(f"{p}: not a distill-dkp model file (no model_args/state); was it written by "
+                              "`dkp-pipeline teach` or `distill`?")
+    model = build_model(args)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p}: weights do not fit the model they describe ({str(e).splitlines()[0]})") from None
+    return model.eval(), payload
+
+
+def to_uint8(t) -> np.ndarray:
+    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8."""
+    a = t.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().numpy()
+    return np.ascontiguousarray(a.transpose(1, 2, 0))
+
+
+def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_items: int = 16) -> None:
+    """Detect keypoints on ``batch_images`` (B, C, S, S) and save a grid with links drawn on them."""
+    import torch
+
+    from pipeline.viz import draw_keypoints, grid, save_png
+
+    imgs = batch_images[:max_items]
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.detector(imgs.to(dev))
+    kp = out.keypoints.float().cpu().numpy()  # (B, K, 2) in [-1, 1]
+    S = imgs.shape[-1]
+    px = (kp + 1) / 2 * (S - 1)
+    w = model.links.edge_weights().detach().float().cpu().numpy()
+    bg = background[:max_items] if background is not None else imgs
+    tiles = [draw_keypoints(to_uint8(bg[i]), px[i], links=w, scale=max(1, 256 // S)) for i in range(len(imgs))]
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    save_png(out_png, grid(tiles, cols=8))
+
+
+def train_progress(path: Path) -> tuple[int, int]:
+    """(steps done, total) of an interrupted training artifact, from its newest checkpoint name."""
+    import json
+
+    from pipeline.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
+
+    cks = list_checkpoints(Path(path) / CHECKPOINT_DIRNAME)
+    rec = json.loads((Path(path) / "artifact.json").read_text())
+    total = int(rec.get("config", {}).get("steps", 0))
+    return (cks[-1][0] if cks else 0), total

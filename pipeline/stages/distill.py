@@ -1,0 +1,151 @@
+"""Stage 3 `distill`: the RGB student, trained with reconstruction + gamma * (1 - cos) to the frozen teacher.
+
+The teacher (the `teach` artifact) sees the depth map of the same frame with the same flip as the
+student's RGB; it stays in eval() and under no_grad (asserted every step). gamma = 0 is plain AutoLink
+through the same code path (the baseline). With ``teacher_cache`` the teacher's embeddings are computed
+once per (frame, flip) into ``teacher_embeddings.h5`` inside this artifact, so training runs no teacher
+forward at all.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.datasets import FrameDataset, valid_train_indices
+from pipeline.stages import common
+from pipeline.stages.teach import _finish, fixed_batch, open_depth
+
+
+def teacher_embedding(teacher, depth: torch.Tensor, layer: str) -> torch.Tensor:
+    """The frozen teacher's ``layer`` tensor for depth input (B, 3, S, S)."""
+    assert not teacher.training, "the teacher must stay in eval() during distillation"
+    with torch.no_grad():
+        out = teacher.detector(depth, return_features=(layer,))
+    return out.features[layer].float()
+
+
+class EmbeddingCache:
+    """Teacher embeddings per (frame, flip), float32, in one HDF5 file written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._h5 = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_h5": None}
+
+    def lookup(self, index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        import h5py
+
+        if self._h5 is None:
+            self._h5 = h5py.File(self.path, "r", locking=False)
+        pos = self._h5["position"]
+        rows = [pos[int(i)] for i in index]
+        emb = self._h5["embedding"]
+        return torch.from_numpy(np.stack([emb[r, int(f)] for r, f in zip(rows, flip)]))
+
+
+def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hflip: bool, device, console) -> None:
+    """Run the teacher once over every training frame (and its mirror when flips are on)."""
+    import h5py
+
+    from pipeline.artifacts import fsync_dir
+
+    if path.exists():
+        return
+    n_flip = 2 if hflip else 1
+    n_total = int(ds.manifest.split("all").shape[0])
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    teacher = teacher.to(device)
+    with h5py.File(tmp, "w") as f:
+        position = np.full(n_total, -1, np.int64)
+        position[ds.indices] = np.arange(len(ds))
+        f.create_dataset("position", data=position)
+        emb = None
+        bs = 32
+        for s in range(0, len(ds), bs):
+            items = [ds.load(i, False) for i in range(s, min(s + bs, len(ds)))]
+            depth = torch.stack([it["depth"] for it in items]).to(device)
+            outs = [teacher_embedding(teacher, depth, layer)]
+            if hflip:
+                outs.append(teacher_embedding(teacher, depth.flip(-1), layer))
+            e = torch.stack(outs, dim=1).cpu().numpy()  # (b, n_flip, *shape)
+            if emb is None:
+                emb = f.create_dataset("embedding", shape=(len(ds), n_flip, *e.shape[2:]), dtype="float32",
+                                       chunks=(1, n_flip, *e.shape[2:]))
+            emb[s:s + len(items)] = e
+        f.attrs["layer"] = layer
+        f.flush()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    console.print(f"teacher embeddings cached: {len(ds)} frames x {n_flip} flip(s) -> {path.name}")
+
+
+def run(ctx) -> dict:
+    from dkp_core.losses import distillation_loss
+    from pipeline.train import resolve_device, train
+
+    cfg, m = ctx.cfg, ctx.plan.manifest
+    sec = cfg.distill
+    device = resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0)))
+    reader = open_depth(ctx)
+    hflip = ctx.stage.inputs["config"]["hflip"]
+    gamma, layer = sec.gamma, sec.layer
+    teacher, _ = common.load_trained(ctx.upstream_path("teach"))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.to(device).eval()
+
+    train_idx = valid_train_indices(m, reader, "train")
+    use_cache = bool(sec.teacher_cache and gamma > 0)
+    ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=True,
+                      use_depth=(gamma > 0 and not use_cache), depth_reader=reader, hflip=hflip, seed=sec.seed,
+                      depth_norm=sec.depth_norm)
+    cache = None
+    if use_cache:
+        depth_ds = FrameDataset(manifest=m, indices=train_idx, image_size=cfg.teach.model.image_size,
+                                use_rgb=False, use_depth=True, depth_reader=reader, depth_norm=cfg.teach.depth_norm)
+        cache_path = ctx.path / "teacher_embeddings.h5"
+        build_embedding_cache(cache_path, teacher, depth_ds, layer, hflip, device, ctx.console)
+        cache = EmbeddingCache(cache_path)
+
+    args = common.model_args(sec)
+    torch.manual_seed(sec.seed)
+    model = common.build_model(args)
+    recon = common.reconstruction_loss(sec).to(device)
+
+    def step_fn(model, batch, sctx):
+        x = batch["rgb"]
+        out = model(x, mask_generator=sctx.generator, return_features=(layer,) if gamma > 0 else ())
+        rec = recon(out.reconstruction.float(), x.float())
+        logs = {"recon_loss": float(rec.detach())}
+        if gamma <= 0:
+            return rec, logs
+        if cache is not None:
+            t = cache.lookup(batch["index"], batch["flip"]).to(x.device)
+        else:
+            t = teacher_embedding(teacher, batch["depth"], layer)
+        kd = distillation_loss(out.detector_output.features[layer].float(), t, flatten=sec.flatten)
+        logs["kd_loss"] = float(kd.detach())
+        return rec + gamma * kd, logs
+
+    vis_idx = m.split("test")[:16] if len(m.split("test")) else train_idx[:16]
+    vis = fixed_batch(FrameDataset(manifest=m, indices=vis_idx, image_size=sec.model.image_size, use_rgb=True,
+                                   use_depth=False))
+
+    def on_eval(step, model):
+        common.keypoint_grid(model, vis["rgb"], out_png=ctx.path / "samples" / f"step_{step:06d}.png")
+
+    res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn, settings=common.train_settings(sec),
+                config=ctx.stage.inputs["config"] | {"steps": sec.steps}, on_eval=on_eval,
+                config_hash=ctx.stage.key, model_args=args)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    _finish(ctx, res, f"student (RGB), gamma={gamma}")
+    return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
+                       "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds),
+                       "teacher_cache": use_cache}}

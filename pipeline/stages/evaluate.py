@@ -1,0 +1,95 @@
+"""`eval`: score the student (RGB) and the teacher (depth) with the dataset's protocol.
+
+Detections are made at the model resolution S on the same square resize/crop as training; ground truth
+(original-frame pixels in the manifest) goes through the same transform, so both live in the S x S frame
+the metric functions get (they rescale to the paper's reporting size where the protocol says so).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.datasets import FrameDataset
+from pipeline.errors import DkpError
+from pipeline.images import square_transform
+from pipeline.stages import common
+
+
+def gt_in_model_frame(manifest, indices, size: int) -> np.ndarray:
+    """(N, J, 2) GT pixels (x, y) mapped into the S x S model frame (NaN stays NaN)."""
+    out = np.array(manifest.keypoints[indices], dtype=np.float64)
+    for r, i in enumerate(indices):
+        w, h = (int(v) for v in manifest.sizes[i])
+        sx, sy, ox, oy = square_transform(h, w, size)
+        out[r, :, 0] = out[r, :, 0] * sx + ox
+        out[r, :, 1] = out[r, :, 1] * sy + oy
+    return out
+
+
+@torch.no_grad()
+def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.ndarray:
+    """(N, K, 2) detected keypoints in pixels (x, y) of the S x S model frame."""
+    model = model.to(device).eval()
+    S = ds.image_size
+    out = []
+    for s in range(0, len(ds), batch):
+        x = torch.stack([ds[i][key] for i in range(s, min(s + batch, len(ds)))]).to(device)
+        kp = model.detector(x).keypoints.float().cpu().numpy()
+        out.append((kp + 1) / 2 * (S - 1))
+    return np.concatenate(out) if out else np.zeros((0, model.detector.n_keypoints, 2))
+
+
+def run(ctx) -> dict:
+    from dkp_core.metrics import evaluate
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.train import resolve_device
+    from pipeline.viz import draw_keypoints, grid, save_png
+
+    m = ctx.plan.manifest
+    if m.keypoints is None:
+        raise DkpError(f"dataset {m.name} has no ground-truth keypoints, so there is nothing to score; "
+                       "add keypoints.csv (folder layout) or skip eval")
+    protocol = ctx.stage.inputs["config"]["protocol"]
+    device = resolve_device(ctx.cfg.eval.device)
+    fit, test = m.split("regress"), m.split("test")
+    if len(fit) < 2 or len(test) < 1:
+        raise DkpError(f"dataset {m.name}: {len(fit)} regression-fit and {len(test)} test frames with ground "
+                       "truth; need at least 2 and 1")
+    reader = DepthCacheReader(ctx.upstream_path("depth"))
+    results, pictures = {}, {}
+    for role, stage, key in (("student", "distill", "rgb"), ("teacher", "teach", "depth")):
+        model, payload = common.load_trained(ctx.upstream_path(stage))
+        S = model.detector.image_size if hasattr(model.detector, "image_size") else payload["model_args"]["image_size"]
+        sets = {}
+        for split, idx in (("fit", fit), ("test", test)):
+            if key == "depth":
+                ok = np.array([reader.is_valid(int(i)) for i in idx], dtype=bool)
+                idx = idx[ok]
+            ds = FrameDataset(manifest=m, indices=idx, image_size=S, use_rgb=key == "rgb", use_depth=key == "depth",
+                              depth_reader=reader)
+            sets[split] = (idx, detect(model, ds, key, device, ctx.cfg.eval.batch_size_inference),
+                           gt_in_model_frame(m, idx, S))
+        r = evaluate(protocol, det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
+                     gt_test=sets["test"][2], image_size=S)
+        results[role] = r.to_dict() | {"input": key, "n_fit": int(len(sets["fit"][0])),
+                                       "n_test": int(len(sets["test"][0])), "artifact": ctx.plan.stages[stage].key}
+        # picture: first 16 test frames, regressed keypoints (colours) and ground truth (white crosses)
+        vis_ds = FrameDataset(manifest=m, indices=sets["test"][0][:16], image_size=S, use_rgb=True,
+                              use_depth=key == "depth", depth_reader=reader)
+        tiles = []
+        for j in range(len(vis_ds)):
+            bg = common.to_uint8(vis_ds[j][key])
+            tiles.append(draw_keypoints(bg, r.pred_test[j], gt=r.gt_test[j], scale=max(1, 256 // S)))
+        if tiles:
+            save_png(ctx.path / f"{role}_test.png", grid(tiles, cols=8))
+    summary = {"protocol": protocol, "dataset": m.name, "gamma": ctx.cfg.distill.gamma,
+               "layer": ctx.cfg.distill.layer, **results}
+    write_json_atomic(ctx.path / "metrics.json", summary)
+    for role, r in results.items():
+        ctx.console.print(f"{role:8s} ({r['input']}): {protocol} = {r['value']:.4f} {r['unit']} "
+                          f"({'higher' if r['higher_is_better'] else 'lower'} is better)")
+    return {"metrics": summary}
