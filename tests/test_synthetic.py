@@ -219,3 +219,29 @@ def test_refuses_other_parameters_and_foreign_folders(tmp_path):
         write_synthetic(tmp_path / "x", n=1, seed=1, progress=False)
     with pytest.raises(ConfigError, match="test_fraction"):
         write_synthetic(tmp_path / "x", n=4, seed=1, test_fraction=1.0, progress=False)
+
+
+def test_synthetic_ground_truth_works_with_the_l2_protocol():
+    from dkp_core.metrics import evaluate
+
+    cfg = S.SyntheticConfig(image_size=64)
+    train, test = split_indices(200, 0.2, cfg.clip_length)
+    rng = np.random.default_rng(0)
+
+    def split(indices):
+        kp, vis = zip(*(S.frame_keypoints(cfg, 0, i) for i in indices))
+        gt = np.where(np.array(vis)[..., None], np.array(kp), np.nan)  # (N, 16, 2), NaN = missing (CSV's empty cells)
+        return gt
+
+    gt_fit, gt_test = split(train), split(test)
+    # An oracle detector: the GT of all joints (missing ones replaced by the frame's mean) plus 1 px noise.
+    def oracle(gt):
+        fill = np.nanmean(gt, axis=1, keepdims=True)
+        return np.where(np.isnan(gt), fill, gt) + rng.normal(scale=1.0, size=gt.shape)
+
+    good = evaluate("l2", det_fit=oracle(gt_fit), gt_fit=gt_fit, det_test=oracle(gt_test), gt_test=gt_test,
+                    image_size=64)
+    bad = evaluate("l2", det_fit=rng.uniform(0, 63, size=(160, 16, 2)), gt_fit=gt_fit,
+                   det_test=rng.uniform(0, 63, size=(40, 16, 2)), gt_test=gt_test, image_size=64)
+    assert good.value < 4.0  # % of the image side: about 2 px at 64 px for 1 px of detector noise
+    assert bad.value > 3 * good.value
