@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Union
 
 from pipeline.errors import CheckpointError
 

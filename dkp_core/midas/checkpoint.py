@@ -16,7 +16,7 @@ Official files are the state dict of ``midas.dpt_depth.DPTDepthModel`` built on 
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
