@@ -530,8 +530,12 @@ class _Progress:
         elapsed = time.perf_counter() - self._t0
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", done, self.total, loss, rate,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-")
+        if math.isfinite(eta):
+            hours, rest = divmod(int(eta), 3600)
+            eta_text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+        else:
+            eta_text = "-"
+        log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", done, self.total, loss, rate, eta_text)
 
     def close(self) -> None:
         if self._bar is not None:

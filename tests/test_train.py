@@ -215,7 +215,8 @@ def test_on_eval_runs_at_interval_and_end_in_eval_mode(tmp_path):
     assert seen == [(3, False, False), (6, False, False), (7, False, False)]
 
 
-def test_bf16_autocast_on_cpu_runs(tmp_path):
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_on_cpu_runs(tmp_path, amp, dtype):
     dtypes = []
 
     def step(model, batch, ctx):
@@ -223,10 +224,14 @@ def test_bf16_autocast_on_cpu_runs(tmp_path):
         dtypes.append((ctx.amp_dtype, model(batch["image"]).dtype))
         return loss, metrics
 
-    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp="bf16"))
-    assert result.amp_dtype == "bf16" and dtypes[0] == (torch.bfloat16, torch.bfloat16)
-    # A checkpoint written under bf16 cannot be resumed in fp32: the continuation would not be exact.
-    with pytest.raises(CheckpointError, match="amp: checkpoint 'bf16' vs now 'off'"):
+    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp=amp, log_every=1))
+    assert result.amp_dtype == amp and dtypes[0] == (dtype, dtype)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # fp16 trains through a GradScaler, whose scale is logged and checkpointed; bf16 needs none.
+    assert ("loss_scale" in records[0]) == (amp == "fp16")
+    assert bool(load_safe(tmp_path / "checkpoints" / "step-00000002.pt")["scaler"]) == (amp == "fp16")
+    # A checkpoint written under AMP cannot be resumed in fp32: the continuation would not be exact.
+    with pytest.raises(CheckpointError, match=f"amp: checkpoint '{amp}' vs now 'off'"):
         _run(tmp_path, settings=toy.toy_settings(steps=3, amp="off"))
 
 
@@ -351,3 +356,23 @@ def test_ddp_two_cpu_ranks_give_the_same_loss_as_one(tmp_path):
     assert one[-1] < one[0]  # it trained
     ckpt = load_safe(tmp_path / "ddp" / "checkpoints" / "step-00000008.pt")
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+# ---- progress --------------------------------------------------------------------------------------
+def test_log_lines_when_not_a_terminal(tmp_path, caplog):
+    caplog.set_level("INFO", logger="pipeline.train")
+    _run(tmp_path, settings=toy.toy_settings(steps=4, log_every=2))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert "steps/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_progress_bar_renders_step_loss_rate_and_eta(capsys):
+    from pipeline.train import _Progress
+
+    bar = _Progress(total=10, start=2, bar=True, log_lines=True)
+    for done in range(3, 6):
+        bar.step(done, 0.5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "5/10" in err and "loss 0.5000" in err and "steps/s" in err and "ETA" in err
