@@ -17,10 +17,13 @@ including its quirks, so numbers are comparable with the published ones:
 Inputs (every protocol): ``det_fit`` (N_fit, K, 2) and ``det_test`` (N_test, K, 2) detected keypoints,
 ``gt_fit`` (N_fit, J, 2) and ``gt_test`` (N_test, J, 2) ground truth, all in **pixels (x, y)** of the same
 square ``image_size`` x ``image_size`` frame (docs/conventions.md); missing GT joints are NaN.
-``image_size`` is the side of the frame the *annotations* are in (128 for Human3.6M, 256 for Taichi and
-DeepFashion), not the detector's input size: convert detections with ``x = (u + 1) / 2 * (image_size - 1)``.
-"Normalised by image size" means divided by ``image_size - 1``, the span between the first and last
-pixel centres that AutoLink's [0, 1] Human3.6M landmarks cover (pipeline/manifest.py reads them so).
+``image_size`` is the side of that frame. The eval stage uses the model frame (detections
+``x = (u + 1) / 2 * (image_size - 1)``, GT mapped in with the pixel-centre rule of
+pipeline.images.square_transform). Taichi and DeepFashion are scored at 256 px: GT and predictions are
+mapped to 256 with the same pixel-centre rule (``x' + 0.5 = (x + 0.5) * 256 / image_size``), which undoes
+the eval stage's mapping exactly. "Normalised by image size" means divided by ``image_size - 1``, the
+span between the first and last pixel centres that AutoLink's [0, 1] Human3.6M landmarks cover
+(pipeline/manifest.py reads them so); H36M numbers are AutoLink-exact in the 128 px annotation frame.
 
 Why the numbers do not depend on our (x, y) order, although AutoLink works in (row, col): a
 permutation of the regression's input columns permutes the coefficients and leaves the
@@ -160,6 +163,17 @@ def _fit_columns(x: np.ndarray, y: np.ndarray, *, what: str) -> np.ndarray:
             )
         beta[:, m] = _lstsq(x[ok], y[ok, m])
     return beta
+
+
+def _to_report(points: np.ndarray, size: int, report_size: int) -> np.ndarray:
+    """Pixels of the ``size`` frame -> pixels of the ``report_size`` frame, mapping pixel centres
+    (x' + 0.5 = (x + 0.5) * ratio, as cv2.resize and pipeline.images.square_transform do), so GT that
+    the pipeline resized from a 256 px annotation comes back exactly."""
+    return (points + 0.5) * (report_size / size) - 0.5
+
+
+def _from_report(points: np.ndarray, size: int, report_size: int) -> np.ndarray:
+    return (points + 0.5) * (size / report_size) - 0.5
 
 
 def _per_sample_l2(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -313,11 +327,12 @@ def taichi_mae(
     pixels (x, y) at ``image_size`` for every test row; ``details['mae']`` the (J, 2) per-coordinate MAEs.
     """
     df, gf, dt, gt, size = _check_inputs(det_fit, gt_fit, det_test, gt_test, image_size)
-    to_report = report_size / size  # pixel pitch ratio; offsets are absorbed by the intercept
     missing_fit = np.isnan(gf) | (np.abs(gf + 1.0) <= 1e-6)
     missing_test = np.isnan(gt) | (np.abs(gt + 1.0) <= 1e-6)
     x_fit = _with_intercept(_flat(df) / (size - 1) * _AUTOLINK_FEATURE_SCALE)  # (N_fit, 2K + 1)
     x_test = _with_intercept(_flat(dt) / (size - 1) * _AUTOLINK_FEATURE_SCALE)
+    # Missing GT is masked above, so the -1 codes are never rescaled into real-looking values.
+    gf_r, gt_r = _to_report(gf, size, report_size), _to_report(gt, size, report_size)
     n_joints = gf.shape[1]
     pred = np.empty((dt.shape[0], n_joints, 2))  # at report_size
     mae = np.full((n_joints, 2), np.nan)
@@ -329,11 +344,11 @@ def taichi_mae(
                     f"taichi_mae: GT joint {j} coordinate {'xy'[c]} is missing in all {gf.shape[0]} fit frames; "
                     f"the fit split must annotate every joint at least once"
                 )
-            beta = _lstsq(x_fit[ok], gf[ok, j, c] * to_report)  # (2K + 1,)
+            beta = _lstsq(x_fit[ok], gf_r[ok, j, c])  # (2K + 1,)
             pred[:, j, c] = x_test @ beta
             ok_t = ~missing_test[:, j, c]
             if ok_t.any():
-                mae[j, c] = np.abs(pred[ok_t, j, c] - gt[ok_t, j, c] * to_report).mean()
+                mae[j, c] = np.abs(pred[ok_t, j, c] - gt_r[ok_t, j, c]).mean()
     scored = ~np.isnan(mae)
     gt_scored = np.where(missing_test, np.nan, gt)
     return EvalResult(
@@ -341,7 +356,7 @@ def taichi_mae(
         value=float(mae[scored].sum()),
         unit=f"px at {report_size} (sum of {int(scored.sum())} per-coordinate MAEs)",
         higher_is_better=False,
-        pred_test=pred / to_report,
+        pred_test=_from_report(pred, size, report_size),
         gt_test=gt_scored,
         details={
             "n_fit": int(df.shape[0]),
@@ -380,12 +395,11 @@ def deepfashion_pck(
     threshold; pred_test (N_test, J, 2) pixels (x, y) at ``image_size``.
     """
     df, gf, dt, gt, size = _check_inputs(det_fit, gt_fit, det_test, gt_test, image_size)
-    to_report = report_size / size
     x_fit = _flat(df) / (size - 1) * _AUTOLINK_FEATURE_SCALE  # (N_fit, 2K)
     x_test = _flat(dt) / (size - 1) * _AUTOLINK_FEATURE_SCALE
-    beta = _fit_columns(x_fit, _flat(gf) * to_report, what="deepfashion_pck")  # (2K, 2J)
+    beta = _fit_columns(x_fit, _flat(_to_report(gf, size, report_size)), what="deepfashion_pck")  # (2K, 2J)
     pred = (x_test @ beta).reshape(gt.shape)  # (N_test, J, 2) at report_size
-    err = np.linalg.norm(pred - gt * to_report, axis=2)  # (N_test, J), NaN where GT missing
+    err = np.linalg.norm(pred - _to_report(gt, size, report_size), axis=2)  # (N_test, J), NaN where GT missing
     valid = ~np.isnan(err)
     hits = (err[valid] < threshold_px)
     return EvalResult(
@@ -393,7 +407,7 @@ def deepfashion_pck(
         value=100.0 * float(hits.mean()),
         unit=f"% of joints within {threshold_px:g} px at {report_size}",
         higher_is_better=True,
-        pred_test=pred / to_report,
+        pred_test=_from_report(pred, size, report_size),
         gt_test=gt,
         details={
             "n_fit": int(df.shape[0]),

@@ -119,16 +119,29 @@ def test_taichi_missing_in_all_fit_frames_is_a_clear_error():
 
 
 # ---------------------------------------------------------------- DeepFashion threshold
-@pytest.mark.parametrize("size,offset,hit", [(256, 6 - 1e-6, True), (256, 6 + 1e-6, False), (128, 2.99, True), (128, 3.01, False)])
-def test_deepfashion_pck_threshold_boundary(size, offset, hit):
+@pytest.mark.parametrize("offset,hit", [(6 - 1e-6, True), (6 + 1e-6, False)])
+def test_deepfashion_pck_threshold_boundary(offset, hit):
     rng = np.random.default_rng(8)
-    det, gt = _identity_case(rng, 40, 17, size=size)
-    det_t, gt_t = _identity_case(rng, 1, 17, size=size)
+    det, gt = _identity_case(rng, 40, 17, size=256)
+    det_t, gt_t = _identity_case(rng, 1, 17, size=256)
     gt_t = gt_t.copy()
-    gt_t[0, 0] += (0.0, offset)  # 6 px at 256 == 3 px at 128
-    res = M.deepfashion_pck(det, gt, det_t, gt_t, size)
-    expected = 100.0 * (16 + hit) / 17
-    assert res.value == pytest.approx(expected)
+    gt_t[0, 0] += (0.0, offset)  # strictly below 6 px counts
+    res = M.deepfashion_pck(det, gt, det_t, gt_t, 256)
+    assert res.value == pytest.approx(100.0 * (16 + hit) / 17)
+
+
+@pytest.mark.parametrize("offset,hit", [(5.99, True), (6.01, False)])
+def test_deepfashion_pck_is_judged_at_256_px_when_gt_was_resized_to_128(offset, hit):
+    """The eval stage maps 256 px annotations into the 128 px model frame with the pixel-centre rule
+    (pipeline.images.square_transform); the protocol must map them back and apply 6 px at 256."""
+    rng = np.random.default_rng(8)
+    det = rng.uniform(5, 122, size=(41, 17, 2))  # detections in the 128 px frame
+    gt256 = det / 127 * 255  # exactly linear in AutoLink's features, no intercept needed
+    gt256[40, 0] += (0.0, offset)
+    gt128 = (gt256 + 0.5) * 0.5 - 0.5  # what pipeline.stages.evaluate passes
+    res = M.deepfashion_pck(det[:40], gt128[:40], det[40:], gt128[40:], 128)
+    assert res.value == pytest.approx(100.0 * (16 + hit) / 17)
+    np.testing.assert_allclose(res.pred_test[0, 1:], gt128[40, 1:], atol=1e-6)
 
 
 # ---------------------------------------------------------------- H36M swap rule and pruning
