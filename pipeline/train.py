@@ -402,17 +402,9 @@ class _Accumulator:
                 raise ValueError("step function metrics may not be named 'loss' (the trainer logs the loss itself)")
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
-    def means(self, world_size: int, device: torch.device) -> dict[str, float]:
-        """Means over the interval and over ranks (loss is already a mean over ranks)."""
-        keys = sorted(self.sums)
-        values = [self.sums[k] for k in keys]
-        if world_size > 1:
-            # Every rank reaches this at the same step with the same keys: a safe collective.
-            t = torch.tensor(values, dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            # The loss sums are already equal on all ranks, so /world_size leaves them unchanged.
-            values = [v / world_size for v in t.tolist()]
-        return {k: v / self.count for k, v in zip(keys, values)}
+    def means(self) -> dict[str, float]:
+        """Means over the interval (values were already averaged over ranks step by step)."""
+        return {k: v / self.count for k, v in sorted(self.sums.items())}
 
     def reset(self) -> None:
         self.count, self.sums = 0, {}
@@ -714,16 +706,21 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                 raise TypeError(f"step_fn must return a scalar loss tensor first, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
 
-            # One small collective per step: the global mean loss and "has any rank been signalled",
-            # so every rank finishes this step and then stops (or raises) at the same step. The step
-            # is completed rather than discarded because its forward pass already moved BatchNorm's
-            # running statistics: a checkpoint taken without the update would not be a real step.
-            flags = torch.stack([loss.detach().float(),
-                                 torch.tensor(1.0 if stop.signum else 0.0, device=loss.device)])
+            # One small collective per step carries the loss, the metrics and "has any rank been
+            # signalled". Means over ranks are thus taken every step, so rank 0's running sums are
+            # the run's (checkpointing them alone resumes exactly), and every rank finishes this step
+            # and then stops (or raises) at the same step. The step is completed rather than
+            # discarded because its forward pass already moved BatchNorm's running statistics.
+            keys = sorted(metrics)
+            packed = torch.cat([loss.detach().double().reshape(1),
+                                torch.tensor([1.0 if stop.signum else 0.0, *(float(metrics[k]) for k in keys)],
+                                             dtype=torch.float64, device=loss.device)])  # (2 + len(keys),)
             if world > 1:
-                dist.all_reduce(flags)
-            loss_value = float(flags[0]) / world
-            stop_after_this_step = float(flags[1]) > 0
+                dist.all_reduce(packed)
+            values = packed.tolist()
+            loss_value = values[0] / world
+            stop_after_this_step = values[1] > 0
+            step_metrics = {k: v / world for k, v in zip(keys, values[2:])}
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(_nonfinite_message(loss_value, step, settings, sampler, run_dir, last_ckpt))
 
@@ -731,13 +728,13 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
             scaler.step(optimizer)
             scaler.update()
             done = step + 1
-            acc.add(loss_value, metrics)
+            acc.add(loss_value, step_metrics)
             progress.step(done, loss_value)
 
             # Order matters for resume: the metrics line for `done` is written before the checkpoint
             # of `done`, so a checkpoint never exists without the lines up to it.
             if done % settings.log_every == 0 or done == settings.steps:
-                record = {"step": done, "epoch": epoch, **acc.means(world, device)}
+                record = {"step": done, "epoch": epoch, **acc.means()}
                 if scaler.is_enabled():
                     record["loss_scale"] = float(scaler.get_scale())
                 acc.reset()

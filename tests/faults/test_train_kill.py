@@ -119,3 +119,27 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits(tmp_path):
     assert 6 <= step < 400 and f"checkpoint {path} saved" in err
     assert load_safe(path)["step"] == step
     assert not [p for p in tmp_path.rglob("*") if ".tmp." in p.name]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_kill9_then_resume_is_bitwise_identical(tmp_path):
+    """Both ranks die at the same step (as when a node goes); the relaunch resumes exactly."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not available")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+    def launch(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(TOY), str(run_dir),
+                               "--steps", "20", "--ckpt-every", str(CKPT_EVERY), *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    ref = launch(tmp_path / "reference")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert launch(tmp_path / "killed", "--kill", "step:12").returncode != 0
+    resumed = launch(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (ref_weights, ref_opt), (weights, opt) = _state(tmp_path / "reference"), _state(tmp_path / "killed")
+    _assert_equal_tensors(weights, ref_weights, "model")
+    _assert_equal_tensors(opt, ref_opt, "optimizer")
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (tmp_path / "reference" / "metrics.jsonl").read_text()
