@@ -75,6 +75,7 @@ class ModelConfig:
     sklr: float = 512.0  # learning-rate multiplier of the link weights
     mask_ratio: float = 0.8  # fraction of mask cells removed
     mask_blocks: int = 16  # mask grid is mask_blocks x mask_blocks
+    width: int = 64  # base channel count of detector and decoder (AutoLink: 64); CPU presets use less
 
 
 @dataclass(frozen=True)

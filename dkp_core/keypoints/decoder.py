@@ -60,23 +60,25 @@ class Decoder(nn.Module):
     normalised [-1, 1] image space but is not clamped. Input side must be a multiple of 16.
     """
 
-    def __init__(self, *, in_channels: int = 3, link_channels: int = 1) -> None:
+    def __init__(self, *, in_channels: int = 3, link_channels: int = 1, width: int = 64) -> None:
         super().__init__()
+        w = width  # AutoLink: 64 (channels 64..1024); smaller widths keep the topology for CPU presets
+        self.width = width
         self.in_channels = in_channels
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.down0 = nn.Sequential(
-            nn.Conv2d(in_channels + link_channels, 64, kernel_size=3, padding=1),
+            nn.Conv2d(in_channels + link_channels, w, kernel_size=3, padding=1),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
         )  # S
-        self.down1 = DownBlock(in_channels=64, out_channels=128)  # S/2
-        self.down2 = DownBlock(in_channels=128, out_channels=256)  # S/4
-        self.down3 = DownBlock(in_channels=256, out_channels=512)  # S/8
-        self.down4 = DownBlock(in_channels=512, out_channels=512)  # S/16
-        self.up1 = DecoderUpBlock(in_channels=512, out_channels=512)  # S/8, concat d16 -> 1024
-        self.up2 = DecoderUpBlock(in_channels=1024, out_channels=256)  # S/4, concat d32 -> 512
-        self.up3 = DecoderUpBlock(in_channels=512, out_channels=128)  # S/2, concat d64 -> 256
-        self.up4 = DecoderUpBlock(in_channels=256, out_channels=64)  # S, concat d128 -> 128
-        self.conv = nn.Conv2d(128, in_channels, kernel_size=3, padding=1)
+        self.down1 = DownBlock(in_channels=w, out_channels=2 * w)  # S/2
+        self.down2 = DownBlock(in_channels=2 * w, out_channels=4 * w)  # S/4
+        self.down3 = DownBlock(in_channels=4 * w, out_channels=8 * w)  # S/8
+        self.down4 = DownBlock(in_channels=8 * w, out_channels=8 * w)  # S/16
+        self.up1 = DecoderUpBlock(in_channels=8 * w, out_channels=8 * w)  # S/8, concat d16 -> 16w
+        self.up2 = DecoderUpBlock(in_channels=16 * w, out_channels=4 * w)  # S/4, concat d32 -> 8w
+        self.up3 = DecoderUpBlock(in_channels=8 * w, out_channels=2 * w)  # S/2, concat d64 -> 4w
+        self.up4 = DecoderUpBlock(in_channels=4 * w, out_channels=w)  # S, concat d128 -> 2w
+        self.conv = nn.Conv2d(2 * w, in_channels, kernel_size=3, padding=1)
         init_autolink_weights(self)
 
     def forward(self, masked_image: Tensor, link_map: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ class KeypointDetector(nn.Module):
     """
 
     def __init__(self, *, n_keypoints: int, in_channels: int = 3, image_size: int = 128,
-                 heatmap_size: int = 32) -> None:
+                 heatmap_size: int = 32, width: int = 64) -> None:
         super().__init__()
         if n_keypoints < 1:
             raise ValueError(f"n_keypoints must be >= 1, got {n_keypoints}")
@@ -154,13 +154,15 @@ class KeypointDetector(nn.Module):
         self.image_size = image_size
         self.heatmap_size = heatmap_size
 
-        self.down1 = ResDownBlock(in_channels=in_channels, out_channels=64)  # S/2
-        self.down2 = ResDownBlock(in_channels=64, out_channels=128)  # S/4
-        self.down3 = ResDownBlock(in_channels=128, out_channels=256)  # S/8
-        self.down4 = ResDownBlock(in_channels=256, out_channels=512)  # S/16
-        self.up1 = UpBlock(in_channels=512, out_channels=256)  # S/8
-        self.up2 = UpBlock(in_channels=256, out_channels=128)  # S/4
-        self.head = nn.Conv2d(128, n_keypoints, kernel_size=3, padding=1)
+        w = width  # AutoLink: 64; smaller widths make CPU presets fast, same topology
+        self.width = width
+        self.down1 = ResDownBlock(in_channels=in_channels, out_channels=w)  # S/2
+        self.down2 = ResDownBlock(in_channels=w, out_channels=2 * w)  # S/4
+        self.down3 = ResDownBlock(in_channels=2 * w, out_channels=4 * w)  # S/8
+        self.down4 = ResDownBlock(in_channels=4 * w, out_channels=8 * w)  # S/16
+        self.up1 = UpBlock(in_channels=8 * w, out_channels=4 * w)  # S/8
+        self.up2 = UpBlock(in_channels=4 * w, out_channels=2 * w)  # S/4
+        self.head = nn.Conv2d(2 * w, n_keypoints, kernel_size=3, padding=1)
         init_autolink_weights(self)
 
     def forward(self, x: Tensor, return_features: Sequence[str] = ()) -> DetectorOutput:

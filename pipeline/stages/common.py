@@ -14,7 +14,7 @@ def model_args(section: C.TrainConfig, in_channels: int = 3) -> dict:
     m = section.model
     return dict(n_keypoints=m.n_keypoints, in_channels=in_channels, image_size=m.image_size,
                 heatmap_size=m.heatmap_size, thick=m.thick, sklr=m.sklr, mask_ratio=m.mask_ratio,
-                mask_blocks=m.mask_blocks)
+                mask_blocks=m.mask_blocks, width=m.width)
 
 
 def build_model(args: dict):

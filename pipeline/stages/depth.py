@@ -39,7 +39,9 @@ def cache_spec(ctx_cfg, manifest, weights_sha256: Optional[str]) -> dict:
                     ensure_multiple_of=ms.ensure_multiple_of, interpolation=ms.interpolation,
                     mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
     else:
-        spec.update(depth_fingerprint=manifest.depth_fingerprint, depth_options=manifest.depth_options)
+        opts = manifest.depth_options or {}
+        spec.update(depth_fingerprint=manifest.depth_fingerprint,
+                    **{f"depth_options.{k}": v for k, v in sorted(opts.items())})
     return spec
 
 
