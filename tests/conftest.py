@@ -33,3 +33,37 @@ def run_cli(args, cwd=None, env=None, timeout=600):
         e.update(env)
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+TINY_YAML = """\
+base: synthetic
+name: tiny
+data: {{root: {root}, synth_frames: 48, synth_seed: 0, synth_image_size: 32}}
+depth: {{shard_size: 16}}
+teach:
+  model: {{n_keypoints: 4, image_size: 32, heatmap_size: 8, width: 8}}
+  steps: 6
+  batch_size: 4
+  checkpoint_every: 2
+  log_every: 2
+  eval_every: 3
+distill:
+  model: {{n_keypoints: 4, image_size: 32, heatmap_size: 8, width: 8}}
+  steps: 6
+  batch_size: 4
+  checkpoint_every: 2
+  log_every: 2
+  eval_every: 3
+"""
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path):
+    """A tiny experiment YAML over a 48-frame 32-px synthetic dataset (generated on first `run`).
+
+    Returns a dict with ``yaml`` (path), ``store`` (path) and ``cwd``. Every stage runs in seconds.
+    """
+    root = tmp_path / "data"
+    y = tmp_path / "tiny.yaml"
+    y.write_text(TINY_YAML.format(root=root))
+    return {"yaml": str(y), "store": str(tmp_path / "store"), "cwd": tmp_path, "root": root}
