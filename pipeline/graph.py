@@ -99,6 +99,14 @@ def file_digest(path: Optional[str]) -> Optional[str]:
 def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
     from pipeline.manifest import build_manifest
 
+    if manifest is None and not Path(cfg.data.root).is_dir():
+        from pipeline.errors import ManifestError
+
+        if cfg.data.manifest == "synthetic":
+            raise ManifestError(f"the synthetic dataset is not generated yet at {cfg.data.root}: "
+                                f"`dkp-pipeline run {cfg.name}` generates it with the preset's data.synth_* settings")
+        raise ManifestError(f"dataset {cfg.data.manifest}: root {cfg.data.root} is not a directory; point the "
+                            f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
     m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
     stages: dict[str, StagePlan] = {}
 
