@@ -1,6 +1,9 @@
 """What teach and distill share: model construction from config, losses, pictures, model loading."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +43,33 @@ def reconstruction_loss(section: C.TrainConfig):
 
         return make_reconstruction_loss("perceptual", vgg_state_dict=load_vgg16_state_dict(section.vgg_weights))
     return make_reconstruction_loss(section.recon_loss)
+
+
+@contextlib.contextmanager
+def training_progress():
+    """Let the trainer's INFO lines reach stderr while a stage trains.
+
+    ``pipeline.train`` shows a rich bar (steps done/total, loss, steps/s, ETA) on an interactive
+    stderr and otherwise *logs* ``step N/TOTAL  loss L  R steps/s  ETA H:MM:SS`` at each metrics line;
+    the CLI configures no logging, so without this those lines (and "resuming from ...") would be
+    dropped under Slurm, CI or a pipe. If the application already configured logging, only the
+    level is raised, so nothing is printed twice.
+    """
+    logger = logging.getLogger("pipeline.train")
+    old_level = logger.level
+    handler = None
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def load_trained(path: Path):

@@ -56,9 +56,10 @@ def run(ctx) -> dict:
 
     recon.to(resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0))))
 
-    res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn, settings=common.train_settings(sec),
-                config=ctx.stage.inputs["config"] | {"steps": sec.steps}, on_eval=on_eval,
-                config_hash=ctx.stage.key, model_args=args, params=None)
+    with common.training_progress():
+        res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
+                    settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+                    on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None)
     _finish(ctx, res, "teacher (depth)")
     return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
                        "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds)}}
