@@ -228,11 +228,14 @@ def cache_export(config, overrides, store, output):
 @cache.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--store", envvar="DKP_STORE", default="dkp-store", show_default=True)
-def cache_import(file, store):
+@click.option("--config", "config", default=None, metavar="CONFIG",
+              help="Refuse the file unless it is the depth cache CONFIG needs (spec and frame hashes checked).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def cache_import(file, store, config, overrides):
     """Verify a shared depth-cache file and place it in the store under its key (no MiDaS needed)."""
     from pipeline.cachecli import import_command
 
-    import_command(file, store, _console())
+    import_command(file, store, _console(), cfg=_load(config, overrides) if config else None)
 
 
 # --------------------------------------------------------------------------------------------------

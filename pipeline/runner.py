@@ -96,15 +96,20 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         if sp.state == "fresh":
             if name in wanted:
                 console.print(f"[green]✓[/] {name:8s} fresh  {sp.key[:16]}  (reused)", markup=True)
-            store.remember(cfg.name, name, sp.key)
+            if not _follower_rank():
+                store.remember(cfg.name, name, sp.key)
             continue
         t0 = time.time()
         reason = "; ".join(([sp.progress] if sp.progress else []) + sp.why) or sp.state
         console.print(f"[yellow]→[/] {name:8s} {sp.state}  {sp.key[:16]}  ({reason})", markup=True)
         if name == "manifest":
-            _publish_manifest(plan, sp, store, console)
-        else:
-            _run_stage(name, cfg, plan, sp, store, console, stage_options or {})
+            if not _follower_rank():  # under torchrun, rank 0 publishes the manifest
+                _publish_manifest(plan, sp, store, console)
+        elif not _run_stage(name, cfg, plan, sp, store, console, stage_options or {}):
+            built.append(f"{name} (this process's part)")
+            continue  # only this process's part was written (depth --shard / torchrun rank > 0)
+        if _follower_rank():
+            continue
         store.remember(cfg.name, name, sp.key)
         sp.state = "fresh"
         built.append(name)
@@ -115,7 +120,15 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     return plan
 
 
-def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> None:
+def _follower_rank() -> bool:
+    """True in a torchrun process other than rank 0: it writes its part, rank 0 records what was built."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> bool:
+    """Run one stage; False when the stage wrote only this process's part and another process publishes."""
     try:
         mod = importlib.import_module(STAGE_MODULES[name])
     except ModuleNotFoundError as e:
@@ -124,9 +137,9 @@ def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console,
         raise
     if hasattr(mod, "run_managed"):
         # Stages with their own multi-process writing protocol (depth under torchrun / --shard).
-        mod.run_managed(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options))
-        return
+        return mod.run_managed(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options)) is not False
     with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
         ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
         extra = mod.run(ctx) or {}
         w.publish(**extra)
+    return True

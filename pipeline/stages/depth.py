@@ -2,27 +2,34 @@
 
 Providers:
 - ``midas``: MiDaS 3.1 from the official checkpoint the user names; frames decoded and preprocessed
-  (run.py-identical) in DataLoader workers, batched by resized shape, ``inference_mode``, autocast on
-  CUDA (bf16/fp16; a batch with non-finite fp16 output is recomputed in fp32 — Swin's known overflow);
+  (run.py-identical) in DataLoader workers, batched by resized shape, ``inference_mode``, autocast
+  (bf16/fp16; a batch with non-finite fp16 output is recomputed in fp32 — Swin's and the head's known
+  overflow), channels_last on CUDA, optional ``torch.compile``;
 - ``files``: depth maps named by a ``folder``/``synthetic`` manifest, converted to inverse depth.
+
+Every HDF5 operation runs on one background writer thread (:class:`_BackgroundWriter`): the main thread
+only decodes results and queues them, so compression and fsyncs overlap the next batch's inference.
 
 The artifact directory *is* the cache directory (pipeline/depth_cache.py). A shard is the unit of
 work and atomicity: a crash loses at most the shard being written. Distributed: under torchrun each
-rank writes the shards it owns (index % world == rank); with ``--shard i/n`` a scheduler array does the
-same across machines, and the last finisher (or a plain re-run) merges and publishes.
+rank writes the shards it owns (index % world == rank) and rank 0 merges after a barrier; with
+``--shard i/n`` a scheduler array does the same across machines, and the last part to finish (or a
+plain re-run) merges and publishes.
 """
 from __future__ import annotations
 
+import json
 import os
+import queue
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.artifacts import Lock, RECORD, ArtifactWriter, write_atomic
-from pipeline.errors import ConfigError, DkpError, ManifestError
-
-STORAGE = {"float16": "float16", "float32": "float32"}
+from pipeline.artifacts import LOCK, ArtifactWriter, Lock, write_atomic
+from pipeline.errors import CheckpointError, ConfigError, LockError, ManifestError
 
 
 def cache_spec(ctx_cfg, manifest, weights_sha256: Optional[str]) -> dict:
@@ -45,6 +52,17 @@ def cache_spec(ctx_cfg, manifest, weights_sha256: Optional[str]) -> dict:
     return spec
 
 
+def expected_spec(cfg, manifest) -> dict:
+    """The spec a cache for ``cfg`` over ``manifest`` must have (weights hashed from the file named in cfg)."""
+    sha = None
+    if cfg.depth.provider == "midas":
+        _check_midas_config(cfg)
+        from pipeline.graph import file_digest
+
+        sha = file_digest(cfg.depth.weights).split(":", 1)[-1]
+    return cache_spec(cfg, manifest, sha)
+
+
 def _parse_shard(text: Optional[str]) -> tuple[int, int]:
     if not text:
         return 0, 1
@@ -57,8 +75,32 @@ def _parse_shard(text: Optional[str]) -> tuple[int, int]:
     return i, n
 
 
-def run_managed(ctx) -> None:
-    from pipeline.depth_cache import CacheWriter, finalize
+def _check_midas_config(cfg) -> None:
+    """Model type known, weights named and present: all checked before anything is written."""
+    from dkp_core.midas import get_spec, list_models
+
+    d = cfg.depth
+    try:
+        ms = get_spec(d.model_type)
+    except ValueError:
+        raise ConfigError(f"depth.model_type {d.model_type!r} is not a MiDaS 3.1 model; valid: "
+                          f"{', '.join(list_models())}") from None
+    where = f"the official checkpoint {ms.weights_file!r} (download: {ms.weights_url})"
+    if not d.weights:
+        raise ConfigError(f"depth.weights is not set: pass {where} with --set depth.weights=/path/to/{ms.weights_file}")
+    if not Path(d.weights).expanduser().is_file():
+        raise CheckpointError(f"depth.weights: MiDaS weights for {d.model_type} not found at {d.weights!r}; "
+                              f"expected {where}")
+
+
+def run_managed(ctx) -> bool:
+    """Build (or resume) this process's part of the depth cache; merge and publish when every part is done.
+
+    Returns True when the artifact is published (by this process), False when this process only wrote
+    its part (``--shard i/n`` with parts left, or a torchrun rank other than 0): the runner then neither
+    records the key as built nor says so.
+    """
+    from pipeline.depth_cache import CacheWriter, progress
 
     cfg, m, sp = ctx.cfg, ctx.plan.manifest, ctx.stage
     shard_i, shard_n = _parse_shard(ctx.options.get("shard"))
@@ -66,230 +108,419 @@ def run_managed(ctx) -> None:
     if world > 1 and shard_n > 1:
         raise ConfigError("use either torchrun or --shard i/n, not both")
     part, parts = (rank, world) if world > 1 else (shard_i, shard_n)
-    path = ctx.path
-    path.mkdir(parents=True, exist_ok=True)
+    path: Path = ctx.path
     skip_bad = bool(ctx.options.get("skip_bad_frames"))
 
-    weights_sha = sp.inputs["config"].get("weights_sha256")
+    weights_sha = None
     if cfg.depth.provider == "midas":
-        if not cfg.depth.weights:
-            from dkp_core.midas import get_spec, list_models
-
-            try:
-                ms = get_spec(cfg.depth.model_type)
-            except ValueError:
-                raise ConfigError(f"depth.model_type {cfg.depth.model_type!r} is not a MiDaS 3.1 model; valid: "
-                                  f"{', '.join(list_models())}") from None
-            raise ConfigError(f"depth.weights is not set: pass the official checkpoint for {cfg.depth.model_type} "
-                              f"with --set depth.weights=/path/to/{ms.weights_file} (download: {ms.weights_url})")
-        weights_sha = weights_sha.split(":", 1)[-1] if weights_sha else None
+        _check_midas_config(cfg)
+        weights_sha = (sp.inputs["config"].get("weights_sha256") or "").split(":", 1)[-1]
     spec = cache_spec(cfg, m, weights_sha)
 
-    lock_name = "LOCK" if parts == 1 else f"LOCK.part{part}of{parts}"
-    with Lock(path / lock_name):
-        writer = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
-        if part == 0:
-            writer.write_record(status="in_progress")
-        cw = CacheWriter(path, spec=spec, n_frames=len(m), shard_size=cfg.depth.shard_size,
-                         storage_dtype=cfg.depth.storage_dtype)
-        todo = cw.shards_todo(part, parts)
-        skipped = _compute(ctx, cw, todo, skip_bad, part)
-        if skipped:
-            _record_skipped(path, part, skipped)
-    if world > 1:
-        import torch.distributed as dist
+    dist_here = _init_distributed(world)
+    try:
+        model = None
+        done, total = progress(path) if (path / "layout.json").exists() else (0, len(m))
+        if done < total and cfg.depth.provider == "midas":
+            # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
+            model = _load_model(cfg, weights_sha)
+        path.mkdir(parents=True, exist_ok=True)
+        lock_name = LOCK if parts == 1 else f"{LOCK}.part{part}of{parts}"
+        with Lock(path / lock_name):
+            _refuse_concurrent_parts(path, parts)
+            writer = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
+            if part == 0:
+                writer.write_record(status="in_progress")
+            cw = CacheWriter(path, spec=spec, n_frames=len(m), shard_size=cfg.depth.shard_size,
+                             storage_dtype=cfg.depth.storage_dtype)
+            todo = cw.shards_todo(part, parts)
+            if todo:
+                skipped, stats = _compute(ctx, cw, todo, skip_bad, model)
+                _append_part_file(path, f"skipped.part{part}.json", skipped)
+                _append_part_file(path, f"stats.part{part}.json", [stats])
+        if world > 1:
+            import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
-        if rank != 0:
-            return
-    from pipeline.depth_cache import progress
+            dist.barrier()
+            if rank != 0:
+                return False
+    finally:
+        if dist_here:
+            import torch.distributed as dist
 
+            dist.destroy_process_group()
+    return _merge_and_publish(ctx, spec, part, parts)
+
+
+def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
+    from pipeline.depth_cache import finalize, progress
+
+    path, sp, m = ctx.path, ctx.stage, ctx.plan.manifest
     done, total = progress(path)
     if done < total:
-        ctx.console.print(f"depth part {part}/{parts} finished; {total - done} of {total} frames belong to other "
-                          f"parts. When all parts are done, re-run without --shard to merge and publish.")
-        raise DkpError("depth cache incomplete: waiting for the other --shard parts (this part is saved)")
-    with Lock(path / "LOCK"):
+        ctx.console.print(f"depth part {part}/{parts} saved; {total - done} of {total} frames belong to other parts. "
+                          f"When every part is done, the last one (or a re-run without --shard) merges and publishes.")
+        return False
+    try:
+        lock = Lock(path / LOCK)
+        lock.acquire()
+    except LockError:
+        ctx.console.print("depth: every part is done; another process is merging and publishing the cache")
+        return False
+    try:
         if (path / "COMPLETE").exists():
-            return
+            return True
         index = finalize(path)
-        skipped_all = _read_skipped(path)
+        skipped = _read_part_files(path, "skipped.part*.json")
+        stats = _read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
-        w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped_all,
-                  n_shards=len(index.get("shards", [])) if isinstance(index, dict) else None)
+        w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
+                  n_valid=sum(e["n_valid"] for e in index["shards"]), compute=_sum_stats(stats))
+    finally:
+        lock.release()
+    if skipped:
+        ctx.console.print(f"[yellow]note:[/] {len(skipped)} unreadable frame(s) marked invalid: "
+                          + ", ".join(s["frame"] for s in skipped[:5]) + (" …" if len(skipped) > 5 else ""),
+                          markup=True)
+    return True
 
 
-def _record_skipped(path: Path, part: int, skipped: list[dict]) -> None:
-    import json
+def _init_distributed(world: int) -> bool:
+    """Join torchrun's process group (gloo: only a barrier is needed). True if initialised here."""
+    if world <= 1:
+        return False
+    import datetime
 
-    f = path / f"skipped.part{part}.json"
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    # Ranks finish their shards at different times; the barrier before the merge must outwait the slowest.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return True
+
+
+def _refuse_concurrent_parts(path: Path, parts: int) -> None:
+    """A plain run and a live ``--shard`` part must not write the same shards (and vice versa)."""
+    names = [p.name for p in path.glob(f"{LOCK}.part*")] if parts == 1 else ([LOCK] if (path / LOCK).exists() else [])
+    for name in names:
+        probe = Lock(path / name)
+        probe.acquire()  # raises LockError naming pid/host when that process is alive; breaks stale locks
+        probe.release()
+
+
+def _append_part_file(path: Path, name: str, rows: list) -> None:
+    if not rows:
+        return
+    f = path / name
     prev = json.loads(f.read_text()) if f.exists() else []
-    write_atomic(f, json.dumps(prev + skipped, indent=1))
+    write_atomic(f, json.dumps(prev + rows, indent=1))
 
 
-def _read_skipped(path: Path) -> list[dict]:
-    import json
-
-    out: list[dict] = []
-    for f in sorted(path.glob("skipped.part*.json")):
+def _read_part_files(path: Path, pattern: str) -> list:
+    out: list = []
+    for f in sorted(path.glob(pattern)):
         out += json.loads(f.read_text())
     return out
 
 
-def _progress(console, total: int, desc: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal)
-
-
-def _compute(ctx, cw, todo, skip_bad: bool, part: int) -> list[dict]:
-    n_frames = sum(p.n for p in todo)
-    if not todo:
-        return []
-    if ctx.cfg.depth.provider == "files":
-        return _compute_files(ctx, cw, todo, skip_bad, n_frames)
-    return _compute_midas(ctx, cw, todo, skip_bad, n_frames)
+def _sum_stats(stats: list[dict]) -> dict:
+    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks")
+    out = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
+    out["runs"] = len(stats)
+    return out
 
 
-def _compute_files(ctx, cw, todo, skip_bad, n_frames) -> list[dict]:
-    import time
+# ---------------------------------------------------------------------------------------------- writing
+class _BackgroundWriter:
+    """Runs every HDF5 operation of this process (open shard, add frames, commit) on one thread.
 
-    from pipeline.images import read_depth_file
+    The main thread queues work and returns at once unless ``max_pending`` messages are waiting (then it
+    waits: the writer sets the pace only when it is the bottleneck). An error on the writer thread is
+    re-raised in the main thread at its next call; leaving with an error aborts the open shard (its temp
+    file is deleted, finished shards are untouched).
+    """
 
-    m = ctx.plan.manifest
-    opts = m.depth_options or {}
-    kind = {"depth": "depth", "inverse_depth": "inverse", "inverse": "inverse"}.get(opts.get("kind"), opts.get("kind"))
-    skipped: list[dict] = []
-    t0 = time.time()
-    done = 0
-    with _progress(ctx.console, n_frames, "depth (files)") as bar:
-        task = bar.add_task("depth", total=n_frames, rate="")
-        for plan in todo:
-            with cw.open_shard(plan) as sw:
-                for i in range(plan.start, plan.stop):
-                    rel = m.depth_paths[i]
+    def __init__(self, cw, max_pending: int = 16) -> None:
+        self.cw = cw
+        self.q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: Optional[BaseException] = None
+        self.seconds_blocked = 0.0  # main thread waiting on a full queue
+        self.seconds_writing = 0.0  # writer thread busy
+        self.thread = threading.Thread(target=self._run, name="depth-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sw = None
+        while True:
+            op, arg = self.q.get()
+            if op == "stop":
+                if sw is not None:
+                    sw.abort()
+                return
+            if self.error is not None:
+                continue  # drain until stop
+            t0 = time.perf_counter()
+            try:
+                if op == "open":
+                    plan, max_shape = arg
+                    sw = self.cw.open_shard(plan, max_shape=max_shape)
+                elif op == "add":
+                    for i, fid, fhash, depth, valid in arg:
+                        sw.add(i, frame_id=fid, frame_hash=fhash, depth=depth, valid=valid)
+                elif op == "commit":
+                    s, sw = sw, None
+                    s.__exit__(None, None, None)  # commit; on failure aborts and names disk errors
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                if sw is not None:
                     try:
-                        d = read_depth_file(m.root / rel, kind=kind, scale=float(opts.get("scale", 1.0)))
-                        w, h = (int(v) for v in m.sizes[i])
-                        if d.shape != (h, w):
-                            raise ManifestError(f"depth file {m.root / rel}: shape {d.shape} but frame "
-                                                f"{m.paths[i]} is {h}x{w}; depth must match its frame")
-                        sw.add(i, frame_id=m.frame_ids[i], frame_hash=m.fingerprints[i], depth=d, valid=True)
-                    except ManifestError as e:
-                        if not skip_bad:
-                            raise
-                        skipped.append({"frame": m.frame_ids[i], "reason": str(e)})
-                        sw.add(i, frame_id=m.frame_ids[i], frame_hash=m.fingerprints[i], depth=None, valid=False)
-                    done += 1
-                    bar.update(task, advance=1, rate=f"{done / max(time.time() - t0, 1e-9):.0f} frames/s")
-    return skipped
+                        sw.__exit__(type(e), e, e.__traceback__)  # abort; OSError -> CacheError
+                    except BaseException as translated:  # noqa: BLE001
+                        e = translated
+                    sw = None
+                self.error = e
+            self.seconds_writing += time.perf_counter() - t0
+
+    def _put(self, op: str, arg=None) -> None:
+        self._raise()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.q.put((op, arg), timeout=0.5)
+                break
+            except queue.Full:
+                self._raise()
+        self.seconds_blocked += time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def open(self, plan, max_shape) -> None:
+        self._put("open", (plan, max_shape))
+
+    def add(self, rows: list[tuple]) -> None:
+        self._put("add", rows)
+
+    def commit(self) -> None:
+        self._put("commit")
+
+    def close(self, *, abort: bool) -> None:
+        """Stop the thread after the queued work (``abort``: drop the open shard); re-raise a writer error."""
+        self.q.put(("stop", None))
+        self.thread.join()
+        if not abort:
+            self._raise()
 
 
+def _max_shape(m, plan) -> Optional[tuple[int, int]]:
+    """(H, W) of the largest frame of the shard from the manifest, so frames are written as they come."""
+    wh = m.sizes[plan.start:plan.stop]  # (n, 2) (W, H)
+    if len(wh) == 0 or (wh <= 0).any():
+        return None  # unknown sizes: the shard writer buffers and sizes the file at commit
+    return int(wh[:, 1].max()), int(wh[:, 0].max())
+
+
+# ---------------------------------------------------------------------------------------------- reading frames
 def _identity(x):
     return x
 
 
-class _MidasFrames:
-    """Decode + run.py preprocessing in DataLoader workers; a bad frame becomes an error record."""
+class _Frames:
+    """Per frame, in DataLoader workers: decode (and, for MiDaS, preprocess) or an error record.
 
-    def __init__(self, manifest, indices, spec, skip_bad: bool):
-        self.m, self.indices, self.spec, self.skip_bad = manifest, list(indices), spec, skip_bad
+    Items: ``{"i", "x": (3, h_net, w_net) float32 tensor, "hw"}`` (midas), ``{"i", "depth": (H, W)}``
+    (files) or ``{"i", "error": message}`` for a frame that cannot be used.
+    """
+
+    def __init__(self, manifest, indices, *, midas_spec=None, depth_kind=None, depth_scale: float = 1.0):
+        self.m, self.indices = manifest, list(indices)
+        self.midas_spec, self.depth_kind, self.depth_scale = midas_spec, depth_kind, depth_scale
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, j):
-        from dkp_core.midas import preprocess
-
-        from pipeline.images import read_rgb
+        from pipeline.images import read_depth_file, read_rgb
 
         i = self.indices[j]
+        m = self.m
         try:
-            img = read_rgb(self.m.path_of(i))
+            img = read_rgb(m.path_of(i))
+            w, h = (int(v) for v in m.sizes[i])
+            if img.shape[:2] != (h, w):
+                raise ManifestError(f"frame {m.path_of(i)}: decoded as {img.shape[1]}x{img.shape[0]} but the "
+                                    f"manifest says {w}x{h} (file changed since the manifest was built?)")
+            if self.midas_spec is None:
+                d = read_depth_file(m.root / m.depth_paths[i], kind=self.depth_kind, scale=self.depth_scale)
+                if d.shape != (h, w):
+                    raise ManifestError(f"depth file {m.root / m.depth_paths[i]}: shape {d.shape} but frame "
+                                        f"{m.paths[i]} is {h}x{w}; depth must match its frame")
+                return {"i": i, "depth": d}
         except ManifestError as e:  # raised (or recorded) in the main process, with its message intact
             return {"i": i, "error": str(e)}
-        x = preprocess(img.astype(np.float32) / 255.0, self.spec)  # (3, h_net, w_net)
-        return {"i": i, "x": x, "hw": img.shape[:2]}
+        import torch
+
+        from dkp_core.midas.transforms import preprocess
+
+        x = preprocess(img.astype(np.float32) / 255.0, self.midas_spec)  # (3, h_net, w_net)
+        return {"i": i, "x": torch.from_numpy(x), "hw": (h, w)}
 
 
-def _compute_midas(ctx, cw, todo, skip_bad, n_frames) -> list[dict]:
-    import time
-
+# ---------------------------------------------------------------------------------------------- compute
+def _load_model(cfg, weights_sha: Optional[str]):
+    """``(model, device, amp dtype or None)`` ready for inference."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from dkp_core.midas import get_spec, postprocess
     from pipeline.midas_weights import load_midas
     from pipeline.train import resolve_device
 
-    d = ctx.cfg.depth
+    d = cfg.depth
     device = resolve_device(d.device, int(os.environ.get("LOCAL_RANK", 0)))
-    model, _sha = load_midas(d.model_type, d.weights, device=device)
+    model, sha = load_midas(d.model_type, d.weights, device=device)
+    if weights_sha and sha != weights_sha:
+        raise CheckpointError(f"depth.weights {d.weights!r} changed while the stage started (sha256 {sha[:12]}…, "
+                              f"planned {weights_sha[:12]}…); re-run")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if d.compile:
-        model = torch.compile(model, dynamic=True)
-    spec = get_spec(d.model_type)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.precision] if device.type == "cuda" else None
-    m = ctx.plan.manifest
+        # One compiled graph per input shape (buckets); LeViT/Swin always see one shape.
+        model = torch.compile(model)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.precision]
+    return model, device, amp
+
+
+def _progress(console, desc: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal)
+
+
+def _compute(ctx, cw, todo, skip_bad: bool, model) -> tuple[list[dict], dict]:
+    """Write the shards ``todo``; returns (skipped frames, timing stats)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    cfg, m = ctx.cfg, ctx.plan.manifest
+    d = cfg.depth
+    if d.provider == "midas":
+        from dkp_core.midas import get_spec
+
+        ds = _Frames(m, [i for p in todo for i in range(p.start, p.stop)], midas_spec=get_spec(d.model_type))
+        desc = f"depth ({d.model_type})"
+    else:
+        opts = m.depth_options or {}
+        kind = {"depth": "depth", "inverse_depth": "inverse", "inverse": "inverse"}.get(opts.get("kind"),
+                                                                                        opts.get("kind"))
+        ds = _Frames(m, [i for p in todo for i in range(p.start, p.stop)], depth_kind=kind,
+                     depth_scale=float(opts.get("scale", 1.0)))
+        desc = "depth (files)"
+    plan_of = {i: p for p in todo for i in range(p.start, p.stop)}
+    n_frames = len(ds)
+    loader = DataLoader(ds, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
+                        prefetch_factor=4 if d.num_workers else None)
+    stats = {"frames": n_frames, "seconds_model": 0.0, "fp32_fallbacks": 0}
     skipped: list[dict] = []
-    fallbacks = 0
-    t0, done = time.time(), 0
+    buckets: dict[tuple, list[dict]] = {}
+    t0 = time.perf_counter()
+    done = 0
+    writer = _BackgroundWriter(cw)
 
-    def infer(xs: list[np.ndarray]) -> torch.Tensor:
-        nonlocal fallbacks
-        x = torch.from_numpy(np.stack(xs)).to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if amp is not None:
-                with torch.autocast(device.type, dtype=amp):
-                    y = model(x).float()
-                if not torch.isfinite(y).all():  # fp16 overflow (Swin/head): redo this batch in fp32
-                    fallbacks += 1
-                    y = model(x).float()
-            else:
-                y = model(x)
-        return y  # (B, h_net, w_net)
+    def row(i, depth, valid=True):
+        return (i, m.frame_ids[i], m.fingerprints[i], depth, valid)
 
-    with _progress(ctx.console, n_frames, f"depth ({d.model_type})") as bar:
-        task = bar.add_task("depth", total=n_frames, rate="")
-        for plan in todo:
-            ds = _MidasFrames(m, range(plan.start, plan.stop), spec, skip_bad)
-            loader = DataLoader(ds, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
-                                prefetch_factor=4 if d.num_workers else None)
-            buckets: dict[tuple, list[dict]] = {}
-            with cw.open_shard(plan) as sw:
-                def flush(key):
-                    nonlocal done
-                    items = buckets.pop(key)
-                    y = infer([it["x"] for it in items])
-                    for it, pred in zip(items, y):
-                        out = postprocess(pred[None], it["hw"])[0].float().cpu().numpy()
-                        sw.add(it["i"], frame_id=m.frame_ids[it["i"]], frame_hash=m.fingerprints[it["i"]],
-                               depth=out, valid=True)
-                    done += len(items)
-                    bar.update(task, advance=len(items),
-                               rate=f"{done / max(time.time() - t0, 1e-9):.1f} frames/s")
+    def flush(key) -> None:
+        nonlocal done
+        items = buckets.pop(key)
+        y = _infer(model, torch.stack([it["x"] for it in items]), stats)  # (B, h_net, w_net) on device
+        rows = []
+        by_size: dict[tuple, list[int]] = {}
+        for k, it in enumerate(items):
+            by_size.setdefault(tuple(it["hw"]), []).append(k)
+        from dkp_core.midas.transforms import postprocess
 
-                for it in loader:
-                    if "error" in it:
-                        if not skip_bad:
-                            raise ManifestError(it["error"])
-                        skipped.append({"frame": m.frame_ids[it["i"]], "reason": it["error"]})
-                        sw.add(it["i"], frame_id=m.frame_ids[it["i"]], frame_hash=m.fingerprints[it["i"]],
-                               depth=None, valid=False)
-                        done += 1
-                        continue
+        for hw, ks in by_size.items():
+            out = postprocess(y[ks], hw).float().cpu().numpy()  # (b, H, W) at the frames' size
+            rows += [(ks[j], out[j]) for j in range(len(ks))]
+        writer.add([row(items[k]["i"], dep) for k, dep in sorted(rows, key=lambda r: r[0])])
+        done += len(items)
+
+    current = None
+    ok = False
+    try:
+        with _progress(ctx.console, desc) as bar:
+            task = bar.add_task("depth", total=n_frames, rate="")
+            for it in loader:
+                i = it["i"]
+                plan = plan_of[i]
+                if plan is not current:
+                    # Batches never straddle shards, so a shard's bytes do not depend on which part wrote it.
+                    for key in list(buckets):
+                        flush(key)
+                    if current is not None:
+                        writer.commit()
+                    writer.open(plan, _max_shape(m, plan))
+                    current = plan
+                if "error" in it:
+                    if not skip_bad:
+                        raise ManifestError(f"{it['error']} [frame {m.frame_ids[i]!r}, index {i}]")
+                    skipped.append({"frame": m.frame_ids[i], "index": int(i), "reason": it["error"]})
+                    writer.add([row(i, None, valid=False)])
+                    done += 1
+                elif "depth" in it:
+                    writer.add([row(i, it["depth"])])
+                    done += 1
+                else:
                     key = tuple(it["x"].shape)
                     buckets.setdefault(key, []).append(it)
                     if len(buckets[key]) >= d.batch_size_inference:
                         flush(key)
-                for key in list(buckets):
-                    flush(key)
-    if fallbacks:
-        ctx.console.print(f"note: {fallbacks} batch(es) had non-finite {d.precision} output and were recomputed in fp32")
-    return skipped
+                bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} frames/s")
+            for key in list(buckets):
+                flush(key)
+            if current is not None:
+                writer.commit()
+            bar.update(task, completed=done)
+        ok = True
+    finally:
+        writer.close(abort=not ok)
+    stats.update(seconds=time.perf_counter() - t0, seconds_waiting_for_writer=writer.seconds_blocked,
+                 seconds_writing=writer.seconds_writing)
+    stats = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    ctx.console.print(f"depth: {n_frames} frames in {stats['seconds']:.1f} s "
+                      f"({n_frames / max(stats['seconds'], 1e-9):.1f} frames/s; model {stats['seconds_model']:.1f} s, "
+                      f"waiting for the writer {stats['seconds_waiting_for_writer']:.2f} s)")
+    if stats["fp32_fallbacks"]:
+        ctx.console.print(f"note: {stats['fp32_fallbacks']} batch(es) had non-finite {d.precision} output and were "
+                          f"recomputed in fp32")
+    return skipped, stats
+
+
+def _infer(model_bundle, x, stats: dict):
+    """(B, 3, h, w) normalised input -> (B, h, w) float32 relative inverse depth on the model's device.
+
+    Under fp16/bf16 autocast, a batch with any non-finite output (fp16 overflow in Swin attention or the
+    head) is recomputed in fp32, and counted in ``stats['fp32_fallbacks']``.
+    """
+    import torch
+
+    model, device, amp = model_bundle
+    t0 = time.perf_counter()
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if amp is None:
+            y = model(x).float()
+        else:
+            with torch.autocast(device.type, dtype=amp):
+                y = model(x)
+            y = y.float()
+            if not bool(torch.isfinite(y).all()):
+                stats["fp32_fallbacks"] += 1
+                y = model(x).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    stats["seconds_model"] += time.perf_counter() - t0
+    return y

@@ -1,0 +1,190 @@
+"""`dkp-pipeline cache verify|export|import`: check a depth cache and share it under its artifact key.
+
+An export is the one-file form of :func:`pipeline.depth_cache.export_cache` plus one root attribute,
+``artifact_json``: the depth artifact's record (key, the inputs that key hashes, resolved config,
+cache spec, skipped frames). Import rebuilds and verifies the cache in a temporary directory of the
+store, writes that record and ``COMPLETE``, and renames the directory to ``STORE/depth/<key[:16]>/`` —
+exactly where ``status``/``teach`` look for the depth stage of the config that built it, so whoever
+imports it never runs MiDaS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from pipeline.errors import CacheError
+
+ARTIFACT_ATTR = "artifact_json"
+# Fields of the exporter's artifact.json that travel with the cache (host paths, timings and pids do not).
+_SHARED_FIELDS = ("key", "stage", "inputs", "config", "cache_spec", "n_frames", "n_valid", "n_shards",
+                  "skipped_frames", "versions", "git_sha")
+
+
+def _manifest_hashes_for(cache_dir: Path) -> Optional[list[str]]:
+    """Frame fingerprints of the manifest artifact this cache was built from, when it sits in a store."""
+    from pipeline.manifest import Manifest
+
+    try:
+        rec = json.loads((cache_dir / "artifact.json").read_text())
+        mkey = rec["inputs"]["upstream"]["manifest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mfile = cache_dir.parent.parent / "manifest" / mkey[:16] / "manifest.json"
+    if not mfile.is_file():
+        return None
+    return Manifest.load(mfile).fingerprints
+
+
+def verify_command(cache_dir, console) -> None:
+    """Re-check every shard, chunk and frame of ``cache_dir`` (and its frame hashes against its manifest)."""
+    from pipeline.depth_cache import verify
+
+    cache_dir = Path(cache_dir)
+    expected = _manifest_hashes_for(cache_dir)
+    report = verify(cache_dir, expected)
+    report.raise_if_failed()
+    against = "its manifest's frame fingerprints" if expected is not None else "no manifest (not found in a store)"
+    console.print(f"ok: {cache_dir}: {report.frames_checked} frames in {report.n_shards} shards verified "
+                  f"(checksums, chunks, shard sha256s; frame hashes against {against})")
+
+
+def _depth_artifact(cfg, store):
+    """(plan, depth StagePlan) for ``cfg``; CacheError unless its depth artifact is published."""
+    from pipeline.artifacts import Store
+    from pipeline.graph import build_plan
+
+    plan = build_plan(cfg, Store.from_option(store), progress=False)
+    sp = plan.stages["depth"]
+    return plan, sp
+
+
+def export_command(cfg, store, output, console) -> None:
+    """Write ``cfg``'s published depth cache as one HDF5 file (+ ``.sha256``) carrying its artifact record."""
+    import h5py
+
+    from pipeline.depth_cache import _canonical_json, export_cache, sha256_file
+
+    _, sp = _depth_artifact(cfg, store)
+    if sp.state != "fresh":
+        raise CacheError(f"no finished depth cache for {cfg.name!r} in store {store} (depth is {sp.state}, key "
+                         f"{sp.key[:16]}); build it with `dkp-pipeline depth {cfg.name} --store {store}` first")
+    rec = json.loads((sp.path / "artifact.json").read_text())
+    shared = {k: rec[k] for k in _SHARED_FIELDS if k in rec}
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        export_cache(sp.path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f.attrs[ARTIFACT_ATTR] = _canonical_json(shared)
+        digest = sha256_file(tmp)  # the attribute changed the bytes: the sidecar is written again below
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".sha256").unlink(missing_ok=True)
+    side = out.with_name(out.name + ".sha256")
+    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    side_tmp.write_text(f"{digest.split(':', 1)[1]}  {out.name}\n", encoding="utf-8")
+    os.replace(side_tmp, side)
+    console.print(f"exported depth cache {sp.key[:16]} ({rec.get('n_frames')} frames) -> {out} "
+                  f"({out.stat().st_size / 2**20:.1f} MiB, {digest}; sidecar {side.name})")
+
+
+def _read_record(file: Path) -> dict:
+    import h5py
+
+    from pipeline.artifacts import SCHEMA_VERSIONS, artifact_key
+
+    try:
+        with h5py.File(file, "r", locking=False) as f:
+            raw = f.attrs.get(ARTIFACT_ATTR)
+            fmt = f.attrs.get("format")
+            spec_json = f.attrs.get("spec_json")
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{file} cannot be opened as HDF5 ({exc}); it is not a depth cache export or it is "
+                         f"truncated, fetch it again") from exc
+    if fmt != "dkp-depth-cache-export":
+        raise CacheError(f"{file} is not a depth cache export (format {fmt!r}); create one with "
+                         f"`dkp-pipeline cache export CONFIG -o FILE`")
+    if raw is None:
+        raise CacheError(f"{file} carries no artifact record ({ARTIFACT_ATTR} attribute): it was written by "
+                         f"depth_cache.export_cache directly; export it with `dkp-pipeline cache export` so the "
+                         f"importer can place it under its key")
+    rec = json.loads(raw)
+    inputs = rec.get("inputs") or {}
+    if rec.get("stage") != "depth" or inputs.get("stage") != "depth":
+        raise CacheError(f"{file}: the record is for stage {rec.get('stage')!r}, not depth")
+    if inputs.get("schema") != SCHEMA_VERSIONS["depth"]:
+        raise CacheError(f"{file}: exported with depth schema version {inputs.get('schema')}, this dkp-pipeline "
+                         f"uses {SCHEMA_VERSIONS['depth']}; rebuild the cache with this version")
+    key = artifact_key("depth", inputs["config"], inputs["upstream"], inputs["fingerprint"])
+    if key != rec.get("key"):
+        raise CacheError(f"{file}: its key {str(rec.get('key'))[:16]}… does not match the inputs it records "
+                         f"({key[:16]}…); the record was edited, export it again")
+    if json.loads(spec_json) != rec.get("cache_spec"):
+        raise CacheError(f"{file}: the cache spec differs from the artifact record's; export it again")
+    return rec
+
+
+def import_command(file, store, console, cfg=None) -> None:
+    """Verify an export and install it as ``STORE/depth/<key[:16]>/`` (artifact.json + COMPLETE).
+
+    With ``cfg``: refused unless it is the depth cache ``cfg`` asks for — the spec is compared field by
+    field (the message names every differing field) and every frame hash against the local manifest.
+    """
+    from pipeline.artifacts import COMPLETE, LOCK, Lock, Store, write_atomic, write_json_atomic
+    from pipeline.depth_cache import _spec_diff, import_cache
+
+    file = Path(file)
+    rec = _read_record(file)
+    key = rec["key"]
+    st = Store.from_option(store)
+    expected_spec, expected_hashes = None, None
+    if cfg is not None:
+        from pipeline.stages.depth import expected_spec as spec_for
+
+        plan, sp = _depth_artifact(cfg, store)
+        want = spec_for(cfg, plan.manifest)
+        diffs = _spec_diff(rec["cache_spec"], want)
+        if diffs:
+            raise CacheError(f"{file} is not the depth cache {cfg.name!r} needs: {'; '.join(diffs)}")
+        if sp.key != key:
+            from pipeline.graph import explain_change
+
+            why = explain_change("depth", rec["inputs"], sp.inputs, st)
+            raise CacheError(f"{file} has depth key {key[:16]}, {cfg.name!r} needs {sp.key[:16]}: {'; '.join(why)}")
+        expected_spec, expected_hashes = want, plan.manifest.fingerprints
+    final = st.path("depth", key)
+    state = st.state("depth", key)
+    if state.state == "fresh":
+        console.print(f"depth cache {key[:16]} is already in {st.root} ({final}); nothing to import")
+        return
+    if final.exists():
+        raise CacheError(f"{final} holds an unfinished depth run for the same key; let it finish (`dkp-pipeline "
+                         f"depth`) or delete that directory, then import again")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".import-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with Lock(tmp / LOCK):
+            import_cache(file, tmp, expected_spec=expected_spec or rec["cache_spec"],
+                         expected_frame_hashes=expected_hashes)
+            import datetime as _dt
+
+            record = dict(rec, status="complete", imported_from=str(file.resolve()),
+                          imported_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            write_json_atomic(tmp / "artifact.json", record)
+            write_atomic(tmp / COMPLETE, key + "\n")
+        try:
+            os.rename(tmp, final)  # atomic; fails if another import/run created the directory meanwhile
+        except OSError:
+            raise CacheError(f"{final} appeared while importing (another import or depth run); nothing was "
+                             f"changed, check `dkp-pipeline status`") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    checked = "spec and frame hashes checked against the config" if cfg is not None else "integrity verified"
+    console.print(f"imported depth cache {key[:16]} ({rec.get('n_frames')} frames; {checked}) -> {final}")
