@@ -114,6 +114,10 @@ class DistillConfig(TrainConfig):
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: str = "auto"  # auto = the manifest's protocol | h36m | taichi | deepfashion | l2
+    # l2 only: none | dataset = score each frame against its closer left/right orientation, with the pairs of
+    # ROOT/dataset.yaml synthetic.left_right_pairs (the synthetic figures turn through 360 degrees, so the image's
+    # left arm is the figure's right one half of the time and no linear map can tell them apart).
+    flip_pairs: str = "none"
     batch_size_inference: int = 64
     device: str = "auto"
 
@@ -138,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),
     "flatten": ("sample", "keypoint", "location"),
     "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),
+    "eval.flip_pairs": ("none", "dataset"),
 }
 
 

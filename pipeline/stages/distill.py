@@ -47,6 +47,11 @@ class EmbeddingCache:
         emb = self._h5["embedding"]
         return torch.from_numpy(np.stack([emb[r, int(f)] for r, f in zip(rows, flip)]))
 
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
 
 def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hflip: bool, device, console) -> None:
     """Run the teacher once over every training frame (and its mirror when flips are on)."""
@@ -141,9 +146,13 @@ def run(ctx) -> dict:
     def on_eval(step, model):
         common.keypoint_grid(model, vis["rgb"], out_png=ctx.path / "samples" / f"step_{step:06d}.png")
 
-    res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn, settings=common.train_settings(sec),
-                config=ctx.stage.inputs["config"] | {"steps": sec.steps}, on_eval=on_eval,
-                config_hash=ctx.stage.key, model_args=args)
+    try:
+        res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn, settings=common.train_settings(sec),
+                    config=ctx.stage.inputs["config"] | {"steps": sec.steps}, on_eval=on_eval,
+                    config_hash=ctx.stage.key, model_args=args)
+    finally:
+        if cache is not None:
+            cache.close()  # h5py keeps files open until closed; later readers in this process need it shut
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     _finish(ctx, res, f"student (RGB), gamma={gamma}")
     return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,

@@ -30,6 +30,41 @@ def gt_in_model_frame(manifest, indices, size: int) -> np.ndarray:
     return out
 
 
+def dataset_flip_pairs(manifest) -> list[tuple[int, int]]:
+    """(left, right) GT joint pairs from ROOT/dataset.yaml ``synthetic.left_right_pairs`` (what `synth` writes)."""
+    import yaml
+
+    path = Path(manifest.root) / "dataset.yaml"
+    fix = "set eval.flip_pairs: none, or regenerate the data with `dkp-pipeline synth`"
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise DkpError(f"eval.flip_pairs=dataset: {path} not found, so there are no left/right pairs; {fix}") from None
+    pairs = (doc.get("synthetic") or {}).get("left_right_pairs") if isinstance(doc, dict) else None
+    if not pairs:
+        raise DkpError(f"eval.flip_pairs=dataset: {path} has no synthetic.left_right_pairs; {fix}")
+    n_joints = manifest.keypoints.shape[1]
+    out = []
+    for p in pairs:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2
+                or not all(isinstance(j, int) and 0 <= j < n_joints for j in p)):
+            raise DkpError(f"{path}: synthetic.left_right_pairs entry {p!r} is not a pair of joint indices in "
+                           f"[0, {n_joints - 1}]; {fix}")
+        out.append((int(p[0]), int(p[1])))
+    return out
+
+
+def protocol_options(ctx, protocol: str) -> dict:
+    """Keyword options for :func:`dkp_core.metrics.evaluate` from the eval config."""
+    flip = ctx.stage.inputs["config"].get("flip_pairs", "none")
+    if flip == "none":
+        return {}
+    if protocol not in ("l2", "normalised_l2"):
+        raise DkpError(f"eval.flip_pairs={flip} works with protocol l2 only (this dataset's protocol is {protocol}); "
+                       "set eval.flip_pairs: none")
+    return {"flip_pairs": dataset_flip_pairs(ctx.plan.manifest)}
+
+
 @torch.no_grad()
 def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.ndarray:
     """(N, K, 2) detected keypoints in pixels (x, y) of the S x S model frame."""
@@ -59,8 +94,9 @@ def run(ctx) -> dict:
     if len(fit) < 2 or len(test) < 1:
         raise DkpError(f"dataset {m.name}: {len(fit)} regression-fit and {len(test)} test frames with ground "
                        "truth; need at least 2 and 1")
+    options = protocol_options(ctx, protocol)
     reader = DepthCacheReader(ctx.upstream_path("depth"))
-    results, pictures = {}, {}
+    results, arrays = {}, {}
     for role, stage, key in (("student", "distill", "rgb"), ("teacher", "teach", "depth")):
         model, payload = common.load_trained(ctx.upstream_path(stage))
         S = model.detector.image_size if hasattr(model.detector, "image_size") else payload["model_args"]["image_size"]
@@ -74,7 +110,16 @@ def run(ctx) -> dict:
             sets[split] = (idx, detect(model, ds, key, device, ctx.cfg.eval.batch_size_inference),
                            gt_in_model_frame(m, idx, S))
         r = evaluate(protocol, det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
-                     gt_test=sets["test"][2], image_size=S)
+                     gt_test=sets["test"][2], image_size=S, **options)
+        if options:
+            # the same detections scored without the orientation matching, for comparison
+            plain = evaluate(protocol, det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
+                             gt_test=sets["test"][2], image_size=S)
+            r.details["value_without_flip_pairs"] = float(plain.value)
+        for split, (idx, det, gt) in sets.items():
+            arrays[f"{role}_{split}_index"], arrays[f"{role}_{split}_det"] = idx, det
+            arrays[f"{role}_{split}_gt"] = gt
+        arrays[f"{role}_image_size"] = np.array(S)
         results[role] = r.to_dict() | {"input": key, "n_fit": int(len(sets["fit"][0])),
                                        "n_test": int(len(sets["test"][0])), "artifact": ctx.plan.stages[stage].key}
         # picture: first 16 test frames, regressed keypoints (colours) and ground truth (white crosses)
@@ -87,9 +132,23 @@ def run(ctx) -> dict:
         if tiles:
             save_png(ctx.path / f"{role}_test.png", grid(tiles, cols=8))
     summary = {"protocol": protocol, "dataset": m.name, "gamma": ctx.cfg.distill.gamma,
-               "layer": ctx.cfg.distill.layer, **results}
+               "layer": ctx.cfg.distill.layer, "protocol_options": {k: [list(p) for p in v] for k, v in options.items()},
+               **results}
+    # The detections and GT every number was computed from (pixels (x, y) of each model's S x S frame), so a
+    # number can be recomputed or re-scored with another protocol without running a model.
+    _save_npz(ctx.path / "detections.npz", arrays)
     write_json_atomic(ctx.path / "metrics.json", summary)
     for role, r in results.items():
         ctx.console.print(f"{role:8s} ({r['input']}): {protocol} = {r['value']:.4f} {r['unit']} "
                           f"({'higher' if r['higher_is_better'] else 'lower'} is better)")
     return {"metrics": summary}
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    import io
+
+    from pipeline.artifacts import write_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())

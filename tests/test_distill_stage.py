@@ -1,0 +1,184 @@
+"""Stage `distill` on the tiny experiment (in-process, one teacher shared by the whole file).
+
+gamma = 0 and gamma > 0 run through the same code; the teacher stays in eval() with no gradients; the
+teacher-embedding cache gives the same targets and the same kd loss as the live teacher; the layer and
+flatten options reach the loss.
+"""
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_YAML
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny experiment built up to `teach` once for this file."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is several times faster here
+    d = tmp_path_factory.mktemp("tiny-distill")
+    y = d / "tiny.yaml"
+    y.write_text(TINY_YAML.format(root=d / "data"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
+        run_pipeline(load_config(str(y)), str(d / "store"), until="teach", console=_quiet())
+        yield {"yaml": str(y), "store": str(d / "store"), "dir": d, "runs": {}}
+    torch.set_num_threads(threads)
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def distill(tiny, *overrides: str) -> Path:
+    """Build distill with these overrides (memoised per override set); returns the artifact directory."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    key = tuple(sorted(overrides))
+    if key not in tiny["runs"]:
+        cfg = load_config(tiny["yaml"], ["distill.log_every=1", *overrides])
+        plan = run_pipeline(cfg, tiny["store"], until="distill", console=_quiet())
+        tiny["runs"][key] = plan.store.path("distill", plan.stages["distill"].key)
+    return tiny["runs"][key]
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gamma_zero_is_the_baseline_through_the_same_code(tiny, monkeypatch):
+    import pipeline.stages.distill as distill_mod
+
+    calls = []
+    real = distill_mod.run
+    monkeypatch.setattr(distill_mod, "run", lambda ctx: calls.append(ctx.cfg.distill.gamma) or real(ctx))
+    base = distill(tiny, "distill.gamma=0")
+    dist = distill(tiny, "distill.gamma=0.4")
+    assert calls == [0.0, 0.4] and base != dist
+    rb, rd = rows(base), rows(dist)
+    assert [r["step"] for r in rb] == [r["step"] for r in rd] == [1, 2, 3, 4, 5, 6]
+    assert all("kd_loss" not in r for r in rb)
+    assert all(0.0 <= r["kd_loss"] <= 2.0 for r in rd)
+    # Step 1: same initial weights, batch and mask -> the same reconstruction loss; the total adds gamma * kd.
+    assert rb[0]["recon_loss"] == pytest.approx(rd[0]["recon_loss"], rel=1e-6)
+    assert rd[0]["loss"] == pytest.approx(rd[0]["recon_loss"] + 0.4 * rd[0]["kd_loss"], rel=1e-5)
+    assert rb[0]["loss"] == pytest.approx(rb[0]["recon_loss"], rel=1e-6)
+    # After that the kd term changes the weights, so the runs part
+    assert any(abs(a["recon_loss"] - b["recon_loss"]) > 1e-6 for a, b in zip(rb[1:], rd[1:]))
+    res_b = json.loads((base / "artifact.json").read_text())["result"]
+    res_d = json.loads((dist / "artifact.json").read_text())["result"]
+    assert res_b["teacher_cache"] is False and res_d["teacher_cache"] is True
+    assert not (base / "teacher_embeddings.h5").exists() and (dist / "teacher_embeddings.h5").is_file()
+    for d in (base, dist):
+        assert (d / "model.pt").is_file() and (d / "keypoints.png").is_file() and (d / "COMPLETE").exists()
+
+
+def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
+    import pipeline.stages.distill as distill_mod
+
+    seen = []
+    real = distill_mod.teacher_embedding
+
+    def spy(teacher, depth, layer):
+        out = real(teacher, depth, layer)
+        seen.append({"training": teacher.training, "any_training": any(m.training for m in teacher.modules()),
+                     "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+                     "has_grad": any(p.grad is not None for p in teacher.parameters()),
+                     "out_requires_grad": out.requires_grad,
+                     "checksum": float(sum(p.double().sum() for p in teacher.state_dict().values()
+                                           if p.is_floating_point()))})
+        return out
+
+    monkeypatch.setattr(distill_mod, "teacher_embedding", spy)
+    d = distill(tiny, "distill.gamma=0.4", "distill.teacher_cache=false")
+    assert len(seen) == 6  # live teacher: one forward per step
+    assert not any(s["training"] or s["any_training"] or s["requires_grad"] or s["has_grad"] or s["out_requires_grad"]
+                   for s in seen), seen
+    assert len({s["checksum"] for s in seen}) == 1  # weights and BN statistics never change
+    assert not (d / "teacher_embeddings.h5").exists()
+
+    # and the guard itself: a teacher in train() mode is refused
+    from pipeline.stages.common import load_trained
+
+    teacher, _ = load_trained(_teach_dir(tiny))
+    teacher.train()
+    with pytest.raises(AssertionError, match="eval"):
+        real(teacher, torch.zeros(1, 3, 32, 32), "logits")
+
+
+def _teach_dir(tiny) -> Path:
+    dirs = [p for p in (Path(tiny["store"]) / "teach").iterdir() if (p / "COMPLETE").exists()]
+    assert len(dirs) == 1
+    return dirs[0]
+
+
+def test_embedding_cache_equals_live_teacher(tiny):
+    """Cached targets = live targets per (frame, flip), and a distill step gives the same kd loss either way."""
+    from pipeline.config import load_config
+    from pipeline.datasets import FrameDataset, valid_train_indices
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.manifest import build_manifest
+    from pipeline.stages.common import load_trained
+    from pipeline.stages.distill import EmbeddingCache, teacher_embedding
+
+    cached = distill(tiny, "distill.gamma=0.4", "distill.hflip=true")
+    live = distill(tiny, "distill.gamma=0.4", "distill.hflip=true", "distill.teacher_cache=false")
+    rc, rl = rows(cached), rows(live)
+    for a, b in zip(rc, rl):
+        assert a["kd_loss"] == pytest.approx(b["kd_loss"], rel=1e-4, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+    cfg = load_config(tiny["yaml"])
+    m = build_manifest(cfg.data.manifest, cfg.data.root, progress=False)
+    reader = DepthCacheReader(next(p for p in (Path(tiny["store"]) / "depth").iterdir() if (p / "COMPLETE").exists()))
+    idx = valid_train_indices(m, reader, "train")
+    ds = FrameDataset(manifest=m, indices=idx, image_size=32, use_rgb=False, use_depth=True, depth_reader=reader)
+    teacher, _ = load_trained(_teach_dir(tiny))
+    cache = EmbeddingCache(cached / "teacher_embeddings.h5")
+    picks = [(0, False), (0, True), (5, True), (len(ds) - 1, False)]
+    depth = torch.stack([ds.load(i, f)["depth"] for i, f in picks])
+    want = teacher_embedding(teacher, depth, "logits")
+    got = cache.lookup(torch.tensor([int(idx[i]) for i, _ in picks]), torch.tensor([f for _, f in picks]))
+    assert got.shape == want.shape == (4, 4, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])  # the mirrored frame has its own targets
+
+
+@pytest.mark.parametrize("layer,flatten,cache,shape", [
+    ("down2", "location", "true", (16, 8, 8)),  # width 8: down2 has 2w channels at S/4
+    ("heatmaps", "keypoint", "false", None),
+])
+def test_layer_and_flatten_options(tiny, layer, flatten, cache, shape):
+    import h5py
+
+    d = distill(tiny, "distill.gamma=0.4", f"distill.layer={layer}", f"distill.flatten={flatten}",
+                f"distill.teacher_cache={cache}")
+    r = rows(d)
+    assert all(0.0 <= x["kd_loss"] <= 2.0 for x in r)
+    rec = json.loads((d / "artifact.json").read_text())
+    assert rec["config"]["layer"] == layer and rec["config"]["flatten"] == flatten
+    if shape is not None:
+        with h5py.File(d / "teacher_embeddings.h5", "r", locking=False) as f:
+            assert f.attrs["layer"] == layer
+            assert f["embedding"].shape[1:] == (1, *shape)  # no flips on the synthetic data
+            assert np.isfinite(f["embedding"][...]).all()
+    # a different layer is a different artifact than the default one
+    assert d != distill(tiny, "distill.gamma=0.4")
+
+
+def test_unknown_layer_is_a_config_error(tiny):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="down1, down2"):
+        load_config(tiny["yaml"], ["distill.layer=conv9"])

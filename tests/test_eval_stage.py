@@ -1,0 +1,149 @@
+"""Stage `eval` on the tiny experiment (in-process): metrics.json for student and teacher, pictures, the numbers
+recomputed from scratch with dkp_core.metrics, the left/right flip option, reuse."""
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import DkpError
+from tests.conftest import TINY_YAML
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny experiment built end to end once for this file."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is several times faster here
+    d = tmp_path_factory.mktemp("tiny-eval")
+    y = d / "tiny.yaml"
+    y.write_text(TINY_YAML.format(root=d / "data"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
+        plan = run_pipeline(load_config(str(y)), str(d / "store"), console=_quiet())
+        yield {"yaml": str(y), "store": str(d / "store"), "plan": plan,
+               "eval": plan.store.path("eval", plan.stages["eval"].key)}
+    torch.set_num_threads(threads)
+
+
+def _run(tiny, *overrides):
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    console = _quiet()
+    plan = run_pipeline(load_config(tiny["yaml"], list(overrides)), tiny["store"], console=console)
+    return plan, console.file.getvalue()
+
+
+def test_metrics_json_and_pictures(tiny):
+    import cv2
+
+    d = tiny["eval"]
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["protocol"] == "l2" and m["dataset"] == "synthetic" and m["protocol_options"] == {}
+    for role, inp in (("student", "rgb"), ("teacher", "depth")):
+        r = m[role]
+        assert r["input"] == inp and r["protocol"] == "normalised_l2" and not r["higher_is_better"]
+        assert np.isfinite(r["value"]) and r["value"] > 0
+        assert r["n_test"] == 10 and r["n_fit"] == 38  # 48 frames: 38 train (the fit split), 10 test
+        assert r["artifact"] == tiny["plan"].stages["distill" if role == "student" else "teach"].key
+        img = cv2.imread(str(d / f"{role}_test.png"))
+        # 10 test frames, 8 per row, 32 px tiles drawn 8x
+        assert img.shape == (2 * (256 + 2) + 2, 8 * (256 + 2) + 2, 3)
+    rec = json.loads((d / "artifact.json").read_text())
+    assert rec["metrics"]["student"]["value"] == m["student"]["value"]
+
+
+def test_numbers_equal_dkp_core_metrics_on_fresh_detections(tiny):
+    """Detect again from the saved models, map GT independently, score with dkp_core.metrics: same numbers."""
+    from dkp_core.metrics import normalised_l2
+    from pipeline.datasets import FrameDataset
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.stages.common import load_trained
+
+    plan = tiny["plan"]
+    m = plan.manifest
+    store = plan.store
+    metrics = json.loads((tiny["eval"] / "metrics.json").read_text())
+    saved = np.load(tiny["eval"] / "detections.npz")
+    reader = DepthCacheReader(store.path("depth", plan.stages["depth"].key))
+    for role, stage, key in (("student", "distill", "rgb"), ("teacher", "teach", "depth")):
+        model, _ = load_trained(store.path(stage, plan.stages[stage].key))
+        dets, gts = {}, {}
+        for split, idx in (("fit", m.split("regress")), ("test", m.split("test"))):
+            ds = FrameDataset(manifest=m, indices=idx, image_size=32, use_rgb=key == "rgb",
+                              use_depth=key == "depth", depth_reader=reader)
+            x = torch.stack([ds[i][key] for i in range(len(ds))])
+            with torch.no_grad():
+                u = model.detector(x).keypoints.numpy()
+            dets[split] = (u + 1) / 2 * 31  # pixels of the 32 px frame (docs/conventions.md)
+            gts[split] = m.keypoints[idx].astype(np.float64)  # 32 px frames at model size 32: identity map
+            np.testing.assert_allclose(saved[f"{role}_{split}_det"], dets[split], atol=1e-5)
+            np.testing.assert_allclose(saved[f"{role}_{split}_gt"], gts[split], atol=1e-5)
+            np.testing.assert_array_equal(saved[f"{role}_{split}_index"], idx)
+        r = normalised_l2(dets["fit"], gts["fit"], dets["test"], gts["test"], 32)
+        assert metrics[role]["value"] == pytest.approx(r.value, rel=1e-6)
+        assert metrics[role]["details"] == json.loads(json.dumps(r.details))
+
+
+def test_flip_pairs_from_dataset_yaml(tiny):
+    from dkp_core.metrics import normalised_l2
+    from dkp_core.synthetic import left_right_pairs
+
+    plain = json.loads((tiny["eval"] / "metrics.json").read_text())
+    plan, out = _run(tiny, "eval.flip_pairs=dataset")
+    assert plan.stages["eval"].key != tiny["plan"].stages["eval"].key
+    assert "distill  fresh" in out and "eval     built" in out and "distill  built" not in out  # only eval re-runs
+    d = plan.store.path("eval", plan.stages["eval"].key)
+    flipped = json.loads((d / "metrics.json").read_text())
+    pairs = [list(p) for p in left_right_pairs(16)]
+    assert flipped["protocol_options"] == {"flip_pairs": pairs}
+    saved = np.load(d / "detections.npz")
+    for role in ("student", "teacher"):
+        r = normalised_l2(saved[f"{role}_fit_det"], saved[f"{role}_fit_gt"], saved[f"{role}_test_det"],
+                          saved[f"{role}_test_gt"], 32, flip_pairs=pairs)
+        assert flipped[role]["value"] == pytest.approx(r.value, rel=1e-9)
+        assert flipped[role]["details"]["value_without_flip_pairs"] == pytest.approx(plain[role]["value"], rel=1e-9)
+        assert flipped[role]["value"] <= plain[role]["value"] + 1e-9
+
+
+def test_flip_pairs_errors(tiny, tmp_path):
+    from pipeline.stages.evaluate import dataset_flip_pairs
+
+    with pytest.raises(DkpError, match="works with protocol l2 only"):
+        _run(tiny, "eval.flip_pairs=dataset", "eval.protocol=taichi")
+    fake = SimpleNamespace(root=tmp_path, keypoints=np.zeros((1, 4, 2)))
+    with pytest.raises(DkpError, match=r"dataset\.yaml not found"):
+        dataset_flip_pairs(fake)
+    (tmp_path / "dataset.yaml").write_text("n_joints: 4\n")
+    with pytest.raises(DkpError, match="no synthetic.left_right_pairs"):
+        dataset_flip_pairs(fake)
+    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 9]]}\n")
+    with pytest.raises(DkpError, match=r"\[2, 9\] is not a pair of joint indices in \[0, 3\]"):
+        dataset_flip_pairs(fake)
+    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 3]]}\n")
+    assert dataset_flip_pairs(fake) == [(0, 1), (2, 3)]
+
+
+def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(tiny):
+    plan, out = _run(tiny)
+    assert "nothing to do" in out and "built" not in out
+    from pipeline.config import load_config
+    from pipeline.graph import build_plan
+
+    p2 = build_plan(load_config(tiny["yaml"], ["distill.gamma=0"]), plan.store, progress=False)
+    states = {s.stage: s.state for s in p2}
+    assert states == {"manifest": "fresh", "depth": "fresh", "teach": "fresh", "distill": "stale", "eval": "stale"}
+    assert any("distill.gamma changed" in w for w in p2.stages["distill"].why)
