@@ -1,11 +1,13 @@
 """Reading frames and depth files into the conventions of docs/conventions.md, with named errors.
 
-Decisions for unusual inputs (documented in docs/reliability.md):
+Decisions for unusual inputs (documented and tested in docs/reliability.md, tests/test_bad_inputs.py):
 - grayscale (8/16-bit): converted to RGB by replication;
-- 16-bit RGB: scaled to 8-bit (value / 257), as every 8-bit pipeline would see it;
-- RGBA: alpha dropped (frames are opaque video frames; compositing on a colour would invent content);
-- CMYK JPEG: OpenCV's decoder converts it to RGB;
-- zero-byte, truncated or non-image files: refused with the file named.
+- 16-bit RGB: scaled to 8-bit (value / 257, rounded), as every 8-bit pipeline would see it;
+- RGBA (8/16-bit): alpha dropped (frames are opaque video frames; compositing on a colour would invent content);
+- CMYK JPEG: OpenCV's decoder converts it to RGB (within 1 grey level of Pillow's conversion);
+- zero-byte, truncated (PNG without IEND, JPEG without EOI) or undecodable files: refused, file named;
+- anything else OpenCV decodes under a frame name (float or 32-bit samples, e.g. a TIFF renamed .png,
+  or a channel count other than 1, 3, 4): refused, file named, "convert it to 8-bit RGB".
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ def read_rgb(path: Path | str) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise ManifestError(f"frame {path}: file not found (was it moved? rebuild the manifest)") from None
+    except OSError as e:  # a directory, no permission, I/O error
+        raise ManifestError(f"frame {path}: cannot be read ({e.strerror or e}); fix the file or its permissions, "
+                            "or pass --skip-bad-frames") from None
     if raw.size == 0:
         raise ManifestError(f"frame {path}: file is empty (0 bytes); re-extract it or remove it from the dataset "
                             "(or pass --skip-bad-frames)")
@@ -38,24 +43,26 @@ def read_rgb(path: Path | str) -> np.ndarray:
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise ManifestError(f"frame {path}: unsupported sample type {img.dtype}; convert it to 8-bit RGB")
+        raise ManifestError(f"frame {path}: unsupported sample type {img.dtype}; convert it to 8-bit RGB "
+                            "(PNG or JPEG)")
     if img.ndim == 2:
         return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
     if img.shape[2] == 4:
         img = img[:, :, :3]
     elif img.shape[2] != 3:
-        raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected RGB")
+        raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected gray, RGB or RGBA: convert it to "
+                            "8-bit RGB")
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
 def _looks_truncated(path: Path, raw: np.ndarray) -> bool:
-    # OpenCV decodes truncated JPEGs (grey bottom rows) and some truncated PNGs without failing.
-    suffix = path.suffix.lower()
-    tail = raw[-16:].tobytes()
-    if suffix in (".jpg", ".jpeg"):
+    # OpenCV decodes truncated JPEGs (grey bottom rows) and some truncated PNGs without failing. The
+    # format comes from the file's magic bytes, not its name: a TIFF saved as .png is not "truncated".
+    head = raw[:8].tobytes()
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" not in raw[-16:].tobytes()
+    if head.startswith(b"\xff\xd8"):
         return b"\xff\xd9" not in raw[-64:].tobytes()
-    if suffix == ".png":
-        return b"IEND" not in tail
     return False
 
 
