@@ -155,6 +155,11 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         sp.path = st.path
         if st.state == "fresh":
             sp.state = "fresh"
+            skipped = (st.record or {}).get("skipped_frames") if name == "depth" else None
+            if skipped:  # built with --skip-bad-frames: say which frames have no depth
+                ids = [str(s.get("frame")) for s in skipped[:3]]
+                sp.progress = (f"{len(skipped)} unreadable frame(s) skipped (invalid in the cache): "
+                               + ", ".join(ids) + (" …" if len(skipped) > 3 else ""))
         elif st.state == "in_progress":
             sp.state = "in_progress"
             sp.progress = progress_of(name, st.path)
