@@ -59,7 +59,12 @@ def test_teach_outputs_reuse_staleness_and_progress(tiny_experiment):
     assert [r_["step"] for r_ in rows] == [2, 4, 6]
     assert all(np.isfinite(r_["loss"]) and "recon_loss" in r_ for r_ in rows)
     rec = json.loads((d / "artifact.json").read_text())
-    assert rec["result"]["steps"] == 6 and rec["result"]["n_train_frames"] > 0
+    res = rec["result"]
+    assert res["steps"] == 6 and res["n_train_frames"] > 0
+    # synthetic data: the share of heatmap mass on the (re-rendered) figure, for the issue's check
+    assert res["n_frames"] == 10 and 0 < res["figure_area_fraction"] < 1 and 0 <= res["figure_heatmap_mass"] <= 1
+    assert "heatmap mass on the figure" in out
+    _check_figure_mass_against_uniform_heatmaps(tiny, model, res)
 
     # pictures: loss curve, keypoint grids at each eval interval, keypoints.png = the last grid
     import cv2
@@ -91,6 +96,30 @@ def test_teach_outputs_reuse_staleness_and_progress(tiny_experiment):
     # a non-semantic field (log_every) does not
     r5 = _cli(tiny, "status", tiny["yaml"], "--store", tiny["store"], "--set", "teach.log_every=3", "--json")
     assert {s["stage"]: s["state"] for s in json.loads(r5.stdout)}["teach"] == "fresh"
+
+
+def _check_figure_mass_against_uniform_heatmaps(tiny, model, res):
+    """Uniform heatmaps put exactly the figure's area fraction on it; the stage's number uses the same masks."""
+    from types import SimpleNamespace
+
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.manifest import build_manifest
+    from pipeline.stages.teach import figure_heatmap_mass
+
+    m = build_manifest("synthetic", tiny["root"], progress=False)
+    reader = DepthCacheReader(next(p for p in (tiny["cwd"] / "store" / "depth").iterdir()))
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.detector = lambda x: SimpleNamespace(heatmaps=torch.full((len(x), 4, 8, 8), 1 / 64))
+
+    u = figure_heatmap_mass(Uniform(), m, reader, m.split("test"), 32)
+    assert u["n_frames"] == 10 and u["figure_area_fraction"] == res["figure_area_fraction"]
+    assert u["figure_heatmap_mass"] == pytest.approx(u["figure_area_fraction"], abs=1e-4)
+    assert figure_heatmap_mass(model, m, reader, m.split("test"), 32)["figure_heatmap_mass"] == pytest.approx(
+        res["figure_heatmap_mass"], abs=1e-4)
 
 
 def test_perceptual_loss_without_vgg_weights_is_a_clear_error(tiny_experiment, tmp_path):

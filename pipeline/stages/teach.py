@@ -23,6 +23,55 @@ def fixed_batch(ds, n: int = 16) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def figure_heatmap_mass(model, manifest, reader, indices, image_size: int, max_frames: int = 64):
+    """Built-in synthetic data only: how much of the keypoint heatmaps lies on the figure.
+
+    The generator is a pure function of (config, seed, frame index), so each frame's figure mask is
+    re-rendered from ``dataset.yaml``. Returns ``{"figure_heatmap_mass": mean over frames and keypoints
+    of the softmax heatmap mass on figure pixels, "figure_area_fraction": mean share of the image the
+    figure covers, "n_frames": N}`` (both in [0, 1]; heatmaps spread uniformly would give a mass equal
+    to the area fraction), or None for any other dataset.
+    """
+    import numpy as np
+    import yaml
+
+    from pipeline.images import resize_square
+
+    meta_path = manifest.root / "dataset.yaml"
+    try:
+        syn = (yaml.safe_load(meta_path.read_text()) or {}).get("synthetic") or {}
+        params = syn["parameters"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    from dkp_core.synthetic import SyntheticConfig, render_frame
+
+    conf = {k: tuple(v) if isinstance(v, list) else v for k, v in params["config"].items()}
+    gen_cfg, seed = SyntheticConfig(**conf), int(params["seed"])
+    idx = [int(i) for i in indices[:max_frames]]
+    if not idx:
+        return None
+    ds = FrameDataset(manifest=manifest, indices=idx, image_size=image_size, use_rgb=False, use_depth=True,
+                      depth_reader=reader)
+    depth = torch.stack([ds[i]["depth"] for i in range(len(idx))])  # (N, 3, S, S)
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        heat = model.detector(depth.to(dev)).heatmaps.float().cpu()  # (N, K, h, h), each map sums to 1
+    model.train(was_training)
+    h = heat.shape[-1]
+    masks = []
+    for i in idx:
+        mask = render_frame(gen_cfg, seed, int(manifest.path_of(i).stem.lstrip("f"))).mask
+        m = resize_square(mask.astype(np.float32), image_size)  # same resize/crop as the frames
+        f = image_size // h
+        masks.append(m.reshape(h, f, h, f).mean(axis=(1, 3)))  # share of figure pixels per heatmap cell
+    mk = torch.from_numpy(np.stack(masks))  # (N, h, h)
+    mass = (heat * mk[:, None]).sum(dim=(-1, -2))  # (N, K)
+    return {"figure_heatmap_mass": round(float(mass.mean()), 4),
+            "figure_area_fraction": round(float(mk.mean()), 4), "n_frames": len(idx)}
+
+
 def run(ctx) -> dict:
     cfg, m = ctx.cfg, ctx.plan.manifest
     sec = cfg.teach
@@ -61,8 +110,16 @@ def run(ctx) -> dict:
                     settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                     on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None)
     _finish(ctx, res, "teacher (depth)")
-    return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
-                       "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds)}}
+    result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
+              "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds)}
+    test_idx = m.split("test") if len(m.split("test")) else train_idx
+    on_figure = figure_heatmap_mass(model, m, reader, test_idx, sec.model.image_size)
+    if on_figure is not None:
+        result.update(on_figure)
+        ctx.console.print(f"heatmap mass on the figure: {on_figure['figure_heatmap_mass']:.3f} (the figure covers "
+                          f"{on_figure['figure_area_fraction']:.3f} of the image; {on_figure['n_frames']} test frames)",
+                          markup=False)
+    return {"result": result}
 
 
 def _finish(ctx, res, title: str) -> None:
