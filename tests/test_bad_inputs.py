@@ -35,7 +35,7 @@ def prebuilt(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("prebuilt")
     write_synthetic(base / "data", n=48, seed=0, image_size=32, progress=False)
     e = Exp(base, None)
-    p = e.cli("depth")
+    p = e.cli_subprocess("depth")
     assert p.returncode == 0, p.stderr
     return base
 
@@ -56,11 +56,30 @@ class Exp:
         self.yaml = tmp_path / "tiny.yaml"
         self.yaml.write_text(TINY_YAML.format(root=self.root))
 
-    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """``dkp-pipeline CMD CONFIG --store STORE ARGS`` through the click entry point, in this process
+        (torch & co. are imported once per module instead of once per case); exit code and stderr as
+        a subprocess would give them, a traceback appended if anything but SystemExit escaped."""
+        import traceback
+
+        from click.testing import CliRunner
+
+        from pipeline.cli import main
+
         cmd, rest = args[0], list(args[1:])
-        if cmd in ("depth", "teach", "distill", "eval", "status", "run"):
-            rest = [str(self.yaml), "--store", str(self.store), *rest]
-        return run_cli([cmd, *rest], cwd=self.cwd, env=env, timeout=300)
+        r = CliRunner().invoke(main, [cmd, str(self.yaml), "--store", str(self.store), *rest])
+        err = r.stderr
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            err += "".join(traceback.format_exception(r.exception))
+        return subprocess.CompletedProcess([cmd, *rest], r.exit_code, r.stdout, err)
+
+    def cli_subprocess(self, *args: str, wrapper: Path | None = None) -> subprocess.CompletedProcess:
+        """The same in a separate process: ``python -m pipeline.cli ...`` (or ``python WRAPPER ...``)."""
+        cmd, rest = args[0], [str(self.yaml), "--store", str(self.store), *args[1:]]
+        if wrapper is None:
+            return run_cli([cmd, *rest], cwd=self.cwd, timeout=300)
+        return subprocess.run([sys.executable, str(wrapper), cmd, *rest], cwd=self.cwd, env=_env(),
+                              capture_output=True, text=True, timeout=300)
 
     def status(self, *args: str) -> dict[str, dict]:
         p = self.cli("status", "--json", *args)
@@ -140,7 +159,7 @@ def test_missing_frame(built):
 def test_zero_byte_frame(built):
     before = snapshot(built.store)
     built.frame(3).write_bytes(b"")
-    p = built.cli("depth")
+    p = built.cli_subprocess("depth")  # a real process: exit status 2 from the OS, not from CliRunner
     assert_user_error(p, "images/f000003.png", "replace or remove it")
     assert_kept(before, built.store)
 
@@ -528,8 +547,7 @@ def test_disk_full_while_writing_depth(built, tmp_path):
     f32 = ["--set", "depth.storage_dtype=float32"]
     wrapper = tmp_path / "disk_full.py"
     wrapper.write_text(WRAPPER.format(n=3, action=ENOSPC))
-    p = subprocess.run([sys.executable, str(wrapper), "depth", str(built.yaml), "--store", str(built.store), *f32],
-                       cwd=built.cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    p = built.cli_subprocess("depth", *f32, wrapper=wrapper)
     assert_user_error(p, "shard-00002.h5", "No space left on device", "free disk space", "resumes")
     assert_kept(before, built.store)
     assert not no_temporaries(built.store)
