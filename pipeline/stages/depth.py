@@ -347,15 +347,15 @@ class _Frames:
         m = self.m
         try:
             img = read_rgb(m.path_of(i))
-            w, h = (int(v) for v in m.sizes[i])
-            if img.shape[:2] != (h, w):
+            w, h = (int(v) for v in m.sizes[i])  # manifest sizes are (W, H)
+            if w > 0 and h > 0 and img.shape[:2] != (h, w):
                 raise ManifestError(f"frame {m.path_of(i)}: decoded as {img.shape[1]}x{img.shape[0]} but the "
                                     f"manifest says {w}x{h} (file changed since the manifest was built?)")
             if self.midas_spec is None:
                 d = read_depth_file(m.root / m.depth_paths[i], kind=self.depth_kind, scale=self.depth_scale)
-                if d.shape != (h, w):
+                if d.shape != img.shape[:2]:
                     raise ManifestError(f"depth file {m.root / m.depth_paths[i]}: shape {d.shape} but frame "
-                                        f"{m.paths[i]} is {h}x{w}; depth must match its frame")
+                                        f"{m.paths[i]} is {img.shape[0]}x{img.shape[1]}; depth must match its frame")
                 return {"i": i, "depth": d}
         except ManifestError as e:  # raised (or recorded) in the main process, with its message intact
             return {"i": i, "error": str(e)}
@@ -364,7 +364,7 @@ class _Frames:
         from dkp_core.midas.transforms import preprocess
 
         x = preprocess(img.astype(np.float32) / 255.0, self.midas_spec)  # (3, h_net, w_net)
-        return {"i": i, "x": torch.from_numpy(x), "hw": (h, w)}
+        return {"i": i, "x": torch.from_numpy(x), "hw": img.shape[:2]}
 
 
 # ---------------------------------------------------------------------------------------------- compute
