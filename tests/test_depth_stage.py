@@ -147,6 +147,56 @@ def test_shard_part_then_plain_run_writes_the_rest_and_merges(tiny_experiment, r
     _assert_same_cache(reference, _cache_dir(exp["store"]))
 
 
+def test_plain_run_and_shard_part_refuse_to_overlap(tiny_experiment):
+    """A live --shard part's lock stops a plain run (and a live plain run's lock stops a part), naming the pid."""
+    import socket
+
+    from pipeline.errors import LockError
+
+    exp = tiny_experiment
+    _synth(exp)
+    _, st = _plan(exp)
+    path = st["depth"].path
+    path.mkdir(parents=True)
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"})
+    (path / "LOCK.part1of2").write_text(owner)  # this test process is alive: the lock is live
+    with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+        _run_in_process(exp["yaml"], exp["store"])
+    (path / "LOCK.part1of2").unlink()
+    (path / "LOCK").write_text(owner)
+    with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+        _run_in_process(exp["yaml"], exp["store"], shard="0/2")
+    (path / "LOCK").unlink()
+    assert "part 0/2 saved" in _run_in_process(exp["yaml"], exp["store"], shard="0/2")
+
+
+def test_disk_error_on_the_writer_thread_reaches_the_user(tiny_experiment, monkeypatch):
+    import errno
+
+    from pipeline import depth_cache
+    from pipeline.errors import CacheError
+
+    exp = tiny_experiment
+    _synth(exp)
+    real_commit = depth_cache.ShardWriter.commit
+    calls = []
+
+    def full_disk_on_second_shard(self):
+        calls.append(self.plan.index)
+        if self.plan.index == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_commit(self)
+
+    monkeypatch.setattr(depth_cache.ShardWriter, "commit", full_disk_on_second_shard)
+    with pytest.raises(CacheError, match="No space left.*finished shards are kept"):
+        _run_in_process(exp["yaml"], exp["store"])
+    shards = _plan(exp)[1]["depth"].path / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.h5", "shard-00000.json"]
+    monkeypatch.setattr(depth_cache.ShardWriter, "commit", real_commit)
+    assert "depth    built" in _run_in_process(exp["yaml"], exp["store"])  # resumes after shard 0
+    assert json.loads((_cache_dir(exp["store"]) / "artifact.json").read_text())["compute"]["frames"] == 32
+
+
 def test_bad_shard_option_is_a_config_error(tiny_experiment):
     from pipeline.errors import ConfigError
 
@@ -189,6 +239,8 @@ def test_skip_bad_frames(tiny_experiment):
     with pytest.raises(ManifestError, match="f000005.*--skip-bad-frames") as e:  # a DkpError: the CLI exits 2
         _run_in_process(exp["yaml"], exp["store"])
     assert e.value.exit_code == 2
+    shards = _plan(exp)[1]["depth"].path / "shards"
+    assert not list(shards.glob("*.tmp-*"))  # the writer thread aborted the open shard: no temp file left
 
     r = _ok(run_cli(["depth", exp["yaml"], "--store", exp["store"], "--skip-bad-frames"], cwd=exp["cwd"]))
     cache = _cache_dir(exp["store"])
