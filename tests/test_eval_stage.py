@@ -59,6 +59,9 @@ def test_metrics_json_and_pictures(tiny):
         assert np.isfinite(r["value"]) and r["value"] > 0
         assert r["n_test"] == 10 and r["n_fit"] == 38  # 48 frames: 38 train (the fit split), 10 test
         assert r["artifact"] == tiny["plan"].stages["distill" if role == "student" else "teach"].key
+        fig = r["figure_heatmap_mass"]  # synthetic masks are re-rendered, so this is always there
+        assert fig["n_frames"] == 10 and 0 < fig["mask_area"] < 1 and 0 <= fig["mass_in_mask"] <= 1
+        assert fig["ratio"] == pytest.approx(fig["mass_in_mask"] / fig["mask_area"])
         img = cv2.imread(str(d / f"{role}_test.png"))
         # 10 test frames, 8 per row, 32 px tiles drawn 8x
         assert img.shape == (2 * (256 + 2) + 2, 8 * (256 + 2) + 2, 3)

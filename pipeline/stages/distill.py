@@ -147,9 +147,10 @@ def run(ctx) -> dict:
         common.keypoint_grid(model, vis["rgb"], out_png=ctx.path / "samples" / f"step_{step:06d}.png")
 
     try:
-        res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn, settings=common.train_settings(sec),
-                    config=ctx.stage.inputs["config"] | {"steps": sec.steps}, on_eval=on_eval,
-                    config_hash=ctx.stage.key, model_args=args)
+        with common.training_progress():
+            res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
+                        settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+                        on_eval=on_eval, config_hash=ctx.stage.key, model_args=args)
     finally:
         if cache is not None:
             cache.close()  # h5py keeps files open until closed; later readers in this process need it shut

@@ -78,6 +78,27 @@ def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.nda
     return np.concatenate(out) if out else np.zeros((0, model.detector.n_keypoints, 2))
 
 
+def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -> dict | None:
+    """Share of the detector's heatmap mass on the figure (pipeline.foreground), when masks are known.
+
+    Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
+    fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).
+    """
+    from pipeline.foreground import foreground_masks, heatmap_mass_in_mask
+
+    if len(indices) == 0:
+        return None
+    masks = foreground_masks(manifest, indices, size)
+    if masks is None:
+        return None
+    ds = FrameDataset(manifest=manifest, indices=indices, image_size=size, use_rgb=key == "rgb",
+                      use_depth=key == "depth", depth_reader=reader)
+    x = torch.stack([ds[i][key] for i in range(len(ds))]).to(device)
+    with torch.no_grad():
+        heat = model.to(device).eval().detector(x).heatmaps.float().cpu().numpy()  # (N, K, h, w)
+    return heatmap_mass_in_mask(heat, masks) | {"n_frames": int(len(indices))}
+
+
 def run(ctx) -> dict:
     from dkp_core.metrics import evaluate
     from pipeline.depth_cache import DepthCacheReader
@@ -122,6 +143,9 @@ def run(ctx) -> dict:
         arrays[f"{role}_image_size"] = np.array(S)
         results[role] = r.to_dict() | {"input": key, "n_fit": int(len(sets["fit"][0])),
                                        "n_test": int(len(sets["test"][0])), "artifact": ctx.plan.stages[stage].key}
+        on_figure = figure_mass(model, m, sets["test"][0][:64], S, key, reader, device)
+        if on_figure is not None:
+            results[role]["figure_heatmap_mass"] = on_figure
         # picture: first 16 test frames, regressed keypoints (colours) and ground truth (white crosses)
         vis_ds = FrameDataset(manifest=m, indices=sets["test"][0][:16], image_size=S, use_rgb=True,
                               use_depth=key == "depth", depth_reader=reader)
@@ -139,8 +163,11 @@ def run(ctx) -> dict:
     _save_npz(ctx.path / "detections.npz", arrays)
     write_json_atomic(ctx.path / "metrics.json", summary)
     for role, r in results.items():
+        fig = r.get("figure_heatmap_mass")
         ctx.console.print(f"{role:8s} ({r['input']}): {protocol} = {r['value']:.4f} {r['unit']} "
-                          f"({'higher' if r['higher_is_better'] else 'lower'} is better)")
+                          f"({'higher' if r['higher_is_better'] else 'lower'} is better)"
+                          + (f"; heatmap mass on the figure {fig['mass_in_mask']:.3f} (area {fig['mask_area']:.3f})"
+                             if fig else ""), markup=False)
     return {"metrics": summary}
 
 
