@@ -114,6 +114,10 @@ def test_files_provider_stores_inverse_depth(tiny_experiment):
         assert (inv > 0).all()
     _, st = _plan(exp, None, "depth.storage_dtype=float32")
     assert st["depth"].state == "fresh"
+    import cv2
+
+    preview = cv2.imread(str(cache / "preview.png"))  # 8 (RGB, depth) pairs of 128 px, 8 tiles a row
+    assert preview.shape == (2 * 130 + 2, 8 * 130 + 2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ scale-out

@@ -171,6 +171,7 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
         if (path / "COMPLETE").exists():
             return True
         index = finalize(path)
+        _write_preview(path, m)
         skipped = _read_part_files(path, "skipped.part*.json")
         stats = _read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
@@ -183,6 +184,36 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
                           + ", ".join(s["frame"] for s in skipped[:5]) + (" …" if len(skipped) > 5 else ""),
                           markup=True)
     return True
+
+
+PREVIEW = "preview.png"
+
+
+def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
+    """``preview.png`` beside the cache: up to ``n`` valid frames spread over the manifest, each as
+    (RGB, inverse depth min-max normalised, inferno: bright = near), ``size`` px squares."""
+    import cv2
+
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.images import read_rgb, resize_square
+    from pipeline.viz import grid, save_png
+
+    with DepthCacheReader(path) as r:
+        valid = r.valid_indices()
+        if len(valid) == 0:
+            return
+        tiles = []
+        for i in valid[np.linspace(0, len(valid) - 1, min(n, len(valid))).round().astype(int)]:
+            d = r.read(int(i))
+            lo, hi = float(d.min()), float(d.max())
+            g = np.zeros(d.shape, np.uint8) if hi <= lo else ((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
+            heat = cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1]  # (H, W, 3) RGB
+            try:
+                rgb = read_rgb(m.path_of(int(i)))
+            except ManifestError:  # the frame changed since; show the depth beside a blank
+                rgb = np.zeros_like(heat)
+            tiles += [resize_square(rgb, size), resize_square(np.ascontiguousarray(heat), size)]
+    save_png(path / PREVIEW, grid(tiles, cols=8))
 
 
 def _init_distributed(world: int) -> bool:
