@@ -24,8 +24,10 @@ bench              cases                                             ratios
 Each model case runs in a fresh Python process (``isolate=True``, the CLI's behaviour), so its peak
 memory is its own: peak RSS from ``getrusage`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
 reported both absolute and as growth over the process's footprint just before the first step. The
-timed loop runs ``steps`` steps after one untimed warm-up step; inputs are random tensors already
-on the device, so data loading is not part of any model case.
+timed loop runs ``steps`` steps after one untimed warm-up step and times each; rates come from the
+median step (min and max are kept), so a neighbour's burst on a shared machine moves them less.
+Inputs are random tensors already on the device: data loading is not part of any model case.
+``teacher-cache`` also times the target alone (``target_s``: teacher forward vs embedding lookup).
 """
 from __future__ import annotations
 
@@ -106,8 +108,8 @@ class _Memory:
                 "peak_mem_growth_mib": round(max(0, peak - self.before) / MIB, 1)}
 
 
-def _timed(step: Callable[[], Any], steps: int, device) -> float:
-    """Seconds for ``steps`` calls of ``step`` after ``WARMUP`` untimed ones (CUDA synchronised)."""
+def _timed(step: Callable[[], Any], steps: int, device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``WARMUP`` untimed ones (CUDA synchronised)."""
     import torch
 
     def sync():
@@ -116,12 +118,24 @@ def _timed(step: Callable[[], Any], steps: int, device) -> float:
 
     for _ in range(WARMUP):
         step()
-    sync()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
         step()
-    sync()
-    return time.perf_counter() - t0
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _rate(times: list[float], per_step: float = 1.0) -> dict:
+    """Rates from per-step times. The median step is what a rate is taken from: on a shared machine
+    a neighbour's burst inflates single steps, and the median ignores a minority of those."""
+    import statistics
+
+    med = statistics.median(times)
+    return {"median_s": round(med, 5), "min_s": round(min(times), 5), "max_s": round(max(times), 5),
+            "per_s": per_step / med}
 
 
 def _device(name: str):
@@ -186,9 +200,10 @@ def case_autolink_step(p: dict) -> dict:
         scaler.update()
 
     mem.start()
-    secs = _timed(step, p["steps"], device)
+    r = _rate(_timed(step, p["steps"], device))
     n_params = sum(t.numel() for t in model.parameters())
-    return {"steps_per_s": p["steps"] / secs, "s_per_step": secs / p["steps"], "params_m": round(n_params / 1e6, 3),
+    return {"steps_per_s": r["per_s"], "s_per_step": r["median_s"], "s_per_step_min": r["min_s"],
+            "s_per_step_max": r["max_s"], "params_m": round(n_params / 1e6, 3),
             "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp], **mem.stop()}
 
 
@@ -240,9 +255,15 @@ def case_distill_step(p: dict) -> dict:
     mem = _Memory(device)
     counter = {"s": 0}
 
+    target_times: list[float] = []
+
     def step():
         opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         t = target(counter["s"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        target_times.append(time.perf_counter() - t0)
         counter["s"] += 1
         out = student(rgb, mask_generator=gen, return_features=("logits",))
         loss = recon(out.reconstruction.float(), rgb) + gamma * distillation_loss(
@@ -251,8 +272,9 @@ def case_distill_step(p: dict) -> dict:
         opt.step()
 
     mem.start()
-    secs = _timed(step, steps, device)
-    res = {"steps_per_s": steps / secs, "s_per_step": secs / steps, **mem.stop()}
+    r = _rate(_timed(step, steps, device))
+    res = {"steps_per_s": r["per_s"], "s_per_step": r["median_s"], "s_per_step_min": r["min_s"],
+           "s_per_step_max": r["max_s"], "target_s": _rate(target_times[WARMUP:])["median_s"], **mem.stop()}
     if tmp is not None:
         tmp.cleanup()
     return res
@@ -276,8 +298,8 @@ def case_midas(p: dict) -> dict:
             model(x)
 
     mem.start()
-    secs = _timed(step, p["steps"], device)
-    return {"frames_per_s": p["batch"] * p["steps"] / secs, "s_per_batch": secs / p["steps"],
+    r = _rate(_timed(step, p["steps"], device), per_step=p["batch"])
+    return {"frames_per_s": r["per_s"], "s_per_batch": r["median_s"], "s_per_batch_min": r["min_s"],
             "net_size": [spec.net_h, spec.net_w], **mem.stop()}
 
 
@@ -339,6 +361,7 @@ def bench_teacher_cache(*, batch: int, size: int, steps: int, device, isolate: b
     cached = run_case("distill_step", base | {"mode": "cached"}, isolate=isolate)
     return {"baseline": "live_teacher", "cases": {"live_teacher": live, "cached_embeddings": cached},
             "ratios": {"speedup cached/live": _ratio(cached["steps_per_s"], live["steps_per_s"]),
+                       "target_s cached/live": _ratio(cached["target_s"], live["target_s"]),
                        "peak_mem_growth cached/live": _ratio(cached["peak_mem_growth_mib"],
                                                              live["peak_mem_growth_mib"])},
             "setup": {"width": WIDTH, "n_keypoints": N_KEYPOINTS, "layer": "logits", "recon_loss": "l1ssim"}}

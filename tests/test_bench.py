@@ -70,7 +70,9 @@ def test_bench_teacher_cache(tmp_path):
     rec = bench_command("teacher-cache", batch=2, size=16, steps=1, device="cpu", output=str(out), console=_console(),
                         isolate=False)
     _check_record(rec, "teacher-cache", {"live_teacher", "cached_embeddings"},
-                  {"speedup cached/live", "peak_mem_growth cached/live"})
+                  {"speedup cached/live", "target_s cached/live", "peak_mem_growth cached/live"})
+    assert all(c["target_s"] > 0 and c["s_per_step_min"] <= c["s_per_step"] <= c["s_per_step_max"]
+               for c in rec["cases"].values())
     assert json.loads(out.read_text()) == json.loads(json.dumps(rec, sort_keys=True))
     assert rec["isolated"] is False and rec["setup"]["width"] == 64
 
