@@ -101,8 +101,12 @@ def to_uint8(t) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(1, 2, 0))
 
 
-def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_items: int = 16) -> None:
-    """Detect keypoints on ``batch_images`` (B, C, S, S) and save a grid with links drawn on them."""
+def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_items: int = 16,
+                  dim: float = 0.6) -> None:
+    """Detect keypoints on ``batch_images`` (B, C, S, S) and save a grid with links drawn on them.
+
+    Links are drawn white; the background is darkened to ``dim`` of its brightness so that they stay
+    visible on depth pictures, whose near figure is itself white."""
     import torch
 
     from pipeline.viz import draw_keypoints, grid, save_png
@@ -116,7 +120,8 @@ def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_it
     px = (kp + 1) / 2 * (S - 1)
     w = model.links.edge_weights().detach().float().cpu().numpy()
     bg = background[:max_items] if background is not None else imgs
-    tiles = [draw_keypoints(to_uint8(bg[i]), px[i], links=w, scale=max(1, 256 // S)) for i in range(len(imgs))]
+    tiles = [draw_keypoints((to_uint8(bg[i]) * dim).astype(np.uint8), px[i], links=w, scale=max(1, 256 // S))
+             for i in range(len(imgs))]
     out_png.parent.mkdir(parents=True, exist_ok=True)
     save_png(out_png, grid(tiles, cols=8))
 
