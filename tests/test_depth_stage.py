@@ -182,6 +182,8 @@ def test_disk_error_on_the_writer_thread_reaches_the_user(tiny_experiment, monke
 
     exp = tiny_experiment
     _synth(exp)
+    bad = exp["root"] / "images" / "f000005.png"  # in shard 0, which finishes before the disk fills
+    bad.write_bytes(bad.read_bytes()[:60])
     real_commit = depth_cache.ShardWriter.commit
     calls = []
 
@@ -193,12 +195,15 @@ def test_disk_error_on_the_writer_thread_reaches_the_user(tiny_experiment, monke
 
     monkeypatch.setattr(depth_cache.ShardWriter, "commit", full_disk_on_second_shard)
     with pytest.raises(CacheError, match="No space left.*finished shards are kept"):
-        _run_in_process(exp["yaml"], exp["store"])
+        _run_in_process(exp["yaml"], exp["store"], skip_bad_frames=True)
     shards = _plan(exp)[1]["depth"].path / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.h5", "shard-00000.json"]
     monkeypatch.setattr(depth_cache.ShardWriter, "commit", real_commit)
-    assert "depth    built" in _run_in_process(exp["yaml"], exp["store"])  # resumes after shard 0
-    assert json.loads((_cache_dir(exp["store"]) / "artifact.json").read_text())["compute"]["frames"] == 32
+    assert "depth    built" in _run_in_process(exp["yaml"], exp["store"], skip_bad_frames=True)  # after shard 0
+    rec = json.loads((_cache_dir(exp["store"]) / "artifact.json").read_text())
+    assert rec["compute"]["frames"] == 32
+    # shard 0's skipped frame was recorded by the run that died, and is still listed, once, with its reason
+    assert [(s["frame"], "truncated" in s["reason"]) for s in rec["skipped_frames"]] == [("f000005", True)]
 
 
 def test_bad_shard_option_is_a_config_error(tiny_experiment):

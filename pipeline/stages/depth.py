@@ -120,8 +120,7 @@ def run_managed(ctx) -> bool:
     dist_here = _init_distributed(world)
     try:
         model = None
-        done, total = progress(path) if (path / "layout.json").exists() else (0, len(m))
-        if done < total and cfg.depth.provider == "midas":
+        if cfg.depth.provider == "midas" and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
             model = _load_model(cfg, weights_sha)
         path.mkdir(parents=True, exist_ok=True)
@@ -135,8 +134,9 @@ def run_managed(ctx) -> bool:
                              storage_dtype=cfg.depth.storage_dtype)
             todo = cw.shards_todo(part, parts)
             if todo:
-                skipped, stats = _compute(ctx, cw, todo, skip_bad, model)
-                _append_part_file(path, f"skipped.part{part}.json", skipped)
+                if model is None and cfg.depth.provider == "midas":
+                    model = _load_model(cfg, weights_sha)  # resuming: only when this part has shards left
+                stats = _compute(ctx, cw, todo, skip_bad, model, part)
                 _append_part_file(path, f"stats.part{part}.json", [stats])
         if world > 1:
             import torch.distributed as dist
@@ -172,7 +172,7 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
             return True
         index = finalize(path)
         _write_preview(path, m)
-        skipped = _read_part_files(path, "skipped.part*.json")
+        skipped = _skipped_frames(path)
         stats = _read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
         w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
@@ -253,6 +253,22 @@ def _read_part_files(path: Path, pattern: str) -> list:
     for f in sorted(path.glob(pattern)):
         out += json.loads(f.read_text())
     return out
+
+
+def _skipped_frames(path: Path) -> list[dict]:
+    """The frames invalid in the finished cache, with the reason recorded when each was skipped.
+
+    Records are written the moment a frame is skipped (before its shard is committed), so a run killed
+    later keeps them; a shard rewritten on resume may record a frame twice: the last record wins, and
+    only frames that really are invalid in the final cache are listed.
+    """
+    from pipeline.depth_cache import DepthCacheReader
+
+    latest = {int(s["index"]): s for s in _read_part_files(path, "skipped.part*.json")}
+    with DepthCacheReader(path) as r:
+        invalid = sorted(set(range(len(r))) - set(r.valid_indices().tolist()))
+        return [latest.get(i, {"frame": r.frame_id(i), "index": i, "reason": "unreadable (reason not recorded)"})
+                for i in invalid]
 
 
 def _sum_stats(stats: list[dict]) -> dict:
@@ -428,8 +444,8 @@ def _progress(console, desc: str):
                     TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal)
 
 
-def _compute(ctx, cw, todo, skip_bad: bool, model) -> tuple[list[dict], dict]:
-    """Write the shards ``todo``; returns (skipped frames, timing stats)."""
+def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
+    """Write the shards ``todo``; returns timing stats. Skipped frames go to ``skipped.part<part>.json``."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -496,7 +512,9 @@ def _compute(ctx, cw, todo, skip_bad: bool, model) -> tuple[list[dict], dict]:
                 if "error" in it:
                     if not skip_bad:
                         raise ManifestError(f"{it['error']} [frame {m.frame_ids[i]!r}, index {i}]")
-                    skipped.append({"frame": m.frame_ids[i], "index": int(i), "reason": it["error"]})
+                    rec = {"frame": m.frame_ids[i], "index": int(i), "reason": it["error"]}
+                    skipped.append(rec)
+                    _append_part_file(ctx.path, f"skipped.part{part}.json", [rec])
                     writer.add([row(i, None, valid=False)])
                     done += 1
                 elif "depth" in it:
@@ -525,7 +543,9 @@ def _compute(ctx, cw, todo, skip_bad: bool, model) -> tuple[list[dict], dict]:
     if stats["fp32_fallbacks"]:
         ctx.console.print(f"note: {stats['fp32_fallbacks']} batch(es) had non-finite {d.precision} output and were "
                           f"recomputed in fp32")
-    return skipped, stats
+    if skipped:
+        ctx.console.print(f"{len(skipped)} unreadable frame(s) marked invalid (--skip-bad-frames)")
+    return stats
 
 
 def _infer(model_bundle, x, stats: dict):
