@@ -287,6 +287,9 @@ class Store:
             return ArtifactState(stage, key, p, "fresh", rec)
         if p.exists():
             owner = Lock(p / LOCK).read_owner() if (p / LOCK).exists() else None
+            if owner is not None and owner.get("host") == socket.gethostname() and not _pid_alive(
+                    int(owner.get("pid", -1))):
+                owner = None  # its writer was killed: an interrupted run (the next one takes the lock over)
             return ArtifactState(stage, key, p, "in_progress", rec, owner)
         return ArtifactState(stage, key, p, "missing")
 
