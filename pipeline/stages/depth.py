@@ -525,6 +525,10 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
                     buckets.setdefault(key, []).append(it)
                     if len(buckets[key]) >= d.batch_size_inference:
                         flush(key)
+                    elif sum(map(len, buckets.values())) >= 4 * d.batch_size_inference:
+                        # Many sizes in one shard: bound the frames held back (a function of the shard's
+                        # frame order only, so still the same batches in every part).
+                        flush(max(buckets, key=lambda k: len(buckets[k])))
                 bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} frames/s")
             for key in list(buckets):
                 flush(key)
