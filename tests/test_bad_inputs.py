@@ -561,3 +561,40 @@ def test_disk_full_while_writing_depth(built, tmp_path):
     a, b = Path(dep["path"]), Path(clean.status(*f32)["depth"]["path"])
     for name in ("shard-00000.h5", "shard-00001.h5", "shard-00002.h5"):
         assert (a / "shards" / name).read_bytes() == (b / "shards" / name).read_bytes(), name
+
+
+def test_depth_file_with_pickled_objects_refused(built):
+    """An object .npy (pickled Python objects inside) is refused from its header; it is never unpickled."""
+    before = snapshot(built.store)
+    np.save(built.depth_file(11), np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    p = built.cli("depth")
+    assert_user_error(p, "depth/f000011.npy", "2-D float array")
+    assert_kept(before, built.store)
+
+
+def test_no_unsafe_loaders_in_the_code():
+    """Every torch.load is weights_only=True; no pickle.load(s), np.load(allow_pickle=True) or yaml.load
+    anywhere in pipeline/ or dkp_core/ (the Taichi GT reader uses a restricted Unpickler subclass)."""
+    import ast
+
+    bad = []
+    for f in sorted((REPO / "pipeline").rglob("*.py")) + sorted((REPO / "dkp_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            kw = {k.arg: k.value for k in node.keywords}
+            where = f"{f.relative_to(REPO)}:{node.lineno}"
+            if owner == "torch" and node.func.attr == "load":
+                v = kw.get("weights_only")
+                if not (isinstance(v, ast.Constant) and v.value is True):
+                    bad.append(f"{where}: torch.load without weights_only=True")
+            if owner == "pickle" and node.func.attr in ("load", "loads"):
+                bad.append(f"{where}: pickle.{node.func.attr}")
+            if owner in ("np", "numpy") and node.func.attr == "load":
+                v = kw.get("allow_pickle")
+                if v is not None and not (isinstance(v, ast.Constant) and v.value is False):
+                    bad.append(f"{where}: np.load with allow_pickle")
+            if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load"):
+                bad.append(f"{where}: yaml.{node.func.attr}")
+    assert not bad, bad
