@@ -644,8 +644,9 @@ class DepthCacheReader:
         try:
             f = h5py.File(path, "r", locking=False)
         except (OSError, ValueError) as exc:
-            raise CacheError(f"depth cache shard {path} cannot be opened ({exc}); run `dkp-pipeline cache verify` "
-                             f"and rebuild or re-import the cache") from exc
+            raise CacheError(f"depth cache shard {path} cannot be opened ({exc}); run `dkp-pipeline cache verify "
+                             f"{self.cache_dir}` to see the damage, then delete {self.cache_dir} and re-run "
+                             f"`dkp-pipeline depth` (or re-import a good copy)") from exc
         self._files[shard] = f
         while len(self._files) > self.max_open_files:
             self._files.popitem(last=False)[1].close()
@@ -676,7 +677,8 @@ class DepthCacheReader:
             stored = depth[row, :h, :w]
         except (OSError, RuntimeError, ValueError) as exc:
             raise CacheError(f"depth cache shard {depth.file.filename}: frame {frame_index} cannot be read ({exc}); "
-                             f"run `dkp-pipeline cache verify` and rebuild or re-import the cache") from exc
+                             f"run `dkp-pipeline cache verify {self.cache_dir}` to see the damage, then delete "
+                             f"{self.cache_dir} and re-run `dkp-pipeline depth` (or re-import a good copy)") from exc
         return stored.astype(np.float32) * np.float32(meta["scale"][row])
 
     def is_valid(self, frame_index: int) -> bool:

@@ -393,7 +393,7 @@ def test_cache_truncated_file(built):
     raw = shard.read_bytes()
     shard.write_bytes(raw[: len(raw) // 3])
     p = built.cli("teach")
-    assert_user_error(p, "shard-00001.h5", "cache verify")
+    assert_user_error(p, "shard-00001.h5", "cache verify", "re-run `dkp-pipeline depth`")
 
 
 def test_cache_spec_mismatch(built):
