@@ -744,7 +744,8 @@ class VerifyReport:
             shown = "\n  ".join(self.problems[:20])
             more = f"\n  … and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
             raise CacheError(f"depth cache {self.cache_dir} failed verification ({len(self.problems)} problems):\n  "
-                             f"{shown}{more}\nrebuild it with `dkp-pipeline depth` or re-import a good copy")
+                             f"{shown}{more}\ndelete {self.cache_dir} and re-run `dkp-pipeline depth` to rebuild "
+                             f"it, or re-import a good copy")
 
 
 def verify(cache_dir: str | os.PathLike, expected_frame_hashes: Sequence[str] | None = None) -> VerifyReport:

@@ -73,6 +73,16 @@ class Exp:
             err += "".join(traceback.format_exception(r.exception))
         return subprocess.CompletedProcess([cmd, *rest], r.exit_code, r.stdout, err)
 
+    def cli_raw(self, *args: str) -> subprocess.CompletedProcess:
+        """Like :meth:`cli` for commands that take no CONFIG first (``cache verify DIR``, ``cache import``)."""
+        from click.testing import CliRunner
+
+        from pipeline.cli import main
+
+        r = CliRunner().invoke(main, list(args))
+        err = r.stderr + ("" if r.exception is None or isinstance(r.exception, SystemExit) else repr(r.exception))
+        return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, err)
+
     def cli_subprocess(self, *args: str, wrapper: Path | None = None) -> subprocess.CompletedProcess:
         """The same in a separate process: ``python -m pipeline.cli ...`` (or ``python WRAPPER ...``)."""
         cmd, rest = args[0], [str(self.yaml), "--store", str(self.store), *args[1:]]
@@ -382,6 +392,9 @@ def test_cache_corrupted_chunk(built):
         with pytest.raises(CacheError, match="shard-00002.h5: frame 35 cannot be read.*cache verify"):
             r.read(35)
         assert r.read(34).shape == (32, 32)  # the other chunks are fine
+    p = built.cli_raw("cache", "verify", str(shard.parents[1]))
+    assert_user_error(p, "shard-00002.h5", "differs from the index", "frame 35", "unreadable",
+                      "and re-run `dkp-pipeline depth` to rebuild it")
     before = snapshot(built.store)
     p = built.cli("teach")
     assert_user_error(p, "shard-00002.h5", "frame 35", "cache verify")
@@ -409,6 +422,16 @@ def test_cache_spec_mismatch(built):
     p = built.cli("depth", "--set", "depth.storage_dtype=float32")
     assert_user_error(p, str(dst), "storage_dtype: cache 'float16', expected 'float32'", "delete the directory")
     assert_kept(before, built.store)
+
+    # the same through sharing: a colleague's export imported for a config that needs another spec
+    export = built.cwd / "shared.h5"
+    p = built.cli_raw("cache", "export", str(built.yaml), "--store", str(built.store), "-o", str(export))
+    assert p.returncode == 0, p.stderr
+    other_store = built.cwd / "colleague"
+    p = built.cli_raw("cache", "import", str(export), "--store", str(other_store), "--config", str(built.yaml),
+                      "--set", "depth.storage_dtype=float32")
+    assert_user_error(p, str(export), "storage_dtype: cache 'float16', expected 'float32'")
+    assert not (other_store / "depth").exists() or not any((other_store / "depth").iterdir())
 
 
 # --------------------------------------------------------------------------------------------------
