@@ -5,10 +5,10 @@ The uninterrupted reference runs in this process, through the same click entry p
 ``OMP_NUM_THREADS=1``, so both use the same CPU kernels and must agree bit for bit.
 
 Each interrupted process is SIGKILLed at a seeded random point of its work: a wrapper script (below)
-counts events (work began; each depth file read; each training step), the test picks an event uniformly
-over what is left and adds a random fraction of one event's duration, so kills land in steps, in
-checkpoint and shard writes, between frames and in the final publish, never in the imports before
-the work (not worth killing). The `files` depth provider writes 48 tiny frames in ~0.1 s, so the
+counts events (work began; each depth file read; each training step); the kill points are drawn
+uniformly over the whole work, sorted, each plus a random fraction of one event's duration, so kills
+land in steps, in checkpoint and shard writes, between frames and in the final save and publish, never
+in the imports before the work (not worth killing). The `files` depth provider writes 48 tiny frames in ~0.1 s, so the
 wrapper reads every depth file 40 ms slower (values unchanged).
 
 After every kill: ``status --json`` says the stage is ``in_progress`` (with the progress that is on disk:
@@ -87,6 +87,8 @@ main()
 
 
 class Store:
+    """One store over the shared dataset; ``inprocess``/``status`` go through the click entry point."""
+
     def __init__(self, base: Path, root: Path, name: str) -> None:
         self.base, self.store = base, base / name
         self.yaml = base / "tiny.yaml"
@@ -96,30 +98,20 @@ class Store:
     def args(self, cmd: str) -> list[str]:
         return [cmd, str(self.yaml), "--store", str(self.store), *SETS]
 
-    def inprocess(self, cmd: str) -> str:
+    def inprocess(self, *cmd: str) -> str:
         from click.testing import CliRunner
 
         from pipeline.cli import main
 
-        r = CliRunner().invoke(main, self.args(cmd))
+        r = CliRunner().invoke(main, [*self.args(cmd[0]), *cmd[1:]])
         assert r.exit_code == 0, f"{cmd}: exit {r.exit_code}\n{r.output}\n{r.stderr}\n{r.exception!r}"
         return r.stdout
 
     def status(self) -> dict[str, dict]:
-        return {s["stage"]: s for s in json.loads(_status_json(self))}
+        return {s["stage"]: s for s in json.loads(self.inprocess("status", "--json"))}
 
     def path(self, stage: str) -> Path:
         return Path(self.status()[stage]["path"])
-
-
-def _status_json(s: Store) -> str:
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
-    r = CliRunner().invoke(main, ["status", str(s.yaml), "--store", str(s.store), "--json", *SETS])
-    assert r.exit_code == 0, r.output
-    return r.stdout
 
 
 def _env(**extra: str) -> dict:
@@ -151,25 +143,28 @@ def _leftovers(store: Path) -> list[str]:
                   if ".tmp" in p.name or p.name.startswith("LOCK"))
 
 
-def _done_total(stage: str, path: Path) -> tuple[int, int]:
+def _done(stage: str, path: Path) -> int:
+    """Frames in finished shards / newest checkpoint step: where a resumed run starts."""
     p = _expected_progress(stage, path)
-    total = 48 if stage == "depth" else STEPS
-    return (int(p.split()[1].split("/")[0]), total) if p else (0, total)
+    return int(p.split()[1].split("/")[0]) if p else 0
 
 
 def _kill_and_resume(s: Store, stage: str, n_kills: int, unit: float, rng: random.Random,
                      wrapper: Path, log: list[str]) -> None:
     """SIGKILL ``stage`` ``n_kills`` times, then let a last run finish; check status after every kill.
 
-    Kill point: after event ``e`` of the run (0 = its work began, then one per depth file / training
-    step), ``e`` uniform over what is left to do, plus ``uniform(0, unit)`` s (one event's duration),
-    so a kill lands anywhere: in a step or a checkpoint write, between frames, in a shard commit, in
-    the final save and publish."""
+    Kill points: ``n_kills`` points of the whole work drawn uniformly (in events: depth files read or
+    training steps, 0 = the work began) and sorted, each plus ``uniform(0, unit)`` s (one event's
+    duration); a resumed run starts at the progress on disk, so each point is reached again after the
+    previous kill. Kills thus land in steps, checkpoint and shard writes, between frames, in the final
+    save and publish."""
+    total = 48 if stage == "depth" else STEPS
+    plan = sorted((rng.randint(0, total), rng.uniform(0, unit)) for _ in range(n_kills))
     events = s.base / "events"
-    for k in range(n_kills):
+    for k, (point, jitter) in enumerate(plan):
         path = s.path(stage)
-        done, total = _done_total(stage, path)
-        target, jitter = rng.randint(0, total - done) + 1, rng.uniform(0, unit)
+        done = _done(stage, path)
+        target = max(point - done, 0) + 1  # events of this run: the start, then one per file/step
         events.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, str(wrapper), *s.args(stage)], cwd=s.base,
                                 env=_env(DKP_TEST_EVENTS=str(events)), stdout=subprocess.DEVNULL,
@@ -180,7 +175,7 @@ def _kill_and_resume(s: Store, stage: str, n_kills: int, unit: float, rng: rando
             time.sleep(0.002)
         if proc.poll() is None:
             time.sleep(jitter)
-        where = f"event {target - 1} of {total - done} left + {jitter:.3f} s"
+        where = f"at {'frame' if stage == 'depth' else 'step'} {point}/{total} + {jitter:.3f} s, resumed from {done}"
         if proc.poll() is not None:  # finished before the kill: later kills would hit a fresh artifact
             err = proc.stderr.read()
             assert proc.returncode == 0, f"{stage} failed on its own: {err}"
