@@ -5,7 +5,7 @@ back to back on the same machine mostly does not, so every bench reports both an
 what docs/benchmarks.md compares.
 
 =================  ================================================  =====================================
-bench              cases                                             ratios
+bench              cases                                             ratios (speed: interleaved rates)
 =================  ================================================  =====================================
 ``teach``          AutoLink training step (K=16, heatmaps S/4,       width64 vs width16 (steps/s, memory);
                    l1ssim loss, AdamW) at width 16 and at            on CUDA also AMP vs fp32 at width 64
@@ -21,12 +21,15 @@ bench              cases                                             ratios
                    per frame
 =================  ================================================  =====================================
 
-Each model case runs in a fresh Python process (``isolate=True``, the CLI's behaviour), so its peak
-memory is its own: peak RSS from ``getrusage`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
+Each model case runs alone in a fresh Python process (``isolate=True``, the CLI's behaviour), so its
+peak memory is its own: peak RSS from ``getrusage`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
 reported both absolute and as growth over the process's footprint just before the first step. The
 timed loop runs ``steps`` steps after one untimed warm-up step and times each; rates come from the
 median step (min and max are kept), so a neighbour's burst on a shared machine moves them less.
 Inputs are random tensors already on the device: data loading is not part of any model case.
+Then all cases of a bench are built in one more process and timed step by step in alternating
+order (ABBA...), so they share whatever load the machine has; speed ratios come from these
+``interleaved`` rates (on a shared 2-core machine, runs minutes apart differed by up to 2x).
 ``teacher-cache`` also times the target alone (``target_s``: teacher forward vs embedding lookup).
 """
 from __future__ import annotations
@@ -170,7 +173,17 @@ def _autolink(size: int, width: int, device):
     return AutoLink(n_keypoints=N_KEYPOINTS, image_size=size, heatmap_size=size // 4, width=width).to(device)
 
 
-def case_autolink_step(p: dict) -> dict:
+class _Case:
+    """A built benchmark case: ``step()`` does one unit of work; ``per_step`` items (frames) per call."""
+
+    def __init__(self, step: Callable[[], Any], *, device, per_step: int = 1, unit: str = "steps_per_s",
+                 extra: Optional[Callable[[], dict]] = None, cleanup: Optional[Callable[[], None]] = None) -> None:
+        self.step, self.device, self.per_step, self.unit = step, device, per_step, unit
+        self.extra = extra or (lambda: {})
+        self.cleanup = cleanup or (lambda: None)
+
+
+def build_autolink_step(p: dict) -> _Case:
     """One AutoLink training step (forward, l1ssim loss, backward, AdamW) as the trainer does it."""
     import contextlib
 
@@ -187,7 +200,6 @@ def case_autolink_step(p: dict) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     x = torch.rand(p["batch"], 3, p["size"], p["size"], device=device) * 2 - 1  # (B, 3, S, S)
     gen = torch.Generator(device=device).manual_seed(0)
-    mem = _Memory(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -199,15 +211,12 @@ def case_autolink_step(p: dict) -> dict:
         scaler.step(opt)
         scaler.update()
 
-    mem.start()
-    r = _rate(_timed(step, p["steps"], device))
     n_params = sum(t.numel() for t in model.parameters())
-    return {"steps_per_s": r["per_s"], "s_per_step": r["median_s"], "s_per_step_min": r["min_s"],
-            "s_per_step_max": r["max_s"], "params_m": round(n_params / 1e6, 3),
-            "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp], **mem.stop()}
+    return _Case(step, device=device, extra=lambda: {
+        "params_m": round(n_params / 1e6, 3), "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]})
 
 
-def case_distill_step(p: dict) -> dict:
+def build_distill_step(p: dict) -> _Case:
     """A distillation step: student AutoLink step + (live frozen teacher | cached embeddings) + (1 - cos)."""
     import numpy as np
     import torch
@@ -249,12 +258,10 @@ def case_distill_step(p: dict) -> dict:
         cache = EmbeddingCache(path)
 
         def target(s):
-            idx = torch.arange(s * B, (s + 1) * B)
+            idx = torch.arange(s * B, (s + 1) * B) % n
             return cache.lookup(idx, torch.zeros(B, dtype=torch.bool)).to(device)
 
-    mem = _Memory(device)
     counter = {"s": 0}
-
     target_times: list[float] = []
 
     def step():
@@ -271,16 +278,11 @@ def case_distill_step(p: dict) -> dict:
         loss.backward()
         opt.step()
 
-    mem.start()
-    r = _rate(_timed(step, steps, device))
-    res = {"steps_per_s": r["per_s"], "s_per_step": r["median_s"], "s_per_step_min": r["min_s"],
-           "s_per_step_max": r["max_s"], "target_s": _rate(target_times[WARMUP:])["median_s"], **mem.stop()}
-    if tmp is not None:
-        tmp.cleanup()
-    return res
+    return _Case(step, device=device, extra=lambda: {"target_s": _rate(target_times[WARMUP:])["median_s"]},
+                 cleanup=tmp.cleanup if tmp is not None else None)
 
 
-def case_midas(p: dict) -> dict:
+def build_midas(p: dict) -> _Case:
     """MiDaS 3.1 inference (random init) on a batch at the model's net size."""
     import torch
 
@@ -291,22 +293,71 @@ def case_midas(p: dict) -> dict:
     torch.manual_seed(0)
     model = create_model(p["model_type"]).to(device)
     x = torch.randn(p["batch"], 3, spec.net_h, spec.net_w, device=device)  # (B, 3, net_h, net_w)
-    mem = _Memory(device)
 
     def step():
         with torch.inference_mode():
             model(x)
 
+    return _Case(step, device=device, per_step=p["batch"], unit="frames_per_s", extra=lambda: {"net_size": [spec.net_h, spec.net_w]})
+
+
+BUILDERS: dict[str, Callable[[dict], _Case]] = {
+    "autolink_step": build_autolink_step,
+    "distill_step": build_distill_step,
+    "midas": build_midas,
+}
+
+
+def _rate_fields(times: list[float], case: _Case) -> dict:
+    r = _rate(times, per_step=case.per_step)
+    return {case.unit: r["per_s"], "s_per_step": r["median_s"], "s_per_step_min": r["min_s"], "s_per_step_max": r["max_s"]}
+
+
+def case_alone(p: dict) -> dict:
+    """One case on its own (its peak memory is this process's): rates, memory, the builder's extras."""
+    case = BUILDERS[p["builder"]](p["params"])
+    mem = _Memory(case.device)
     mem.start()
-    r = _rate(_timed(step, p["steps"], device), per_step=p["batch"])
-    return {"frames_per_s": r["per_s"], "s_per_batch": r["median_s"], "s_per_batch_min": r["min_s"],
-            "net_size": [spec.net_h, spec.net_w], **mem.stop()}
+    times = _timed(case.step, p["params"]["steps"], case.device)
+    res = {**_rate_fields(times, case), **mem.stop(), **case.extra()}
+    case.cleanup()
+    return res
+
+
+def case_interleaved(p: dict) -> dict:
+    """Several cases built in one process and timed step by step in alternating order (ABBA...).
+
+    A ratio of two rates measured minutes apart on a shared machine mostly measures the neighbours;
+    interleaved, both cases see the same load, so their ratio is what the ratios come from."""
+    cases = {name: BUILDERS[b](params) for name, (b, params) in p["cases"].items()}
+    names = list(cases)
+    for _ in range(WARMUP):
+        for n in names:
+            cases[n].step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(p["steps"]):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            c = cases[n]
+            if c.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(c.device)
+            t0 = time.perf_counter()
+            c.step()
+            if c.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(c.device)
+            times[n].append(time.perf_counter() - t0)
+    out = {n: _rate_fields(times[n], cases[n]) for n in names}
+    for c in cases.values():
+        c.cleanup()
+    return out
 
 
 CASE_FNS: dict[str, Callable[[dict], dict]] = {
-    "autolink_step": case_autolink_step,
-    "distill_step": case_distill_step,
-    "midas": case_midas,
+    "alone": case_alone,
+    "interleaved": case_interleaved,
 }
 
 
@@ -335,33 +386,51 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 # benches
 
 
+def _compare(specs: dict[str, tuple[str, dict]], *, steps: int, isolate: bool) -> dict[str, dict]:
+    """Each case alone (its memory and rates), then all of them interleaved in one process (the rates
+    that ratios use, under ``"interleaved"``)."""
+    cases = {n: run_case("alone", {"builder": b, "params": prm}, isolate=isolate) for n, (b, prm) in specs.items()}
+    inter = run_case("interleaved", {"cases": {n: list(v) for n, v in specs.items()}, "steps": steps},
+                     isolate=isolate)
+    for n in cases:
+        cases[n]["interleaved"] = inter[n]
+    return cases
+
+
+def _speed(case: dict) -> float:
+    r = case["interleaved"]
+    return r["steps_per_s"] if "steps_per_s" in r else r["frames_per_s"]
+
+
 def bench_teach(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
     base = {"device": str(device), "batch": batch, "size": size, "steps": steps}
-    cases = {
-        f"width{BASELINE_WIDTH}": run_case("autolink_step", base | {"width": BASELINE_WIDTH}, isolate=isolate),
-        f"width{WIDTH}": run_case("autolink_step", base | {"width": WIDTH}, isolate=isolate),
-    }
-    b, w = cases[f"width{BASELINE_WIDTH}"], cases[f"width{WIDTH}"]
-    ratios = {f"steps_per_s width{WIDTH}/width{BASELINE_WIDTH}": _ratio(w["steps_per_s"], b["steps_per_s"]),
-              f"peak_mem_growth width{WIDTH}/width{BASELINE_WIDTH}":
-                  _ratio(w["peak_mem_growth_mib"], b["peak_mem_growth_mib"])}
+    b_name, w_name = f"width{BASELINE_WIDTH}", f"width{WIDTH}"
+    specs = {b_name: ("autolink_step", base | {"width": BASELINE_WIDTH}),
+             w_name: ("autolink_step", base | {"width": WIDTH})}
     if device.type == "cuda":
-        a = cases[f"width{WIDTH}_amp"] = run_case("autolink_step", base | {"width": WIDTH, "amp": True},
-                                                 isolate=isolate)
-        ratios[f"steps_per_s width{WIDTH} amp/fp32"] = _ratio(a["steps_per_s"], w["steps_per_s"])
-        ratios[f"peak_mem_growth width{WIDTH} amp/fp32"] = _ratio(a["peak_mem_growth_mib"], w["peak_mem_growth_mib"])
-    return {"baseline": f"width{BASELINE_WIDTH}", "cases": cases, "ratios": ratios,
+        specs[f"{w_name}_amp"] = ("autolink_step", base | {"width": WIDTH, "amp": True})
+    cases = _compare(specs, steps=steps, isolate=isolate)
+    b, w = cases[b_name], cases[w_name]
+    ratios = {f"steps_per_s {w_name}/{b_name}": _ratio(_speed(w), _speed(b)),
+              f"peak_mem_growth {w_name}/{b_name}": _ratio(w["peak_mem_growth_mib"], b["peak_mem_growth_mib"])}
+    if device.type == "cuda":
+        a = cases[f"{w_name}_amp"]
+        ratios[f"steps_per_s {w_name} amp/fp32"] = _ratio(_speed(a), _speed(w))
+        ratios[f"peak_mem_growth {w_name} amp/fp32"] = _ratio(a["peak_mem_growth_mib"], w["peak_mem_growth_mib"])
+    return {"baseline": b_name, "cases": cases, "ratios": ratios,
             "setup": {"n_keypoints": N_KEYPOINTS, "heatmap_size": size // 4, "recon_loss": "l1ssim",
                       "optimizer": "AdamW"}}
 
 
 def bench_teacher_cache(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
     base = {"device": str(device), "batch": batch, "size": size, "steps": steps}
-    live = run_case("distill_step", base | {"mode": "live"}, isolate=isolate)
-    cached = run_case("distill_step", base | {"mode": "cached"}, isolate=isolate)
-    return {"baseline": "live_teacher", "cases": {"live_teacher": live, "cached_embeddings": cached},
-            "ratios": {"speedup cached/live": _ratio(cached["steps_per_s"], live["steps_per_s"]),
+    cases = _compare({"live_teacher": ("distill_step", base | {"mode": "live"}),
+                      "cached_embeddings": ("distill_step", base | {"mode": "cached"})}, steps=steps, isolate=isolate)
+    live, cached = cases["live_teacher"], cases["cached_embeddings"]
+    return {"baseline": "live_teacher", "cases": cases,
+            "ratios": {"speedup cached/live": _ratio(_speed(cached), _speed(live)),
                        "target_s cached/live": _ratio(cached["target_s"], live["target_s"]),
+                       "target share of a live step": _ratio(live["target_s"], live["s_per_step"]),
                        "peak_mem_growth cached/live": _ratio(cached["peak_mem_growth_mib"],
                                                              live["peak_mem_growth_mib"])},
             "setup": {"width": WIDTH, "n_keypoints": N_KEYPOINTS, "layer": "logits", "recon_loss": "l1ssim"}}
@@ -369,12 +438,14 @@ def bench_teacher_cache(*, batch: int, size: int, steps: int, device, isolate: b
 
 def bench_depth(*, batch: int, size: int, steps: int, device, isolate: bool = True,
                 models: tuple[str, ...] = DEPTH_MODELS) -> dict:
-    cases, ratios = {}, {}
+    specs = {}
     for name in models:
         p = {"device": str(device), "model_type": name, "steps": steps}
-        one = cases[f"{name}_b1"] = run_case("midas", p | {"batch": 1}, isolate=isolate)
-        many = cases[f"{name}_b{batch}"] = run_case("midas", p | {"batch": batch}, isolate=isolate)
-        ratios[f"{name} frames_per_s b{batch}/b1"] = _ratio(many["frames_per_s"], one["frames_per_s"])
+        specs[f"{name}_b1"] = ("midas", p | {"batch": 1})
+        specs[f"{name}_b{batch}"] = ("midas", p | {"batch": batch})
+    cases = _compare(specs, steps=steps, isolate=isolate)
+    ratios = {f"{name} frames_per_s b{batch}/b1": _ratio(_speed(cases[f"{name}_b{batch}"]),
+                                                         _speed(cases[f"{name}_b1"])) for name in models}
     return {"baseline": "batch 1", "cases": cases, "ratios": ratios,
             "setup": {"weights": "random init", "input": "model net size (--size unused)", "precision": "fp32"}}
 
@@ -498,7 +569,9 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
                   f"{rec['torch_threads']}, load {rec['loadavg_1m']}): batch {batch}, size {size}, steps {steps} "
                   f"after {rec['warmup_steps']} warm-up, {rec['wall_s']} s", markup=False)
     for name, c in rec["cases"].items():
-        console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c.items())), markup=False)
+        flat = {k: v for k, v in c.items() if k != "interleaved"}
+        flat.update({f"interleaved.{k}": v for k, v in c.get("interleaved", {}).items()})
+        console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False)
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False)
     if output:
