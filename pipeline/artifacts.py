@@ -109,6 +109,20 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     fsync_dir(path.parent)
 
 
+def remove_temporaries_of(directory: Path, pid: int) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files :func:`write_atomic` left in ``directory`` when process
+    ``pid`` was killed mid-write. Only for a pid known dead on this host (a stale lock we took over):
+    on a shared file system other hosts' live writers use the same pattern with their own pids."""
+    removed = []
+    suffix = f".tmp-{pid}"
+    with contextlib.suppress(FileNotFoundError):
+        for p in Path(directory).iterdir():
+            if p.name.startswith(".") and p.name.endswith(suffix) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -176,6 +190,7 @@ class Lock:
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        dead: list[int] = []  # pids of killed owners whose lock we took over
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -190,6 +205,7 @@ class Lock:
                     continue
                 if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
                     self._break()  # stale: its process is gone
+                    dead.append(int(owner.get("pid", -1)))
                     continue
                 raise LockError(
                     f"{self.path.parent} is being written by pid {owner.get('pid')} on {owner.get('host')} "
@@ -201,6 +217,8 @@ class Lock:
                 f.flush()
                 os.fsync(f.fileno())
             self.held = True
+            for pid in dead:
+                remove_temporaries_of(self.path.parent, pid)
             return
         raise LockError(f"could not take the lock {self.path}; remove it if no process is writing there")
 

@@ -306,3 +306,22 @@ def test_kill_stages_resume_identical_20_per_stage(tmp_path, seed):
     log = _run(tmp_path, seed=seed, kills={"depth": 20, "teach": 20, "distill": 20})
     print("\n".join(log))
     assert sum("in_progress" in line for line in log if " kill " in line) >= 50, log
+
+
+def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
+    """A writer SIGKILLed inside write_atomic leaves `.<name>.tmp-<pid>`; whoever takes over its stale lock
+    deletes that pid's temporaries and nobody else's (found by the 20-kill run: `.stats.part0.json.tmp-N`)."""
+    import socket
+
+    from pipeline.artifacts import Lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    mine = tmp_path / f".stats.part0.json.tmp-{dead.pid}"
+    theirs = tmp_path / f".stats.part1.json.tmp-{os.getppid()}"  # a live process (another --shard part)
+    kept = tmp_path / "stats.part0.json"
+    for f in (mine, theirs, kept):
+        f.write_text("{}")
+    with Lock(tmp_path / "LOCK"):
+        assert not mine.exists() and theirs.exists() and kept.exists()
