@@ -7,6 +7,7 @@ artifact.json; publishing (artifact.json, then COMPLETE) is done here, once, for
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
     """The built-in dataset is generated on first use, so `run synthetic` works on a fresh clone."""
     root = Path(cfg.data.root)
     if cfg.data.manifest != "synthetic" or (root / "dataset.yaml").exists():
+        return
+    if _follower_rank():
+        # torchrun: rank 0 writes the dataset (dataset.yaml last); the others wait for it.
+        deadline = time.time() + 1800
+        while not (root / "dataset.yaml").exists():
+            if time.time() > deadline:
+                raise DkpError(f"rank {os.environ.get('RANK')}: gave up waiting for rank 0 to generate {root}")
+            time.sleep(0.5)
         return
     from pipeline.synth import write_synthetic
 
@@ -106,8 +115,10 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
             if not _follower_rank():  # under torchrun, rank 0 publishes the manifest
                 _publish_manifest(plan, sp, store, console)
         elif not _run_stage(name, cfg, plan, sp, store, console, stage_options or {}):
+            _sync_ranks()
             built.append(f"{name} (this process's part)")
             continue  # only this process's part was written (depth --shard / torchrun rank > 0)
+        _sync_ranks()
         if _follower_rank():
             continue
         store.remember(cfg.name, name, sp.key)
@@ -127,6 +138,16 @@ def _follower_rank() -> bool:
     return int(os.environ.get("RANK", "0")) != 0
 
 
+def _sync_ranks() -> None:
+    """Under torchrun, no rank starts the next stage before rank 0 has published this one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> bool:
     """Run one stage; False when the stage wrote only this process's part and another process publishes."""
     try:
@@ -138,6 +159,15 @@ def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console,
     if hasattr(mod, "run_managed"):
         # Stages with their own multi-process writing protocol (depth under torchrun / --shard).
         return mod.run_managed(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options)) is not False
+    if _follower_rank():
+        # torchrun rank > 0: trains in the same directory as rank 0 (which holds the lock, checkpoints and
+        # publishes); evaluation is not distributed, so followers skip it.
+        if name == "eval":
+            return False
+        path = store.path(name, sp.key)
+        path.mkdir(parents=True, exist_ok=True)
+        mod.run(StageContext(cfg, plan, sp, store, path, console, options))
+        return False
     with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
         ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
         extra = mod.run(ctx) or {}

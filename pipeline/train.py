@@ -336,6 +336,18 @@ def _setup_distributed(device_setting: str) -> tuple[_Dist, torch.device]:
     return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, True), device
 
 
+_DESTROY_REGISTERED = False
+
+
+def _destroy_at_exit() -> None:
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        import atexit
+
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        _DESTROY_REGISTERED = True
+
+
 def config_digest(config: Mapping[str, Any]) -> str:
     """sha256 hex of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
@@ -580,8 +592,10 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
                       config_hash=config_hash or config_digest(config),
                       model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device)
     finally:
+        # The group lives as long as the process: `dkp-pipeline run` under torchrun trains teach and then
+        # distill in one process, and re-initialising a destroyed group there hangs on the rendezvous.
         if dist_env.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
+            _destroy_at_exit()
 
 
 def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,

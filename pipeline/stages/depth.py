@@ -145,10 +145,10 @@ def run_managed(ctx) -> bool:
             if rank != 0:
                 return False
     finally:
-        if dist_here:
-            import torch.distributed as dist
+        if dist_here:  # kept for the rest of the process (a later training stage reuses it)
+            from pipeline.train import _destroy_at_exit
 
-            dist.destroy_process_group()
+            _destroy_at_exit()
     return _merge_and_publish(ctx, spec, part, parts)
 
 

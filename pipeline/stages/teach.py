@@ -123,7 +123,12 @@ def run(ctx) -> dict:
 
 
 def _finish(ctx, res, title: str) -> None:
+    import os
+
     from pipeline.viz import loss_curve
+
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 owns the pictures
+        return
 
     if res.metrics_path.exists():
         loss_curve(res.metrics_path, ctx.path / "loss.png", title=title)
