@@ -310,7 +310,8 @@ def test_kill_stages_resume_identical_20_per_stage(tmp_path, seed):
 
 def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
     """A writer SIGKILLed inside write_atomic leaves `.<name>.tmp-<pid>`; whoever takes over its stale lock
-    deletes that pid's temporaries and nobody else's (found by the 20-kill run: `.stats.part0.json.tmp-N`)."""
+    deletes that pid's temporaries and nobody else's (found by the 20-kill run: `.stats.part0.json.tmp-N`
+    in a depth artifact, `samples/.step_000009.png.tmp-N` in a teach artifact)."""
     import socket
 
     from pipeline.artifacts import Lock
@@ -321,7 +322,9 @@ def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
     mine = tmp_path / f".stats.part0.json.tmp-{dead.pid}"
     theirs = tmp_path / f".stats.part1.json.tmp-{os.getppid()}"  # a live process (another --shard part)
     kept = tmp_path / "stats.part0.json"
-    for f in (mine, theirs, kept):
+    (tmp_path / "samples").mkdir()
+    picture = tmp_path / "samples" / f".step_000009.png.tmp-{dead.pid}"  # also seen in the 20-kill run
+    for f in (mine, theirs, kept, picture):
         f.write_text("{}")
     with Lock(tmp_path / "LOCK"):
-        assert not mine.exists() and theirs.exists() and kept.exists()
+        assert not mine.exists() and not picture.exists() and theirs.exists() and kept.exists()
