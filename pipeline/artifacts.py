@@ -110,15 +110,16 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def remove_temporaries_of(directory: Path, pid: int) -> list[Path]:
-    """Delete the ``.<name>.tmp-<pid>`` files :func:`write_atomic` left under ``directory`` (sub-folders
-    such as ``samples/`` included) when process ``pid`` was killed mid-write. Only for a pid known dead
-    on this host (a stale lock we took over): on a shared file system other hosts' live writers use the
-    same pattern with their own pids."""
+    """Delete the ``[.]<name>.tmp-<pid>`` files that :func:`write_atomic` (or a stage writing its own temp
+    file the same way, e.g. distill's ``teacher_embeddings.h5.tmp-<pid>``) left under ``directory``
+    (sub-folders such as ``samples/`` included) when process ``pid`` was killed mid-write. Only for a pid
+    known dead on this host (a stale lock we took over): on a shared file system other hosts' live
+    writers use the same pattern with their own pids."""
     removed = []
     suffix = f".tmp-{pid}"
     for top, _dirs, files in os.walk(directory):
         for name in files:
-            if name.startswith(".") and name.endswith(suffix):
+            if name.endswith(suffix):
                 p = Path(top) / name
                 p.unlink(missing_ok=True)
                 removed.append(p)
