@@ -188,3 +188,43 @@ def import_command(file, store, console, cfg=None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     checked = "spec and frame hashes checked against the config" if cfg is not None else "integrity verified"
     console.print(f"imported depth cache {key[:16]} ({rec.get('n_frames')} frames; {checked}) -> {final}")
+
+
+def info_command(cache_dir, console, as_json: bool = False) -> None:
+    """What a depth cache holds: frames, validity, spec (model, weights sha256, resize rule...), size on disk."""
+    import json
+
+    from pipeline.depth_cache import DepthCacheReader, progress, read_index
+
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / "layout.json").exists() and not (cache_dir / "index.json").exists():
+        from pipeline.errors import CacheError
+
+        raise CacheError(f"{cache_dir} is not a depth cache (no layout.json or index.json); depth caches live "
+                         "in STORE/depth/<key>/")
+    done, total = progress(cache_dir)
+    index = read_index(cache_dir)  # CacheError naming the fix when unfinished
+    reader = DepthCacheReader(cache_dir)
+    n_valid = int(len(reader.valid_indices()))
+    size = sum(p.stat().st_size for p in (cache_dir / "shards").glob("*.h5"))
+    rec = {}
+    try:
+        rec = json.loads((cache_dir / "artifact.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    out = {"cache": str(cache_dir), "key": rec.get("key"), "frames": index["n_frames"], "valid": n_valid,
+           "shards": index["n_shards"], "storage_dtype": index["storage_dtype"], "values": index["values"],
+           "bytes": size, "spec": index["spec"], "skipped_frames": len(rec.get("skipped_frames") or [])}
+    reader.close()
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"depth cache {cache_dir}", show_header=False, title_justify="left")
+    for k in ("key", "frames", "valid", "shards", "storage_dtype", "values", "skipped_frames"):
+        t.add_row(k, str(out[k]))
+    t.add_row("size on disk", f"{size / 2**20:.1f} MiB ({size / max(out['frames'], 1) / 1024:.1f} KiB/frame)")
+    for k, v in sorted(out["spec"].items()):
+        t.add_row(f"spec.{k}", str(v))
+    console.print(t)

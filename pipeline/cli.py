@@ -206,6 +206,16 @@ def cache():
     """Depth caches: verify, export one shareable file, import a colleague's."""
 
 
+@cache.command("info")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_info(cache_dir, as_json):
+    """Frames, validity, size and the spec (model, weights sha256, resize rule, ...) of a depth cache."""
+    from pipeline.cachecli import info_command
+
+    info_command(cache_dir, _console(), as_json)
+
+
 @cache.command("verify")
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 def cache_verify(cache_dir):
