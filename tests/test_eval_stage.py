@@ -12,6 +12,9 @@ import torch
 from pipeline.errors import DkpError
 from tests.conftest import TINY_YAML
 
+# The synthetic preset scores with left/right matching (eval.flip_pairs: dataset); the plain score is the base case.
+PLAIN = "eval.flip_pairs=none"
+
 
 def _quiet():
     from rich.console import Console
@@ -32,7 +35,7 @@ def tiny(tmp_path_factory):
     y.write_text(TINY_YAML.format(root=d / "data"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
-        plan = run_pipeline(load_config(str(y)), str(d / "store"), console=_quiet())
+        plan = run_pipeline(load_config(str(y), [PLAIN]), str(d / "store"), console=_quiet())
         yield {"yaml": str(y), "store": str(d / "store"), "plan": plan,
                "eval": plan.store.path("eval", plan.stages["eval"].key)}
     torch.set_num_threads(threads)
@@ -141,12 +144,12 @@ def test_flip_pairs_errors(tiny, tmp_path):
 
 
 def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(tiny):
-    plan, out = _run(tiny)
+    plan, out = _run(tiny, PLAIN)
     assert "nothing to do" in out and "built" not in out
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
-    p2 = build_plan(load_config(tiny["yaml"], ["distill.gamma=0"]), plan.store, progress=False)
+    p2 = build_plan(load_config(tiny["yaml"], [PLAIN, "distill.gamma=0"]), plan.store, progress=False)
     states = {s.stage: s.state for s in p2}
     assert states == {"manifest": "fresh", "depth": "fresh", "teach": "fresh", "distill": "stale", "eval": "stale"}
     assert any("distill.gamma changed" in w for w in p2.stages["distill"].why)
