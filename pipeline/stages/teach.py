@@ -113,7 +113,9 @@ def run(ctx) -> dict:
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
               "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds)}
     test_idx = m.split("test") if len(m.split("test")) else train_idx
-    on_figure = figure_heatmap_mass(model, m, reader, test_idx, sec.model.image_size)
+    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_rank() != 0)  # under torchrun only rank 0 reports
+    on_figure = figure_heatmap_mass(model, m, reader, test_idx, sec.model.image_size) if is_main else None
     if on_figure is not None:
         result.update(on_figure)
         ctx.console.print(f"heatmap mass on the figure: {on_figure['figure_heatmap_mass']:.3f} (the figure covers "
