@@ -168,8 +168,28 @@ def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console,
         path.mkdir(parents=True, exist_ok=True)
         mod.run(StageContext(cfg, plan, sp, store, path, console, options))
         return False
-    with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
-        ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
-        extra = mod.run(ctx) or {}
-        w.publish(**extra)
+    path = store.path(name, sp.key)
+    fresh_dir = not path.exists()
+    try:
+        with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
+            ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
+            extra = mod.run(ctx) or {}
+            w.publish(**extra)
+    except DkpError:
+        # A stage refused before doing any work (missing VGG weights, bad option): leave no empty
+        # "interrupted" artifact behind for `status` to report.
+        if fresh_dir:
+            _remove_if_untouched(path)
+        raise
     return True
+
+
+def _remove_if_untouched(path: Path) -> None:
+    import shutil
+
+    try:
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return
+    if names <= {"artifact.json"}:
+        shutil.rmtree(path, ignore_errors=True)

@@ -137,6 +137,11 @@ def test_perceptual_loss_without_vgg_weights_is_a_clear_error(tiny_experiment, t
     r = _cli(tiny, "teach", tiny["yaml"], "--store", tiny["store"], "--set", "teach.recon_loss=perceptual",
              "--set", f"teach.vgg_weights={missing}")
     assert r.returncode == 2 and str(missing) in " ".join(r.stderr.split()), r.stderr
+    # refusing before any work leaves no empty "interrupted" teach artifact behind
+    st = _cli(tiny, "status", tiny["yaml"], "--store", tiny["store"], "--json", "--set",
+              "teach.recon_loss=perceptual", "--set", f"teach.vgg_weights={missing}")
+    teach = [s for s in __import__("json").loads(st.stdout) if s["stage"] == "teach"][0]
+    assert teach["state"] == "missing", teach
 
 
 def test_keypoint_grid_draws_keypoints_and_the_learned_links(tmp_path):
