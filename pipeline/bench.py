@@ -14,8 +14,11 @@ bench              cases                                             ratios (spe
                    + live frozen teacher forward on depth, or        of ``distill.teacher_cache``)
                    student step + teacher embeddings read from an
                    HDF5 embedding cache (distill's own reader)
-``depth``          MiDaS 3.1 dpt_levit_224 and dpt_swin2_tiny_256,   batch B vs batch 1 frames/s, per model
-                   random init, inference at the model's net size
+``depth``          one MiDaS 3.1 model (--model, random weights in    stage / bare model and stage / run.py
+                   the official layout) on --frames generated        loop frames/s, with the goals of
+                   frames: (a) bare model on preprocessed batches    issue 4 (met or not)
+                   on the device, (b) the whole ``depth`` stage
+                   (workers, cache), (c) run.py's per-frame loop
 ``cache``          B*N depth maps (S x S, float32) written/read      cache vs .npy frames/s; bytes on disk
                    through the depth cache vs one ``np.save`` file
                    per frame
@@ -26,7 +29,9 @@ peak memory is its own: peak RSS from ``getrusage`` on CPU, ``torch.cuda.max_mem
 reported both absolute and as growth over the process's footprint just before the first step. The
 timed loop runs ``steps`` steps after one untimed warm-up step and times each; rates come from the
 median step (min and max are kept), so a neighbour's burst on a shared machine moves them less.
-Inputs are random tensors already on the device: data loading is not part of any model case.
+Inputs are random tensors already on the device: data loading is not part of any model case
+(except in ``depth``, whose point is to measure it: see :func:`case_depth_abc`, one process, no interleaving
+step by step, but the bare-model and run.py cases are timed in halves before and after the stage).
 Then all cases of a bench are built in one more process and timed step by step in alternating
 order (ABBA...), so they share whatever load the machine has; speed ratios come from these
 ``interleaved`` rates (on a shared 2-core machine, runs minutes apart differed by up to 2x).
@@ -46,7 +51,11 @@ from typing import Any, Callable, Optional
 from pipeline.errors import ConfigError, DkpError
 
 WHATS = ("teach", "depth", "cache", "teacher-cache")
-DEPTH_MODELS = ("dpt_levit_224", "dpt_swin2_tiny_256")
+DEPTH_MODEL = "dpt_levit_224"  # the smallest MiDaS 3.1 model
+DEPTH_FRAMES = 256
+# Goals of issue 4 for the depth stage: stage/bare >= 0.9 (CPU) / 0.95 (GPU), stage/run.py >= 1.3 / 4.
+DEPTH_GOALS = {"cpu": {"frames_per_s stage/bare_model": 0.9, "frames_per_s stage/run_py_loop": 1.3},
+               "cuda": {"frames_per_s stage/bare_model": 0.95, "frames_per_s stage/run_py_loop": 4.0}}
 N_KEYPOINTS = 16  # AutoLink's K for Human3.6M / DeepFashion
 WIDTH = 64  # AutoLink's detector/decoder width
 BASELINE_WIDTH = 16  # the synthetic preset's width
@@ -282,29 +291,232 @@ def build_distill_step(p: dict) -> _Case:
                  cleanup=tmp.cleanup if tmp is not None else None)
 
 
-def build_midas(p: dict) -> _Case:
-    """MiDaS 3.1 inference (random init) on a batch at the model's net size."""
+def official_layout_state_dict(model, model_type: str) -> dict:
+    """``model``'s state dict (from ``create_model``) under the official MiDaS 3.1 checkpoint key names.
+
+    The inverse of ``dkp_core.midas.checkpoint.convert_official_state_dict`` (derived buffers and unused
+    heads left out, which the loader accepts): a file the stage loads like a downloaded checkpoint, with
+    random weights, so the depth bench needs no download. The strict loader checks the result.
+    """
+    import re
+
+    from dkp_core.midas import get_spec
+
+    backbone = get_spec(model_type).backbone
+    levit = None
+    if backbone == "levit":
+        from dkp_core.midas.backbones import levit_flat_layout
+
+        inner = {"attn": (("m.qkv.c.", "qkv.linear."), ("m.qkv.bn.", "qkv.bn."), ("m.proj.1.c.", "proj.ln.linear."),
+                          ("m.proj.1.bn.", "proj.ln.bn."), ("m.attention_biases", "attention_biases")),
+                 "mlp": (("m.0.c.", "ln1.linear."), ("m.0.bn.", "ln1.bn."), ("m.2.c.", "ln2.linear."),
+                         ("m.2.bn.", "ln2.bn.")),
+                 "down_attn": (("kv.c.", "kv.linear."), ("kv.bn.", "kv.bn."), ("q.1.c.", "q.ln.linear."),
+                               ("q.1.bn.", "q.ln.bn."), ("proj.1.c.", "proj.ln.linear."), ("proj.1.bn.", "proj.ln.bn."),
+                               ("attention_biases", "attention_biases"))}
+        inner["down_mlp"] = inner["mlp"]
+        levit = [(prefix + ".", i, inner[kind]) for i, (prefix, kind) in
+                 enumerate(levit_flat_layout(model.pretrained.model))]
+
+    def backbone_key(sub: str) -> str:
+        if backbone in ("swin", "swin2"):
+            m = re.match(r"layers\.(\d+)\.downsample\.(.*)$", sub)
+            return f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else sub
+        if levit is not None:
+            m = re.match(r"stem\.conv(\d)\.(linear|bn)\.(.*)$", sub)
+            if m:
+                return f"patch_embed.{2 * (int(m.group(1)) - 1)}.{'c' if m.group(2) == 'linear' else 'bn'}.{m.group(3)}"
+            for prefix, i, pairs in levit:
+                if sub.startswith(prefix):
+                    rest = sub[len(prefix):]
+                    for old, new in pairs:
+                        if rest.startswith(new):
+                            return f"blocks.{i}.{old}{rest[len(new):]}"
+        return sub
+
+    out = {}
+    for key, v in model.state_dict().items():
+        if key.startswith("pretrained.model."):
+            key = "pretrained.model." + backbone_key(key[len("pretrained.model."):])
+        else:
+            m = re.match(r"pretrained\.reassemble\.(\d)\.(readout|conv|resample)\.(.*)$", key)
+            if m:
+                old = {"readout": "0.project.0.", "conv": "3.", "resample": "4."}[m.group(2)]
+                key = f"pretrained.act_postprocess{int(m.group(1)) + 1}.{old}{m.group(3)}"
+        out[key] = v.detach().clone()
+    return out
+
+
+def _write_frames(folder: Path, n: int, size: int) -> list[Path]:
+    """``n`` distinct ``size`` x ``size`` RGB PNG frames (gradients plus noise), like a small video folder."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    paths = []
+    for k in range(n):
+        img = np.stack([(xx + k) % size * 255 // size, yy * 255 // size, rng.integers(0, 256, (size, size))], -1)
+        paths.append(folder / f"frame{k:06d}.png")
+        cv2.imwrite(str(paths[-1]), img.astype(np.uint8))
+    return paths
+
+
+class _EnvVar:
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def case_depth_abc(p: dict) -> dict:
+    """The three depth cases on the same generated frames, in one process, in the order
+    a1 c1 b c2 a2 (a, c: first and second half of the frames), so that a and c bracket b in time.
+
+    (a) ``bare_model``: the stage's own inference call (``_infer``: same precision, memory format,
+        device) on batches preprocessed beforehand and already on the device;
+    (b) ``stage``: ``run_pipeline(only="depth")`` with provider midas on a folder manifest of the frames
+        (DataLoader workers decode and preprocess, the background writer fills the HDF5 cache); rate from
+        the stage's own frame loop (``compute.seconds`` in artifact.json), wall time kept too;
+    (c) ``run_py_loop``: MiDaS run.py's loop: cv2.imread, RGB / 255, resize + normalise, forward at batch 1
+        under ``no_grad`` in fp32, bicubic back to the frame size, ``np.save`` per frame.
+    One untimed warm-up batch (a) and frame (c) first; kernels are then warm for all three cases.
+    """
+    import io as _io
+
+    import cv2
+    import numpy as np
     import torch
+    from rich.console import Console
 
     from dkp_core.midas import create_model, get_spec
+    from dkp_core.midas.transforms import postprocess, preprocess
+    from pipeline.config import load_config
+    from pipeline.midas_weights import load_midas
+    from pipeline.runner import run_pipeline
+    from pipeline.stages import depth as D
 
     device = _device(p["device"])
-    spec = get_spec(p["model_type"])
-    torch.manual_seed(0)
-    model = create_model(p["model_type"]).to(device)
-    x = torch.randn(p["batch"], 3, spec.net_h, spec.net_w, device=device)  # (B, 3, net_h, net_w)
+    mt, n, size, batch = p["model_type"], p["frames"], p["size"], p["batch"]
+    spec = get_spec(mt)
+    precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
-    def step():
-        with torch.inference_mode():
-            model(x)
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    return _Case(step, device=device, per_step=p["batch"], unit="frames_per_s", extra=lambda: {"net_size": [spec.net_h, spec.net_w]})
+    with tempfile.TemporaryDirectory(prefix="dkp-bench-depth-") as tmp, _EnvVar("DKP_CACHE_DIR", f"{tmp}/dkp-cache"):
+        root = Path(tmp)
+        paths = _write_frames(root / "data" / "images", n, size)
+        torch.manual_seed(0)
+        weights = root / f"{mt}.pt"
+        torch.save(official_layout_state_dict(create_model(mt), mt), weights)
+        exp = root / "bench.yaml"
+        exp.write_text(json.dumps({"name": "bench-depth", "data": {"manifest": "folder", "root": str(root / "data")},
+                                   "depth": {"provider": "midas", "model_type": mt, "weights": str(weights),
+                                             "batch_size_inference": batch, "precision": precision,
+                                             "device": device.type}}))
+        cfg = load_config(str(exp))
+
+        # (a): the stage's model bundle and inference call, inputs preprocessed and on the device beforehand
+        bundle = D._load_model(cfg, None)
+        xs = np.stack([preprocess(cv2.cvtColor(cv2.imread(str(q)), cv2.COLOR_BGR2RGB) / 255.0, spec) for q in paths])
+        batches = [torch.from_numpy(xs[i:i + batch]).to(bundle[1]) for i in range(0, n, batch)]  # (B, 3, h, w)
+        del xs
+        stats = {"seconds_model": 0.0, "fp32_fallbacks": 0}
+        D._infer(bundle, batches[0], stats)  # warm-up
+        # (c): run.py's model: fp32, default memory format (run.py's --optimize is off by default)
+        model_c, _ = load_midas(mt, weights, device=device)
+        out_c = root / "run_py_out"
+        out_c.mkdir()
+
+        def run_py(frames: list[Path]) -> float:
+            sync()
+            t0 = time.perf_counter()
+            for q in frames:
+                img = cv2.imread(str(q))
+                if img.ndim == 2:
+                    img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) / 255.0  # (H, W, 3) float64 in [0, 1]
+                sample = torch.from_numpy(preprocess(img, spec)).to(device).unsqueeze(0)  # (1, 3, h, w)
+                with torch.no_grad():
+                    pred = postprocess(model_c.forward(sample), img.shape[:2]).squeeze().cpu().numpy()  # (H, W)
+                np.save(out_c / f"{q.stem}.npy", pred)
+            sync()
+            return time.perf_counter() - t0
+
+        def bare(bs: list) -> float:
+            sync()
+            t0 = time.perf_counter()
+            for x in bs:
+                D._infer(bundle, x, stats)
+            sync()
+            return time.perf_counter() - t0
+
+        run_py(paths[:1])  # warm-up
+        half_b, half_f = len(batches) // 2, n // 2
+        a1, c1 = bare(batches[:half_b]), run_py(paths[:half_f])
+        frames_a1 = sum(len(x) for x in batches[:half_b])
+
+        # (b): the stage, as `dkp-pipeline depth` runs it
+        store = root / "store"
+        t0 = time.perf_counter()
+        run_pipeline(cfg, str(store), only="depth", until="depth", console=Console(file=_io.StringIO(), width=200))
+        b_wall = time.perf_counter() - t0
+        (cache,) = list((store / "depth").iterdir())
+        rec = json.loads((cache / "artifact.json").read_text())
+        comp = rec["compute"]
+        if rec.get("n_valid") != n or comp["frames"] != n:
+            raise BenchError(f"bench depth: the stage wrote {rec.get('n_valid')} valid frames of {n}")
+        cache_bytes = sum(f.stat().st_size for f in (cache / "shards").glob("*.h5"))
+
+        c2, a2 = run_py(paths[half_f:]), bare(batches[half_b:])
+        # the stage's values equal the run.py loop's (same weights; fp32 on CPU)
+        from pipeline.depth_cache import DepthCacheReader
+
+        with DepthCacheReader(cache) as r:
+            k = n - 1
+            got, want = r.read(k), np.load(out_c / f"{paths[k].stem}.npy")
+            max_rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+
+    fa = (frames_a1, n - frames_a1)
+    fc = (half_f, n - half_f)
+    return {
+        "cases": {
+            "bare_model": {"frames_per_s": n / (a1 + a2), "seconds": round(a1 + a2, 3), "frames": n,
+                           "halves_frames_per_s": [round(fa[0] / a1, 3), round(fa[1] / a2, 3)],
+                           "batch": batch, "precision": precision},
+            "stage": {"frames_per_s": n / comp["seconds"], "seconds": comp["seconds"], "frames": n,
+                      "frames_per_s_wall": n / b_wall, "wall_s": round(b_wall, 3),
+                      "seconds_model": comp["seconds_model"],
+                      "seconds_waiting_for_writer": comp["seconds_waiting_for_writer"],
+                      "seconds_writing": comp["seconds_writing"], "fp32_fallbacks": comp["fp32_fallbacks"],
+                      "num_workers": cfg.depth.num_workers, "batch": batch, "precision": precision,
+                      "cache_bytes": cache_bytes, "storage_dtype": cfg.depth.storage_dtype},
+            "run_py_loop": {"frames_per_s": n / (c1 + c2), "seconds": round(c1 + c2, 3), "frames": n,
+                            "halves_frames_per_s": [round(fc[0] / c1, 3), round(fc[1] / c2, 3)], "batch": 1,
+                            "precision": "fp32"},
+        },
+        "setup": {"weights": "random init, official layout (torch.save of create_model's state dict, keys mapped)",
+                  "order": "a1 c1 b c2 a2 (halves of the frames), after one warm-up batch (a) and frame (c)",
+                  "stage_rate": "frames / compute.seconds (the stage's frame loop: DataLoader start to last shard "
+                                "committed); wall_s also counts manifest, weights hash, model load, preview",
+                  "stage_vs_run_py_max_rel_diff": max_rel},
+    }
 
 
 BUILDERS: dict[str, Callable[[dict], _Case]] = {
     "autolink_step": build_autolink_step,
     "distill_step": build_distill_step,
-    "midas": build_midas,
 }
 
 
@@ -358,6 +570,7 @@ def case_interleaved(p: dict) -> dict:
 CASE_FNS: dict[str, Callable[[dict], dict]] = {
     "alone": case_alone,
     "interleaved": case_interleaved,
+    "depth_abc": case_depth_abc,
 }
 
 
@@ -436,18 +649,32 @@ def bench_teacher_cache(*, batch: int, size: int, steps: int, device, isolate: b
             "setup": {"width": WIDTH, "n_keypoints": N_KEYPOINTS, "layer": "logits", "recon_loss": "l1ssim"}}
 
 
-def bench_depth(*, batch: int, size: int, steps: int, device, isolate: bool = True,
-                models: tuple[str, ...] = DEPTH_MODELS) -> dict:
-    specs = {}
-    for name in models:
-        p = {"device": str(device), "model_type": name, "steps": steps}
-        specs[f"{name}_b1"] = ("midas", p | {"batch": 1})
-        specs[f"{name}_b{batch}"] = ("midas", p | {"batch": batch})
-    cases = _compare(specs, steps=steps, isolate=isolate)
-    ratios = {f"{name} frames_per_s b{batch}/b1": _ratio(_speed(cases[f"{name}_b{batch}"]),
-                                                         _speed(cases[f"{name}_b1"])) for name in models}
-    return {"baseline": "batch 1", "cases": cases, "ratios": ratios,
-            "setup": {"weights": "random init", "input": "model net size (--size unused)", "precision": "fp32"}}
+def bench_depth(*, batch: int, size: int, steps: int, device, isolate: bool = True, model: str = DEPTH_MODEL,
+                frames: int = DEPTH_FRAMES) -> dict:
+    """(a) bare model, (b) the full ``depth`` stage, (c) a run.py-style loop, on the same frames in one process.
+
+    ``steps`` is unused (the frame count sets the work); ``size`` is the side of the generated frames."""
+    from dkp_core.midas import get_spec, list_models
+
+    try:
+        spec = get_spec(model)
+    except ValueError:
+        raise ConfigError(f"bench depth --model {model!r}: not a MiDaS 3.1 model; valid: {', '.join(list_models())}") \
+            from None
+    if not isinstance(frames, int) or frames < 2 * batch:
+        raise ConfigError(f"bench depth --frames {frames!r}: must be an integer >= 2 x --batch ({2 * batch}); the bare "
+                          "model and the run.py loop are timed in two halves around the stage")
+    p = {"device": str(device), "model_type": model, "frames": frames, "size": size, "batch": batch}
+    res = run_case("depth_abc", p, isolate=isolate)
+    cases = res["cases"]
+    a, b, c = (cases[n]["frames_per_s"] for n in ("bare_model", "stage", "run_py_loop"))
+    ratios = {"frames_per_s stage/bare_model": _ratio(b, a), "frames_per_s stage/run_py_loop": _ratio(b, c),
+              "frames_per_s stage_wall/bare_model": _ratio(cases["stage"]["frames_per_s_wall"], a)}
+    goal = DEPTH_GOALS[device.type]
+    goals = {k: {"goal": g, "value": ratios[k], "met": ratios[k] is not None and ratios[k] >= g} for k, g in goal.items()}
+    return {"baseline": "bare_model (a) and run_py_loop (c)", "cases": cases, "ratios": ratios, "goals": goals,
+            "setup": {"model_type": model, "net_size": [spec.net_h, spec.net_w], "frames": frames,
+                      "frame_size": [size, size], **res["setup"]}}
 
 
 def bench_cache(*, batch: int, size: int, steps: int, device=None, isolate: bool = True) -> dict:
@@ -563,7 +790,7 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     """The CLI's `bench`: run, print the cases and ratios, append the JSON record as one line to ``output``.
 
     ``isolate=False`` runs model cases in this process (tests: faster, but CPU peak RSS is then the
-    process's, not the case's); ``kw`` goes to the bench (``models=`` for depth)."""
+    process's, not the case's); ``kw`` goes to the bench (``model=``, ``frames=`` for depth)."""
     rec = run_bench(what, batch=batch, size=size, steps=steps, device=device, isolate=isolate, **kw)
     console.print(f"bench {what} on {rec['device']} ({rec['device_name']}, {rec['cpus']} CPUs, torch threads "
                   f"{rec['torch_threads']}, load {rec['loadavg_1m']}): batch {batch}, size {size}, steps {steps} "
@@ -574,6 +801,9 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
         console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False)
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False)
+    for k, g in rec.get("goals", {}).items():
+        console.print(f"  goal {k} >= {g['goal']}: {'met' if g['met'] else 'NOT met'} ({_fmt(g['value'])})",
+                      markup=False)
     if output:
         p = Path(output)
         p.parent.mkdir(parents=True, exist_ok=True)
