@@ -274,11 +274,16 @@ def predict(student, images, output, device):
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Append the result (JSON line) to this file.")
-def bench(what, batch, size, steps, device, output):
+@click.option("--model", default="dpt_levit_224", show_default=True,
+              help="depth only: MiDaS 3.1 model type (random weights).")
+@click.option("--frames", default=256, show_default=True,
+              help="depth only: frames generated (--size px squares) and run through each case.")
+def bench(what, batch, size, steps, device, output, model, frames):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
 
-    bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console())
+    kw = {"model": model, "frames": frames} if what == "depth" else {}
+    bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console(), **kw)
 
 
 if __name__ == "__main__":  # pragma: no cover

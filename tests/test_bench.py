@@ -82,16 +82,80 @@ def test_bench_teacher_cache(tmp_path):
     assert rec["isolated"] is False and rec["setup"]["width"] == 64
 
 
-def test_bench_depth_one_model():
-    from pipeline.bench import bench_command
+def test_bench_depth_bare_model_vs_stage_vs_run_py_loop():
+    """(a) bare model, (b) the whole depth stage, (c) run.py's loop, on 4 tiny frames of the smallest model."""
+    from pipeline.bench import DEPTH_GOALS, bench_command
 
     console = _console()
-    rec = bench_command("depth", batch=2, size=16, steps=1, device="cpu", output=None, console=console,
-                        isolate=False, models=("dpt_levit_224",))
-    _check_record(rec, "depth", {"dpt_levit_224_b1", "dpt_levit_224_b2"}, {"dpt_levit_224 frames_per_s b2/b1"})
-    assert rec["cases"]["dpt_levit_224_b1"]["net_size"] == [224, 224]
-    assert all(c["frames_per_s"] > 0 and c["interleaved"]["frames_per_s"] > 0 for c in rec["cases"].values())
-    assert "ratio dpt_levit_224 frames_per_s b2/b1" in console.file.getvalue()
+    rec = bench_command("depth", batch=2, size=24, steps=1, device="cpu", output=None, console=console,
+                        isolate=False, model="dpt_levit_224", frames=4)
+    ratios = {"frames_per_s stage/bare_model", "frames_per_s stage/run_py_loop", "frames_per_s stage_wall/bare_model"}
+    _check_record(rec, "depth", {"bare_model", "stage", "run_py_loop"}, ratios)
+    a, b, c = (rec["cases"][n] for n in ("bare_model", "stage", "run_py_loop"))
+    assert a["frames"] == b["frames"] == c["frames"] == 4 and a["batch"] == b["batch"] == 2 and c["batch"] == 1
+    assert all(x["frames_per_s"] > 0 and x["precision"] == "fp32" for x in (a, b, c))
+    assert len(a["halves_frames_per_s"]) == len(c["halves_frames_per_s"]) == 2
+    # the stage's rate is its own frame loop; its wall time also counts planning and loading, so is longer
+    assert 0 < b["seconds_model"] <= b["seconds"] < b["wall_s"] and b["num_workers"] == 2 and b["cache_bytes"] > 0
+    assert rec["ratios"]["frames_per_s stage/bare_model"] == pytest.approx(b["frames_per_s"] / a["frames_per_s"],
+                                                                           rel=1e-2)
+    assert rec["ratios"]["frames_per_s stage/run_py_loop"] == pytest.approx(b["frames_per_s"] / c["frames_per_s"],
+                                                                            rel=1e-2)
+    assert set(rec["goals"]) == set(DEPTH_GOALS["cpu"])
+    for k, g in rec["goals"].items():
+        assert g["goal"] == DEPTH_GOALS["cpu"][k] and g["met"] == (g["value"] >= g["goal"])
+    setup = rec["setup"]
+    assert setup["model_type"] == "dpt_levit_224" and setup["net_size"] == [224, 224] and setup["frame_size"] == [24, 24]
+    # the stage and the run.py loop computed the same depth (cache: float16 with a per-frame scale)
+    assert setup["stage_vs_run_py_max_rel_diff"] < 2e-3
+    out = console.file.getvalue()
+    assert "ratio frames_per_s stage/run_py_loop" in out and "goal frames_per_s stage/bare_model >= 0.9" in out
+
+
+def test_bench_cli_passes_model_and_frames_to_depth_only(monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    calls = []
+    monkeypatch.setattr("pipeline.bench.bench_command", lambda what, **kw: calls.append((what, kw)))
+    for args in (["depth", "--model", "dpt_swin2_tiny_256", "--frames", "12"], ["depth"], ["cache", "--frames", "3"]):
+        r = CliRunner().invoke(main, ["bench", *args, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+    (w1, kw1), (w2, kw2), (w3, kw3) = calls
+    assert (w1, kw1["model"], kw1["frames"], kw1["batch"]) == ("depth", "dpt_swin2_tiny_256", 12, 16)
+    assert (kw2["model"], kw2["frames"]) == ("dpt_levit_224", 256)  # defaults: the smallest model
+    assert w3 == "cache" and "model" not in kw3 and "frames" not in kw3 and kw3["size"] == 128
+
+
+@pytest.mark.parametrize("model_type", ["dpt_levit_224", "dpt_swin2_tiny_256"])
+def test_depth_bench_weights_are_in_the_official_layout(model_type):
+    """The bench's random checkpoint has exactly the official file's keys and shapes (fixture specs), less
+    the derived buffers and unused heads, and loads through the strict official-checkpoint loader."""
+    from tests.conftest import SHARED
+
+    spec_file = SHARED / "fixtures" / "midas" / f"{model_type}.spec.json"
+    if not spec_file.is_file():
+        pytest.skip(f"MiDaS fixtures absent: {spec_file}")
+    import re
+
+    import torch
+
+    from dkp_core.midas import create_model, load_official_state_dict
+    from dkp_core.midas.checkpoint import ignored_patterns
+    from pipeline.bench import official_layout_state_dict
+
+    torch.manual_seed(0)
+    model = create_model(model_type)
+    sd = official_layout_state_dict(model, model_type)
+    ignored = [re.compile(p) for p in ignored_patterns(model_type)]
+    want = {k: tuple(shape) for k, shape, _, role in json.loads(spec_file.read_text())["keys"]
+            if role == "generated" and not any(r.match(k) for r in ignored)}
+    assert {k: tuple(v.shape) for k, v in sd.items()} == want
+    other = create_model(model_type)
+    load_official_state_dict(other, sd, model_type)
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
 
 
 def test_bench_cache():
@@ -111,6 +175,8 @@ def test_bench_cache():
     ({"what": "teacher-cache", "batch": 1, "size": 16}, "use --batch 2 or --size 32"),
     ({"what": "cache", "device": "tpu"}, "--device 'tpu'"),
     ({"what": "nope"}, "valid: teach, depth, cache, teacher-cache"),
+    ({"what": "depth", "model": "dpt_tiny"}, "--model 'dpt_tiny': not a MiDaS 3.1 model; valid: "),
+    ({"what": "depth", "batch": 4, "frames": 7}, "--frames 7: must be an integer >= 2 x --batch"),
 ])
 def test_bad_bench_arguments_are_config_errors(kw, msg):
     from pipeline.bench import run_bench
