@@ -101,7 +101,7 @@ def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
 
     monkeypatch.setattr(distill_mod, "teacher_embedding", spy)
     d = distill(tiny, "distill.gamma=0.4", "distill.teacher_cache=false")
-    assert len(seen) == 6  # live teacher: one forward per step
+    assert len(seen) == 7  # live teacher: the shape check before training, then one forward per step
     assert not any(s["training"] or s["any_training"] or s["requires_grad"] or s["has_grad"] or s["out_requires_grad"]
                    for s in seen), seen
     assert len({s["checksum"] for s in seen}) == 1  # weights and BN statistics never change
@@ -182,3 +182,13 @@ def test_unknown_layer_is_a_config_error(tiny):
 
     with pytest.raises(ConfigError, match="down1, down2"):
         load_config(tiny["yaml"], ["distill.layer=conv9"])
+
+
+def test_teacher_and_student_shapes_must_match(tiny):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distill.layer=logits: the teacher's tensor is \(4, 8, 8\) but the "
+                                          r"student's would be \(5, 8, 8\)"):
+        distill(tiny, "distill.gamma=0.4", "distill.model.n_keypoints=5")
+    # gamma = 0 needs no teacher tensor, so any student shape is fine
+    assert (distill(tiny, "distill.gamma=0", "distill.model.n_keypoints=5") / "model.pt").is_file()

@@ -27,6 +27,23 @@ def teacher_embedding(teacher, depth: torch.Tensor, layer: str) -> torch.Tensor:
     return out.features[layer].float()
 
 
+def check_embedding_shapes(teacher, student_args: dict, layer: str) -> None:
+    """Refuse a teacher/student pair whose ``layer`` tensors differ in shape (the cosine needs equal shapes)."""
+    from pipeline.errors import ConfigError
+
+    student = common.build_model(student_args).eval()
+    with torch.no_grad():
+        t = teacher_embedding(teacher, torch.zeros(1, 3, teacher.image_size, teacher.image_size,
+                                                   device=next(teacher.parameters()).device), layer)
+        s_ = student.detector(torch.zeros(1, 3, student.image_size, student.image_size),
+                              return_features=(layer,)).features[layer]
+    if tuple(t.shape[1:]) != tuple(s_.shape[1:]):
+        raise ConfigError(
+            f"distill.layer={layer}: the teacher's tensor is {tuple(t.shape[1:])} but the student's would be "
+            f"{tuple(s_.shape[1:])}; make distill.model (n_keypoints, image_size, heatmap_size, width) match "
+            "teach.model, or set distill.gamma: 0")
+
+
 class EmbeddingCache:
     """Teacher embeddings per (frame, flip), float32, in one HDF5 file written atomically."""
 
@@ -105,6 +122,8 @@ def run(ctx) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.to(device).eval()
+    if gamma > 0:
+        check_embedding_shapes(teacher, common.model_args(sec), layer)
 
     train_idx = valid_train_indices(m, reader, "train")
     use_cache = bool(sec.teacher_cache and gamma > 0)
