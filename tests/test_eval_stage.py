@@ -153,3 +153,9 @@ def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(t
     states = {s.stage: s.state for s in p2}
     assert states == {"manifest": "fresh", "depth": "fresh", "teach": "fresh", "distill": "stale", "eval": "stale"}
     assert any("distill.gamma changed" in w for w in p2.stages["distill"].why)
+
+
+def test_metric_input_errors_become_dkp_errors(tiny):
+    # Human3.6M's protocol needs its 32 joints; the synthetic data have 16: a named user error, not a traceback
+    with pytest.raises(DkpError, match=r"eval protocol h36m on dataset synthetic \(student, distill artifact\): .*32"):
+        _run(tiny, PLAIN, "eval.protocol=h36m")

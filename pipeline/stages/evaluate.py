@@ -130,13 +130,15 @@ def run(ctx) -> dict:
                               depth_reader=reader)
             sets[split] = (idx, detect(model, ds, key, device, ctx.cfg.eval.batch_size_inference),
                            gt_in_model_frame(m, idx, S))
-        r = evaluate(protocol, det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
-                     gt_test=sets["test"][2], image_size=S, **options)
-        if options:
-            # the same detections scored without the orientation matching, for comparison
-            plain = evaluate(protocol, det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
-                             gt_test=sets["test"][2], image_size=S)
-            r.details["value_without_flip_pairs"] = float(plain.value)
+        arrays_in = dict(det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
+                         gt_test=sets["test"][2], image_size=S)
+        try:
+            r = evaluate(protocol, **arrays_in, **options)
+            if options:
+                # the same detections scored without the orientation matching, for comparison
+                r.details["value_without_flip_pairs"] = float(evaluate(protocol, **arrays_in).value)
+        except ValueError as e:  # the metric functions name the array and the expected shape
+            raise DkpError(f"eval protocol {protocol} on dataset {m.name} ({role}, {stage} artifact): {e}") from None
         for split, (idx, det, gt) in sets.items():
             arrays[f"{role}_{split}_index"], arrays[f"{role}_{split}_det"] = idx, det
             arrays[f"{role}_{split}_gt"] = gt
