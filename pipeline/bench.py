@@ -692,7 +692,8 @@ def bench_depth(*, batch: int, size: int, steps: int, device, isolate: bool = Tr
     ratios = {"frames_per_s stage/bare_model": _ratio(b, a), "frames_per_s stage/run_py_loop": _ratio(b, c),
               "frames_per_s stage_wall/bare_model": _ratio(cases["stage"]["frames_per_s_wall"], a)}
     goal = DEPTH_GOALS[device.type]
-    goals = {k: {"goal": g, "value": ratios[k], "met": ratios[k] is not None and ratios[k] >= g} for k, g in goal.items()}
+    goals = {k: {"goal": g, "value": ratios[k], "met": ratios[k] is not None and ratios[k] >= g}
+             for k, g in goal.items()}
     return {"baseline": "bare_model (a) and run_py_loop (c)", "cases": cases, "ratios": ratios, "goals": goals,
             "setup": {"model_type": model, "net_size": [spec.net_h, spec.net_w], "frames": frames,
                       "frame_size": [size, size], **res["setup"]}}
@@ -815,22 +816,23 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     rec = run_bench(what, batch=batch, size=size, steps=steps, device=device, isolate=isolate, **kw)
     console.print(f"bench {what} on {rec['device']} ({rec['device_name']}, {rec['cpus']} CPUs, torch threads "
                   f"{rec['torch_threads']}, load {rec['loadavg_1m']}): batch {batch}, size {size}, steps {steps} "
-                  f"after {rec['warmup_steps']} warm-up, {rec['wall_s']} s", markup=False)
+                  f"after {rec['warmup_steps']} warm-up, {rec['wall_s']} s", markup=False, soft_wrap=True)
     for name, c in rec["cases"].items():
         flat = {k: v for k, v in c.items() if k != "interleaved"}
         flat.update({f"interleaved.{k}": v for k, v in c.get("interleaved", {}).items()})
-        console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False)
+        console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False,
+                      soft_wrap=True)
     for k, v in rec["ratios"].items():
-        console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False)
+        console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():
         console.print(f"  goal {k} >= {g['goal']}: {'met' if g['met'] else 'NOT met'} ({_fmt(g['value'])})",
-                      markup=False)
+                      markup=False, soft_wrap=True)
     if output:
         p = Path(output)
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-        console.print(f"appended to {p}", markup=False)
+        console.print(f"appended to {p}", markup=False, soft_wrap=True)
     return rec
 
 
