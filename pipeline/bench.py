@@ -685,6 +685,9 @@ def bench_depth(*, batch: int, size: int, steps: int, device, isolate: bool = Tr
     if not isinstance(frames, int) or frames < 2 * batch:
         raise ConfigError(f"bench depth --frames {frames!r}: must be an integer >= 2 x --batch ({2 * batch}); the bare "
                           "model and the run.py loop are timed in two halves around the stage")
+    if device.type == "cuda" and (device.index or 0) != 0:
+        raise ConfigError(f"bench depth --device {device}: the depth stage runs on cuda:LOCAL_RANK (cuda:0 here); "
+                          f"use CUDA_VISIBLE_DEVICES={device.index} with --device cuda")
     p = {"device": str(device), "model_type": model, "frames": frames, "size": size, "batch": batch}
     res = run_case("depth_abc", p, isolate=isolate)
     cases = res["cases"]
