@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pipeline.artifacts import fsync_dir
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -80,20 +81,6 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
                     "list or dict before saving")
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable (power loss); harmless where directories cannot be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: dict[str, Any], path: Path | str) -> Path:
     """Write ``obj`` with ``torch.save`` to ``path`` atomically; returns the final path.
 
@@ -113,7 +100,7 @@ def save_atomic(obj: dict[str, Any], path: Path | str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)  # makes the rename itself durable (power loss)
     return path
 
 
