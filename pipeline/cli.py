@@ -67,35 +67,20 @@ def main() -> None:
 # status / run
 
 
-def _print_plan(plan, console, title: str = "") -> None:
-    from rich.table import Table
-
-    colours = {"fresh": "green", "stale": "yellow", "missing": "red", "in_progress": "cyan"}
-    t = Table(title=title or f"experiment {plan.cfg.name!r} · store {plan.store.root}", title_justify="left")
-    t.add_column("stage")
-    t.add_column("state")
-    t.add_column("key")
-    t.add_column("why / progress", overflow="fold")
-    for s in plan:
-        detail = "; ".join(([s.progress] if s.progress else []) + s.why)
-        t.add_row(s.stage, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
-    console.print(t)
-
-
 @main.command()
 @_config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config, overrides, store, as_json):
     """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress, with its key."""
     from pipeline.artifacts import Store
-    from pipeline.graph import build_plan, dumps
+    from pipeline.graph import build_plan, dumps, print_plan
 
     cfg = _load(config, overrides)
     plan = build_plan(cfg, Store.from_option(store), progress=not as_json)
     if as_json:
         click.echo(dumps(plan))
     else:
-        _print_plan(plan, _console())
+        print_plan(plan, _console())
 
 
 @main.command()

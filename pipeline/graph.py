@@ -212,3 +212,19 @@ def plan_as_json(plan: Plan) -> list[dict]:
 
 def dumps(plan: Plan) -> str:
     return json.dumps(plan_as_json(plan), indent=2)
+
+
+def print_plan(plan, console, title: str = "") -> None:
+    """The plan as a table: stage, state (coloured), key prefix, why stale / progress."""
+    from rich.table import Table
+
+    colours = {"fresh": "green", "stale": "yellow", "missing": "red", "in_progress": "cyan"}
+    t = Table(title=title or f"experiment {plan.cfg.name!r} · store {plan.store.root}", title_justify="left")
+    t.add_column("stage")
+    t.add_column("state")
+    t.add_column("key")
+    t.add_column("why / progress", overflow="fold")
+    for s in plan:
+        detail = "; ".join(([s.progress] if s.progress else []) + s.why)
+        t.add_row(s.stage, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
+    console.print(t)

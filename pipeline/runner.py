@@ -84,9 +84,9 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     plan = build_plan(cfg, store, progress=not dry_run)
     wanted = STAGES[: STAGES.index(until) + 1] if only is None else (only,)
     if dry_run:
-        from pipeline.cli import _print_plan
+        from pipeline.graph import print_plan
 
-        _print_plan(plan, console)
+        print_plan(plan, console)
         todo = [s for s in wanted if plan.stages[s].state != "fresh"]
         console.print("would build: " + (", ".join(todo) if todo else "nothing (all fresh)"))
         return plan

@@ -236,7 +236,7 @@ def test_torchrun_two_ranks_equal_single_run(tiny_experiment, reference):
 def test_skip_bad_frames(tiny_experiment):
     from rich.console import Console
 
-    from pipeline.cli import _print_plan
+    from pipeline.graph import print_plan
 
     exp = tiny_experiment
     _synth(exp)
@@ -260,7 +260,7 @@ def test_skip_bad_frames(tiny_experiment):
     plan, st = _plan(exp)
     assert st["depth"].state == "fresh" and "f000005" in st["depth"].progress
     out = io.StringIO()
-    _print_plan(plan, Console(file=out, width=200))
+    print_plan(plan, Console(file=out, width=200))
     assert "1 unreadable frame(s) skipped" in out.getvalue() and "f000005" in out.getvalue()
 
 
