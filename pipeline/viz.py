@@ -105,9 +105,10 @@ def loss_curve(metrics_jsonl: Path, out_png: Path, keys: Optional[Sequence[str]]
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    tmp = Path(out_png).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    import os
+    import io
 
-    os.replace(tmp, out_png)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    # Same atomic write as every other file, so a killed run's temp is one the lock takeover cleans up.
+    write_atomic(Path(out_png), buf.getvalue())
