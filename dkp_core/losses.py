@@ -1,4 +1,4 @@
-"""Losses: reconstruction (VGG16 perceptual as AutoLink, or a weight-free multi-scale L1+SSIM) and
+"""Losses: reconstruction (VGG16 perceptual as AutoLink, or weight-free: multi-scale L1+SSIM, plain L1, MSE) and
 the Distill-DKP distillation term (research/paper_autolink.md §1.0, §1.4, §2.7).
 
 No file I/O here: the VGG16 weights come in as a state dict (``pipeline.vgg_weights`` loads them).
@@ -147,6 +147,23 @@ class MultiScaleL1SSIM(nn.Module):
         return total / self.scales
 
 
+class PixelLoss(nn.Module):
+    """Plain per-pixel reconstruction loss, the simplest weight-free baseline: mean ``|x - y|``
+    (``norm="l1"``) or mean ``(x - y)²`` (``norm="mse"``) of the [-1, 1] inputs mapped to [0, 1],
+    single scale. Identical images give 0. Returns a scalar tensor.
+    """
+
+    def __init__(self, norm: str = "l1") -> None:
+        super().__init__()
+        if norm not in ("l1", "mse"):
+            raise ValueError(f"norm must be 'l1' or 'mse', got {norm!r}")
+        self.norm = norm
+
+    def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
+        d = (prediction.float() - target.float()) / 2  # difference of the [0, 1] images
+        return d.abs().mean() if self.norm == "l1" else (d * d).mean()
+
+
 DISTILLATION_FLATTENS = ("sample", "keypoint", "location")
 
 
@@ -182,6 +199,8 @@ def distillation_loss(student: Tensor, teacher: Tensor, *, flatten: str = "sampl
 RECONSTRUCTION_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "perceptual": PerceptualLoss,
     "l1ssim": MultiScaleL1SSIM,
+    "l1": lambda: PixelLoss("l1"),
+    "mse": lambda: PixelLoss("mse"),
 }
 
 

@@ -14,6 +14,9 @@ bench              cases                                             ratios (spe
                    + live frozen teacher forward on depth, or        of ``distill.teacher_cache``)
                    student step + teacher embeddings read from an
                    HDF5 embedding cache (distill's own reader)
+``recon-loss``     AutoLink training step at width 16 with each       X/l1ssim for l1, mse and perceptual
+                   reconstruction loss: l1ssim, l1, mse, perceptual  (steps/s, memory)
+                   (VGG16 at 224 px, random weights: same cost)
 ``depth``          one MiDaS 3.1 model (--model, random weights in    stage / bare model and stage / run.py
                    the official layout) on --frames generated        loop frames/s, with the goals of
                    frames: (a) bare model on preprocessed batches    issue 4 (met or not)
@@ -50,7 +53,7 @@ from typing import Any, Callable, Optional
 
 from pipeline.errors import ConfigError, DkpError
 
-WHATS = ("teach", "depth", "cache", "teacher-cache")
+WHATS = ("teach", "depth", "cache", "teacher-cache", "recon-loss")
 DEPTH_MODEL = "dpt_levit_224"  # the smallest MiDaS 3.1 model
 DEPTH_FRAMES = 256
 # Goals of issue 4 for the depth stage: stage/bare >= 0.9 (CPU) / 0.95 (GPU), stage/run.py >= 1.3 / 4.
@@ -192,18 +195,31 @@ class _Case:
         self.cleanup = cleanup or (lambda: None)
 
 
+def _reconstruction_loss(name: str):
+    """A reconstruction loss by name; ``perceptual`` with random VGG16 weights, which cost exactly what the
+    ImageNet ones cost (same layers, same shapes), so no weight file is needed to time it."""
+    import warnings
+
+    from dkp_core.losses import make_reconstruction_loss
+
+    if name == "perceptual":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return make_reconstruction_loss("perceptual", vgg_state_dict=None)
+    return make_reconstruction_loss(name)
+
+
 def build_autolink_step(p: dict) -> _Case:
-    """One AutoLink training step (forward, l1ssim loss, backward, AdamW) as the trainer does it."""
+    """One AutoLink training step (forward, reconstruction loss ``p["recon_loss"]`` (default l1ssim),
+    backward, AdamW) as the trainer does it."""
     import contextlib
 
     import torch
 
-    from dkp_core.losses import make_reconstruction_loss
-
     device = _device(p["device"])
     torch.manual_seed(0)
     model = _autolink(p["size"], p["width"], device).train()
-    recon = make_reconstruction_loss("l1ssim").to(device)
+    recon = _reconstruction_loss(p.get("recon_loss", "l1ssim")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
     amp = _amp_dtype(device) if p.get("amp") else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -221,8 +237,10 @@ def build_autolink_step(p: dict) -> _Case:
         scaler.update()
 
     n_params = sum(t.numel() for t in model.parameters())
+    n_loss = sum(t.numel() for t in recon.parameters())  # the perceptual loss's frozen VGG16
     return _Case(step, device=device, extra=lambda: {
-        "params_m": round(n_params / 1e6, 3), "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]})
+        "params_m": round(n_params / 1e6, 3), "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "recon_loss": p.get("recon_loss", "l1ssim"), "loss_params_m": round(n_loss / 1e6, 3)})
 
 
 def build_distill_step(p: dict) -> _Case:
@@ -613,7 +631,8 @@ def run_case(fn: str, params: dict, *, isolate: bool = True, timeout: float = 36
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return round(a / b, 3) if a is not None and b not in (None, 0) else None
+    # 4 significant digits: a ratio far below 1 (the perceptual loss: ~0.02) keeps its precision
+    return float(f"{a / b:.4g}") if a is not None and b not in (None, 0) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,6 +673,27 @@ def bench_teach(*, batch: int, size: int, steps: int, device, isolate: bool = Tr
     return {"baseline": b_name, "cases": cases, "ratios": ratios,
             "setup": {"n_keypoints": N_KEYPOINTS, "heatmap_size": size // 4, "recon_loss": "l1ssim",
                       "optimizer": "AdamW"}}
+
+
+RECON_LOSSES = ("l1ssim", "l1", "mse", "perceptual")
+
+
+def bench_recon_loss(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
+    """One training step at the synthetic preset's width with each reconstruction loss; l1ssim is the baseline.
+
+    The perceptual case uses random VGG16 weights: the cost is that of the ImageNet weights (same network),
+    what it would learn is not (docs/results.md measures the weight-free losses' quality)."""
+    base = {"device": str(device), "batch": batch, "size": size, "steps": steps, "width": BASELINE_WIDTH}
+    cases = _compare({n: ("autolink_step", base | {"recon_loss": n}) for n in RECON_LOSSES}, steps=steps,
+                     isolate=isolate)
+    b = cases["l1ssim"]
+    ratios = {}
+    for n in RECON_LOSSES[1:]:
+        ratios[f"steps_per_s {n}/l1ssim"] = _ratio(_speed(cases[n]), _speed(b))
+        ratios[f"peak_mem_growth {n}/l1ssim"] = _ratio(cases[n]["peak_mem_growth_mib"], b["peak_mem_growth_mib"])
+    return {"baseline": "l1ssim", "cases": cases, "ratios": ratios,
+            "setup": {"width": BASELINE_WIDTH, "n_keypoints": N_KEYPOINTS, "heatmap_size": size // 4,
+                      "optimizer": "AdamW", "perceptual": "VGG16 to relu4_3 at 224x224, random weights (same cost)"}}
 
 
 def bench_teacher_cache(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
@@ -763,6 +803,7 @@ def bench_cache(*, batch: int, size: int, steps: int, device=None, isolate: bool
 BENCHES: dict[str, Callable[..., dict]] = {
     "teach": bench_teach,
     "teacher-cache": bench_teacher_cache,
+    "recon-loss": bench_recon_loss,
     "depth": bench_depth,
     "cache": bench_cache,
 }
@@ -780,9 +821,9 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    if what in ("teach", "teacher-cache") and size % 16:
+    if what in ("teach", "teacher-cache", "recon-loss") and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
-    if what in ("teach", "teacher-cache") and batch == 1 and size == 16:
+    if what in ("teach", "teacher-cache", "recon-loss") and batch == 1 and size == 16:
         raise ConfigError(f"bench {what} --batch 1 --size 16: the detector's 1x1 bottleneck leaves BatchNorm one value "
                           "per channel in training; use --batch 2 or --size 32")
     dev = _device(device)

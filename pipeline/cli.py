@@ -252,7 +252,36 @@ def predict(student, images, output, device):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "depth", "cache", "teacher-cache"]))
+@_config_options
+@click.option("--vary", "vary", multiple=True, metavar="KEY[+KEY...]=V1,V2,...",
+              help="One grid axis (repeatable; the grid is every combination). Keys joined by '+' take the "
+                   "same value, e.g. --vary teach.recon_loss+distill.recon_loss=l1ssim,l1")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Run every grid point once per seed (sets teach.seed and distill.seed); "
+                   "default: the config's seeds, one run per point.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the table here (markdown) and every run's numbers beside it (.json).")
+@click.option("--dry-run", is_flag=True, help="List the runs and which of their stages are fresh; run nothing.")
+def sweep(config, overrides, store, vary, seeds, output, dry_run):
+    """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
+
+    \b
+    Each run is an ordinary `run` in the same store: stages shared between runs are built once,
+    and running an interrupted or failed sweep again continues where it stopped. Example, the
+    reconstruction-loss study of docs/results.md:
+      dkp-pipeline sweep synthetic --vary teach.recon_loss+distill.recon_loss=l1ssim,l1,mse \\
+          --seeds 0,1,2 -o recon-loss.md
+    """
+    from pipeline.sweep import parse_axis, parse_seeds, run_sweep
+
+    if not vary and not seeds:
+        raise click.UsageError("give at least one --vary axis or --seeds")
+    run_sweep(config, overrides, [parse_axis(v) for v in vary], parse_seeds(seeds), store, _console(),
+              dry_run=dry_run, output=output)
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["teach", "depth", "cache", "teacher-cache", "recon-loss"]))
 @click.option("--batch", default=16, show_default=True)
 @click.option("--size", default=128, show_default=True)
 @click.option("--steps", default=10, show_default=True)

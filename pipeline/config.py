@@ -86,7 +86,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-3
     seed: int = 0
-    recon_loss: str = "perceptual"  # perceptual (VGG16, AutoLink) | l1ssim (no weights needed)
+    recon_loss: str = "perceptual"  # perceptual (VGG16, AutoLink) | l1ssim | l1 | mse (no weights needed)
     vgg_weights: Optional[str] = None  # VGG16 ImageNet weights; default: torchvision's cache
     hflip: Optional[bool] = None  # None = what the dataset manifest says AutoLink does
     depth_norm: str = "minmax"  # teacher input: per-frame min-max of inverse depth to [-1, 1]
@@ -136,7 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "depth.provider": ("midas", "files"),
     "depth.precision": ("fp32", "bf16", "fp16"),
     "depth.storage_dtype": ("float16", "float32"),
-    "recon_loss": ("perceptual", "l1ssim"),
+    "recon_loss": ("perceptual", "l1ssim", "l1", "mse"),
     "depth_norm": ("minmax",),
     "amp": ("auto", "off", "bf16", "fp16"),
     "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),

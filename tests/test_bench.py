@@ -82,6 +82,25 @@ def test_bench_teacher_cache(tmp_path):
     assert rec["isolated"] is False and rec["setup"]["width"] == 64
 
 
+def test_bench_recon_loss():
+    """Every reconstruction loss in one training step; the perceptual case really runs VGG16 (random weights)."""
+    from pipeline.bench import RECON_LOSSES, bench_command
+
+    rec = bench_command("recon-loss", batch=2, size=16, steps=1, device="cpu", output=None, console=_console(),
+                        isolate=False)
+    ratios = {f"{k} {n}/l1ssim" for n in ("l1", "mse", "perceptual") for k in ("steps_per_s", "peak_mem_growth")}
+    _check_record(rec, "recon-loss", set(RECON_LOSSES), ratios)
+    assert rec["baseline"] == "l1ssim" and rec["setup"]["width"] == 16
+    for name, c in rec["cases"].items():
+        assert c["recon_loss"] == name and c["steps_per_s"] > 0 and c["interleaved"]["steps_per_s"] > 0
+        # VGG16 up to relu4_3: 7,635,264 frozen parameters; the pixel losses have none
+        assert c["loss_params_m"] == (7.635 if name == "perceptual" else 0.0)
+    assert len({c["params_m"] for c in rec["cases"].values()}) == 1  # the same AutoLink in every case
+    assert rec["ratios"]["steps_per_s perceptual/l1ssim"] == pytest.approx(
+        rec["cases"]["perceptual"]["interleaved"]["steps_per_s"] / rec["cases"]["l1ssim"]["interleaved"]["steps_per_s"],
+        rel=1e-2)
+
+
 def test_bench_depth_bare_model_vs_stage_vs_run_py_loop():
     """(a) bare model, (b) the whole depth stage, (c) run.py's loop, on 4 tiny frames of the smallest model."""
     from pipeline.bench import DEPTH_GOALS, bench_command
@@ -175,7 +194,7 @@ def test_bench_cache():
     ({"what": "teach", "batch": 0}, "--batch 0"),
     ({"what": "teacher-cache", "batch": 1, "size": 16}, "use --batch 2 or --size 32"),
     ({"what": "cache", "device": "tpu"}, "--device 'tpu'"),
-    ({"what": "nope"}, "valid: teach, depth, cache, teacher-cache"),
+    ({"what": "nope"}, "valid: teach, depth, cache, teacher-cache, recon-loss"),
     ({"what": "depth", "model": "dpt_tiny"}, "--model 'dpt_tiny': not a MiDaS 3.1 model; valid: "),
     ({"what": "depth", "batch": 4, "frames": 7}, "--frames 7: must be an integer >= 2 x --batch"),
 ])

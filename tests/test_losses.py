@@ -133,8 +133,24 @@ def test_l1ssim_zero_for_identical_and_grows_with_difference():
 
 
 def test_make_reconstruction_loss_lists_valid_names():
-    with pytest.raises(ValueError, match="l1ssim, perceptual"):
-        make_reconstruction_loss("mse")
+    with pytest.raises(ValueError, match="l1, l1ssim, mse, perceptual"):
+        make_reconstruction_loss("l2")
+
+
+def test_pixel_losses_by_hand():
+    """l1 and mse: mean |d| and mean d² of the difference of the images mapped from [-1, 1] to [0, 1]."""
+    x = torch.tensor([[[[-1.0, 0.0], [1.0, 0.5]]]])  # (1, 1, 2, 2)
+    y = torch.tensor([[[[-1.0, 1.0], [0.0, -0.5]]]])
+    # differences on [0, 1]: 0, -0.5, 0.5, 0.5
+    assert make_reconstruction_loss("l1")(x, y).item() == pytest.approx(1.5 / 4)
+    assert make_reconstruction_loss("mse")(x, y).item() == pytest.approx(0.75 / 4)
+    assert make_reconstruction_loss("l1")(x, x).item() == 0.0
+    # the same number as l1ssim reduced to one scale of pure L1
+    z = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert make_reconstruction_loss("l1")(z, -z).item() == pytest.approx(MultiScaleL1SSIM(scales=1, ssim_weight=0.0)(z, -z).item())
+    xr = x.clone().requires_grad_(True)
+    make_reconstruction_loss("mse")(xr, y).backward()
+    assert torch.allclose(xr.grad, (xr.detach() - y) / 8)  # d/dx mean(((x - y)/2)²) = (x - y)/(2·N), N = 4
 
 
 # ---------------------------------------------------------------- VGG weights loader

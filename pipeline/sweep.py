@@ -1,0 +1,224 @@
+"""`dkp-pipeline sweep`: one experiment over a grid of config values and seeds, eval's numbers in one table.
+
+Each grid point and seed is an ordinary `run` (same store, same artifact keys), so a sweep reuses every
+stage it shares with earlier runs (the depth cache, a teacher that only the student's settings vary
+around), and a sweep that was interrupted or stopped by an error continues where it stopped when run again.
+
+An axis is ``KEY[+KEY...]=V1,V2,...``: each value is set on every key joined by ``+`` (e.g.
+``teach.recon_loss+distill.recon_loss=l1ssim,l1`` gives teacher and student the same loss). Seeds set
+``teach.seed`` and ``distill.seed`` together. The table reports, per grid point, mean and sample standard
+deviation over the seeds of the student's and teacher's protocol value and (synthetic data) their heatmap
+mass on the figure as a multiple of the figure's area.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.errors import DkpError
+
+SEED_KEYS = ("teach.seed", "distill.seed")
+
+
+@dataclass(frozen=True)
+class Axis:
+    keys: tuple[str, ...]
+    values: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.keys)
+
+
+def parse_axis(spec: str) -> Axis:
+    """``"teach.recon_loss+distill.recon_loss=l1ssim,l1"`` -> Axis; a clear DkpError otherwise."""
+    if "=" not in spec:
+        raise DkpError(f"bad --vary {spec!r}: expected KEY=V1,V2,... (join keys that take the same value with '+', "
+                       "e.g. --vary teach.recon_loss+distill.recon_loss=l1ssim,l1)")
+    left, right = spec.split("=", 1)
+    keys = tuple(k.strip() for k in left.split("+"))
+    if any(not k or any(not part.isidentifier() for part in k.split(".")) for k in keys):
+        raise DkpError(f"bad --vary {spec!r}: keys must be dotted config names such as teach.lr, joined by '+'")
+    values = tuple(v.strip() for v in right.split(","))
+    if not values or any(v == "" for v in values):
+        raise DkpError(f"bad --vary {spec!r}: give one or more comma-separated values, e.g. {left}=a,b")
+    if len(set(values)) != len(values):
+        raise DkpError(f"bad --vary {spec!r}: a value is repeated")
+    return Axis(keys, values)
+
+
+def parse_seeds(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"0,1,2"`` -> (0, 1, 2); None or empty -> None (the config's own seeds, one run per grid point)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise DkpError(f"bad --seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise DkpError(f"bad --seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    point: tuple[str, ...]  # one value per axis
+    seed: Optional[int]
+    overrides: tuple[str, ...]  # the --set lines this run adds to the user's
+    name: str
+
+
+def plan_runs(base_name: str, axes: list[Axis], seeds: Optional[tuple[int, ...]]) -> list[SweepRun]:
+    """Every grid point (axes in the order given, last axis fastest) times every seed."""
+    seen: dict[str, str] = {}
+    for ax in axes:
+        for k in ax.keys:
+            if k in seen or (seeds is not None and k in SEED_KEYS):
+                other = seen.get(k, "--seeds")
+                raise DkpError(f"--vary {ax.label}: {k} is already set by {other}; vary each key in one place")
+            seen[k] = f"--vary {ax.label}"
+    runs = []
+    for point in itertools.product(*(ax.values for ax in axes)) if axes else [()]:
+        sets = tuple(f"{k}={v}" for ax, v in zip(axes, point) for k in ax.keys)
+        tag = "-".join(_slug(v) for v in point)
+        for seed in (seeds if seeds is not None else (None,)):
+            extra = sets + (tuple(f"{k}={seed}" for k in SEED_KEYS) if seed is not None else ())
+            name = "-".join(p for p in (base_name, "sweep", tag, f"s{seed}" if seed is not None else "") if p)
+            runs.append(SweepRun(tuple(point), seed, extra + (f"name={name}",), name))
+    return runs
+
+
+def _metric_row(metrics: dict) -> dict:
+    row: dict[str, Any] = {}
+    for role in ("student", "teacher"):
+        r = metrics.get(role) or {}
+        row[f"{role}_value"] = r.get("value")
+        fig = r.get("figure_heatmap_mass") or {}
+        row[f"{role}_mass_ratio"] = fig.get("ratio")
+    row["unit"] = (metrics.get("student") or {}).get("unit")
+    row["higher_is_better"] = (metrics.get("student") or {}).get("higher_is_better")
+    row["protocol"] = metrics.get("protocol")
+    return row
+
+
+def _mean_sd(values: list) -> tuple[Optional[float], Optional[float]]:
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summarise(axes: list[Axis], rows: list[dict]) -> list[dict]:
+    """Group finished runs by grid point: n, and mean/sd of each metric over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["point"]), []).append(r)
+    out = []
+    for point, rs in groups.items():
+        s: dict[str, Any] = {"point": list(point), "n": len(rs), "seeds": [r["seed"] for r in rs]}
+        for m in ("student_value", "teacher_value", "student_mass_ratio", "teacher_mass_ratio"):
+            s[m], s[m + "_sd"] = _mean_sd([r[m] for r in rs])
+            s[m + "_each"] = [r[m] for r in rs]
+        out.append(s)
+    return out
+
+
+def _fmt(mean: Optional[float], sd: Optional[float], digits: int = 2) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def markdown_table(axes: list[Axis], summary: list[dict], protocol: str, unit: str, lower_better: bool) -> str:
+    direction = "lower" if lower_better else "higher"
+    head = [ax.label for ax in axes] + ["runs", f"student {protocol} ({unit}, {direction} is better)",
+                                        f"teacher {protocol}", "student mass on figure (× area)",
+                                        "teacher mass on figure (× area)", "student per seed", "teacher per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        each = lambda k: ", ".join("—" if v is None else f"{v:.2f}" for v in s[k])  # noqa: E731
+        cells = list(s["point"]) + [str(s["n"]), _fmt(s["student_value"], s["student_value_sd"]),
+                                    _fmt(s["teacher_value"], s["teacher_value_sd"]),
+                                    _fmt(s["student_mass_ratio"], s["student_mass_ratio_sd"]),
+                                    _fmt(s["teacher_mass_ratio"], s["teacher_mass_ratio_sd"]),
+                                    each("student_value_each"), each("teacher_value_each")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: Optional[tuple[int, ...]],
+              store_dir: Optional[str], console, *, dry_run: bool = False, output: Optional[str] = None) -> dict:
+    """Run (or, with ``dry_run``, only list) every grid point and seed; return and optionally write the table.
+
+    Stops at the first run that fails (its message says which run and how to continue); runs already
+    finished are artifacts in the store, so the same command continues from there."""
+    from pipeline.artifacts import Store, write_atomic, write_json_atomic
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    base = load_config(config, overrides)
+    runs = plan_runs(base.name, axes, seeds)
+    # Resolve every configuration before running anything: a bad value fails now, not an hour in.
+    cfgs = []
+    for r in runs:
+        try:
+            cfgs.append(load_config(config, tuple(overrides) + r.overrides))
+        except DkpError as e:
+            raise DkpError(f"sweep run {r.name}: {e}") from None
+    console.print(f"sweep {base.name}: {len(runs)} runs ({len(runs) // max(1, len(seeds or (None,)))} grid points"
+                  f" x {len(seeds) if seeds else 1} seeds)", markup=False)
+    store = Store.from_option(store_dir)
+    if dry_run:
+        from pipeline.graph import build_plan
+
+        listed = []
+        for r, cfg in zip(runs, cfgs):
+            sets = " ".join(f"--set {o}" for o in r.overrides if not o.startswith("name="))
+            if cfg.data.manifest == "synthetic" and not (Path(cfg.data.root) / "dataset.yaml").exists():
+                states = "synthetic data not generated yet"
+            else:
+                plan = build_plan(cfg, store, progress=False)
+                states = ", ".join(f"{s.stage} {s.state}" for s in plan if s.stage != "manifest")
+            console.print(f"  {r.name}: {sets or '(the config as it is)'}  [{states}]", markup=False, soft_wrap=True)
+            listed.append(r.name)
+        return {"runs": listed}
+
+    rows = []
+    for i, (r, cfg) in enumerate(zip(runs, cfgs), 1):
+        console.print(f"[bold]sweep run {i}/{len(runs)}: {r.name}[/]", markup=True)
+        try:
+            plan = run_pipeline(cfg, store_dir, console=console)
+        except DkpError as e:
+            raise DkpError(f"sweep run {i}/{len(runs)} ({r.name}) failed: {e}\n{i - 1} runs are finished and kept "
+                           "in the store; fix the cause and run the same sweep command again to continue") from None
+        key = plan.stages["eval"].key
+        metrics = json.loads((store.path("eval", key) / "metrics.json").read_text())
+        rows.append({"name": r.name, "point": list(r.point), "seed": r.seed, "eval_key": key,
+                     "overrides": list(r.overrides)} | _metric_row(metrics))
+    summary = summarise(axes, rows)
+    first = rows[0]
+    table = markdown_table(axes, summary, first["protocol"] or "?", first["unit"] or "",
+                           lower_better=not first["higher_is_better"])
+    result = {"config": config, "overrides": list(overrides), "axes": [{"keys": list(a.keys), "values": list(a.values)}
+                                                                       for a in axes],
+              "seeds": list(seeds) if seeds else None, "runs": rows, "summary": summary, "table": table}
+    console.print(table, markup=False, highlight=False, soft_wrap=True)
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, table)
+        write_json_atomic(out.with_suffix(".json"), result)
+        console.print(f"wrote {out} and {out.with_suffix('.json')}", markup=False)
+    return result

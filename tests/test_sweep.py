@@ -1,0 +1,160 @@
+"""`dkp-pipeline sweep`: grid parsing, run naming, the summary arithmetic, and a real sweep of the tiny
+experiment (shared stages built once, numbers equal each run's metrics.json, a second sweep reuses all)."""
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.errors import DkpError
+from pipeline.sweep import Axis, markdown_table, parse_axis, parse_seeds, plan_runs, run_sweep, summarise
+from tests.conftest import TINY_YAML, run_cli
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_parse_axis_and_seeds():
+    ax = parse_axis("teach.recon_loss+distill.recon_loss=l1ssim, l1,mse")
+    assert ax == Axis(("teach.recon_loss", "distill.recon_loss"), ("l1ssim", "l1", "mse"))
+    assert ax.label == "teach.recon_loss+distill.recon_loss"
+    assert parse_axis("distill.gamma=0.4").values == ("0.4",)
+    for bad, words in (("teach.lr", "expected KEY=V1,V2"), ("teach.lr=", "one or more"), ("teach.lr=1,,2", "one or more"),
+                       ("teach.lr=1,1", "repeated"), ("teach..lr=1", "dotted"), ("teach.lr+=1", "dotted")):
+        with pytest.raises(DkpError, match=words):
+            parse_axis(bad)
+    assert parse_seeds("0,1, 2") == (0, 1, 2)
+    assert parse_seeds(None) is None and parse_seeds(" ") is None
+    for bad in ("0,a", "1,1"):
+        with pytest.raises(DkpError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_plan_runs_grid_order_names_and_conflicts():
+    axes = [parse_axis("teach.recon_loss+distill.recon_loss=l1ssim,l1"), parse_axis("distill.gamma=0,0.4")]
+    runs = plan_runs("synthetic", axes, (3, 5))
+    assert [r.name for r in runs][:3] == ["synthetic-sweep-l1ssim-0-s3", "synthetic-sweep-l1ssim-0-s5",
+                                          "synthetic-sweep-l1ssim-0.4-s3"]
+    assert len(runs) == 8 and len({r.name for r in runs}) == 8
+    assert runs[-1].point == ("l1", "0.4") and runs[-1].seed == 5
+    assert runs[-1].overrides == ("teach.recon_loss=l1", "distill.recon_loss=l1", "distill.gamma=0.4",
+                                  "teach.seed=5", "distill.seed=5", "name=synthetic-sweep-l1-0.4-s5")
+    no_seed = plan_runs("x", [parse_axis("distill.gamma=0")], None)
+    assert [r.overrides for r in no_seed] == [("distill.gamma=0", "name=x-sweep-0")]
+    assert plan_runs("x", [], (1,))[0].overrides == ("teach.seed=1", "distill.seed=1", "name=x-sweep-s1")
+    with pytest.raises(DkpError, match="distill.gamma is already set"):
+        plan_runs("x", [parse_axis("distill.gamma=0"), parse_axis("distill.gamma+teach.lr=1")], None)
+    with pytest.raises(DkpError, match="teach.seed is already set by --seeds"):
+        plan_runs("x", [parse_axis("teach.seed=1,2")], (0,))
+
+
+def test_summary_mean_and_sample_sd_by_hand():
+    rows = [{"point": ["a"], "seed": s, "student_value": v, "teacher_value": 1.0, "student_mass_ratio": None,
+             "teacher_mass_ratio": 2.0} for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
+    rows.append({"point": ["b"], "seed": 0, "student_value": 4.0, "teacher_value": float("nan"),
+                 "student_mass_ratio": 1.5, "teacher_mass_ratio": 1.0})
+    a, b = summarise([Axis(("k",), ("a", "b"))], rows)
+    assert a["n"] == 3 and a["seeds"] == [0, 1, 2]
+    assert a["student_value"] == pytest.approx(3.0)
+    assert a["student_value_sd"] == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    assert a["teacher_value_sd"] == pytest.approx(0.0) and a["student_mass_ratio"] is None
+    assert b["student_value"] == 4.0 and b["student_value_sd"] is None and b["teacher_value"] is None
+    table = markdown_table([Axis(("k",), ("a", "b"))], [a, b], "l2", "%", lower_better=True)
+    lines = table.splitlines()
+    assert lines[0].startswith("| k | runs | student l2 (%, lower is better) |")
+    assert lines[2] == "| a | 3 | 3.00 ± 2.65 | 1.00 ± 0.00 | — | 2.00 ± 0.00 | 1.00, 2.00, 6.00 | 1.00, 1.00, 1.00 |"
+    assert lines[3].startswith("| b | 1 | 4.00 | — | 1.50 | 1.00 |")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("sweep")
+    y = d / "tiny.yaml"
+    y.write_text(TINY_YAML.format(root=d / "data"))
+    axes = [parse_axis("distill.gamma=0,0.4")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
+        console = _quiet()
+        result = run_sweep(str(y), ("eval.flip_pairs=none",), axes, (0, 1), str(d / "store"), console,
+                           output=str(d / "out" / "table.md"))
+        yield {"dir": d, "yaml": str(y), "axes": axes, "result": result, "log": console.file.getvalue()}
+    torch.set_num_threads(threads)
+
+
+def test_sweep_runs_every_point_and_shares_stages(swept):
+    from pipeline.artifacts import Store
+
+    d, result = swept["dir"], swept["result"]
+    runs = result["runs"]
+    assert [(r["point"], r["seed"]) for r in runs] == [(["0"], 0), (["0"], 1), (["0.4"], 0), (["0.4"], 1)]
+    store = Store.from_option(str(d / "store"))
+    for r in runs:  # every number is the one in that run's metrics.json
+        m = json.loads((store.path("eval", r["eval_key"]) / "metrics.json").read_text())
+        assert r["student_value"] == m["student"]["value"] and r["teacher_value"] == m["teacher"]["value"]
+        assert m["gamma"] == float(r["point"][0])
+        assert r["teacher_mass_ratio"] == m["teacher"]["figure_heatmap_mass"]["ratio"]
+    # gamma is the student's setting: a seed's teacher is trained once and shared by both gammas
+    by = {(r["point"][0], r["seed"]): r for r in runs}
+    assert by[("0", 0)]["teacher_value"] == by[("0.4", 0)]["teacher_value"]
+    assert by[("0", 0)]["teacher_value"] != by[("0", 1)]["teacher_value"]  # the seed reaches the teacher
+    assert by[("0", 0)]["student_value"] != by[("0.4", 0)]["student_value"]
+    assert len(list((d / "store" / "teach").iterdir())) == 2 and len(list((d / "store" / "distill").iterdir())) == 4
+    # the summary and the files written
+    s0 = next(s for s in result["summary"] if s["point"] == ["0"])
+    assert s0["n"] == 2 and s0["student_value"] == pytest.approx((by[("0", 0)]["student_value"]
+                                                                  + by[("0", 1)]["student_value"]) / 2)
+    assert (d / "out" / "table.md").read_text() == result["table"]
+    saved = json.loads((d / "out" / "table.json").read_text())
+    assert saved["runs"] == runs and saved["seeds"] == [0, 1]
+    assert "sweep run 4/4: tiny-sweep-0.4-s1" in swept["log"]
+
+
+def test_second_sweep_builds_nothing(swept):
+    console = _quiet()
+    again = run_sweep(swept["yaml"], ("eval.flip_pairs=none",), swept["axes"], (0, 1), str(swept["dir"] / "store"),
+                      console)
+    log = console.file.getvalue()
+    assert log.count("nothing to do: every stage is fresh") == 4 and "built" not in log
+    assert again["runs"] == swept["result"]["runs"]
+
+
+def test_failed_run_names_itself_and_the_sweep_continues(swept, monkeypatch):
+    import pipeline.runner
+
+    calls = []
+    real = pipeline.runner.run_pipeline
+
+    def flaky(cfg, *a, **kw):
+        calls.append(cfg.name)
+        if len(calls) == 2:
+            raise DkpError("disk full")
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(pipeline.runner, "run_pipeline", flaky)
+    with pytest.raises(DkpError, match=r"sweep run 2/4 \(tiny-sweep-0-s1\) failed: disk full\n1 runs are finished"):
+        run_sweep(swept["yaml"], ("eval.flip_pairs=none",), swept["axes"], (0, 1), str(swept["dir"] / "store"),
+                  _quiet())
+
+
+def test_cli_dry_run_and_bad_input(swept):
+    d = swept["dir"]
+    r = run_cli(["sweep", swept["yaml"], "--store", str(d / "store"), "--set", "eval.flip_pairs=none",
+                 "--vary", "distill.gamma=0,0.4,1.0", "--seeds", "0", "--dry-run"], cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "tiny-sweep-0-s0: --set distill.gamma=0 --set teach.seed=0 --set distill.seed=0  " \
+           "[depth fresh, teach fresh, distill fresh, eval fresh]" in r.stdout
+    assert "tiny-sweep-1.0-s0" in r.stdout and "[depth fresh, teach fresh, distill missing, eval missing]" in r.stdout
+    # a bad value is refused before anything runs, naming the run and the field
+    r = run_cli(["sweep", swept["yaml"], "--store", str(d / "store2"), "--vary", "teach.recon_loss=l1,vgg"], cwd=d)
+    assert r.returncode == 2 and "sweep run tiny-sweep-vgg" in r.stderr and "recon_loss" in r.stderr
+    assert not (d / "store2").exists()
+    r = run_cli(["sweep", swept["yaml"], "--vary", "teach.lr"], cwd=d)
+    assert r.returncode == 2 and "expected KEY=V1,V2" in r.stderr
+    r = run_cli(["sweep", swept["yaml"]], cwd=d)
+    assert r.returncode == 2 and "--vary" in r.stderr
