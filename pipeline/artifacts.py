@@ -87,18 +87,20 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same directory, fsync, rename over ``path``, fsync the directory.
+@contextlib.contextmanager
+def atomic_file(path: Path, tmp: Optional[Path] = None) -> Iterator[Any]:
+    """The one way this package replaces a file: yield a binary file open on a temporary name in the same
+    directory (default ``.<name>.tmp-<pid>``, which :func:`remove_temporaries_of` knows), then flush,
+    fsync, rename over ``path`` and fsync the directory.
 
-    A crash leaves either the old file or the new one, never a torn one; a failed write (disk full)
-    leaves the old file untouched and removes the temporary.
+    A crash leaves either the old file or the new one, never a torn one; an exception in the block or
+    a failed write (disk full) leaves the old file untouched and removes the temporary.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    raw = data.encode() if isinstance(data, str) else data
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +109,12 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def remove_temporaries_of(directory: Path, pid: int) -> list[Path]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import fsync_dir
+from pipeline.artifacts import atomic_file
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,8 @@ def save_atomic(obj: dict[str, Any], path: Path | str) -> Path:
     path = Path(path)
     check_plain(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)  # makes the rename itself durable (power loss)
+    with atomic_file(path, _tmp_path(path)) as f:
+        torch.save(obj, f)
     return path
 
 

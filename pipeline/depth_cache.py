@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 import xxhash
 
+from pipeline.artifacts import atomic_file
 from pipeline.errors import CacheError
 
 SCHEMA_VERSION = 1
@@ -82,15 +83,9 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name, fsync, rename over ``path``, fsync the directory."""
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, sort_keys=True, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    """Replace ``path`` with ``obj`` as JSON atomically (pipeline.artifacts.atomic_file, this module's temp names)."""
+    with atomic_file(path, _tmp_name(path)) as fh:
+        fh.write((json.dumps(obj, sort_keys=True, indent=1) + "\n").encode("utf-8"))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -881,9 +876,8 @@ def export_cache(cache_dir: str | os.PathLike, out_file: str | os.PathLike) -> s
     finally:
         tmp.unlink(missing_ok=True)
     side = out_file.with_name(out_file.name + ".sha256")
-    side_tmp = _tmp_name(side)
-    side_tmp.write_text(f"{digest.split(':', 1)[1]}  {out_file.name}\n", encoding="utf-8")
-    os.replace(side_tmp, side)
+    with atomic_file(side, _tmp_name(side)) as fh:
+        fh.write(f"{digest.split(':', 1)[1]}  {out_file.name}\n".encode("utf-8"))
     return digest
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.artifacts import (COMPLETE, Lock, Store, artifact_key, canonical_json, write_atomic)
+from pipeline.artifacts import (COMPLETE, Lock, Store, artifact_key, atomic_file, canonical_json, write_atomic)
 from pipeline.config import ExperimentConfig, load_config, semantic_dict
 from pipeline.errors import DkpError, LockError
 
@@ -139,6 +139,22 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
         write_atomic(f, "new")
     assert f.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_file_error_in_the_block_and_custom_temp_name(tmp_path):
+    """The shared writer under write_atomic, checkpoint.save_atomic and the depth cache's JSON files."""
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(f) as fh:
+            fh.write(b"half of the new")
+            assert (tmp_path / f".m.bin.tmp-{os.getpid()}").exists()  # the default temp name
+            raise RuntimeError("serialiser failed")
+    assert f.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+    with atomic_file(f, tmp_path / "mine.part") as fh:
+        fh.write(b"new")
+        assert (tmp_path / "mine.part").exists() and f.read_bytes() == b"old"  # not visible before the rename
+    assert f.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
 
 
 def test_already_complete_cannot_be_rewritten(tmp_path):
