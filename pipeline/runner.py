@@ -40,10 +40,15 @@ class StageContext:
         return self.store.path(stage, self.plan.stages[stage].key)
 
 
+def synthetic_data_pending(cfg: C.ExperimentConfig) -> bool:
+    """True when ``cfg`` uses the built-in dataset and it is not generated yet (no plan can be built before)."""
+    return cfg.data.manifest == "synthetic" and not (Path(cfg.data.root) / "dataset.yaml").exists()
+
+
 def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
     """The built-in dataset is generated on first use, so `run synthetic` works on a fresh clone."""
     root = Path(cfg.data.root)
-    if cfg.data.manifest != "synthetic" or (root / "dataset.yaml").exists():
+    if not synthetic_data_pending(cfg):
         return
     if _follower_rank():
         # torchrun: rank 0 writes the dataset (dataset.yaml last); the others wait for it.
@@ -75,7 +80,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     if dry_run:
         console.print("[bold]resolved config[/]", markup=True)
         console.print(C.to_yaml(cfg), markup=False, highlight=False)
-        if cfg.data.manifest == "synthetic" and not (Path(cfg.data.root) / "dataset.yaml").exists():
+        if synthetic_data_pending(cfg):
             console.print(f"(synthetic data not generated yet at {cfg.data.root}: `run` would generate it first; "
                           "no plan until then)")
             return None  # type: ignore[return-value]

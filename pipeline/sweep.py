@@ -120,7 +120,7 @@ def _mean_sd(values: list) -> tuple[Optional[float], Optional[float]]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def summarise(axes: list[Axis], rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict]) -> list[dict]:
     """Group finished runs by grid point: n, and mean/sd of each metric over the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -166,7 +166,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
     finished are artifacts in the store, so the same command continues from there."""
     from pipeline.artifacts import Store, write_atomic, write_json_atomic
     from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import run_pipeline, synthetic_data_pending
 
     base = load_config(config, overrides)
     runs = plan_runs(base.name, axes, seeds)
@@ -177,7 +177,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
             cfgs.append(load_config(config, tuple(overrides) + r.overrides))
         except DkpError as e:
             raise DkpError(f"sweep run {r.name}: {e}") from None
-    console.print(f"sweep {base.name}: {len(runs)} runs ({len(runs) // max(1, len(seeds or (None,)))} grid points"
+    console.print(f"sweep {base.name}: {len(runs)} runs ({len(runs) // len(seeds or (None,))} grid points"
                   f" x {len(seeds) if seeds else 1} seeds)", markup=False)
     store = Store.from_option(store_dir)
     if dry_run:
@@ -186,7 +186,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
         listed = []
         for r, cfg in zip(runs, cfgs):
             sets = " ".join(f"--set {o}" for o in r.overrides if not o.startswith("name="))
-            if cfg.data.manifest == "synthetic" and not (Path(cfg.data.root) / "dataset.yaml").exists():
+            if synthetic_data_pending(cfg):
                 states = "synthetic data not generated yet"
             else:
                 plan = build_plan(cfg, store, progress=False)
@@ -207,7 +207,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
         metrics = json.loads((store.path("eval", key) / "metrics.json").read_text())
         rows.append({"name": r.name, "point": list(r.point), "seed": r.seed, "eval_key": key,
                      "overrides": list(r.overrides)} | _metric_row(metrics))
-    summary = summarise(axes, rows)
+    summary = summarise(rows)
     first = rows[0]
     table = markdown_table(axes, summary, first["protocol"] or "?", first["unit"] or "",
                            lower_better=not first["higher_is_better"])

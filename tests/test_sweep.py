@@ -57,7 +57,7 @@ def test_summary_mean_and_sample_sd_by_hand():
              "teacher_mass_ratio": 2.0} for s, v in ((0, 1.0), (1, 2.0), (2, 6.0))]
     rows.append({"point": ["b"], "seed": 0, "student_value": 4.0, "teacher_value": float("nan"),
                  "student_mass_ratio": 1.5, "teacher_mass_ratio": 1.0})
-    a, b = summarise([Axis(("k",), ("a", "b"))], rows)
+    a, b = summarise(rows)
     assert a["n"] == 3 and a["seeds"] == [0, 1, 2]
     assert a["student_value"] == pytest.approx(3.0)
     assert a["student_value_sd"] == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
