@@ -6,6 +6,8 @@ Distances are in normalised [-1, 1] units on the ``linspace(-1, 1, size)`` pixel
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,19 @@ def segment_sq_distance(points: Tensor, a: Tensor, b: Tensor, *, eps: float = 1e
     t = t.clamp(0.0, 1.0)
     nearest = a + t.unsqueeze(-1) * ab
     return (points - nearest).square().sum(-1)
+
+
+def _neg_sq_distance_planes(gx: Tensor, gy: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``-d²`` from grid points (``gx``, ``gy`` each (1, 1, P)) to segments ``a``–``b`` ((B, c, 2) each):
+    :func:`segment_sq_distance` computed on separate x/y planes, in place where possible. Returns (B, c, P)."""
+    ax, ay = a[..., 0:1], a[..., 1:2]  # (B, c, 1)
+    abx, aby = b[..., 0:1] - ax, b[..., 1:2] - ay
+    inv_len = 1.0 / (abx * abx + aby * aby + 1e-8)
+    apx, apy = gx - ax, gy - ay  # (B, c, P)
+    t = (apx * abx).add_(apy * aby).mul_(inv_len).clamp_(0.0, 1.0)
+    dx = apx.sub_(t * abx)
+    dy = apy.sub_(t.mul_(aby))
+    return dx.mul_(dx).add_(dy.mul_(dy)).neg_()
 
 
 class LinkRenderer(nn.Module):
@@ -84,19 +99,22 @@ class LinkRenderer(nn.Module):
         grid = coordinate_grid(self.size, device=kp.device, dtype=kp.dtype).reshape(1, 1, s2, 2)  # (1, 1, S², 2)
         w_all = F.softplus(self.theta.float() * self.sklr)[self.edge_i, self.edge_j]  # (E,)
 
-        # Pass 1, no autograd: the winning edge of every pixel.
+        # Pass 1, no autograd: the winning edge of every pixel. Compared in log space,
+        # log w - d² / thick, so the search needs no exp and no pixel underflows to a tie at 0; x and y
+        # are separate planes (a trailing dim of 2 makes every elementwise op strided).
         chunk = max(1, self.chunk_elements // max(1, b * s2))
         with torch.no_grad():
-            best_val = torch.full((b, s2), -1.0, device=kp.device, dtype=kp.dtype)  # values are >= 0
+            gx = grid[..., 0]  # (1, 1, S²)
+            gy = grid[..., 1]
+            log_w = torch.log(w_all)  # (E,); softplus > 0
+            best_val = torch.full((b, s2), -math.inf, device=kp.device, dtype=kp.dtype)
             best_idx = torch.zeros((b, s2), device=kp.device, dtype=torch.long)
             for start in range(0, self.n_edges, chunk):
                 ei = self.edge_i[start:start + chunk]
                 ej = self.edge_j[start:start + chunk]
-                a = kp[:, ei].unsqueeze(2)  # (B, c, 1, 2)
-                bb = kp[:, ej].unsqueeze(2)  # (B, c, 1, 2)
-                d2 = segment_sq_distance(grid, a, bb)  # (B, c, S²)
-                val = w_all[start:start + chunk].view(1, -1, 1) * torch.exp(-d2 / self.thick)  # (B, c, S²)
-                cval, cidx = val.max(dim=1)  # (B, S²) each
+                score = _neg_sq_distance_planes(gx, gy, kp[:, ei], kp[:, ej])  # (B, c, S²) = -d²
+                score.div_(self.thick).add_(log_w[start:start + chunk].view(1, -1, 1))
+                cval, cidx = score.max(dim=1)  # (B, S²) each
                 better = cval > best_val  # strict: on a tie across chunks the earlier chunk keeps the pixel
                 best_val = torch.where(better, cval, best_val)
                 best_idx = torch.where(better, cidx + start, best_idx)
