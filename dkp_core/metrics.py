@@ -541,3 +541,29 @@ def evaluate(
         valid = sorted(PROTOCOLS) + sorted(PROTOCOL_ALIASES)
         raise ValueError(f"unknown evaluation protocol {protocol!r}; valid names: {', '.join(valid)}")
     return fn(det_fit, gt_fit, det_test, gt_test, image_size, **options)
+
+
+def mean_pose_floor(
+    protocol: str,
+    *,
+    gt_fit: Any,
+    gt_test: Any,
+    image_size: int,
+    **options: Any,
+) -> EvalResult:
+    """The protocol's "no detector" reference: the fit split's mean pose predicted for every test frame.
+
+    Computed through the protocol itself, with a detector that returns the same keypoint (the frame
+    centre) for every frame: a linear map from a constant input can only output a constant, and the
+    least-squares constant is the mean of the fit split's ground truth (per coordinate, missing GT
+    skipped; after the protocol's own swaps, pruning or left/right matching, which therefore apply to
+    the floor exactly as they apply to a model). A model that does not beat this value has learned
+    nothing the regression could use. ``options`` are the protocol's, as for :func:`evaluate`.
+    """
+    gf = _as_points("gt_fit", gt_fit, allow_nan=True)
+    gt = _as_points("gt_test", gt_test, allow_nan=True)
+    centre = (float(image_size) - 1.0) / 2.0
+    det_fit = np.full((gf.shape[0], 1, 2), centre)
+    det_test = np.full((gt.shape[0], 1, 2), centre)
+    return evaluate(protocol, det_fit=det_fit, gt_fit=gf, det_test=det_test, gt_test=gt, image_size=image_size,
+                    **options)

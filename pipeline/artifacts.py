@@ -38,7 +38,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "teach": 1,
     "distill": 1,
     "teacher_embeddings": 1,
-    "eval": 1,
+    "eval": 2,  # 2: metrics.json has the mean-pose floor and ratios to it (and the optional baseline)
 }
 
 COMPLETE = "COMPLETE"

@@ -118,6 +118,9 @@ class EvalConfig:
     # ROOT/dataset.yaml synthetic.left_right_pairs (the synthetic figures turn through 360 degrees, so the image's
     # left arm is the figure's right one half of the time and no linear map can tell them apart).
     flip_pairs: str = "none"
+    # Also train the gamma = 0 RGB-only baseline (a second distill artifact, sharing depth and teach) and score it
+    # beside the student and the teacher: the comparison the paper makes, in one `run`.
+    baseline: bool = False
     batch_size_inference: int = 64
     device: str = "auto"
 

@@ -1,6 +1,8 @@
 """The stage graph: keys of every stage for a config, and why each is fresh, stale or missing.
 
-manifest -> depth -> teach -> distill -> eval. Computing the keys needs only the manifest (whose frame
+manifest -> depth -> teach -> distill -> eval; with ``eval.baseline`` a second distill artifact, the
+gamma = 0 RGB-only baseline ("baseline": the same key a ``--set distill.gamma=0`` run has), is built
+before eval, which scores it beside the student. Computing the keys needs only the manifest (whose frame
 fingerprints are memoised by inode/size/mtime) and the digests of weight files, so `status` is cheap.
 """
 from __future__ import annotations
@@ -15,11 +17,13 @@ from pipeline import config as C
 from pipeline.artifacts import Store, artifact_key, key_inputs
 
 STAGES = ("manifest", "depth", "teach", "distill", "eval")
+# Plan entries that are another artifact of an existing stage kind: entry name -> stage kind.
+EXTRA_ENTRIES = {"baseline": "distill"}
 
 
 @dataclass
 class StagePlan:
-    stage: str
+    stage: str  # the stage kind: its module, schema version and store directory
     key: str
     inputs: dict
     config: dict  # resolved config section saved beside the artifact (semantic and not)
@@ -27,6 +31,16 @@ class StagePlan:
     why: list[str] = field(default_factory=list)
     progress: Optional[str] = None
     path: Optional[Path] = None
+    # The config this entry runs with when it is not the plan's (the baseline: distill.gamma = 0).
+    cfg: Optional[C.ExperimentConfig] = None
+
+
+def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
+    """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0),
+                               eval=dataclasses.replace(cfg.eval, baseline=False))
 
 
 @dataclass
@@ -110,10 +124,11 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
     stages: dict[str, StagePlan] = {}
 
-    def add(stage: str, semantic: dict, upstream: dict, fingerprint: Optional[str], resolved: dict) -> StagePlan:
+    def add(stage: str, semantic: dict, upstream: dict, fingerprint: Optional[str], resolved: dict, *,
+            entry: Optional[str] = None, entry_cfg: Optional[C.ExperimentConfig] = None) -> StagePlan:
         key = artifact_key(stage, semantic, upstream, fingerprint)
-        sp = StagePlan(stage, key, key_inputs(stage, semantic, upstream, fingerprint), resolved)
-        stages[stage] = sp
+        sp = StagePlan(stage, key, key_inputs(stage, semantic, upstream, fingerprint), resolved, cfg=entry_cfg)
+        stages[entry or stage] = sp
         return sp
 
     mdesc = {"dataset": cfg.data.manifest, "description_sha256": m.description_sha256}
@@ -138,43 +153,46 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         return s
 
     add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, None, C.to_dict(cfg.teach))
-    add("distill", train_sem(cfg.distill), {"teach": stages["teach"].key, "depth": stages["depth"].key,
-                                           "manifest": stages["manifest"].key}, None, C.to_dict(cfg.distill))
+    distill_up = {"teach": stages["teach"].key, "depth": stages["depth"].key, "manifest": stages["manifest"].key}
+    add("distill", train_sem(cfg.distill), distill_up, None, C.to_dict(cfg.distill))
+    eval_up = {"distill": stages["distill"].key, "teach": stages["teach"].key,
+               "depth": stages["depth"].key, "manifest": stages["manifest"].key}
+    if cfg.eval.baseline:
+        bcfg = baseline_config(cfg)
+        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, None, C.to_dict(bcfg.distill),
+                                  entry="baseline", entry_cfg=bcfg).key
     e_sem = C.semantic_dict(cfg.eval)
     if e_sem.get("protocol") == "auto":
         e_sem["protocol"] = m.protocol
-    add("eval", e_sem, {"distill": stages["distill"].key, "teach": stages["teach"].key,
-                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, None,
-        C.to_dict(cfg.eval))
+    add("eval", e_sem, eval_up, None, C.to_dict(cfg.eval))
 
     # states and reasons
     last = store.last_built(cfg.name)
-    for name in STAGES:
-        sp = stages[name]
-        st = store.state(name, sp.key)
+    for name, sp in stages.items():
+        st = store.state(sp.stage, sp.key)
         sp.path = st.path
         if st.state == "fresh":
             sp.state = "fresh"
-            skipped = (st.record or {}).get("skipped_frames") if name == "depth" else None
+            skipped = (st.record or {}).get("skipped_frames") if sp.stage == "depth" else None
             if skipped:  # built with --skip-bad-frames: say which frames have no depth
                 ids = [str(s.get("frame")) for s in skipped[:3]]
                 sp.progress = (f"{len(skipped)} unreadable frame(s) skipped (invalid in the cache): "
                                + ", ".join(ids) + (" …" if len(skipped) > 3 else ""))
         elif st.state == "in_progress":
             sp.state = "in_progress"
-            sp.progress = progress_of(name, st.path)
+            sp.progress = progress_of(sp.stage, st.path)
             if st.locked_by:
                 sp.why.append(f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
             else:
                 sp.why.append("interrupted; will resume")
         else:
             prev_key = last.get(name)
-            prev = store.record(name, prev_key) if prev_key else None
+            prev = store.record(sp.stage, prev_key) if prev_key else None
             if prev is not None and prev_key != sp.key:
                 sp.state = "stale"
                 old_inputs = dict(prev.get("inputs", {}), _key=prev_key)
                 new_inputs = dict(sp.inputs, _frames=(m.frame_ids, m.fingerprints))
-                sp.why = explain_change(name, old_inputs, new_inputs, store)
+                sp.why = explain_change(sp.stage, old_inputs, new_inputs, store)
             else:
                 sp.state = "missing"
     return Plan(cfg=cfg, store=store, stages=stages, manifest=m)
@@ -204,9 +222,9 @@ def digest_text(text: str) -> str:
 
 def plan_as_json(plan: Plan) -> list[dict]:
     return [
-        {"stage": s.stage, "key": s.key, "state": s.state, "why": s.why, "progress": s.progress,
+        {"stage": name, "kind": s.stage, "key": s.key, "state": s.state, "why": s.why, "progress": s.progress,
          "path": str(s.path) if s.path else None}
-        for s in plan
+        for name, s in plan.stages.items()
     ]
 
 
@@ -224,7 +242,7 @@ def print_plan(plan, console, title: str = "") -> None:
     t.add_column("state")
     t.add_column("key")
     t.add_column("why / progress", overflow="fold")
-    for s in plan:
+    for name, s in plan.stages.items():
         detail = "; ".join(([s.progress] if s.progress else []) + s.why)
-        t.add_row(s.stage, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
+        t.add_row(name if name == s.stage else f"{name} ({s.stage})", f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
     console.print(t)

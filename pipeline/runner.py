@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline.artifacts import Store
 from pipeline.errors import DkpError
-from pipeline.graph import STAGES, Plan, StagePlan, build_plan
+from pipeline.graph import Plan, StagePlan, build_plan
 
 STAGE_MODULES = {
     "depth": "pipeline.stages.depth",
@@ -36,8 +36,10 @@ class StageContext:
     console: Any
     options: dict = field(default_factory=dict)
 
-    def upstream_path(self, stage: str) -> Path:
-        return self.store.path(stage, self.plan.stages[stage].key)
+    def upstream_path(self, entry: str) -> Path:
+        """Directory of the plan entry ``entry`` (a stage name, or "baseline")."""
+        sp = self.plan.stages[entry]
+        return self.store.path(sp.stage, sp.key)
 
 
 def synthetic_data_pending(cfg: C.ExperimentConfig) -> bool:
@@ -87,7 +89,8 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     else:
         ensure_synthetic_data(cfg, console)
     plan = build_plan(cfg, store, progress=not dry_run)
-    wanted = STAGES[: STAGES.index(until) + 1] if only is None else (only,)
+    order = list(plan.stages)  # STAGES plus extra entries (the baseline) in build order
+    wanted = order[: order.index(until) + 1] if only is None else [only]
     if dry_run:
         from pipeline.graph import print_plan
 
@@ -97,7 +100,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         return plan
 
     if only is not None:
-        for up in STAGES[: STAGES.index(only)]:
+        for up in order[: order.index(only)]:
             if plan.stages[up].state != "fresh" and up != "manifest":
                 raise DkpError(
                     f"stage {only} needs {up}, which is {plan.stages[up].state}; build it first with "
@@ -105,7 +108,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
                 )
 
     built = []
-    for name in (STAGES[: STAGES.index(until) + 1] if only is None else ("manifest", only)):
+    for name in (wanted if only is None else ("manifest", only)):
         sp = plan.stages[name]
         if sp.state == "fresh":
             if name in wanted:
@@ -119,7 +122,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         if name == "manifest":
             if not _follower_rank():  # under torchrun, rank 0 publishes the manifest
                 _publish_manifest(plan, sp, store, console)
-        elif not _run_stage(name, cfg, plan, sp, store, console, stage_options or {}):
+        elif not _run_stage(sp.stage, sp.cfg or cfg, plan, sp, store, console, stage_options or {}):
             _sync_ranks()
             built.append(f"{name} (this process's part)")
             continue  # only this process's part was written (depth --shard / torchrun rank > 0)
@@ -130,7 +133,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         sp.state = "fresh"
         built.append(name)
         console.print(f"[green]✓[/] {name:8s} built  {sp.key[:16]}  in {time.time() - t0:.1f}s -> "
-                      f"{store.path(name, sp.key)}", markup=True)
+                      f"{store.path(sp.stage, sp.key)}", markup=True)
     if not built:
         console.print("nothing to do: every stage is fresh")
     return plan

@@ -54,6 +54,7 @@ distill:
   checkpoint_every: 2
   log_every: 2
   eval_every: 3
+eval: {{baseline: false}}  # the preset also trains the gamma = 0 baseline; tests that want it ask for it
 """
 
 

@@ -159,3 +159,68 @@ def test_metric_input_errors_become_dkp_errors(tiny):
     # Human3.6M's protocol needs its 32 joints; the synthetic data have 16: a named user error, not a traceback
     with pytest.raises(DkpError, match=r"eval protocol h36m on dataset synthetic \(student, distill artifact\): .*32"):
         _run(tiny, PLAIN, "eval.protocol=h36m")
+
+
+def test_floor_row_and_ratios(tiny):
+    """The mean-pose floor is scored through the same protocol on the same frames, and every model gets its ratio."""
+    from dkp_core.metrics import normalised_l2
+
+    m = json.loads((tiny["eval"] / "metrics.json").read_text())
+    saved = np.load(tiny["eval"] / "detections.npz")
+    gf, gt = saved["student_fit_gt"], saved["student_test_gt"]
+    # by hand: the least-squares constant is the fit mean (NaN skipped); score it as a detector would be
+    mean = np.nanmean(gf, axis=0)
+    const = normalised_l2(np.full((len(gf), 1, 2), 5.0), gf, np.full((len(gt), 1, 2), 5.0), gt, 32)
+    np.testing.assert_allclose(const.pred_test[0], mean, atol=1e-9)
+    assert m["floor"]["value"] == pytest.approx(const.value, rel=1e-9)
+    assert m["floor"]["n_fit"] == 38 and m["floor"]["n_test"] == 10
+    for role in ("student", "teacher"):
+        r = m[role]
+        assert r["ratio_to_floor"] == pytest.approx(r["value"] / r["floor_value"])
+        assert r["beats_floor"] == (r["value"] < r["floor_value"])
+    assert "baseline" not in m and "ratio_to_baseline" not in m["student"]
+
+
+def test_print_comparison_says_when_a_model_does_not_beat_the_floor():
+    from pipeline.stages.evaluate import print_comparison
+
+    def role(v, floor=10.0):
+        return {"value": v, "unit": "%", "higher_is_better": False, "ratio_to_floor": v / floor,
+                "beats_floor": v < floor}
+
+    summary = {"protocol": "l2", "dataset": "d", "gamma": 0.4,
+               "floor": {"value": 10.0, "unit": "%", "higher_is_better": False},
+               "baseline": role(12.0), "student": role(6.0) | {"ratio_to_baseline": 0.5}, "teacher": role(3.0)}
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    print_comparison(summary, console)
+    out = console.file.getvalue()
+    for label in ("floor: mean pose", "baseline: RGB, gamma 0", "student: RGB, gamma 0.4", "teacher: depth"):
+        assert label in out
+    assert "baseline does NOT beat the floor: 12.00 vs 10.00" in out
+    assert "student does NOT" not in out and "teacher does NOT" not in out
+    assert "0.500" in out and "1.200" in out  # ratio to the baseline, ratio to the floor
+
+
+def test_baseline_switch_builds_the_gamma0_distill_and_scores_it(tiny):
+    """eval.baseline: the gamma = 0 student is built as a second distill artifact (the key a plain
+    `--set distill.gamma=0` run has), depth and teach are shared, and eval scores four rows."""
+    from pipeline.config import load_config
+    from pipeline.graph import build_plan
+
+    plan, out = _run(tiny, PLAIN, "eval.baseline=true")
+    assert [n for n in plan.stages] == ["manifest", "depth", "teach", "distill", "baseline", "eval"]
+    b = plan.stages["baseline"]
+    assert b.stage == "distill" and b.cfg.distill.gamma == 0.0
+    g0 = build_plan(load_config(tiny["yaml"], [PLAIN, "distill.gamma=0"]), plan.store, progress=False)
+    assert b.key == g0.stages["distill"].key and g0.stages["distill"].state == "fresh"  # the same artifact
+    assert "teach    fresh" in out and "distill  fresh" in out and "baseline built" in out
+    assert plan.stages["eval"].inputs["upstream"]["baseline"] == b.key
+    m = json.loads((plan.store.path("eval", plan.stages["eval"].key) / "metrics.json").read_text())
+    assert m["baseline"]["artifact"] == b.key and m["baseline"]["input"] == "rgb"
+    assert m["student"]["ratio_to_baseline"] == pytest.approx(m["student"]["value"] / m["baseline"]["value"])
+    assert "baseline: RGB, gamma 0" in out and "floor: mean pose" in out
+    # a second run reuses everything, the baseline included
+    _, out2 = _run(tiny, PLAIN, "eval.baseline=true")
+    assert "nothing to do" in out2 and "baseline fresh" in out2

@@ -285,3 +285,58 @@ def test_shape_errors_name_the_array():
         g = gt.copy()
         g[0, 0] = np.nan
         M.h36m_l2(det, g, det, gt, S)
+
+
+# ---------------------------------------------------------------- the mean-pose floor
+def test_floor_is_the_fit_mean_pose_scored_by_hand():
+    # size 11: normalised by 10 px. Fit mean of joint 0 = (4, 2); test errors 3 px and 5 px -> 30 % and 50 %.
+    gt_fit = np.array([[[0.0, 0.0]], [[4.0, 0.0]], [[8.0, 6.0]]])
+    gt_test = np.array([[[4.0, 5.0]], [[7.0, 6.0]]])
+    r = M.mean_pose_floor("l2", gt_fit=gt_fit, gt_test=gt_test, image_size=11)
+    assert r.value == pytest.approx(40.0)
+    np.testing.assert_allclose(r.pred_test, [[[4.0, 2.0]], [[4.0, 2.0]]], atol=1e-9)
+
+
+def test_floor_goes_through_left_right_matching_by_hand():
+    # Two fit frames with joint 0 left (x=2) and joint 1 right (x=8), one mirrored. The plain mean is
+    # (4, 0) / (6, 0); the mirrored frame is then closer to its swapped GT (2 px vs 4 px), is flipped, and
+    # the refit mean is (2, 0) / (8, 0). The test frame is mirrored too: scored against its swap, 3 px off.
+    gt_fit = np.array([[[2.0, 0.0], [8.0, 0.0]], [[2.0, 0.0], [8.0, 0.0]], [[8.0, 0.0], [2.0, 0.0]]])
+    gt_test = np.array([[[8.0, 3.0], [2.0, 3.0]]])
+    r = M.mean_pose_floor("l2", gt_fit=gt_fit, gt_test=gt_test, image_size=11, flip_pairs=[(0, 1)])
+    assert r.value == pytest.approx(30.0)
+    assert r.details["flip_rounds_fit"] == 1
+    plain = M.mean_pose_floor("l2", gt_fit=gt_fit, gt_test=gt_test, image_size=11)
+    # unmatched: mean (4, 0) / (6, 0) against (8, 3) / (2, 3): 5 px each
+    assert plain.value == pytest.approx(50.0)
+
+
+def test_floor_for_taichi_and_deepfashion_by_hand():
+    # At 256 px the papers' report frame is the model frame, so the numbers are plain pixel errors.
+    rng = np.random.default_rng(3)
+    gt_fit = rng.uniform(20, 230, size=(40, 3, 2))
+    gt_fit[5, 1, 0] = np.nan  # a missing coordinate is left out of the mean
+    gt_test = rng.uniform(20, 230, size=(10, 3, 2))
+    mean = np.nanmean(gt_fit, axis=0)  # (3, 2)
+    taichi = M.mean_pose_floor("taichi", gt_fit=gt_fit, gt_test=gt_test, image_size=256)
+    assert taichi.value == pytest.approx(np.abs(gt_test - mean).mean(axis=0).sum(), rel=1e-9)
+    df = M.mean_pose_floor("deepfashion", gt_fit=gt_fit, gt_test=gt_test, image_size=256)
+    assert df.value == pytest.approx(100.0 * (np.linalg.norm(gt_test - mean, axis=2) < 6.0).mean())
+
+
+def test_floor_h36m_runs_the_protocol_on_the_mean_pose():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(30, 90, size=(1, 32, 2))
+    gt_fit = base + rng.normal(scale=1.0, size=(50, 32, 2))
+    gt_test = base + rng.normal(scale=1.0, size=(20, 32, 2))
+    r = M.mean_pose_floor("h36m", gt_fit=gt_fit, gt_test=gt_test, image_size=128)
+    # By hand: the first fit is the mean pose; no frame prefers its left/right swap (tiny noise); the
+    # 3-sigma rule drops frames whose mean joint error to it is >= mean + 3 sd; the refit is the mean of the rest.
+    y = gt_fit / 127.0
+    dist = np.linalg.norm(y - y.mean(axis=0), axis=2).mean(axis=1)
+    keep = dist < dist.mean() + 3.0 * dist.std(ddof=1)
+    mean = y[keep].mean(axis=0)
+    want = 100.0 * np.linalg.norm(gt_test / 127.0 - mean, axis=2).mean()
+    assert r.details["swap_rounds_fit"] == r.details["swap_rounds_test"] == 0
+    assert r.details["n_fit_kept"] == int(keep.sum())
+    assert r.value == pytest.approx(want, rel=1e-9)

@@ -99,8 +99,15 @@ def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -
     return heatmap_mass_in_mask(heat, masks) | {"n_frames": int(len(indices))}
 
 
+ROLES = (("student", "distill", "rgb"), ("baseline", "baseline", "rgb"), ("teacher", "teach", "depth"))
+
+
+def beats(value: float, reference: float, higher_is_better: bool) -> bool:
+    return value > reference if higher_is_better else value < reference
+
+
 def run(ctx) -> dict:
-    from dkp_core.metrics import evaluate
+    from dkp_core.metrics import evaluate, mean_pose_floor
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.train import resolve_device
     from pipeline.viz import draw_keypoints, grid, save_png
@@ -118,8 +125,9 @@ def run(ctx) -> dict:
     options = protocol_options(ctx, protocol)
     reader = DepthCacheReader(ctx.upstream_path("depth"))
     results, arrays = {}, {}
-    for role, stage, key in (("student", "distill", "rgb"), ("teacher", "teach", "depth")):
-        model, payload = common.load_trained(ctx.upstream_path(stage))
+    roles = [r for r in ROLES if r[1] in ctx.plan.stages]
+    for role, entry, key in roles:
+        model, payload = common.load_trained(ctx.upstream_path(entry))
         S = model.detector.image_size if hasattr(model.detector, "image_size") else payload["model_args"]["image_size"]
         sets = {}
         for split, idx in (("fit", fit), ("test", test)):
@@ -134,17 +142,31 @@ def run(ctx) -> dict:
                          gt_test=sets["test"][2], image_size=S)
         try:
             r = evaluate(protocol, **arrays_in, **options)
+            # the floor on the same frames, in the same frame: the fit split's mean pose for every test frame
+            floor = mean_pose_floor(protocol, gt_fit=arrays_in["gt_fit"], gt_test=arrays_in["gt_test"],
+                                    image_size=S, **options)
             if options:
                 # the same detections scored without the orientation matching, for comparison
                 r.details["value_without_flip_pairs"] = float(evaluate(protocol, **arrays_in).value)
+                floor.details["value_without_flip_pairs"] = float(
+                    mean_pose_floor(protocol, gt_fit=arrays_in["gt_fit"], gt_test=arrays_in["gt_test"],
+                                    image_size=S).value)
         except ValueError as e:  # the metric functions name the array and the expected shape
-            raise DkpError(f"eval protocol {protocol} on dataset {m.name} ({role}, {stage} artifact): {e}") from None
+            raise DkpError(f"eval protocol {protocol} on dataset {m.name} ({role}, {entry} artifact): {e}") from None
         for split, (idx, det, gt) in sets.items():
             arrays[f"{role}_{split}_index"], arrays[f"{role}_{split}_det"] = idx, det
             arrays[f"{role}_{split}_gt"] = gt
         arrays[f"{role}_image_size"] = np.array(S)
         results[role] = r.to_dict() | {"input": key, "n_fit": int(len(sets["fit"][0])),
-                                       "n_test": int(len(sets["test"][0])), "artifact": ctx.plan.stages[stage].key}
+                                       "n_test": int(len(sets["test"][0])), "artifact": ctx.plan.stages[entry].key,
+                                       "floor_value": float(floor.value),
+                                       "ratio_to_floor": _ratio(r.value, floor.value),
+                                       "beats_floor": beats(r.value, floor.value, r.higher_is_better)}
+        if "floor" not in results:  # the student's frames (the first role): the row the table prints
+            results["floor"] = (floor.to_dict() | {
+                "what": "the fit split's mean pose predicted for every test frame (no detector), through the "
+                        "same protocol", "n_fit": int(len(sets["fit"][0])), "n_test": int(len(sets["test"][0])),
+                "image_size": int(S)})
         on_figure = figure_mass(model, m, sets["test"][0][:64], S, key, reader, device)
         if on_figure is not None:
             results[role]["figure_heatmap_mass"] = on_figure
@@ -157,6 +179,8 @@ def run(ctx) -> dict:
             tiles.append(draw_keypoints(bg, r.pred_test[j], gt=r.gt_test[j], scale=max(1, 256 // S)))
         if tiles:
             save_png(ctx.path / f"{role}_test.png", grid(tiles, cols=8))
+    if "baseline" in results:
+        results["student"]["ratio_to_baseline"] = _ratio(results["student"]["value"], results["baseline"]["value"])
     summary = {"protocol": protocol, "dataset": m.name, "gamma": ctx.cfg.distill.gamma,
                "layer": ctx.cfg.distill.layer, "protocol_options": {k: [list(p) for p in v] for k, v in options.items()},
                **results}
@@ -164,13 +188,62 @@ def run(ctx) -> dict:
     # number can be recomputed or re-scored with another protocol without running a model.
     _save_npz(ctx.path / "detections.npz", arrays)
     write_json_atomic(ctx.path / "metrics.json", summary)
-    for role, r in results.items():
-        fig = r.get("figure_heatmap_mass")
-        ctx.console.print(f"{role:8s} ({r['input']}): {protocol} = {r['value']:.4f} {r['unit']} "
-                          f"({'higher' if r['higher_is_better'] else 'lower'} is better)"
-                          + (f"; heatmap mass on the figure {fig['mass_in_mask']:.3f} (area {fig['mask_area']:.3f})"
-                             if fig else ""), markup=False)
+    print_comparison(summary, ctx.console)
     return {"metrics": summary}
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return float(value / reference) if reference else None
+
+
+def comparison_rows(summary: dict) -> list[dict]:
+    """The rows eval prints and reports write: floor, baseline (when built), student, teacher."""
+    rows = []
+    labels = {"floor": "floor: mean pose", "baseline": "baseline: RGB, gamma 0",
+              "student": f"student: RGB, gamma {summary.get('gamma')}", "teacher": "teacher: depth"}
+    for role in ("floor", "baseline", "student", "teacher"):
+        r = summary.get(role)
+        if not r:
+            continue
+        fig = r.get("figure_heatmap_mass")
+        rows.append({"role": role, "label": labels[role], "value": r["value"], "unit": r["unit"],
+                     "higher_is_better": r["higher_is_better"],
+                     "ratio_to_floor": 1.0 if role == "floor" else r.get("ratio_to_floor"),
+                     "ratio_to_baseline": r.get("ratio_to_baseline"),
+                     "beats_floor": None if role == "floor" else r.get("beats_floor"),
+                     "mass_ratio": fig.get("ratio") if fig else None})
+    return rows
+
+
+def print_comparison(summary: dict, console) -> None:
+    """One table, then one plain sentence for each model that does not beat the floor."""
+    from rich.table import Table
+
+    rows = comparison_rows(summary)
+    if not rows:
+        return
+    unit, better = rows[0]["unit"], "higher" if rows[0]["higher_is_better"] else "lower"
+    t = Table(title=f"eval: {summary['protocol']} on {summary['dataset']} ({unit}; {better} is better)",
+              title_justify="left")
+    for col in ("", "value", "× floor", "× baseline", "mass on figure"):
+        t.add_column(col, justify="left" if not col else "right")
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in rows:
+        t.add_row(r["label"], f(r["value"], ".2f"), f(r["ratio_to_floor"], ".3f"), f(r["ratio_to_baseline"], ".3f"),
+                  f(r["mass_ratio"], ".2f"))
+    console.print(t)
+    if any(r["mass_ratio"] is not None for r in rows):
+        console.print("mass on figure: share of the heatmaps on figure pixels (64 test frames), as a multiple of the "
+                      "figure's area (1 = ignores the figure)", markup=False)
+    floor = next((r for r in rows if r["role"] == "floor"), None)
+    for r in rows:
+        if r["role"] != "floor" and r["beats_floor"] is False and floor is not None:
+            console.print(f"{r['label'].split(':')[0]} does NOT beat the floor: {r['value']:.2f} vs "
+                          f"{floor['value']:.2f} for predicting the mean pose on every frame; it has learned nothing "
+                          "the regression can use.", markup=False)
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
