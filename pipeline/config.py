@@ -34,6 +34,7 @@ NON_SEMANTIC = frozenset(
         "device",
         "progress",
         "compile",  # torch.compile: same maths, different kernels
+        "channels_last",  # memory format: same maths, different kernels
         "batch_size_inference",
         "weights",  # keyed by the file's sha256 instead of its path
         "vgg_weights",  # idem
@@ -91,6 +92,9 @@ class TrainConfig:
     hflip: Optional[bool] = None  # None = what the dataset manifest says AutoLink does
     depth_norm: str = "minmax"  # teacher input: per-frame min-max of inverse depth to [-1, 1]
     amp: str = "auto"  # auto | off | bf16 | fp16
+    lr_schedule: str = "constant"  # constant (AutoLink) | cosine (to 0 at the last step)
+    warmup_steps: int = 0  # linear warm-up before the schedule
+    channels_last: bool = True  # NHWC memory format: same maths, faster convolutions
     checkpoint_every: int = 500
     log_every: int = 50
     eval_every: int = 1000
@@ -142,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "recon_loss": ("perceptual", "l1ssim", "l1", "mse"),
     "depth_norm": ("minmax",),
     "amp": ("auto", "off", "bf16", "fp16"),
+    "lr_schedule": ("constant", "cosine"),
     "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),
     "flatten": ("sample", "keypoint", "location"),
     "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),

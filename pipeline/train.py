@@ -74,6 +74,7 @@ _TAG_GLOBAL_RNG = 3
 _TAG_SAMPLE = 4
 
 _AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+_SCHEDULE_CHOICES = ("constant", "cosine")
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -99,12 +100,19 @@ class TrainSettings:
     device: str = "auto"  # "auto" | "cpu" | "cuda" (under torchrun: cuda:LOCAL_RANK)
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on CUDA, as AutoLink
     keep_checkpoints: int = 2  # newest checkpoints kept; >1 so a damaged newest one has a fallback
+    # Learning rate as a pure function of the step (so resuming needs no scheduler state): "constant"
+    # (AutoLink) or "cosine" (to 0 at the last step); both after a linear warm-up of warmup_steps.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    # NHWC weights and activations: the same maths, faster convolution kernels (oneDNN on CPU, cuDNN).
+    channels_last: bool = True
 
     # Fields that cannot change the trained weights; leave them out of artifact keys.
     NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset(
         {"checkpoint_every", "log_every", "eval_every", "num_workers", "device", "keep_checkpoints"})
     # Fields a checkpoint must agree on to be resumed (steps may grow: that extends a run).
-    _RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "betas", "seed")
+    _RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "betas", "seed",
+                                                     "lr_schedule", "warmup_steps")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -113,7 +121,7 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"training setting '{name}' must be a positive integer, got {value!r}")
-        for name in ("eval_every", "num_workers", "seed"):
+        for name in ("eval_every", "num_workers", "seed", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"training setting '{name}' must be an integer >= 0, got {value!r}")
@@ -123,6 +131,9 @@ class TrainSettings:
             raise ConfigError(f"training setting 'weight_decay' must be >= 0, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"training setting 'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        if self.lr_schedule not in _SCHEDULE_CHOICES:
+            raise ConfigError(f"training setting 'lr_schedule' must be one of {', '.join(_SCHEDULE_CHOICES)}, "
+                              f"got {self.lr_schedule!r}")
         if self.amp not in _AMP_CHOICES:
             raise ConfigError(f"training setting 'amp' must be one of {', '.join(_AMP_CHOICES)}, got {self.amp!r}")
         if self.device not in _DEVICE_CHOICES:
@@ -315,6 +326,17 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":  # "auto"
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None  # "auto" on CPU: autocast there is slower than fp32 for convs on most CPUs
+
+
+def lr_factor(settings: TrainSettings, step: int) -> float:
+    """Multiplier of ``settings.lr`` at 0-based ``step``: linear warm-up over ``warmup_steps``, then constant or
+    a cosine to 0 at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.lr_schedule == "constant":
+        return 1.0
+    span = max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - settings.warmup_steps) / span)))
 
 
 def _amp_name(dtype: torch.dtype | None) -> str:
@@ -616,6 +638,8 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                                start_step=0, end_step=settings.steps, rank=rank, world_size=world)
 
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D parameters only; convolutions then run NHWC
     if world > 1 and settings.sync_batchnorm:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -711,6 +735,8 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                               generator=generator, module=model, amp_dtype=amp_dtype)
             batch = _to_device(batch, device)
             model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * lr_factor(settings, step)
             optimizer.zero_grad(set_to_none=True)
             autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                         else contextlib.nullcontext())

@@ -376,3 +376,40 @@ def test_progress_bar_renders_step_loss_rate_and_eta(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "5/10" in err and "loss 0.5000" in err and "steps/s" in err and "ETA" in err
+
+
+def test_lr_factor_warmup_then_cosine_to_zero():
+    from pipeline.train import TrainSettings, lr_factor
+
+    s = TrainSettings(steps=10, warmup_steps=2, lr_schedule="cosine")
+    assert [lr_factor(s, i) for i in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(s, 2) == pytest.approx(1.0) and lr_factor(s, 6) == pytest.approx(0.5)
+    assert lr_factor(s, 10) == pytest.approx(0.0, abs=1e-12)
+    c = TrainSettings(steps=10)
+    assert all(lr_factor(c, i) == 1.0 for i in range(10))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainSettings(lr_schedule="step")
+
+
+def test_cosine_schedule_resumes_exactly_and_changes_the_run(tmp_path):
+    """The lr is a function of the step: a crash + resume under warm-up + cosine ends with the
+    uninterrupted run's weights, and the schedule really changes training."""
+    settings = toy.toy_settings(steps=STEPS, lr_schedule="cosine", warmup_steps=3)
+    ref_model, _ = _run(tmp_path / "ref", settings=settings)
+    ref = {k: v.clone() for k, v in ref_model.state_dict().items()}
+
+    class Crash(Exception):
+        pass
+
+    def crashing_step(model, batch, ctx):
+        if ctx.step == 7:
+            raise Crash
+        return toy.toy_step(model, batch, ctx)
+
+    with pytest.raises(Crash):
+        _run(tmp_path / "run", step_fn=crashing_step, settings=settings)
+    model, result = _run(tmp_path / "run", settings=settings)
+    assert result.resumed_from == 5
+    _assert_same_weights(model.state_dict(), ref)
+    const, _ = _run(tmp_path / "const", settings=toy.toy_settings(steps=STEPS))
+    assert any(not torch.equal(ref[k], v) for k, v in const.state_dict().items())

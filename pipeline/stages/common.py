@@ -32,7 +32,9 @@ def train_settings(section: C.TrainConfig):
     return TrainSettings(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
                          weight_decay=section.weight_decay, seed=section.seed, amp=section.amp,
                          checkpoint_every=section.checkpoint_every, log_every=section.log_every,
-                         eval_every=section.eval_every, num_workers=section.num_workers, device=section.device)
+                         eval_every=section.eval_every, num_workers=section.num_workers, device=section.device,
+                         lr_schedule=section.lr_schedule, warmup_steps=section.warmup_steps,
+                         channels_last=section.channels_last)
 
 
 def reconstruction_loss(section: C.TrainConfig):
