@@ -172,13 +172,15 @@ def manifest_list():
 @click.option("--n", "n", default=600, show_default=True, help="Number of frames.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", default=128, show_default=True, help="Image size (square).")
-def synth(out, n, seed, size):
+@click.option("--clip-length", default=32, show_default=True,
+              help="Consecutive frames showing the same figure and walls (1 = every frame a new scene).")
+def synth(out, n, seed, size, clip_length):
     """Write the built-in synthetic dataset (folder layout, with GT depth and keypoints) to OUT."""
     from pathlib import Path
 
     from pipeline.synth import write_synthetic
 
-    info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, progress=True)
+    info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, clip_length=clip_length, progress=True)
     _console().print(f"wrote {n} frames to {out}", info if isinstance(info, dict) else "")
 
 

@@ -51,6 +51,8 @@ class DataConfig:
     synth_frames: int = 600
     synth_seed: int = 0
     synth_image_size: int = 128
+    # Consecutive frames sharing figure, clothes and walls (a "video clip"; 1 = every frame a new scene).
+    synth_clip_length: int = 32
 
 
 @dataclass(frozen=True)

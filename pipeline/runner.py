@@ -48,9 +48,11 @@ def synthetic_data_pending(cfg: C.ExperimentConfig) -> bool:
 
 
 def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
-    """The built-in dataset is generated on first use, so `run synthetic` works on a fresh clone."""
+    """The built-in dataset is generated on first use, so `run synthetic` works on a fresh clone; data already
+    at ``data.root`` must have been generated with the config's ``data.synth_*`` values (else a named error),
+    so a changed preset never trains on yesterday's frames."""
     root = Path(cfg.data.root)
-    if not synthetic_data_pending(cfg):
+    if cfg.data.manifest != "synthetic":
         return
     if _follower_rank():
         # torchrun: rank 0 writes the dataset (dataset.yaml last); the others wait for it.
@@ -62,9 +64,14 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
         return
     from pipeline.synth import write_synthetic
 
-    console.print(f"generating the synthetic dataset: {cfg.data.synth_frames} frames -> {root}")
-    write_synthetic(root, n=cfg.data.synth_frames, seed=cfg.data.synth_seed,
-                    image_size=cfg.data.synth_image_size, progress=True)
+    pending = synthetic_data_pending(cfg)
+    if pending:
+        console.print(f"generating the synthetic dataset: {cfg.data.synth_frames} frames -> {root}")
+    try:
+        write_synthetic(root, n=cfg.data.synth_frames, seed=cfg.data.synth_seed, image_size=cfg.data.synth_image_size,
+                        clip_length=cfg.data.synth_clip_length, progress=pending)
+    except DkpError as e:
+        raise type(e)(f"{e} (data.root = {root}; the config's data.synth_* values must match the data there)") from None
 
 
 def _publish_manifest(plan: Plan, sp: StagePlan, store: Store, console) -> None:

@@ -134,7 +134,10 @@ def write_synthetic(
 
     _check_args(n, seed, image_size, test_fraction)
     out_dir = Path(out_dir)
-    cfg = SyntheticConfig(image_size=image_size, n_joints=n_joints, clip_length=clip_length)
+    try:
+        cfg = SyntheticConfig(image_size=image_size, n_joints=n_joints, clip_length=clip_length)
+    except ValueError as e:
+        raise ConfigError(f"synth: {e}") from None
     params = {
         "generator_version": GENERATOR_VERSION,
         "n": n,

@@ -245,3 +245,23 @@ def test_synthetic_ground_truth_works_with_the_l2_protocol():
                    det_test=rng.uniform(0, 63, size=(40, 16, 2)), gt_test=gt_test, image_size=64)
     assert good.value < 4.0  # % of the image side: about 2 px at 64 px for 1 px of detector noise
     assert bad.value > 3 * good.value
+
+
+def test_run_refuses_data_generated_with_other_synth_settings(tiny_experiment):
+    """`run` on a data.root generated with another clip length names the mismatch instead of training on it."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.config import load_config
+    from pipeline.errors import ManifestError
+    from pipeline.runner import ensure_synthetic_data
+
+    console = Console(file=io.StringIO())
+    cfg = load_config(tiny_experiment["yaml"], ["data.synth_clip_length=4"])
+    ensure_synthetic_data(cfg, console)
+    assert "generating the synthetic dataset" in console.file.getvalue()
+    ensure_synthetic_data(cfg, console)  # same settings: nothing to do, no error
+    other = load_config(tiny_experiment["yaml"], ["data.synth_clip_length=8"])
+    with pytest.raises(ManifestError, match=r"clip_length.*4.*8.*data\.root"):
+        ensure_synthetic_data(other, console)
