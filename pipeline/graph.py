@@ -137,14 +137,20 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             s["vgg_sha256"] = file_digest(section.vgg_weights) if section.vgg_weights else "torchvision-default"
         return s
 
-    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, None, C.to_dict(cfg.teach))
+    # Training inputs are multiplied by the masks when the dataset applies them (human36m_wobg), so their
+    # content is in the keys of the stages that read them; None (as before) for every other dataset.
+    masks_fp = m.mask_fingerprint if m.apply_masks else None
+    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, masks_fp, C.to_dict(cfg.teach))
     add("distill", train_sem(cfg.distill), {"teach": stages["teach"].key, "depth": stages["depth"].key,
-                                           "manifest": stages["manifest"].key}, None, C.to_dict(cfg.distill))
+                                           "manifest": stages["manifest"].key}, masks_fp, C.to_dict(cfg.distill))
     e_sem = C.semantic_dict(cfg.eval)
     if e_sem.get("protocol") == "auto":
         e_sem["protocol"] = m.protocol
+    if e_sem.get("flip_pairs") == "dataset":  # eval reads the pairs from ROOT/dataset.yaml: key them
+        e_sem["left_right_pairs"] = m.left_right_pairs
+    # eval also reads masks where there are any (the figure's heatmap mass, e.g. Taichi's test masks)
     add("eval", e_sem, {"distill": stages["distill"].key, "teach": stages["teach"].key,
-                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, None,
+                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, m.mask_fingerprint,
         C.to_dict(cfg.eval))
 
     # states and reasons

@@ -3,7 +3,6 @@ recomputed from scratch with dkp_core.metrics, the left/right flip option, reuse
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,22 +124,63 @@ def test_flip_pairs_from_dataset_yaml(tiny):
         assert flipped[role]["value"] <= plain[role]["value"] + 1e-9
 
 
+def _folder_with_pairs(root, dataset_yaml):
+    """A 4-joint folder dataset with ``dataset_yaml`` as ROOT/dataset.yaml (None: no file); its manifest."""
+    import cv2
+
+    from pipeline.manifest import build_manifest
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(root / "images" / f"{name}.png"), np.zeros((16, 16, 3), np.uint8))
+    (root / "keypoints.csv").write_text("frame,split,x0,y0,x1,y1,x2,y2,x3,y3\n"
+                                        "a,train,1,1,2,2,3,3,4,4\nb,train,2,1,3,2,4,3,5,4\nc,test,1,2,2,3,3,4,4,5\n")
+    if dataset_yaml is not None:
+        (root / "dataset.yaml").write_text(dataset_yaml)
+    elif (root / "dataset.yaml").exists():
+        (root / "dataset.yaml").unlink()
+    return build_manifest("folder", root, progress=False)
+
+
 def test_flip_pairs_errors(tiny, tmp_path):
     from pipeline.stages.evaluate import dataset_flip_pairs
 
     with pytest.raises(DkpError, match="works with protocol l2 only"):
         _run(tiny, "eval.flip_pairs=dataset", "eval.protocol=taichi")
-    fake = SimpleNamespace(root=tmp_path, keypoints=np.zeros((1, 4, 2)))
-    with pytest.raises(DkpError, match=r"dataset\.yaml not found"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("n_joints: 4\n")
-    with pytest.raises(DkpError, match="no synthetic.left_right_pairs"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 9]]}\n")
+    for text in (None, "n_joints: 4\n"):
+        with pytest.raises(DkpError, match=r"dataset\.yaml gives no left/right joint pairs; add 'left_right_pairs: "):
+            dataset_flip_pairs(_folder_with_pairs(tmp_path, text))
     with pytest.raises(DkpError, match=r"\[2, 9\] is not a pair of joint indices in \[0, 3\]"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 3]]}\n")
-    assert dataset_flip_pairs(fake) == [(0, 1), (2, 3)]
+        dataset_flip_pairs(_folder_with_pairs(tmp_path, "left_right_pairs: [[0, 1], [2, 9]]\n"))
+    with pytest.raises(DkpError, match=r"entry 3 is not a pair"):
+        dataset_flip_pairs(_folder_with_pairs(tmp_path, "left_right_pairs: [3]\n"))
+
+
+def test_flip_pairs_of_your_own_folder_dataset_and_the_old_synthetic_key(tmp_path, caplog):
+    from pipeline.stages.evaluate import dataset_flip_pairs
+
+    with caplog.at_level("WARNING"):
+        m = _folder_with_pairs(tmp_path, "left_right_pairs: [[0, 1], [2, 3]]\n")
+    assert dataset_flip_pairs(m) == [(0, 1), (2, 3)] and "not dataset options" not in caplog.text
+    old = _folder_with_pairs(tmp_path, "synthetic: {left_right_pairs: [[1, 0]]}\n")  # what synth has always written
+    assert dataset_flip_pairs(old) == [(1, 0)]
+    both = _folder_with_pairs(tmp_path, "left_right_pairs: [[0, 3]]\nsynthetic: {left_right_pairs: [[1, 0]]}\n")
+    assert dataset_flip_pairs(both) == [(0, 3)]  # the top-level key wins
+
+
+def test_the_pairs_eval_reads_are_in_its_key(tmp_path):
+    from pipeline.artifacts import Store
+    from pipeline.config import load_config
+    from pipeline.graph import build_plan
+
+    def keys(text, flip="dataset"):
+        m = _folder_with_pairs(tmp_path / "data", text)
+        cfg = load_config(None, ["data.manifest=folder", f"data.root={tmp_path / 'data'}", f"eval.flip_pairs={flip}"])
+        return {n: sp.key for n, sp in build_plan(cfg, Store(tmp_path / "store"), manifest=m).stages.items()}
+
+    a, b = keys("left_right_pairs: [[0, 1]]\n"), keys("left_right_pairs: [[0, 1], [2, 3]]\n")
+    assert a["eval"] != b["eval"] and all(a[s] == b[s] for s in ("manifest", "depth", "teach", "distill"))
+    assert keys("left_right_pairs: [[0, 1]]\n", "none")["eval"] == keys("", "none")["eval"]  # unread: not keyed
 
 
 def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(tiny):
