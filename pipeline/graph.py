@@ -148,10 +148,13 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         e_sem["protocol"] = m.protocol
     if e_sem.get("flip_pairs") == "dataset":  # eval reads the pairs from ROOT/dataset.yaml: key them
         e_sem["left_right_pairs"] = m.left_right_pairs
-    # eval also reads masks where there are any (the figure's heatmap mass, e.g. Taichi's test masks)
+    # eval reads the ground truth and the partitions (keypoints.csv, .mat files, GT pickles: none of them is in
+    # the manifest's frame fingerprint) and masks where there are any (the figure's heatmap mass, e.g. Taichi's)
+    from pipeline.fingerprint import combine
+
+    e_fp = combine([m.annotation_fingerprint, m.mask_fingerprint or "-"])
     add("eval", e_sem, {"distill": stages["distill"].key, "teach": stages["teach"].key,
-                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, m.mask_fingerprint,
-        C.to_dict(cfg.eval))
+                        "depth": stages["depth"].key, "manifest": stages["manifest"].key}, e_fp, C.to_dict(cfg.eval))
 
     # states and reasons
     last = store.last_built(cfg.name)

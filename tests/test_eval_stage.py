@@ -124,7 +124,11 @@ def test_flip_pairs_from_dataset_yaml(tiny):
         assert flipped[role]["value"] <= plain[role]["value"] + 1e-9
 
 
-def _folder_with_pairs(root, dataset_yaml):
+FOLDER_CSV = ("frame,split,x0,y0,x1,y1,x2,y2,x3,y3\n"
+              "a,train,1,1,2,2,3,3,4,4\nb,train,2,1,3,2,4,3,5,4\nc,test,1,2,2,3,3,4,4,5\n")
+
+
+def _folder_with_pairs(root, dataset_yaml, csv=FOLDER_CSV):
     """A 4-joint folder dataset with ``dataset_yaml`` as ROOT/dataset.yaml (None: no file); its manifest."""
     import cv2
 
@@ -133,8 +137,7 @@ def _folder_with_pairs(root, dataset_yaml):
     (root / "images").mkdir(parents=True, exist_ok=True)
     for name in ("a", "b", "c"):
         cv2.imwrite(str(root / "images" / f"{name}.png"), np.zeros((16, 16, 3), np.uint8))
-    (root / "keypoints.csv").write_text("frame,split,x0,y0,x1,y1,x2,y2,x3,y3\n"
-                                        "a,train,1,1,2,2,3,3,4,4\nb,train,2,1,3,2,4,3,5,4\nc,test,1,2,2,3,3,4,4,5\n")
+    (root / "keypoints.csv").write_text(csv)
     if dataset_yaml is not None:
         (root / "dataset.yaml").write_text(dataset_yaml)
     elif (root / "dataset.yaml").exists():
@@ -168,34 +171,27 @@ def test_flip_pairs_of_your_own_folder_dataset_and_the_old_synthetic_key(tmp_pat
     assert dataset_flip_pairs(both) == [(0, 3)]  # the top-level key wins
 
 
-def test_the_pairs_eval_reads_are_in_its_key(tmp_path):
+def _keys(tmp_path, dataset_yaml, *overrides, csv=FOLDER_CSV):
+    """Every stage's key for the 4-joint folder dataset under tmp_path/data."""
     from pipeline.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
-    def keys(text, flip="dataset"):
-        m = _folder_with_pairs(tmp_path / "data", text)
-        cfg = load_config(None, ["data.manifest=folder", f"data.root={tmp_path / 'data'}", f"eval.flip_pairs={flip}"])
-        return {n: sp.key for n, sp in build_plan(cfg, Store(tmp_path / "store"), manifest=m).stages.items()}
+    m = _folder_with_pairs(tmp_path / "data", dataset_yaml, csv)
+    cfg = load_config(None, ["data.manifest=folder", f"data.root={tmp_path / 'data'}", *overrides])
+    return {n: sp.key for n, sp in build_plan(cfg, Store(tmp_path / "store"), manifest=m).stages.items()}
 
-    a, b = keys("left_right_pairs: [[0, 1]]\n"), keys("left_right_pairs: [[0, 1], [2, 3]]\n")
+
+def test_the_pairs_eval_reads_are_in_its_key(tmp_path):
+    a = _keys(tmp_path, "left_right_pairs: [[0, 1]]\n", "eval.flip_pairs=dataset")
+    b = _keys(tmp_path, "left_right_pairs: [[0, 1], [2, 3]]\n", "eval.flip_pairs=dataset")
     assert a["eval"] != b["eval"] and all(a[s] == b[s] for s in ("manifest", "depth", "teach", "distill"))
-    assert keys("left_right_pairs: [[0, 1]]\n", "none")["eval"] == keys("", "none")["eval"]  # unread: not keyed
+    # unread (flip_pairs: none): not keyed
+    assert _keys(tmp_path, "left_right_pairs: [[0, 1]]\n")["eval"] == _keys(tmp_path, "")["eval"]
 
 
-def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(tiny):
-    plan, out = _run(tiny, PLAIN)
-    assert "nothing to do" in out and "built" not in out
-    from pipeline.config import load_config
-    from pipeline.graph import build_plan
-
-    p2 = build_plan(load_config(tiny["yaml"], [PLAIN, "distill.gamma=0"]), plan.store, progress=False)
-    states = {s.stage: s.state for s in p2}
-    assert states == {"manifest": "fresh", "depth": "fresh", "teach": "fresh", "distill": "stale", "eval": "stale"}
-    assert any("distill.gamma changed" in w for w in p2.stages["distill"].why)
-
-
-def test_metric_input_errors_become_dkp_errors(tiny):
-    # Human3.6M's protocol needs its 32 joints; the synthetic data have 16: a named user error, not a traceback
-    with pytest.raises(DkpError, match=r"eval protocol h36m on dataset synthetic \(student, distill artifact\): .*32"):
-        _run(tiny, PLAIN, "eval.protocol=h36m")
+def test_the_ground_truth_eval_reads_is_in_its_key(tmp_path):
+    before = _keys(tmp_path, None)
+    after = _keys(tmp_path, None, csv=FOLDER_CSV.replace("c,test,1,2,", "c,test,1.5,2,"))  # one test GT coordinate
+    assert before["eval"] != after["eval"]
+    assert all(before[s] == after[s] for s in ("manifest", "depth"))  # the frames did not change
