@@ -10,7 +10,7 @@ from typing import Optional
 
 import click
 
-CONFIG_HELP = "A preset name (synthetic, human36m, taichi, deepfashion) or an experiment YAML."
+CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
 
 

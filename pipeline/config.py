@@ -121,8 +121,9 @@ class DistillConfig(TrainConfig):
 class EvalConfig:
     protocol: str = "auto"  # auto = the manifest's protocol | h36m | taichi | deepfashion | l2
     # l2 only: none | dataset = score each frame against its closer left/right orientation, with the pairs of
-    # ROOT/dataset.yaml synthetic.left_right_pairs (the synthetic figures turn through 360 degrees, so the image's
-    # left arm is the figure's right one half of the time and no linear map can tell them apart).
+    # ROOT/dataset.yaml left_right_pairs (or synthetic.left_right_pairs, where `synth` writes them: the synthetic
+    # figures turn through 360 degrees, so the image's left arm is the figure's right one half of the time and
+    # no linear map can tell them apart).
     flip_pairs: str = "none"
     # Also train the gamma = 0 RGB-only baseline (a second distill artifact, sharing depth and teach) and score it
     # beside the student and the teacher: the comparison the paper makes, in one `run`.

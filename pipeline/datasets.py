@@ -3,15 +3,21 @@
 Every item is a pure function of (index, epoch): the horizontal flip is drawn from
 :func:`pipeline.train.sample_generator` seeded by (seed, epoch, index), and RGB and depth of the
 same frame get the same flip, so the student and the frozen teacher see aligned inputs.
+
+For a dataset whose description says ``apply_masks: true`` (Human3.6M without background), every input
+is multiplied by the frame's foreground mask once it is in [-1, 1], before the flip, exactly as AutoLink's
+``h36m_wobg`` multiplies ``Normalize(ToTensor(img))`` by ``ToTensor(mask)``: the background becomes 0.
+The teacher's depth is masked the same way (MiDaS ran on the whole frame; see docs/datasets.md).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from pipeline.images import read_rgb, resize_square
+from pipeline.images import read_mask, read_rgb, resize_square
 
 
 def normalise_inverse_depth(inv: np.ndarray, method: str = "minmax") -> np.ndarray:
@@ -46,7 +52,8 @@ class FrameDataset:
     """Frames of a manifest at the model size, as RGB and/or normalised depth, with a seeded flip.
 
     ``get(i, epoch)`` returns a dict with ``index`` (manifest index), ``flip`` (bool tensor) and
-    ``rgb`` (3, S, S) and/or ``depth`` (3, S, S), both in [-1, 1].
+    ``rgb`` (3, S, S) and/or ``depth`` (3, S, S), both in [-1, 1] (times the mask when the manifest's
+    ``apply_masks`` is set).
     """
 
     def __init__(self, *, manifest, indices: Sequence[int], image_size: int, use_rgb: bool, use_depth: bool,
@@ -70,19 +77,29 @@ class FrameDataset:
 
         return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
 
+    def mask(self, m: int) -> Optional[torch.Tensor]:
+        """(1 or 3, S, S) float32 factor in [0, 1] for manifest frame ``m``, or None if the dataset is not masked."""
+        if not self.manifest.apply_masks:
+            return None
+        factor = read_mask(Path(self.manifest.root) / self.manifest.mask_paths[m])  # (H, W, C)
+        c = factor.shape[2]
+        factor = resize_square(factor, self.image_size).reshape(self.image_size, self.image_size, c)
+        return torch.from_numpy(np.ascontiguousarray(factor.transpose(2, 0, 1)))
+
     def load(self, i: int, flip: bool = False) -> dict:
         m = int(self.indices[i])
         item: dict = {"index": torch.tensor(m), "flip": torch.tensor(flip)}
+        inputs = {}
         if self.use_rgb:
-            img = resize_square(read_rgb(self.manifest.path_of(m)), self.image_size)
-            if flip:
-                img = img[:, ::-1]
-            item["rgb"] = rgb_to_tensor(img)
+            inputs["rgb"] = rgb_to_tensor(resize_square(read_rgb(self.manifest.path_of(m)), self.image_size))
         if self.use_depth:
             d = resize_square(self.reader.read(m), self.image_size)
-            if flip:
-                d = d[:, ::-1]
-            item["depth"] = depth_to_tensor(normalise_inverse_depth(d, self.depth_norm))
+            inputs["depth"] = depth_to_tensor(normalise_inverse_depth(d, self.depth_norm))
+        mask = self.mask(m) if inputs else None
+        for key, x in inputs.items():  # (3, S, S) in [-1, 1]
+            if mask is not None:
+                x = x * mask  # (3, S, S) * (1 or 3, S, S): the background becomes 0
+            item[key] = x.flip(-1) if flip else x
         return item
 
     def get(self, i: int, epoch: int) -> dict:

@@ -152,19 +152,29 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             s["vgg_sha256"] = file_digest(section.vgg_weights) if section.vgg_weights else "torchvision-default"
         return s
 
-    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, None, C.to_dict(cfg.teach))
+    # Training inputs are multiplied by the masks when the dataset applies them (human36m_wobg), so their
+    # content is in the keys of the stages that read them; None (as before) for every other dataset.
+    masks_fp = m.mask_fingerprint if m.apply_masks else None
+    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, masks_fp, C.to_dict(cfg.teach))
     distill_up = {"teach": stages["teach"].key, "depth": stages["depth"].key, "manifest": stages["manifest"].key}
-    add("distill", train_sem(cfg.distill), distill_up, None, C.to_dict(cfg.distill))
+    add("distill", train_sem(cfg.distill), distill_up, masks_fp, C.to_dict(cfg.distill))
     eval_up = {"distill": stages["distill"].key, "teach": stages["teach"].key,
                "depth": stages["depth"].key, "manifest": stages["manifest"].key}
     if cfg.eval.baseline:
         bcfg = baseline_config(cfg)
-        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, None, C.to_dict(bcfg.distill),
+        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, masks_fp, C.to_dict(bcfg.distill),
                                   entry="baseline", entry_cfg=bcfg).key
     e_sem = C.semantic_dict(cfg.eval)
     if e_sem.get("protocol") == "auto":
         e_sem["protocol"] = m.protocol
-    add("eval", e_sem, eval_up, None, C.to_dict(cfg.eval))
+    if e_sem.get("flip_pairs") == "dataset":  # eval reads the pairs from ROOT/dataset.yaml: key them
+        e_sem["left_right_pairs"] = m.left_right_pairs
+    # eval reads the ground truth and the partitions (keypoints.csv, .mat files, GT pickles: none of them is in
+    # the manifest's frame fingerprint) and masks where there are any (the figure's heatmap mass, e.g. Taichi's)
+    from pipeline.fingerprint import combine
+
+    e_fp = combine([m.annotation_fingerprint, m.mask_fingerprint or "-"])
+    add("eval", e_sem, eval_up, e_fp, C.to_dict(cfg.eval))
 
     # states and reasons
     last = store.last_built(cfg.name)

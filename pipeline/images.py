@@ -55,6 +55,28 @@ def read_rgb(path: Path | str) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+def read_mask(path: Path | str) -> np.ndarray:
+    """Decode a foreground mask as the factor each pixel is multiplied by. Returns (H, W, 1) or (H, W, 3) float32.
+
+    The factor is the 8-bit value / 255, per channel, unthresholded: what torchvision's ``ToTensor`` makes of
+    the PIL image AutoLink's h36m_wobg multiplies with (gray or 1-bit PNG -> one channel shared by R, G, B;
+    an RGB PNG -> one factor per channel). Other sample types or channel counts are a named error.
+    """
+    import cv2
+
+    path = Path(path)
+    raw = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
+    m = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw is not None and raw.size else None
+    if m is None:
+        raise ManifestError(f"mask {path}: missing, empty or not a decodable image; re-extract it (the release "
+                            "ships 8-bit PNGs) and rebuild the manifest")
+    if m.dtype != np.uint8 or not (m.ndim == 2 or m.shape[2] in (1, 3)):
+        raise ManifestError(f"mask {path}: {m.dtype} with {1 if m.ndim == 2 else m.shape[2]} channel(s); expected an "
+                            "8-bit gray or RGB PNG (value / 255 = how much of the pixel is kept)")
+    m = m.reshape(*m.shape[:2], -1)[:, :, ::-1]  # BGR -> RGB (a no-op for one channel)
+    return (m.astype(np.float32) / 255.0).copy()
+
+
 def _looks_truncated(path: Path, raw: np.ndarray) -> bool:
     # OpenCV decodes truncated JPEGs (grey bottom rows) and some truncated PNGs without failing. The
     # format comes from the file's magic bytes, not its name: a TIFF saved as .png is not "truncated".

@@ -3,8 +3,9 @@
 A :class:`Manifest` lists, in a fixed order, every frame of a dataset: id, path relative to the root,
 partition (``train`` / ``regress`` / ``test``, see :meth:`Manifest.split`), content fingerprint, size
 ``(W, H)``, and the ground-truth keypoints converted once, here, to docs/conventions.md: ``(N, J, 2)``
-float32 pixels ``(x, y)`` in the original frame, NaN = missing. Optional per-frame foreground masks
-(Human3.6M without background, Taichi test masks) and depth files (folder layout) ride along.
+float32 pixels ``(x, y)`` in the original frame, NaN = missing (per coordinate). Optional per-frame foreground
+masks (Human3.6M without background, Taichi test masks) and depth files (folder layout) ride along; a
+description with ``apply_masks: true`` has the data loader multiply every model input by its frame's mask.
 
 :func:`build_manifest` walks a layout exactly as AutoLink's loaders do (research/paper_autolink.md 3),
 quirks included; every problem a user can fix is a :class:`~pipeline.errors.ManifestError` naming
@@ -41,12 +42,14 @@ FOLDER_SPLITS = ("train", "test")  # values allowed in keypoints.csv's split col
 # Keys of a dataset YAML; anything else is a typo and an error (a silently ignored key would change
 # nothing and look as if it did).
 _REQUIRED = ("name", "layout", "protocol", "image_size", "n_keypoints", "n_joints", "hflip", "roles", "files")
-_OPTIONAL = ("description", "keypoint_margin", "depth")
+_OPTIONAL = ("description", "keypoint_margin", "depth", "apply_masks")
 # Keys ROOT/dataset.yaml may override for the folder layout (synth writes some of them).
 _OVERRIDABLE = ("n_joints", "n_keypoints", "image_size", "hflip", "keypoint_margin", "protocol",
                 "depth_kind", "depth_scale")
-# Keys of ROOT/dataset.yaml known to be information only (synth's generator block); others are warned about.
-_INFORMATIONAL = ("synthetic", "description")
+# Keys of ROOT/dataset.yaml that are not description overrides but are known: synth's generator block, a
+# free-text description, and the left/right joint pairs eval.flip_pairs: dataset reads (see left_right_pairs).
+# Others are warned about.
+_INFORMATIONAL = ("synthetic", "description", "left_right_pairs")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +82,9 @@ class DatasetSpec:
     files: dict  # layout-specific locations relative to the root
     keypoint_margin: float = 0.0  # GT may lie this fraction of the image side outside the frame
     depth: Optional[DepthOptions] = None
+    # Multiply every model input (RGB and the teacher's depth, train/regress/test) by the frame's mask, after
+    # normalisation to [-1, 1], as AutoLink's h36m_wobg does: the background becomes 0. Needs a mask per frame.
+    apply_masks: bool = False
     description: str = ""
     source: str = ""  # the YAML it came from (not part of the identity)
     extra: dict = field(default_factory=dict)  # unknown keys of ROOT/dataset.yaml, kept for provenance
@@ -91,6 +97,9 @@ class DatasetSpec:
             "roles": {k: list(v) for k, v in self.roles.items()}, "files": self.files,
             "keypoint_margin": self.keypoint_margin, "depth": self.depth.to_dict() if self.depth else None,
             "description": self.description, "extra": self.extra,
+            # Only when set, so that the descriptions (and every artifact key) of the datasets that do not
+            # mask stay what they were before the field existed.
+            **({"apply_masks": True} if self.apply_masks else {}),
         }
 
     @classmethod
@@ -102,6 +111,7 @@ class DatasetSpec:
                    roles={k: tuple(v) for k, v in d["roles"].items()}, files=dict(d["files"]),
                    keypoint_margin=float(d.get("keypoint_margin") or 0.0),
                    depth=DepthOptions(kind=depth["kind"], scale=float(depth.get("scale", 1.0))) if depth else None,
+                   apply_masks=bool(d.get("apply_masks", False)),
                    description=d.get("description") or "", source=source, extra=dict(d.get("extra") or {}))
 
     @property
@@ -165,6 +175,7 @@ def _validate(d: Any, src: str) -> dict:
         if d["n_joints"] <= 0:
             raise ManifestError(f"{src}: field 'n_joints' must be a positive integer or null, got {d['n_joints']!r}")
     _check_type(src, "hflip", d["hflip"], (bool,), "true or false")
+    _check_type(src, "apply_masks", d.get("apply_masks", False), (bool,), "true or false")
     margin = d.get("keypoint_margin", 0.0)
     _check_type(src, "keypoint_margin", margin, (int, float), "a number >= 0")
     if margin < 0:
@@ -318,6 +329,24 @@ class Manifest:
         return self.spec.depth.to_dict() if (self.spec.depth and self.depth_paths is not None) else None
 
     @property
+    def apply_masks(self) -> bool:
+        """Whether the data loader multiplies model inputs by :attr:`mask_paths` (``apply_masks`` in the YAML)."""
+        return self.spec.apply_masks
+
+    @property
+    def left_right_pairs(self) -> Any:
+        """The left/right joint pairs ``ROOT/dataset.yaml`` gives (folder layout), as written there, or None.
+
+        Read from the top-level ``left_right_pairs``, else from ``synthetic.left_right_pairs`` (where
+        ``dkp-pipeline synth`` has always written them). Unvalidated: eval checks them against the joints.
+        """
+        extra = self.spec.extra
+        if extra.get("left_right_pairs") is not None:
+            return extra["left_right_pairs"]
+        syn = extra.get("synthetic")
+        return syn.get("left_right_pairs") if isinstance(syn, dict) else None
+
+    @property
     def description_sha256(self) -> str:
         return self.spec.description_sha256
 
@@ -338,6 +367,7 @@ class Manifest:
 
     @property
     def mask_fingerprint(self) -> Optional[str]:
+        """``combine`` of the ordered mask fingerprints (``-`` for a frame without one), None without masks."""
         if self.mask_fingerprints is None:
             return None
         return combine([fp or "-" for fp in self.mask_fingerprints])
@@ -879,13 +909,10 @@ def _walk_taichi(spec: DatasetSpec, root: Path) -> _Listing:
                               f"landmarks/ into the root as {PurePosixPath(gt_rel).parent}/)") from None
         if values.shape[0] and values.shape[1] != J:
             raise _fail(spec, f"GT file {gt_rel!r} has {values.shape[1]} joints per frame, expected {J}")
-        # -1 marks a missing coordinate; our convention marks a missing joint NaN in both components.
-        missing = (np.abs(values + 1) <= 1e-6).any(axis=2)  # (M, J)
-        half = int(((np.abs(values + 1) <= 1e-6).sum(axis=2) == 1).sum())
-        if half:
-            log.warning("%s: %d joints have only one coordinate at -1; marked missing (both NaN)", gt_rel, half)
-        values = values.copy()
-        values[missing] = np.nan
+        # -1 marks a missing *coordinate* (AutoLink tests |v + 1| > 1e-6 per coordinate): only that component
+        # becomes NaN. The protocol fits and scores each coordinate on its own, so a joint whose x is known and
+        # y is not still counts for x, exactly as in AutoLink.
+        values = np.where(np.abs(values + 1) <= 1e-6, np.nan, values)  # (M, J, 2)
         for i, name in enumerate(names):
             rel = _safe_relpath(spec, root, f"{img_dir}/{name}", gt_rel)
             L.ids.append(_strip_ext(rel))
@@ -1151,9 +1178,19 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     if kp is not None:
         _check_range(spec, kp, sizes, L)
     mask_fps = None
+    if spec.apply_masks and (L.masks is None or None in L.masks):
+        raise _fail(spec, f"the description says apply_masks: true but not every frame has a mask (this layout "
+                          f"lists masks from files.masks_dir, {spec.files.get('masks_dir')!r}); set that folder or "
+                          f"drop apply_masks")
     if L.masks is not None:
-        present = [m for m in L.masks if m is not None]
-        fps = iter(fi.fingerprint for fi in _scan(spec, root_p, present, memo, progress, None, (), "masks"))
+        present = [i for i, m in enumerate(L.masks) if m is not None]
+        minfos = _scan(spec, root_p, [L.masks[i] for i in present], memo, progress, probe_image, ("wh",), "masks")
+        if spec.apply_masks:  # the mask multiplies the frame pixel by pixel: same size or nothing lines up
+            for i, fi in zip(present, minfos):
+                if list(fi.extra["wh"]) != list(sizes[i]):
+                    raise _fail(spec, f"mask {L.masks[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its frame "
+                                      f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
+        fps = iter(fi.fingerprint for fi in minfos)
         mask_fps = [next(fps) if m is not None else None for m in L.masks]
     depth_fps = None
     if L.depths is not None:

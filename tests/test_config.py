@@ -7,15 +7,33 @@ from pipeline.config import (ExperimentConfig, NON_SEMANTIC, list_presets, load_
 from pipeline.errors import ConfigError
 from tests.conftest import run_cli
 
+PAPER_PRESETS = ("human36m", "human36m_wobg", "taichi", "deepfashion")
+
 
 def test_presets_ship_and_load():
-    assert {"synthetic", "human36m", "taichi", "deepfashion"} <= set(list_presets())
+    assert {"synthetic", *PAPER_PRESETS} <= set(list_presets())
     for name in list_presets():
         cfg = load_config(name)
         assert cfg.name == name
     assert load_config("taichi").distill.gamma == 0.4
     assert load_config("human36m").distill.gamma == 0.1
     assert load_config("taichi").teach.model.n_keypoints == 10
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_pin_autolinks_fp16_and_the_default_stays_auto(name):
+    from pipeline.stages.common import train_settings
+
+    cfg = load_config(name)
+    for section in (cfg.teach, cfg.distill):
+        assert section.amp == "fp16" and train_settings(section).amp == "fp16"  # fp16 -> GradScaler (test_train)
+    assert load_config("synthetic").teach.amp == ExperimentConfig().teach.amp == "auto"
+
+
+def test_the_background_removed_preset_reads_the_masked_variant():
+    wobg, plain = load_config("human36m_wobg"), load_config("human36m")
+    assert wobg.data.manifest == "human36m_wobg" and plain.data.manifest == "human36m"
+    assert dataclasses.replace(wobg, name="x", data=plain.data) == dataclasses.replace(plain, name="x")
 
 
 def test_layers_defaults_then_yaml_then_set(tmp_path):

@@ -14,6 +14,8 @@ def _ramp(h, w):
 
 
 class FakeManifest:
+    apply_masks = False
+
     def __init__(self, paths, train):
         self.paths, self._train = list(paths), np.asarray(train, dtype=np.int64)
 

@@ -3,7 +3,6 @@ recomputed from scratch with dkp_core.metrics, the left/right flip option, reuse
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,34 +124,62 @@ def test_flip_pairs_from_dataset_yaml(tiny):
         assert flipped[role]["value"] <= plain[role]["value"] + 1e-9
 
 
+FOLDER_CSV = ("frame,split,x0,y0,x1,y1,x2,y2,x3,y3\n"
+              "a,train,1,1,2,2,3,3,4,4\nb,train,2,1,3,2,4,3,5,4\nc,test,1,2,2,3,3,4,4,5\n")
+
+
+def _folder_with_pairs(root, dataset_yaml, csv=FOLDER_CSV):
+    """A 4-joint folder dataset with ``dataset_yaml`` as ROOT/dataset.yaml (None: no file); its manifest."""
+    import cv2
+
+    from pipeline.manifest import build_manifest
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(root / "images" / f"{name}.png"), np.zeros((16, 16, 3), np.uint8))
+    (root / "keypoints.csv").write_text(csv)
+    if dataset_yaml is not None:
+        (root / "dataset.yaml").write_text(dataset_yaml)
+    elif (root / "dataset.yaml").exists():
+        (root / "dataset.yaml").unlink()
+    return build_manifest("folder", root, progress=False)
+
+
 def test_flip_pairs_errors(tiny, tmp_path):
     from pipeline.stages.evaluate import dataset_flip_pairs
 
     with pytest.raises(DkpError, match="works with protocol l2 only"):
         _run(tiny, "eval.flip_pairs=dataset", "eval.protocol=taichi")
-    fake = SimpleNamespace(root=tmp_path, keypoints=np.zeros((1, 4, 2)))
-    with pytest.raises(DkpError, match=r"dataset\.yaml not found"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("n_joints: 4\n")
-    with pytest.raises(DkpError, match="no synthetic.left_right_pairs"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 9]]}\n")
+    for text in (None, "n_joints: 4\n"):
+        with pytest.raises(DkpError, match=r"dataset\.yaml gives no left/right joint pairs; add 'left_right_pairs: "):
+            dataset_flip_pairs(_folder_with_pairs(tmp_path, text))
     with pytest.raises(DkpError, match=r"\[2, 9\] is not a pair of joint indices in \[0, 3\]"):
-        dataset_flip_pairs(fake)
-    (tmp_path / "dataset.yaml").write_text("synthetic: {left_right_pairs: [[0, 1], [2, 3]]}\n")
-    assert dataset_flip_pairs(fake) == [(0, 1), (2, 3)]
+        dataset_flip_pairs(_folder_with_pairs(tmp_path, "left_right_pairs: [[0, 1], [2, 9]]\n"))
+    with pytest.raises(DkpError, match=r"entry 3 is not a pair"):
+        dataset_flip_pairs(_folder_with_pairs(tmp_path, "left_right_pairs: [3]\n"))
 
 
-def test_second_run_does_nothing_and_gamma_change_reruns_only_distill_and_eval(tiny):
-    plan, out = _run(tiny, PLAIN)
-    assert "nothing to do" in out and "built" not in out
+def test_flip_pairs_of_your_own_folder_dataset_and_the_old_synthetic_key(tmp_path, caplog):
+    from pipeline.stages.evaluate import dataset_flip_pairs
+
+    with caplog.at_level("WARNING"):
+        m = _folder_with_pairs(tmp_path, "left_right_pairs: [[0, 1], [2, 3]]\n")
+    assert dataset_flip_pairs(m) == [(0, 1), (2, 3)] and "not dataset options" not in caplog.text
+    old = _folder_with_pairs(tmp_path, "synthetic: {left_right_pairs: [[1, 0]]}\n")  # what synth has always written
+    assert dataset_flip_pairs(old) == [(1, 0)]
+    both = _folder_with_pairs(tmp_path, "left_right_pairs: [[0, 3]]\nsynthetic: {left_right_pairs: [[1, 0]]}\n")
+    assert dataset_flip_pairs(both) == [(0, 3)]  # the top-level key wins
+
+
+def _keys(tmp_path, dataset_yaml, *overrides, csv=FOLDER_CSV):
+    """Every stage's key for the 4-joint folder dataset under tmp_path/data."""
+    from pipeline.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
-    p2 = build_plan(load_config(tiny["yaml"], [PLAIN, "distill.gamma=0"]), plan.store, progress=False)
-    states = {s.stage: s.state for s in p2}
-    assert states == {"manifest": "fresh", "depth": "fresh", "teach": "fresh", "distill": "stale", "eval": "stale"}
-    assert any("distill.gamma changed" in w for w in p2.stages["distill"].why)
+    m = _folder_with_pairs(tmp_path / "data", dataset_yaml, csv)
+    cfg = load_config(None, ["data.manifest=folder", f"data.root={tmp_path / 'data'}", *overrides])
+    return {n: sp.key for n, sp in build_plan(cfg, Store(tmp_path / "store"), manifest=m).stages.items()}
 
 
 def test_metric_input_errors_become_dkp_errors(tiny):
@@ -224,3 +251,18 @@ def test_baseline_switch_builds_the_gamma0_distill_and_scores_it(tiny):
     # a second run reuses everything, the baseline included
     _, out2 = _run(tiny, PLAIN, "eval.baseline=true")
     assert "nothing to do" in out2 and "baseline fresh" in out2
+
+
+def test_the_pairs_eval_reads_are_in_its_key(tmp_path):
+    a = _keys(tmp_path, "left_right_pairs: [[0, 1]]\n", "eval.flip_pairs=dataset")
+    b = _keys(tmp_path, "left_right_pairs: [[0, 1], [2, 3]]\n", "eval.flip_pairs=dataset")
+    assert a["eval"] != b["eval"] and all(a[s] == b[s] for s in ("manifest", "depth", "teach", "distill"))
+    # unread (flip_pairs: none): not keyed
+    assert _keys(tmp_path, "left_right_pairs: [[0, 1]]\n")["eval"] == _keys(tmp_path, "")["eval"]
+
+
+def test_the_ground_truth_eval_reads_is_in_its_key(tmp_path):
+    before = _keys(tmp_path, None)
+    after = _keys(tmp_path, None, csv=FOLDER_CSV.replace("c,test,1,2,", "c,test,1.5,2,"))  # one test GT coordinate
+    assert before["eval"] != after["eval"]
+    assert all(before[s] == after[s] for s in ("manifest", "depth"))  # the frames did not change

@@ -515,6 +515,39 @@ def test_taichi_layout_reads_the_pandas_pickle_without_pandas(tmp_path, style):
     assert m.mask_paths is None and m.hflip is True and m.n_joints == 18
 
 
+def test_taichi_missing_coordinates_stay_separate_as_in_autolink(tmp_path):
+    """A -1 in one coordinate hides that coordinate only: the protocol (per-coordinate fits) then gets the same
+    numbers from the manifest as AutoLink gets from the raw pickle values."""
+    from dkp_core.metrics import taichi_mae
+
+    root = tmp_path / "taichi"
+    make_taichi(root)
+    rng = np.random.default_rng(5)
+    n_reg, n_test = 40, 12
+    names = {"regress": [f"r{i}.png" for i in range(n_reg)], "test": [f"t{i}.png" for i in range(n_test)]}
+    raw = {part: rng.uniform(0, 255, (len(names[part]), 18, 2)) for part in names}
+    for part, (i, j, c) in (("regress", (0, 3, 0)), ("regress", (5, 7, 1)), ("test", (2, 3, 1)), ("test", (4, 9, 0))):
+        raw[part][i, j, c] = -1  # one coordinate missing, the other known
+    raw["test"][6, 11] = -1  # a whole joint missing
+    for part, sub, gt in (("regress", "train", "taichi_train_gt.pkl"), ("test", "test", "taichi_test_gt.pkl")):
+        for name in names[part]:
+            img(root / f"eval_images/taichi-256/{sub}" / name, 256, 256)
+        write_taichi_pickle(root / "landmark" / gt, names[part], raw[part])
+    m = M.build_manifest("taichi", root, progress=False)
+    reg, test = m.split("regress"), m.split("test")
+    kp_reg, kp_test = m.keypoints[reg], m.keypoints[test]
+    assert np.isnan(kp_reg[0, 3, 0]) and kp_reg[0, 3, 1] == np.float32(raw["regress"][0, 3, 1])
+    assert np.isnan(kp_test[2, 3, 1]) and kp_test[2, 3, 0] == np.float32(raw["test"][2, 3, 0])
+    assert np.isnan(kp_test[6, 11]).all()
+    assert int(np.isnan(m.keypoints[np.concatenate([reg, test])]).sum()) == 4 + 2
+    det_reg, det_test = rng.uniform(0, 255, (n_reg, 10, 2)), rng.uniform(0, 255, (n_test, 10, 2))
+    ours = taichi_mae(det_reg, kp_reg, det_test, kp_test, 256).value
+    autolink = taichi_mae(det_reg, raw["regress"], det_test, raw["test"], 256).value  # -1 codes, per coordinate
+    assert ours == pytest.approx(autolink, rel=1e-6)
+    whole = [np.where(np.isnan(k).any(axis=2, keepdims=True), np.nan, k) for k in (kp_reg, kp_test)]
+    assert abs(taichi_mae(det_reg, whole[0], det_test, whole[1], 256).value - autolink) > 1e-3  # the old reading
+
+
 def test_taichi_test_masks_are_listed_when_present(tmp_path):
     root = tmp_path / "taichi"
     make_taichi(root)

@@ -1,7 +1,7 @@
 """MiDaS 3.1 on timm >= 1.0: registry, official-checkpoint loading, parity, transforms.
 
 Parity fixtures (../shared/fixtures/midas, made with the official MiDaS code on timm 0.6.13)
-are optional: tests that need them skip when /work/shared is absent. Models without
+are optional: tests that need them skip when ../shared (beside the checkout) is absent. Models without
 fixtures (BEiT-L, Swin-L/B, Swin2-L/B, ViT-L, hybrid) are checked on the meta device (shapes, key
 counts), which builds them in about a second without memory; ViT/hybrid and BEiT block walks are
 also checked on tiny real models against timm's own forward.

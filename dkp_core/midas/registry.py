@@ -6,8 +6,8 @@ the architecture (timm backbone name, hooked blocks, reassemble widths), run.py'
 it, and what the output means. The spec is part of the depth-cache key, so every field that
 changes results is here and nothing else is.
 
-Facts: /work/shared/research/midas.md §1.2 (model table) and §2 (wiring), checked against
-isl-org/MiDaS at 4545977 (``midas/model_loader.py``, ``midas/dpt_depth.py``).
+Facts: the project's research notes, research/midas.md §1.2 (model table) and §2 (wiring), checked
+against isl-org/MiDaS at 4545977 (``midas/model_loader.py``, ``midas/dpt_depth.py``).
 """
 from __future__ import annotations
 

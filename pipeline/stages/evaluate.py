@@ -31,24 +31,20 @@ def gt_in_model_frame(manifest, indices, size: int) -> np.ndarray:
 
 
 def dataset_flip_pairs(manifest) -> list[tuple[int, int]]:
-    """(left, right) GT joint pairs from ROOT/dataset.yaml ``synthetic.left_right_pairs`` (what `synth` writes)."""
-    import yaml
-
-    path = Path(manifest.root) / "dataset.yaml"
-    fix = "set eval.flip_pairs: none, or regenerate the data with `dkp-pipeline synth`"
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise DkpError(f"eval.flip_pairs=dataset: {path} not found, so there are no left/right pairs; {fix}") from None
-    pairs = (doc.get("synthetic") or {}).get("left_right_pairs") if isinstance(doc, dict) else None
+    """(left, right) GT joint pairs from ROOT/dataset.yaml: ``left_right_pairs`` (your own folder dataset) or
+    ``synthetic.left_right_pairs`` (what `synth` writes), via :attr:`pipeline.manifest.Manifest.left_right_pairs`."""
+    path = Path(manifest.root) / manifest.spec.files.get("options_file", "dataset.yaml")
+    fix = (f"add 'left_right_pairs: [[left, right], ...]' (GT joint indices) to {path}, or set eval.flip_pairs: none "
+           f"(the built-in synthetic data gets them from `dkp-pipeline synth`)")
+    pairs = manifest.left_right_pairs
     if not pairs:
-        raise DkpError(f"eval.flip_pairs=dataset: {path} has no synthetic.left_right_pairs; {fix}")
+        raise DkpError(f"eval.flip_pairs=dataset: {path} gives no left/right joint pairs; {fix}")
     n_joints = manifest.keypoints.shape[1]
     out = []
-    for p in pairs:
+    for p in pairs if isinstance(pairs, list) else [pairs]:
         if (not isinstance(p, (list, tuple)) or len(p) != 2
-                or not all(isinstance(j, int) and 0 <= j < n_joints for j in p)):
-            raise DkpError(f"{path}: synthetic.left_right_pairs entry {p!r} is not a pair of joint indices in "
+                or not all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < n_joints for j in p)):
+            raise DkpError(f"{path}: left_right_pairs entry {p!r} is not a pair of joint indices in "
                            f"[0, {n_joints - 1}]; {fix}")
         out.append((int(p[0]), int(p[1])))
     return out
