@@ -97,13 +97,34 @@ def plan_runs(base_name: str, axes: list[Axis], seeds: Optional[tuple[int, ...]]
     return runs
 
 
+# (column key, header, function of metrics.json) of every number the sweep tabulates; a column that no run has
+# (the baseline when eval.baseline is off) is left out of the table.
+def _role_value(role: str, field: str):
+    return lambda m: (m.get(role) or {}).get(field)
+
+
+def _role_mass(role: str):
+    return lambda m: ((m.get(role) or {}).get("figure_heatmap_mass") or {}).get("ratio")
+
+
+METRICS: tuple[tuple[str, str, Any], ...] = (
+    ("floor_value", "floor (mean pose)", _role_value("floor", "value")),
+    ("baseline_value", "baseline (γ = 0)", _role_value("baseline", "value")),
+    ("student_value", "student", _role_value("student", "value")),
+    ("teacher_value", "teacher", _role_value("teacher", "value")),
+    ("baseline_ratio_to_floor", "baseline × floor", _role_value("baseline", "ratio_to_floor")),
+    ("student_ratio_to_floor", "student × floor", _role_value("student", "ratio_to_floor")),
+    ("teacher_ratio_to_floor", "teacher × floor", _role_value("teacher", "ratio_to_floor")),
+    ("student_ratio_to_baseline", "student × baseline", _role_value("student", "ratio_to_baseline")),
+    ("student_mass_ratio", "student mass on figure (× area)", _role_mass("student")),
+    ("teacher_mass_ratio", "teacher mass on figure (× area)", _role_mass("teacher")),
+    ("baseline_mass_ratio", "baseline mass on figure (× area)", _role_mass("baseline")),
+)
+PER_SEED = ("student_value", "teacher_value")
+
+
 def _metric_row(metrics: dict) -> dict:
-    row: dict[str, Any] = {}
-    for role in ("student", "teacher"):
-        r = metrics.get(role) or {}
-        row[f"{role}_value"] = r.get("value")
-        fig = r.get("figure_heatmap_mass") or {}
-        row[f"{role}_mass_ratio"] = fig.get("ratio")
+    row: dict[str, Any] = {key: get(metrics) for key, _, get in METRICS}
     row["unit"] = (metrics.get("student") or {}).get("unit")
     row["higher_is_better"] = (metrics.get("student") or {}).get("higher_is_better")
     row["protocol"] = metrics.get("protocol")
@@ -128,9 +149,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for point, rs in groups.items():
         s: dict[str, Any] = {"point": list(point), "n": len(rs), "seeds": [r["seed"] for r in rs]}
-        for m in ("student_value", "teacher_value", "student_mass_ratio", "teacher_mass_ratio"):
-            s[m], s[m + "_sd"] = _mean_sd([r[m] for r in rs])
-            s[m + "_each"] = [r[m] for r in rs]
+        for m, _, _ in METRICS:
+            s[m], s[m + "_sd"] = _mean_sd([r.get(m) for r in rs])
+            s[m + "_each"] = [r.get(m) for r in rs]
         out.append(s)
     return out
 
@@ -143,17 +164,16 @@ def _fmt(mean: Optional[float], sd: Optional[float], digits: int = 2) -> str:
 
 def markdown_table(axes: list[Axis], summary: list[dict], protocol: str, unit: str, lower_better: bool) -> str:
     direction = "lower" if lower_better else "higher"
-    head = [ax.label for ax in axes] + ["runs", f"student {protocol} ({unit}, {direction} is better)",
-                                        f"teacher {protocol}", "student mass on figure (× area)",
-                                        "teacher mass on figure (× area)", "student per seed", "teacher per seed"]
+    cols = [(k, h) for k, h, _ in METRICS if any(s.get(k) is not None for s in summary)]
+    head = ([ax.label for ax in axes] + ["runs"]
+            + [f"{h} {protocol} ({unit}, {direction} is better)" if k == "student_value" else h for k, h in cols]
+            + [f"{k.split('_')[0]} per seed" for k in PER_SEED])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         each = lambda k: ", ".join("—" if v is None else f"{v:.2f}" for v in s[k])  # noqa: E731
-        cells = list(s["point"]) + [str(s["n"]), _fmt(s["student_value"], s["student_value_sd"]),
-                                    _fmt(s["teacher_value"], s["teacher_value_sd"]),
-                                    _fmt(s["student_mass_ratio"], s["student_mass_ratio_sd"]),
-                                    _fmt(s["teacher_mass_ratio"], s["teacher_mass_ratio_sd"]),
-                                    each("student_value_each"), each("teacher_value_each")]
+        digits = lambda k: 3 if "_ratio_to_" in k else 2  # noqa: E731
+        cells = (list(s["point"]) + [str(s["n"])] + [_fmt(s[k], s[k + "_sd"], digits(k)) for k, _ in cols]
+                 + [each(k + "_each") for k in PER_SEED])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -99,6 +99,10 @@ def test_sweep_runs_every_point_and_shares_stages(swept):
         assert r["student_value"] == m["student"]["value"] and r["teacher_value"] == m["teacher"]["value"]
         assert m["gamma"] == float(r["point"][0])
         assert r["teacher_mass_ratio"] == m["teacher"]["figure_heatmap_mass"]["ratio"]
+        assert r["floor_value"] == m["floor"]["value"] and r["student_ratio_to_floor"] == m["student"]["ratio_to_floor"]
+        assert r["baseline_value"] is None  # eval.baseline is off in the tiny config
+    assert "floor (mean pose)" in result["table"] and "student × floor" in result["table"]
+    assert "baseline" not in result["table"]  # no run has one: no empty columns
     # gamma is the student's setting: a seed's teacher is trained once and shared by both gammas
     by = {(r["point"][0], r["seed"]): r for r in runs}
     assert by[("0", 0)]["teacher_value"] == by[("0.4", 0)]["teacher_value"]
