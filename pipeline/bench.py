@@ -53,7 +53,7 @@ from typing import Any, Callable, Optional
 
 from pipeline.errors import ConfigError, DkpError
 
-WHATS = ("teach", "depth", "cache", "teacher-cache", "recon-loss")
+WHATS = ("teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss")
 DEPTH_MODEL = "dpt_levit_224"  # the smallest MiDaS 3.1 model
 DEPTH_FRAMES = 256
 # Goals of issue 4 for the depth stage: stage/bare >= 0.9 (CPU) / 0.95 (GPU), stage/run.py >= 1.3 / 4.
@@ -62,6 +62,7 @@ DEPTH_GOALS = {"cpu": {"frames_per_s stage/bare_model": 0.9, "frames_per_s stage
 N_KEYPOINTS = 16  # AutoLink's K for Human3.6M / DeepFashion
 WIDTH = 64  # AutoLink's detector/decoder width
 BASELINE_WIDTH = 16  # the synthetic preset's width
+PRESET_KEYPOINTS = 10  # the synthetic preset's K
 WARMUP = 1
 MIB = 1 << 20
 
@@ -179,10 +180,10 @@ def _amp_dtype(device):
 # cases (each takes plain JSON params and returns plain JSON, so it can run in a fresh process)
 
 
-def _autolink(size: int, width: int, device):
+def _autolink(size: int, width: int, device, n_keypoints: int = N_KEYPOINTS):
     from dkp_core.keypoints import AutoLink
 
-    return AutoLink(n_keypoints=N_KEYPOINTS, image_size=size, heatmap_size=size // 4, width=width).to(device)
+    return AutoLink(n_keypoints=n_keypoints, image_size=size, heatmap_size=size // 4, width=width).to(device)
 
 
 class _Case:
@@ -218,10 +219,12 @@ def build_autolink_step(p: dict) -> _Case:
 
     device = _device(p["device"])
     torch.manual_seed(0)
-    model = _autolink(p["size"], p["width"], device).train()
+    model = _autolink(p["size"], p["width"], device, p.get("n_keypoints", N_KEYPOINTS)).train()
+    if p.get("channels_last"):
+        model.to(memory_format=torch.channels_last)  # what the trainer does (train.channels_last)
     recon = _reconstruction_loss(p.get("recon_loss", "l1ssim")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
-    amp = _amp_dtype(device) if p.get("amp") else None
+    amp = {"bf16": torch.bfloat16}.get(p.get("amp")) or (_amp_dtype(device) if p.get("amp") else None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     x = torch.rand(p["batch"], 3, p["size"], p["size"], device=device) * 2 - 1  # (B, 3, S, S)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -240,7 +243,8 @@ def build_autolink_step(p: dict) -> _Case:
     n_loss = sum(t.numel() for t in recon.parameters())  # the perceptual loss's frozen VGG16
     return _Case(step, device=device, extra=lambda: {
         "params_m": round(n_params / 1e6, 3), "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
-        "recon_loss": p.get("recon_loss", "l1ssim"), "loss_params_m": round(n_loss / 1e6, 3)})
+        "recon_loss": p.get("recon_loss", "l1ssim"), "loss_params_m": round(n_loss / 1e6, 3),
+        "channels_last": bool(p.get("channels_last"))})
 
 
 def build_distill_step(p: dict) -> _Case:
@@ -675,6 +679,24 @@ def bench_teach(*, batch: int, size: int, steps: int, device, isolate: bool = Tr
                       "optimizer": "AdamW"}}
 
 
+def bench_train_step(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
+    """The synthetic preset's training step (width 16, K = 10) in NCHW (the baseline), channels_last (the
+    trainer's default) and channels_last under bf16 autocast (``amp: bf16``; fast only where the CPU has
+    bf16 matrix units, e.g. AMX)."""
+    base = {"device": str(device), "batch": batch, "size": size, "steps": steps, "width": BASELINE_WIDTH,
+            "n_keypoints": PRESET_KEYPOINTS}
+    specs = {"nchw": ("autolink_step", base), "channels_last": ("autolink_step", base | {"channels_last": True}),
+             "channels_last_bf16": ("autolink_step", base | {"channels_last": True, "amp": "bf16"})}
+    cases = _compare(specs, steps=steps, isolate=isolate)
+    ratios = {}
+    for a, b in (("channels_last", "nchw"), ("channels_last_bf16", "channels_last")):
+        ratios[f"steps_per_s {a}/{b}"] = _ratio(_speed(cases[a]), _speed(cases[b]))
+        ratios[f"peak_mem_growth {a}/{b}"] = _ratio(cases[a]["peak_mem_growth_mib"], cases[b]["peak_mem_growth_mib"])
+    return {"baseline": "nchw", "cases": cases, "ratios": ratios,
+            "setup": {"width": BASELINE_WIDTH, "n_keypoints": PRESET_KEYPOINTS, "heatmap_size": size // 4,
+                      "recon_loss": "l1ssim", "optimizer": "AdamW"}}
+
+
 RECON_LOSSES = ("l1ssim", "l1", "mse", "perceptual")
 
 
@@ -802,6 +824,7 @@ def bench_cache(*, batch: int, size: int, steps: int, device=None, isolate: bool
 
 BENCHES: dict[str, Callable[..., dict]] = {
     "teach": bench_teach,
+    "train-step": bench_train_step,
     "teacher-cache": bench_teacher_cache,
     "recon-loss": bench_recon_loss,
     "depth": bench_depth,
@@ -821,9 +844,9 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    if what in ("teach", "teacher-cache", "recon-loss") and size % 16:
+    if what in ("teach", "train-step", "teacher-cache", "recon-loss") and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
-    if what in ("teach", "teacher-cache", "recon-loss") and batch == 1 and size == 16:
+    if what in ("teach", "train-step", "teacher-cache", "recon-loss") and batch == 1 and size == 16:
         raise ConfigError(f"bench {what} --batch 1 --size 16: the detector's 1x1 bottleneck leaves BatchNorm one value "
                           "per channel in training; use --batch 2 or --size 32")
     dev = _device(device)

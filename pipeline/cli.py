@@ -283,7 +283,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "depth", "cache", "teacher-cache", "recon-loss"]))
+@click.argument("what", type=click.Choice(["teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss"]))
 @click.option("--batch", default=16, show_default=True)
 @click.option("--size", default=128, show_default=True)
 @click.option("--steps", default=10, show_default=True)

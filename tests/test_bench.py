@@ -82,6 +82,23 @@ def test_bench_teacher_cache(tmp_path):
     assert rec["isolated"] is False and rec["setup"]["width"] == 64
 
 
+def test_bench_train_step():
+    """NCHW vs channels_last vs channels_last + bf16, the preset's model; the ratios are of the interleaved rates."""
+    from pipeline.bench import bench_command
+
+    rec = bench_command("train-step", batch=2, size=16, steps=1, device="cpu", output=None, console=_console(),
+                        isolate=False)
+    ratios = {f"{k} {a}" for a in ("channels_last/nchw", "channels_last_bf16/channels_last")
+              for k in ("steps_per_s", "peak_mem_growth")}
+    _check_record(rec, "train-step", {"nchw", "channels_last", "channels_last_bf16"}, ratios)
+    c = rec["cases"]
+    assert [c[n]["channels_last"] for n in ("nchw", "channels_last", "channels_last_bf16")] == [False, True, True]
+    assert [c[n]["amp"] for n in ("nchw", "channels_last", "channels_last_bf16")] == ["off", "off", "bf16"]
+    assert rec["setup"]["n_keypoints"] == 10 and rec["setup"]["width"] == 16
+    assert rec["ratios"]["steps_per_s channels_last/nchw"] == pytest.approx(
+        c["channels_last"]["interleaved"]["steps_per_s"] / c["nchw"]["interleaved"]["steps_per_s"], rel=1e-2)
+
+
 def test_bench_recon_loss():
     """Every reconstruction loss in one training step; the perceptual case really runs VGG16 (random weights)."""
     from pipeline.bench import RECON_LOSSES, bench_command
@@ -194,7 +211,7 @@ def test_bench_cache():
     ({"what": "teach", "batch": 0}, "--batch 0"),
     ({"what": "teacher-cache", "batch": 1, "size": 16}, "use --batch 2 or --size 32"),
     ({"what": "cache", "device": "tpu"}, "--device 'tpu'"),
-    ({"what": "nope"}, "valid: teach, depth, cache, teacher-cache, recon-loss"),
+    ({"what": "nope"}, "valid: teach, train-step, depth, cache, teacher-cache, recon-loss"),
     ({"what": "depth", "model": "dpt_tiny"}, "--model 'dpt_tiny': not a MiDaS 3.1 model; valid: "),
     ({"what": "depth", "batch": 4, "frames": 7}, "--frames 7: must be an integer >= 2 x --batch"),
 ])
