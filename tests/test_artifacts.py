@@ -11,7 +11,7 @@ from pipeline.config import ExperimentConfig, load_config, semantic_dict
 from pipeline.errors import DkpError, LockError
 
 # Pinned: a deliberate change of key semantics (what is hashed, or how) must update these.
-GOLDEN_TEACH_DEFAULTS = "74b7cc86faaf369fabcba0e96a263c9f1f85e26295396fcd6c31b2ee98a6254f"
+GOLDEN_TEACH_DEFAULTS = "67acbdc44a94c23e154341b758275f3b4be2af99f344ee094c5449119912ecd5"  # teach schema 2 (issue 13)
 GOLDEN_SIMPLE = "9bd2a7e99e50183538dc64c78e5fe808fbacc107ca0f83c4b3be12173296fbc0"
 
 
