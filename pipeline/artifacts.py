@@ -32,13 +32,17 @@ from typing import Any, Iterator, Optional
 from pipeline.errors import DkpError, LockError
 
 # Bumped by hand when the meaning of a stage's output changes (never derived from the git SHA).
+# manifest: its key is also the frames identity that depth's key hangs on (graph.build_plan), so bumping
+#   it rebuilds every depth cache; manifest keys changed without a bump when annotations and splits
+#   entered them (the fingerprint became a dict of parts, so no old key can be met again).
+# teach, distill, eval 2: their keys cover the splits, annotations and frames they read (issue 13).
 SCHEMA_VERSIONS: dict[str, int] = {
     "manifest": 1,
     "depth": 1,
-    "teach": 1,
-    "distill": 1,
+    "teach": 2,
+    "distill": 2,
     "teacher_embeddings": 1,
-    "eval": 2,  # 2: metrics.json has the mean-pose floor and ratios to it (and the optional baseline)
+    "eval": 2,  # 2: the floor, ratios and the optional baseline in metrics.json; the GT/splits it reads in the key
 }
 
 COMPLETE = "COMPLETE"
@@ -51,10 +55,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str]) -> str:
+def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> str:
     """sha256 of canonical JSON of (stage, schema version, semantic config, upstream keys, input fingerprint).
 
-    ``config`` must already be the *semantic* config (see :func:`pipeline.config.semantic_dict`).
+    ``config`` must already be the *semantic* config (see :func:`pipeline.config.semantic_dict`);
+    ``fingerprint`` is one ``"xxh3:..."`` or a dict of named parts (pipeline/reads.py).
     """
     if stage not in SCHEMA_VERSIONS:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(SCHEMA_VERSIONS)}")
@@ -68,7 +73,7 @@ def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
-def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str]) -> dict:
+def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> dict:
     """What :func:`artifact_key` hashed, kept in artifact.json so `status` can say why a key changed."""
     return {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "config": config, "upstream": dict(upstream),
             "fingerprint": fingerprint}
@@ -272,6 +277,10 @@ class Lock:
 # the store
 
 
+def _is_read_only(e: OSError) -> bool:
+    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 @dataclass
 class ArtifactState:
     stage: str
@@ -291,7 +300,11 @@ class Store:
 
     @classmethod
     def from_option(cls, store: Optional[str]) -> "Store":
-        return cls(Path(store or os.environ.get("DKP_STORE") or "dkp-store"))
+        root = Path(store or os.environ.get("DKP_STORE") or "dkp-store")
+        if root.exists() and not root.is_dir():
+            raise DkpError(f"--store {root}: this is a file, not a directory; pass the store directory "
+                           f"(default ./dkp-store; it is created on the first run)")
+        return cls(root)
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:16]
@@ -324,7 +337,13 @@ class Store:
 
     # experiments: which key each stage had when last built, for "stale because ..."
     def experiment_file(self, name: str) -> Path:
-        return self.root / "experiments" / f"{name}.json"
+        """``experiments/<name>.json``; a name that would lead outside that folder is refused (config.validate
+        already allows only a safe character set; this is the store's own guard)."""
+        base = (self.root / "experiments").resolve()
+        f = (base / f"{name}.json").resolve()
+        if f.parent != base:
+            raise DkpError(f"experiment name {name!r} would write outside {base}; use letters, digits and . _ + = -")
+        return f
 
     def last_built(self, name: str) -> dict[str, str]:
         try:
@@ -333,12 +352,43 @@ class Store:
             return {}
 
     def remember(self, name: str, stage: str, key: str) -> None:
+        """Record ``key`` as the artifact experiment ``name`` last used for ``stage`` (what `status` diffs against).
+
+        Nothing is written when that is already recorded, so a run where everything is fresh works in a
+        read-only store; when the store cannot be written, the record is skipped with a warning (it only
+        feeds `status` explanations), since the artifacts themselves are already there.
+        """
+        if self.last_built(name).get(stage) == key:
+            return
         f = self.experiment_file(name)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        with Lock(f.with_suffix(".lock")):
-            data = self.last_built(name)
-            data[stage] = key
-            write_json_atomic(f, data)
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with Lock(f.with_suffix(".lock")):
+                data = self.last_built(name)
+                data[stage] = key
+                write_json_atomic(f, data)
+        except OSError as e:
+            if not _is_read_only(e):
+                raise
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "store %s is not writable (%s): not recording that experiment %r used %s %s", self.root,
+                e.strerror or e, name, stage, key[:16])
+
+    def check_writable(self, needed: str) -> None:
+        """DkpError unless files can be created in the store; ``needed`` says what would be written. Said
+        before any stage starts, instead of a traceback from the first write inside one."""
+        probe = self.root / f".write-test-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            if not _is_read_only(e):
+                raise
+            raise DkpError(f"store {self.root} is not writable ({e.strerror or e}) and {needed}; make it writable, "
+                           f"or pass --store DIR with a writable directory") from None
 
     @contextlib.contextmanager
     def open_for_write(self, stage: str, key: str, *, inputs: dict, config: dict) -> Iterator["ArtifactWriter"]:

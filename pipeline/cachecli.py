@@ -25,18 +25,24 @@ _SHARED_FIELDS = ("key", "stage", "inputs", "config", "cache_spec", "n_frames", 
 
 
 def _manifest_hashes_for(cache_dir: Path) -> Optional[list[str]]:
-    """Frame fingerprints of the manifest artifact this cache was built from, when it sits in a store."""
+    """Frame fingerprints of a manifest artifact over the frames this cache was built from, when it sits in a
+    store: found by the frames' fingerprint the cache records (a manifest's key also covers annotations and
+    splits, which do not change depth, so the cache does not name one manifest key)."""
     from pipeline.manifest import Manifest
 
     try:
         rec = json.loads((cache_dir / "artifact.json").read_text())
-        mkey = rec["inputs"]["upstream"]["manifest"]
+        want = rec["cache_spec"]["manifest_fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    mfile = cache_dir.parent.parent / "manifest" / mkey[:16] / "manifest.json"
-    if not mfile.is_file():
-        return None
-    return Manifest.load(mfile).fingerprints
+    for mdir in sorted((cache_dir.parent.parent / "manifest").glob("*/")):
+        try:
+            mrec = json.loads((mdir / "artifact.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if mrec.get("fingerprint") == want and (mdir / "COMPLETE").exists():
+            return Manifest.load(mdir / "manifest.json").fingerprints
+    return None
 
 
 def verify_command(cache_dir, console) -> None:
@@ -154,7 +160,7 @@ def import_command(file, store, console, cfg=None) -> None:
         if sp.key != key:
             from pipeline.graph import explain_change
 
-            why = explain_change("depth", rec["inputs"], sp.inputs, st)
+            why = explain_change("depth", rec["inputs"], sp.inputs)
             raise CacheError(f"{file} has depth key {key[:16]}, {cfg.name!r} needs {sp.key[:16]}: {'; '.join(why)}")
         expected_spec, expected_hashes = want, plan.manifest.fingerprints
     final = st.path("depth", key)

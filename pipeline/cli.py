@@ -43,7 +43,9 @@ class DkpGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DkpError as e:
-            _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            from pipeline.errors import printable  # a file name's undecodable bytes would not print
+
+            _console(stderr=True).print(f"[bold red]error:[/] {printable(str(e))}", markup=True, soft_wrap=True)
             sys.exit(e.exit_code)
 
 
@@ -79,6 +81,8 @@ def status(config, overrides, store, as_json):
     plan = build_plan(cfg, Store.from_option(store), progress=not as_json)
     if as_json:
         click.echo(dumps(plan))
+        for w in plan.warnings:  # stdout stays one JSON document
+            _console(stderr=True).print(f"warning: {w}", markup=False, soft_wrap=True)
     else:
         print_plan(plan, _console())
 

@@ -11,6 +11,7 @@ the artifact key of its stage.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -155,6 +156,112 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),
     "eval.flip_pairs": ("none", "dataset"),
 }
+
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: ``low``/``high`` bounds (None = open), ``multiple_of``."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # True: low itself is not allowed
+    multiple_of: Optional[int] = None
+    why: str = ""
+
+    def ok(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        if self.high is not None and v > self.high:
+            return False
+        return self.multiple_of is None or v % self.multiple_of == 0
+
+    def text(self) -> str:
+        parts = []
+        if self.low is not None and self.high is not None:
+            parts.append(f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]")
+        elif self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.multiple_of:
+            parts.append(f"a multiple of {self.multiple_of}")
+        return " and ".join(parts) + (f" ({self.why})" if self.why else "")
+
+
+# Valid values of numeric fields, matched like CHOICES (the dotted path, else the last name). Checked once
+# the config is resolved (all layers applied), so that a bad value is a message naming the field, never
+# a traceback deep in a stage or, worse, a silently different run (gamma < 0 used to train the baseline).
+RANGES: dict[str, Range] = {
+    "data.synth_frames": Range(2, why="at least one train and one test frame"),
+    "data.synth_seed": Range(0),
+    "data.synth_image_size": Range(16),
+    "data.synth_clip_length": Range(1, why="1 = every frame a new scene"),
+    "shard_size": Range(1),
+    "batch_size_inference": Range(1),
+    "num_workers": Range(0),
+    "n_keypoints": Range(2, why="the link map joins pairs of keypoints"),
+    "image_size": Range(16, multiple_of=16, why="the detector halves it four times"),
+    "heatmap_size": Range(4, why="must be image_size / 4"),
+    "thick": Range(0, low_open=True),
+    "sklr": Range(0, low_open=True),
+    "mask_ratio": Range(0, 1, why="the fraction of mask cells removed"),
+    "mask_blocks": Range(1, why="and at most image_size"),
+    "width": Range(1),
+    "steps": Range(1),
+    "batch_size": Range(1),
+    "lr": Range(0, low_open=True),
+    "weight_decay": Range(0),
+    "seed": Range(0),
+    "checkpoint_every": Range(1),
+    "log_every": Range(1),
+    "eval_every": Range(0, why="0 = only at the end"),
+    "warmup_steps": Range(0),
+    "gamma": Range(0, why="0 = the AutoLink baseline"),
+}
+
+# Experiment names become file names in the store (experiments/<name>.json): a safe character set only.
+NAME_CHARS = "A-Za-z0-9._+=-"
+NAME_RE = re.compile(f"[A-Za-z0-9_][{NAME_CHARS}]{{0,127}}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` made a valid experiment name (default names come from YAML file names, which may hold spaces)."""
+    out = re.sub(f"[^{NAME_CHARS}]", "_", text)[:128]
+    return ("_" + out[1:]) if out[:1] in (".", "-", "+", "=", "") else out
+
+
+def _walk_values(obj, prefix: str = ""):
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            yield from _walk_values(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", v
+
+
+def validate(cfg: "ExperimentConfig") -> "ExperimentConfig":
+    """Refuse values no stage can run with (ConfigError naming the field, its value and the valid range)."""
+    import math
+
+    if not NAME_RE.fullmatch(cfg.name):
+        raise ConfigError(f"config field name: {cfg.name!r} is not a valid experiment name; use letters, digits "
+                          f"and . _ + = - (at most 128, not starting with . - + =), e.g. --set name=my-run")
+    for dotted, v in _walk_values(cfg):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config field {dotted}: {v!r} is not a finite number")
+        rng = RANGES.get(dotted) or RANGES.get(dotted.split(".")[-1])
+        if rng is not None and not rng.ok(v):
+            raise ConfigError(f"config field {dotted}: {v!r} is out of range; valid: {rng.text()}")
+    for section in ("teach", "distill"):
+        m = getattr(cfg, section).model
+        if m.heatmap_size != m.image_size // 4:
+            raise ConfigError(f"config field {section}.model.heatmap_size: {m.heatmap_size} does not fit "
+                              f"{section}.model.image_size={m.image_size}; valid: image_size / 4 = {m.image_size // 4}")
+        if m.mask_blocks > m.image_size:
+            raise ConfigError(f"config field {section}.model.mask_blocks: {m.mask_blocks} is out of range; valid: "
+                              f"1 to image_size ({m.image_size})")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +424,7 @@ def load_config(source: Optional[str] = None, overrides: tuple[str, ...] | list[
             base = data.pop("base", None)
             if base is not None:
                 cfg = _build(ExperimentConfig, _fix_yaml_floats(_preset_dict(base)), "", cfg)
-            default_name = p.stem
+            default_name = safe_name(p.stem)
             try:
                 cfg = _build(ExperimentConfig, data, "", cfg)
             except ConfigError as e:
@@ -333,7 +440,7 @@ def load_config(source: Optional[str] = None, overrides: tuple[str, ...] | list[
             cfg = _build(ExperimentConfig, _nest(path, value), "", cfg)
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from None
-    return cfg
+    return validate(cfg)
 
 
 def to_dict(obj) -> dict:

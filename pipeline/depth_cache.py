@@ -36,7 +36,7 @@ import numpy as np
 import xxhash
 
 from pipeline.artifacts import atomic_file
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, printable
 
 SCHEMA_VERSION = 1
 VALUES = "relative inverse depth (larger = nearer)"
@@ -125,7 +125,8 @@ def _pow2_scale(depth: np.ndarray) -> float:
     A power of two makes ``depth / scale`` and ``stored * scale`` exact in float32, so float16 rounding is
     the only error, and puts the largest value in (0.5, 1] — far from float16's overflow at 65504.
     """
-    peak = float(np.max(np.abs(depth))) if depth.size else 0.0
+    finite = depth[np.isfinite(depth)]  # NaN holes carry no value
+    peak = float(np.max(np.abs(finite))) if finite.size else 0.0
     if peak == 0.0:
         return 1.0
     return float(2.0 ** math.ceil(math.log2(peak)))
@@ -388,9 +389,11 @@ class ShardWriter:
                                  f"got shape {None if depth is None else np.shape(depth)}; mark the frame invalid "
                                  f"or fix the depth provider")
             d = np.asarray(depth, dtype=np.float32)
-            if not np.isfinite(d).all():
-                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int((~np.isfinite(d)).sum())} "
-                                 f"NaN/Inf values; fix the depth source (or mark the frame invalid)")
+            # NaN = a pixel with no reading (depth files' holes); Inf, or nothing but holes, is a broken map.
+            if np.isinf(d).any() or np.isnan(d).all():
+                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int(np.isinf(d).sum())} Inf "
+                                 f"values and {int(np.isnan(d).sum())} of {d.size} pixels NaN; fix the depth source "
+                                 f"(or mark the frame invalid)")
             if self._writer.storage_dtype == "float16":
                 scale = _pow2_scale(d)
                 stored = (d / np.float32(scale)).astype(np.float16)
@@ -399,7 +402,7 @@ class ShardWriter:
         h, w = stored.shape
         if self._max_shape is not None and (h > self._max_shape[0] or w > self._max_shape[1]):
             raise ValueError(f"frame {frame_index} has shape {(h, w)}, larger than max_shape {self._max_shape}")
-        self._frame_id[row] = str(frame_id)
+        self._frame_id[row] = printable(str(frame_id))  # HDF5 strings are UTF-8; ids are for people
         self._frame_hash[row] = str(frame_hash)
         self._shape[row] = (h, w)
         self._scale[row] = scale
@@ -830,8 +833,8 @@ def _verify_shard(cache_dir: Path, index: dict, entry: dict, expected_frame_hash
             report.frames_checked += 1
             if _frame_checksum(stored, float(scale[row])) != checksums[row]:
                 p.append(f"{rel}: frame {i} ({ids[row]!r}) depth checksum mismatch (data corrupted)")
-            elif valid[row] and not np.isfinite(stored).all():
-                p.append(f"{rel}: frame {i} ({ids[row]!r}) holds NaN/Inf")
+            elif valid[row] and (np.isinf(stored).any() or np.isnan(stored).all()):
+                p.append(f"{rel}: frame {i} ({ids[row]!r}) holds Inf or no finite value")
             if expected_frame_hashes is not None and hashes[row] != expected_frame_hashes[i]:
                 p.append(f"{rel}: frame {i} ({ids[row]!r}) was computed from input {hashes[row]}, the manifest has "
                          f"{expected_frame_hashes[i]} (the frame file differs)")

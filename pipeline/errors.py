@@ -31,3 +31,9 @@ class CacheError(DkpError):
 
 class CheckpointError(DkpError):
     """A weights/checkpoint file that is missing, untrusted or does not fit the model/config."""
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name's undecodable bytes (kept by Python as surrogates) become ``\\xNN``,
+    so that it can be printed or stored in HDF5 (which needs UTF-8) without an error."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

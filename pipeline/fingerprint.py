@@ -289,19 +289,26 @@ def _jpeg_size(head: bytes) -> Optional[tuple[int, int]]:
 
 
 def probe_image(head: bytes, path: str | os.PathLike) -> dict:
-    """``{"wh": [W, H]}`` of an image from its header; decodes with OpenCV only for other formats."""
+    """``{"wh": [W, H], "orientation": 1..8}`` of an image from its header, as viewers show it: a JPEG's EXIF
+    orientation 5..8 swaps W and H (pipeline.images.read_rgb applies the tag). Decodes with OpenCV, from
+    the bytes, only for other formats."""
+    from pipeline.images import exif_orientation
+
     png = _png_header(head)
     if png is not None:
-        return {"wh": [png[0], png[1]]}
+        return {"wh": [png[0], png[1]], "orientation": 1}
     jpg = _jpeg_size(head)
     if jpg is not None and jpg[0] > 0 and jpg[1] > 0:
-        return {"wh": [jpg[0], jpg[1]]}
+        o = exif_orientation(head)
+        return {"wh": [jpg[1], jpg[0]] if o >= 5 else [jpg[0], jpg[1]], "orientation": o}
     import cv2
+    import numpy as np
 
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    raw = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: its path handling crashes on non-UTF-8 names
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if img is None:
         raise ValueError("not a readable image (OpenCV could not decode it)")
-    return {"wh": [int(img.shape[1]), int(img.shape[0])]}
+    return {"wh": [int(img.shape[1]), int(img.shape[0])], "orientation": 1}
 
 
 def probe_depth(head: bytes, path: str | os.PathLike) -> dict:

@@ -34,10 +34,10 @@ def foreground_masks(manifest, indices: Sequence[int], size: int) -> Optional[np
     root = Path(manifest.root)
     out = []
     if manifest.mask_paths is not None and all(manifest.mask_paths[i] for i in indices):
-        import cv2
+        from pipeline.images import read_gray
 
         for i in indices:
-            m = cv2.imread(str(root / manifest.mask_paths[i]), cv2.IMREAD_GRAYSCALE)
+            m = read_gray(root / manifest.mask_paths[i])
             out.append(resize_square((m > 127).astype(np.float32), size))
         return (np.stack(out) > 0.5).astype(np.float32)
     if (root / "dataset.yaml").exists():

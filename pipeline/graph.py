@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from pipeline import config as C
 from pipeline.artifacts import Store, artifact_key, key_inputs
+from pipeline.images import DEPTH_FILE_RULE
 
 STAGES = ("manifest", "depth", "teach", "distill", "eval")
 # Plan entries that are another artifact of an existing stage kind: entry name -> stage kind.
@@ -49,6 +50,7 @@ class Plan:
     store: Store
     stages: dict[str, StagePlan]
     manifest: Any  # pipeline.manifest.Manifest
+    warnings: list[str] = field(default_factory=list)  # about the data: printed by status and run
 
     def __iter__(self):
         return iter(self.stages.values())
@@ -63,8 +65,11 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def explain_change(stage: str, old: dict, new: dict, store: Store) -> list[str]:
-    """Human reasons why the inputs of a stage differ from those it was last built with."""
+def explain_change(stage: str, old: dict, new: dict, data=None) -> list[str]:
+    """Human reasons why the inputs of a stage differ from those it was last built with.
+
+    ``data`` = (manifest the experiment last built or None, current manifest, dataset.yaml synthetic block):
+    with it, a changed fingerprint part is named with counts ("splits changed: 2 frames moved ...")."""
     why: list[str] = []
     if old.get("schema") != new.get("schema"):
         why.append(f"stage schema version changed ({old.get('schema')} -> {new.get('schema')})")
@@ -77,20 +82,45 @@ def explain_change(stage: str, old: dict, new: dict, store: Store) -> list[str]:
         if ou.get(k) != nu.get(k):
             label = "dataset manifest" if k == "manifest" else f"{k}"
             why.append(f"upstream {label} changed ({str(ou.get(k))[:12]} -> {str(nu.get(k))[:12]})")
-    if old.get("fingerprint") != new.get("fingerprint"):
-        why.append(frames_changed(old, new, store) if stage == "manifest" else "input fingerprint changed")
+    ofp, nfp = old.get("fingerprint"), new.get("fingerprint")
+    if ofp != nfp:
+        if isinstance(ofp, dict) and isinstance(nfp, dict):
+            from pipeline.reads import describe
+
+            old_m, new_m, synthetic = data if data is not None else (None, None, None)
+            for part in sorted(set(ofp) | set(nfp)):
+                if ofp.get(part) == nfp.get(part):
+                    continue
+                if part == "frames" and stage == "manifest":
+                    why.append(frames_changed(old_m, new_m))
+                else:
+                    why.append(describe(stage, part, ofp.get(part), old_m, new_m, synthetic))
+        elif stage == "manifest":
+            why.append(frames_changed(*(data or (None, None))[:2]))
+        else:
+            why.append("input fingerprint changed")
     return why or ["inputs differ"]
 
 
-def frames_changed(old: dict, new: dict, store: Store) -> str:
+def _old_manifest(store: Store, key: Optional[str], current_key: str):
+    """The manifest this experiment last built (for counting what changed), or None."""
+    if not key or key == current_key:
+        return None
+    from pipeline.errors import DkpError
     from pipeline.manifest import Manifest
 
     try:
-        old_m = Manifest.load(store.path("manifest", old["_key"]) / "manifest.json")
-        a = dict(zip(old_m.frame_ids, old_m.fingerprints))
-        b = dict(zip(new["_frames"][0], new["_frames"][1]))
-    except Exception:  # the old manifest is gone or unreadable: we can only say that frames changed
+        return Manifest.load(store.path("manifest", key) / "manifest.json")
+    except (DkpError, OSError, ValueError):
+        return None
+
+
+def frames_changed(old_m, new_m) -> str:
+    """'frames changed: 1 added, 2 modified' between two manifests (matched by frame id)."""
+    if old_m is None or new_m is None:  # the old manifest is gone or unreadable
         return "frames changed"
+    a = dict(zip(old_m.frame_ids, old_m.fingerprints))
+    b = dict(zip(new_m.frame_ids, new_m.fingerprints))
     added = len(set(b) - set(a))
     removed = len(set(a) - set(b))
     modified = sum(1 for k in set(a) & set(b) if a[k] != b[k])
@@ -131,19 +161,27 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         stages[entry or stage] = sp
         return sp
 
+    from pipeline import reads
+
+    synthetic = reads.synthetic_block(m.root)
     mdesc = {"dataset": cfg.data.manifest, "description_sha256": m.description_sha256}
-    add("manifest", mdesc, {}, m.fingerprint, C.to_dict(cfg.data))
+    add("manifest", mdesc, {}, reads.manifest_fingerprint(m), C.to_dict(cfg.data))
+    # depth reads the frames only: its upstream is the identity of the frames (the manifest key of schema
+    # 1, before annotations and splits entered the manifest's key), so editing annotations never reruns MiDaS
+    # and caches built before that change keep their keys.
+    frames_key = artifact_key("manifest", mdesc, {}, reads.frames_identity(m))
 
     d_sem = C.semantic_dict(cfg.depth)
     if cfg.depth.provider == "midas":
         d_sem["weights_sha256"] = file_digest(cfg.depth.weights)
-        d_fp = m.fingerprint
+        d_fp = reads.frames_identity(m)
     else:
         d_sem.pop("model_type", None)
         d_sem.pop("precision", None)
         d_sem["depth_options"] = m.depth_options
+        d_sem["decode"] = DEPTH_FILE_RULE
         d_fp = m.depth_fingerprint
-    add("depth", d_sem, {"manifest": stages["manifest"].key}, d_fp, C.to_dict(cfg.depth))
+    add("depth", d_sem, {"manifest": frames_key}, d_fp, C.to_dict(cfg.depth))
 
     def train_sem(section: C.TrainConfig) -> dict:
         s = C.semantic_dict(section)
@@ -152,42 +190,36 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             s["vgg_sha256"] = file_digest(section.vgg_weights) if section.vgg_weights else "torchvision-default"
         return s
 
-    # Training inputs are multiplied by the masks when the dataset applies them (human36m_wobg), so their
-    # content is in the keys of the stages that read them; None (as before) for every other dataset.
-    masks_fp = m.mask_fingerprint if m.apply_masks else None
-    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, masks_fp, C.to_dict(cfg.teach))
-    distill_up = {"teach": stages["teach"].key, "depth": stages["depth"].key, "manifest": stages["manifest"].key}
-    add("distill", train_sem(cfg.distill), distill_up, masks_fp, C.to_dict(cfg.distill))
-    eval_up = {"distill": stages["distill"].key, "teach": stages["teach"].key,
-               "depth": stages["depth"].key, "manifest": stages["manifest"].key}
+    teach_fp, distill_fp = reads.teach_fingerprint(m, synthetic), reads.distill_fingerprint(m)
+    e_fp = reads.eval_fingerprint(m, synthetic)
+    if m.apply_masks:
+        # human36m_wobg: every model input is multiplied by its frame's mask, so the masks' content is read
+        teach_fp["masks"] = distill_fp["masks"] = e_fp["masks_applied"] = m.mask_fingerprint
+    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, teach_fp, C.to_dict(cfg.teach))
+    distill_up = {"teach": stages["teach"].key, "depth": stages["depth"].key}
+    add("distill", train_sem(cfg.distill), distill_up, distill_fp, C.to_dict(cfg.distill))
+    eval_up = {"distill": stages["distill"].key, "teach": stages["teach"].key, "depth": stages["depth"].key}
     if cfg.eval.baseline:
         bcfg = baseline_config(cfg)
-        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, masks_fp, C.to_dict(bcfg.distill),
+        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, distill_fp, C.to_dict(bcfg.distill),
                                   entry="baseline", entry_cfg=bcfg).key
     e_sem = C.semantic_dict(cfg.eval)
     if e_sem.get("protocol") == "auto":
         e_sem["protocol"] = m.protocol
     if e_sem.get("flip_pairs") == "dataset":  # eval reads the pairs from ROOT/dataset.yaml: key them
         e_sem["left_right_pairs"] = m.left_right_pairs
-    # eval reads the ground truth and the partitions (keypoints.csv, .mat files, GT pickles: none of them is in
-    # the manifest's frame fingerprint) and masks where there are any (the figure's heatmap mass, e.g. Taichi's)
-    from pipeline.fingerprint import combine
-
-    e_fp = combine([m.annotation_fingerprint, m.mask_fingerprint or "-"])
     add("eval", e_sem, eval_up, e_fp, C.to_dict(cfg.eval))
 
     # states and reasons
     last = store.last_built(cfg.name)
+    old_manifest = _old_manifest(store, last.get("manifest"), stages["manifest"].key)
     for name, sp in stages.items():
         st = store.state(sp.stage, sp.key)
         sp.path = st.path
         if st.state == "fresh":
             sp.state = "fresh"
-            skipped = (st.record or {}).get("skipped_frames") if sp.stage == "depth" else None
-            if skipped:  # built with --skip-bad-frames: say which frames have no depth
-                ids = [str(s.get("frame")) for s in skipped[:3]]
-                sp.progress = (f"{len(skipped)} unreadable frame(s) skipped (invalid in the cache): "
-                               + ", ".join(ids) + (" …" if len(skipped) > 3 else ""))
+            if sp.stage == "depth":
+                sp.progress = depth_notes(st.record or {})
         elif st.state == "in_progress":
             sp.state = "in_progress"
             sp.progress = progress_of(sp.stage, st.path)
@@ -200,12 +232,46 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             prev = store.record(sp.stage, prev_key) if prev_key else None
             if prev is not None and prev_key != sp.key:
                 sp.state = "stale"
-                old_inputs = dict(prev.get("inputs", {}), _key=prev_key)
-                new_inputs = dict(sp.inputs, _frames=(m.frame_ids, m.fingerprints))
-                sp.why = explain_change(sp.stage, old_inputs, new_inputs, store)
+                sp.why = explain_change(sp.stage, prev.get("inputs", {}), sp.inputs, data=(old_manifest, m, synthetic))
             else:
                 sp.state = "missing"
-    return Plan(cfg=cfg, store=store, stages=stages, manifest=m)
+    from pipeline.images import size_warnings
+
+    model_size = max(cfg.teach.model.image_size, cfg.distill.model.image_size)
+    return Plan(cfg=cfg, store=store, stages=stages, manifest=m,
+                warnings=size_warnings(m.sizes, m.frame_ids, model_size))
+
+
+def preflight(plan: Plan, stages, console=None) -> None:
+    """Print the plan's warnings about the data; refuse, before anything is built, what would fail later: a
+    store that cannot be written, an eval without ground truth (found only after two models trained, otherwise)."""
+    from pipeline.errors import DkpError
+    from pipeline.reads import eval_data_problem
+
+    if console is not None:
+        print_warnings(plan, console)
+    todo = [s for s in stages if plan.stages[s].state != "fresh"]
+    if not todo:
+        return
+    plan.store.check_writable(f"{', '.join(todo)} need{'s' * (len(todo) == 1)} building")
+    if "eval" in todo:
+        problem = eval_data_problem(plan.manifest)
+        if problem:
+            raise DkpError(problem)
+
+
+def depth_notes(record: dict) -> Optional[str]:
+    """What a finished depth cache lacks: frames skipped with --skip-bad-frames, frames with holes."""
+    notes = []
+    skipped = record.get("skipped_frames")
+    if skipped:  # built with --skip-bad-frames: say which frames have no depth
+        ids = [str(s.get("frame")) for s in skipped[:3]]
+        notes.append(f"{len(skipped)} unreadable frame(s) skipped (invalid in the cache): "
+                     + ", ".join(ids) + (" …" if len(skipped) > 3 else ""))
+    holes = (record.get("compute") or {}).get("frames_with_holes")
+    if holes:
+        notes.append(f"{holes} frame(s) with depth holes (no reading; ignored by the teacher's normalisation)")
+    return "; ".join(notes) or None
 
 
 def progress_of(stage: str, path: Path) -> Optional[str]:
@@ -231,6 +297,7 @@ def digest_text(text: str) -> str:
 
 
 def plan_as_json(plan: Plan) -> list[dict]:
+    """One dict per stage (the plan's data warnings go to stderr with `status --json`, keeping stdout a list)."""
     return [
         {"stage": name, "kind": s.stage, "key": s.key, "state": s.state, "why": s.why, "progress": s.progress,
          "path": str(s.path) if s.path else None}
@@ -256,3 +323,11 @@ def print_plan(plan, console, title: str = "") -> None:
         detail = "; ".join(([s.progress] if s.progress else []) + s.why)
         t.add_row(name if name == s.stage else f"{name} ({s.stage})", f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.key[:16], detail)
     console.print(t)
+    print_warnings(plan, console)
+
+
+def print_warnings(plan, console) -> None:
+    from rich.markup import escape
+
+    for w in plan.warnings:
+        console.print("[yellow]warning:[/] " + escape(w), markup=True, soft_wrap=True)

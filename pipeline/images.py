@@ -7,7 +7,14 @@ Decisions for unusual inputs (documented and tested in docs/reliability.md, test
 - CMYK JPEG: OpenCV's decoder converts it to RGB (within 1 grey level of Pillow's conversion);
 - zero-byte, truncated (PNG without IEND, JPEG without EOI) or undecodable files: refused, file named;
 - anything else OpenCV decodes under a frame name (float or 32-bit samples, e.g. a TIFF renamed .png,
-  or a channel count other than 1, 3, 4): refused, file named, "convert it to 8-bit RGB".
+  or a channel count other than 1, 3, 4): refused, file named, "convert it to 8-bit RGB";
+- a JPEG with an EXIF orientation tag: rotated/mirrored as the tag says, as image viewers (and so
+  annotation tools) show it; sizes, keypoints and depth all live in that displayed frame;
+- depth files: 0, NaN and Inf are "no reading" (Kinect/RealSense write 0 there), kept as NaN holes
+  that the teacher's normalisation ignores; a file with no valid pixel is refused.
+
+Every file is read as bytes (``np.fromfile``) and decoded from memory, never by passing its name to
+OpenCV, whose C++ path handling crashes on names that are not valid UTF-8.
 """
 from __future__ import annotations
 
@@ -16,6 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ManifestError
+
+# How depth files are decoded; part of the depth key of the files provider (pipeline/graph.py), so caches
+# built under another rule (before issue 13: 0 read as 1e-6, infinitely near) are rebuilt, not reused.
+DEPTH_FILE_RULE = "depth-files/2: 0, NaN, Inf = no reading (NaN hole); depth -> 1/depth"
 
 
 def read_rgb(path: Path | str) -> np.ndarray:
@@ -46,13 +57,85 @@ def read_rgb(path: Path | str) -> np.ndarray:
         raise ManifestError(f"frame {path}: unsupported sample type {img.dtype}; convert it to 8-bit RGB "
                             "(PNG or JPEG)")
     if img.ndim == 2:
-        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif img.shape[2] != 3:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, 2::-1]
+    elif img.shape[2] == 3:
+        img = img[:, :, ::-1]
+    else:
         raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected gray, RGB or RGBA: convert it to "
                             "8-bit RGB")
-    return np.ascontiguousarray(img[:, :, ::-1])
+    from pipeline.fingerprint import CHUNK  # the bytes the manifest's probe saw, so both agree on the tag
+
+    return np.ascontiguousarray(apply_orientation(img, exif_orientation(raw[:CHUNK].tobytes())))
+
+
+def read_gray(path: Path | str) -> np.ndarray:
+    """A mask or any picture as (H, W) uint8 luminance (decoded like :func:`read_rgb`, errors named the same)."""
+    import cv2
+
+    return cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2GRAY)
+
+
+def exif_orientation(head: bytes) -> int:
+    """The EXIF orientation (1..8; 1 = as stored) of a JPEG from its first bytes; 1 for anything else.
+
+    Reads the APP1 "Exif" segment's IFD0 tag 0x0112 (TIFF byte order either way); a missing, damaged or
+    out-of-range tag counts as 1, as viewers treat it.
+    """
+    import struct
+
+    if head[:2] != b"\xff\xd8":
+        return 1
+    i, n = 2, len(head)
+    while i + 4 <= n and head[i] == 0xFF:
+        marker = head[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xDA or 0xD0 <= marker <= 0xD9:  # image data: no EXIF after this
+            return 1
+        seg_len = struct.unpack(">H", head[i + 2:i + 4])[0]
+        seg = head[i + 4:i + 2 + seg_len]
+        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
+            tiff = seg[6:]
+            order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+            if order is None or len(tiff) < 8:
+                return 1
+            ifd = struct.unpack(order + "I", tiff[4:8])[0]
+            if ifd + 2 > len(tiff):
+                return 1
+            count = struct.unpack(order + "H", tiff[ifd:ifd + 2])[0]
+            for k in range(count):
+                e = ifd + 2 + 12 * k
+                if e + 12 > len(tiff):
+                    return 1
+                tag, typ = struct.unpack(order + "HH", tiff[e:e + 4])
+                if tag == 0x0112 and typ == 3:  # SHORT
+                    value = struct.unpack(order + "H", tiff[e + 8:e + 10])[0]
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        i += 2 + seg_len
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """``img`` (H, W, ...) as a viewer shows it under EXIF ``orientation`` (5..8 swap width and height)."""
+    if orientation == 2:
+        return img[:, ::-1]
+    if orientation == 3:
+        return img[::-1, ::-1]
+    if orientation == 4:
+        return img[::-1]
+    if orientation == 5:
+        return np.swapaxes(img, 0, 1)
+    if orientation == 6:
+        return np.rot90(img, k=-1)
+    if orientation == 7:  # transverse: mirror across the anti-diagonal
+        return np.swapaxes(img[::-1, ::-1], 0, 1)
+    if orientation == 8:
+        return np.rot90(img, k=1)
+    return img
 
 
 def read_mask(path: Path | str) -> np.ndarray:
@@ -93,7 +176,8 @@ def read_depth_file(path: Path | str, *, kind: str, scale: float = 1.0) -> np.nd
 
     ``kind`` is ``"depth"`` (near = small: converted as 1 / d) or ``"inverse"`` (near = large).
     PNGs (8/16-bit, one channel) are multiplied by ``scale``; ``.npy`` files must hold a 2-D float array.
-    Returns (H, W) float32. Non-finite values, negative depth or a wrong shape are named errors.
+    Pixels holding 0, NaN or Inf have no reading (what depth cameras write there) and come back as NaN.
+    Returns (H, W) float32. Negative depth, a wrong shape or a map with no valid pixel are named errors.
     """
     import cv2
 
@@ -108,7 +192,8 @@ def read_depth_file(path: Path | str, *, kind: str, scale: float = 1.0) -> np.nd
         except Exception as e:  # truncated, not an npy
             raise ManifestError(f"depth file {path}: unreadable .npy ({e})") from None
     else:
-        d = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        raw = np.fromfile(path, dtype=np.uint8)
+        d = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
         if d is None:
             raise ManifestError(f"depth file {path}: not a readable PNG")
     if d.ndim == 3 and d.shape[2] == 1:
@@ -116,15 +201,17 @@ def read_depth_file(path: Path | str, *, kind: str, scale: float = 1.0) -> np.nd
     if d.ndim != 2:
         raise ManifestError(f"depth file {path}: shape {d.shape}; expected a single-channel (H, W) map")
     d = d.astype(np.float32) * np.float32(scale)
-    if not np.isfinite(d).all():
-        raise ManifestError(f"depth file {path}: contains NaN or Inf; fix or remove the file")
-    if kind == "depth":
-        if (d < 0).any():
-            raise ManifestError(f"depth file {path}: negative depth values; is depth_kind right (depth vs inverse)?")
-        return (1.0 / np.maximum(d, 1e-6)).astype(np.float32)
-    if kind == "inverse":
-        return d
-    raise ManifestError(f"depth_kind {kind!r} for {path}: expected 'depth' or 'inverse'")
+    hole = ~np.isfinite(d) | (d == 0)
+    if hole.all():
+        raise ManifestError(f"depth file {path}: no valid pixel (every value is 0, NaN or Inf, i.e. no reading); "
+                            "remove the frame or its depth file, or pass --skip-bad-frames to mark it invalid")
+    if kind not in ("depth", "inverse"):
+        raise ManifestError(f"depth_kind {kind!r} for {path}: expected 'depth' or 'inverse'")
+    if kind == "depth" and (d[~hole] < 0).any():
+        raise ManifestError(f"depth file {path}: negative depth values; is depth_kind right (depth vs inverse)?")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1.0 / d if kind == "depth" else d
+    return np.where(hole, np.float32(np.nan), out).astype(np.float32)
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -151,3 +238,38 @@ def square_transform(h: int, w: int, size: int) -> tuple[float, float, float, fl
     y0, x0 = (nh - size) // 2, (nw - size) // 2
     # cv2.resize maps pixel centres: x' + 0.5 = (x + 0.5) * sx
     return sx, sy, 0.5 * sx - 0.5 - x0, 0.5 * sy - 0.5 - y0
+
+
+# Frames the square resize/crop (docs/conventions.md) treats badly enough to warn about: upscaled more
+# than MAX_UPSCALE times (the shorter side below model size / MAX_UPSCALE), or an aspect ratio above
+# MAX_ASPECT:1 (the centre crop keeps under 1 / MAX_ASPECT of the longer side). Warnings, not errors:
+# such frames train and evaluate; they just carry little information.
+MAX_UPSCALE = 2.0
+MAX_ASPECT = 2.0
+
+
+def size_warnings(sizes: np.ndarray, ids, model_size: int) -> list[str]:
+    """Warnings for frames of ``sizes`` ((N, 2) (W, H)) that the square transform to ``model_size`` upscales
+    more than MAX_UPSCALE times or crops to less than 1 / MAX_ASPECT of their longer side."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    if len(sizes) == 0:
+        return []
+    short, long_ = sizes.min(axis=1), sizes.max(axis=1)
+    out = []
+
+    def example(mask) -> str:
+        i = int(np.flatnonzero(mask)[0])
+        return f"e.g. {ids[i]!r} ({sizes[i, 0]}x{sizes[i, 1]})"
+
+    small = short * MAX_UPSCALE < model_size
+    if small.any():
+        out.append(f"{int(small.sum())} frame(s) have a shorter side under {model_size / MAX_UPSCALE:g} px and are "
+                   f"upscaled more than {MAX_UPSCALE:g}x to the model size {model_size}, {example(small)}; check "
+                   f"them, or lower model.image_size")
+    wide = long_ > MAX_ASPECT * short
+    if wide.any():
+        kept = float((short[wide] / long_[wide]).min()) * 100
+        out.append(f"{int(wide.sum())} frame(s) have an aspect ratio above {MAX_ASPECT:g}:1, so the square centre "
+                   f"crop keeps as little as {kept:.1f} % of the longer side (the detector never sees the rest), "
+                   f"{example(wide)}; crop or pad them to near-square")
+    return out

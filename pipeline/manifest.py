@@ -280,13 +280,14 @@ class Manifest:
     mask_fingerprints: Optional[list[Optional[str]]] = None
     depth_paths: Optional[list[str]] = None  # folder layout: external depth per frame
     depth_fingerprints: Optional[list[str]] = None
+    orientations: Optional[list[int]] = None  # EXIF orientation per frame (applied on read); None: all 1
 
     def __post_init__(self) -> None:
         n = len(self.frame_ids)
         self.root = Path(self.root)
         self.sizes = np.asarray(self.sizes, dtype=np.int64).reshape(n, 2)  # (N, 2) (W, H)
         for name in ("paths", "splits", "fingerprints", "mask_paths", "mask_fingerprints", "depth_paths",
-                     "depth_fingerprints"):
+                     "depth_fingerprints", "orientations"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"Manifest.{name} has {len(v)} entries for {n} frames")
@@ -424,6 +425,7 @@ class Manifest:
                 "id": self.frame_ids, "path": self.paths, "split": self.splits, "fingerprint": self.fingerprints,
                 "wh": self.sizes.tolist(), "mask": self.mask_paths, "mask_fingerprint": self.mask_fingerprints,
                 "depth": self.depth_paths, "depth_fingerprint": self.depth_fingerprints,
+                "orientation": self.orientations,
             },
             "keypoints": keypoints_file,
         }
@@ -493,7 +495,8 @@ class Manifest:
                     frame_ids=list(f["id"]), paths=list(f["path"]), splits=list(f["split"]),
                     fingerprints=list(f["fingerprint"]), sizes=np.asarray(f["wh"], dtype=np.int64),
                     keypoints=kp, mask_paths=f.get("mask"), mask_fingerprints=f.get("mask_fingerprint"),
-                    depth_paths=f.get("depth"), depth_fingerprints=f.get("depth_fingerprint"))
+                    depth_paths=f.get("depth"), depth_fingerprints=f.get("depth_fingerprint"),
+                    orientations=f.get("orientation"))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"manifest {path} is malformed ({type(e).__name__}: {e}); {fix}") from None
         if m.fingerprint != d.get("fingerprint"):
@@ -582,8 +585,15 @@ def _walk_images(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[str]) 
         dirnames.sort()
         rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()  # string joins below: pathlib is slow per file
         pre = "" if rel_dir == "." else rel_dir + "/"
-        out.extend(pre + fn for fn in filenames if fn.lower().endswith(exts))
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        out.extend(pre + fn for fn in filenames if fn.lower().endswith(exts) and not _hidden(fn))
     return sorted(out)
+
+
+def _hidden(name: str) -> bool:
+    """Hidden files and folders (".x"), macOS AppleDouble companions ("._x.jpg": resource forks, not images)
+    and the "__MACOSX" folder of zip files: never frames or depth maps."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _strip_ext(rel: str) -> str:
@@ -1044,7 +1054,7 @@ def _walk_folder(spec: DatasetSpec, root: Path) -> _Listing:
 def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[str, int], by_name: dict[str, int],
                      L: _Listing) -> np.ndarray:
     try:
-        with open(root / csv_rel, newline="") as fh:
+        with open(root / csv_rel, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
             rows = list(csv.reader(fh))
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise _fail(spec, f"{csv_rel} unreadable ({e})") from None
@@ -1172,7 +1182,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     for rel in L.depths or []:
         inside.check(rel, "depth file")
 
-    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh",), "frames")
+    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames")
     sizes = np.asarray([fi.extra["wh"] for fi in infos], dtype=np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
     kp = _to_pixels(L, sizes)
     if kp is not None:
@@ -1203,7 +1213,12 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     return Manifest(spec=spec, root=root_p, frame_ids=L.ids, paths=L.paths, splits=L.splits,
                     fingerprints=[fi.fingerprint for fi in infos], sizes=sizes, keypoints=kp,
                     mask_paths=L.masks, mask_fingerprints=mask_fps, depth_paths=L.depths,
-                    depth_fingerprints=depth_fps)
+                    depth_fingerprints=depth_fps,
+                    orientations=_orientations([fi.extra["orientation"] for fi in infos]))
+
+
+def _orientations(values: list[int]) -> Optional[list[int]]:
+    return None if all(v == 1 for v in values) else values
 
 
 def _scan(spec: DatasetSpec, root: Path, rels: list[str], memo: Optional[FingerprintMemo], progress: bool,

@@ -94,6 +94,22 @@ def _read_image(path: Path) -> np.ndarray:
         raise DkpError(f"{path}: {reason}; pass only image files (PNG/JPEG) or folders of them") from None
 
 
+def trained_by(path: Path, payload: dict) -> str | None:
+    """"teach" or "distill": the stage that trained the model at ``path`` (a model.pt or its artifact directory),
+    from the artifact's record, else from the config saved in model.pt (only distill's has ``gamma``)."""
+    record = (path if path.is_dir() else path.parent) / "artifact.json"
+    try:
+        stage = json.loads(record.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    if stage in ("teach", "distill"):
+        return stage
+    config = payload.get("config")
+    if isinstance(config, dict):
+        return "distill" if "gamma" in config else "teach"
+    return None
+
+
 def _overlay_name(p: Path, used: set[str]) -> str:
     name = f"{p.stem}.png"
     n = 1
@@ -113,6 +129,10 @@ def predict_command(student: str, images: Sequence[str], output: str, device: st
 
     files = collect_images(images)
     model, payload = load_trained(Path(student))
+    if trained_by(Path(student), payload) == "teach":
+        raise DkpError(f"{student} is the depth teacher (a `teach` artifact): it expects min-max normalised inverse "
+                       "depth maps, not the RGB images `predict` reads; pass the student, the `distill` artifact "
+                       "(`dkp-pipeline status CONFIG` shows its path)")
     dev = resolve_device(device)
     kps = predict_images(model, files, dev)
     links = model.links.edge_weights().detach().float().cpu().numpy()

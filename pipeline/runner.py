@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline.artifacts import Store
 from pipeline.errors import DkpError
-from pipeline.graph import Plan, StagePlan, build_plan
+from pipeline.graph import Plan, StagePlan, build_plan, preflight
 
 STAGE_MODULES = {
     "depth": "pipeline.stages.depth",
@@ -114,8 +114,10 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
                     f"`dkp-pipeline run {cfg.name} --until {up}` (or `dkp-pipeline {up} ...`)"
                 )
 
+    walk = wanted if only is None else ["manifest", only]
+    preflight(plan, walk, console)
     built = []
-    for name in (wanted if only is None else ("manifest", only)):
+    for name in walk:
         sp = plan.stages[name]
         if sp.state == "fresh":
             if name in wanted:

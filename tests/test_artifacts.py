@@ -11,7 +11,7 @@ from pipeline.config import ExperimentConfig, load_config, semantic_dict
 from pipeline.errors import DkpError, LockError
 
 # Pinned: a deliberate change of key semantics (what is hashed, or how) must update these.
-GOLDEN_TEACH_DEFAULTS = "5960f5425f62e6647682a54e557bf5afc50298374848820f41f8c17b6e059cf7"  # lr_schedule, warmup_steps joined
+GOLDEN_TEACH_DEFAULTS = "10391cf12852c311eceb35fe45f7c97bf2f89fe872b0139879536bcc3f33f75a"  # teach schema 2 (issue 13); lr_schedule, warmup_steps (issue 11)
 GOLDEN_SIMPLE = "9bd2a7e99e50183538dc64c78e5fe808fbacc107ca0f83c4b3be12173296fbc0"
 
 

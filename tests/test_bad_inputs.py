@@ -328,29 +328,37 @@ def test_manifest_path_outside_root(built, tmp_path):
 # depth files
 
 
-def test_depth_nan_inf_refused_then_skipped(built):
+def test_depth_holes_kept_all_hole_map_refused_then_skipped(built):
+    """NaN, Inf and 0 in a depth .npy are pixels with no reading (issue 13): kept as holes and counted; a map
+    with no valid pixel is refused, or marked invalid with --skip-bad-frames."""
     before = snapshot(built.store)
     d = np.load(built.depth_file(6))
-    d[3, 4] = np.nan
+    d[3, 4], d[5, 6], d[7, 8] = np.nan, np.inf, 0.0
     np.save(built.depth_file(6), d)
     p = built.cli("depth")
-    assert_user_error(p, "depth/f000006.npy", "NaN or Inf", "fix or remove the file")
-    d[3, 4] = np.inf
-    np.save(built.depth_file(6), d)
-    p = built.cli("depth")
-    assert_user_error(p, "depth/f000006.npy", "NaN or Inf")
-    assert_kept(before, built.store)
-    assert not no_temporaries(built.store)
+    assert p.returncode == 0, p.stderr
+    assert "1 of 48 depth files have holes" in " ".join(p.stdout.split())
+    dep = built.status()["depth"]
+    assert "1 frame(s) with depth holes" in dep["progress"]
+    from pipeline.depth_cache import DepthCacheReader
 
+    with DepthCacheReader(dep["path"]) as r:
+        got = r.read(6)
+        assert np.isnan(got[[3, 5, 7], [4, 6, 8]]).all() and np.isnan(got).sum() == 3 and r.is_valid(6)
+    assert_kept(before, built.store)
+
+    np.save(built.depth_file(6), np.zeros_like(d))
+    p = built.cli("depth")
+    assert_user_error(p, "depth/f000006.npy", "no valid pixel", "--skip-bad-frames")
     p = built.cli("depth", "--skip-bad-frames")
     assert p.returncode == 0, p.stderr
     dep = built.status()["depth"]
     rec = json.loads((Path(dep["path"]) / "artifact.json").read_text())
     assert [s["frame"] for s in rec["skipped_frames"]] == ["f000006"]
-    from pipeline.depth_cache import DepthCacheReader
-
     with DepthCacheReader(dep["path"]) as r:
         assert not r.is_valid(6) and r.is_valid(5)
+    assert_kept(before, built.store)
+    assert not no_temporaries(built.store)
 
 
 def test_depth_wrong_shape(built):

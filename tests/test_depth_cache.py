@@ -103,14 +103,21 @@ def test_float32_storage_is_exact(tmp_path):
             np.testing.assert_array_equal(r.read(i), depths[i])
 
 
-def test_nonfinite_depth_refused_naming_the_frame(tmp_path):
-    w = dc.CacheWriter(tmp_path / "c", spec=SPEC, n_frames=2, shard_size=2)
-    bad = np.ones((4, 5), np.float32)
-    bad[1, 2] = np.nan
-    with pytest.raises(CacheError, match=r"frame 1 \('b'\).*NaN"):
-        w.write_shard(w.plan(0), ["a", "b"], ["h0", "h1"], [np.ones((4, 5), np.float32), bad], [True, True])
-    # the failed shard left neither a temp file nor an entry behind
-    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == []
+def test_nan_is_a_hole_inf_and_all_nan_are_refused_naming_the_frame(tmp_path):
+    holed = np.ones((4, 5), np.float32)
+    holed[1, 2] = np.nan  # a pixel with no reading (depth files' holes): stored as NaN, read back as NaN
+    w = dc.CacheWriter(tmp_path / "ok", spec=SPEC, n_frames=2, shard_size=2)
+    w.write_shard(w.plan(0), ["a", "b"], ["h0", "h1"], [np.ones((4, 5), np.float32), holed], [True, True])
+    dc.finalize(tmp_path / "ok")
+    back = dc.DepthCacheReader(tmp_path / "ok").read(1)
+    assert np.isnan(back[1, 2]) and np.isnan(back).sum() == 1 and (back[~np.isnan(back)] == 1).all()
+    assert dc.verify(tmp_path / "ok").ok
+    for bad, what in ((np.full((4, 5), np.inf, np.float32), "Inf"), (np.full((4, 5), np.nan, np.float32), "NaN")):
+        w = dc.CacheWriter(tmp_path / what, spec=SPEC, n_frames=2, shard_size=2)
+        with pytest.raises(CacheError, match=rf"frame 1 \('b'\).*{what}"):
+            w.write_shard(w.plan(0), ["a", "b"], ["h0", "h1"], [np.ones((4, 5), np.float32), bad], [True, True])
+        # the failed shard left neither a temp file nor an entry behind
+        assert sorted(p.name for p in (tmp_path / what / "shards").iterdir()) == []
 
 
 def test_streaming_writer_any_order_equals_list_writer(tmp_path):

@@ -205,8 +205,8 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
         tiles = []
         for i in valid[np.linspace(0, len(valid) - 1, min(n, len(valid))).round().astype(int)]:
             d = r.read(int(i))
-            lo, hi = float(d.min()), float(d.max())
-            g = np.zeros(d.shape, np.uint8) if hi <= lo else ((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
+            lo, hi = float(np.nanmin(d)), float(np.nanmax(d))  # NaN: holes, drawn as far (black)
+            g = np.zeros(d.shape, np.uint8) if hi <= lo else np.nan_to_num((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
             heat = cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1]  # (H, W, 3) RGB
             try:
                 rgb = read_rgb(m.path_of(int(i)))
@@ -272,7 +272,8 @@ def _skipped_frames(path: Path) -> list[dict]:
 
 
 def _sum_stats(stats: list[dict]) -> dict:
-    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks")
+    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks",
+            "frames_with_holes")
     out = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
     out["runs"] = len(stats)
     return out
@@ -467,7 +468,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
     n_frames = len(ds)
     loader = DataLoader(ds, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
                         prefetch_factor=4 if d.num_workers else None)
-    stats = {"frames": n_frames, "seconds_model": 0.0, "fp32_fallbacks": 0}
+    stats = {"frames": n_frames, "seconds_model": 0.0, "fp32_fallbacks": 0, "frames_with_holes": 0}
     skipped: list[dict] = []
     buckets: dict[tuple, list[dict]] = {}
     t0 = time.perf_counter()
@@ -518,6 +519,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
                     writer.add([row(i, None, valid=False)])
                     done += 1
                 elif "depth" in it:
+                    stats["frames_with_holes"] += bool(np.isnan(it["depth"]).any())
                     writer.add([row(i, it["depth"])])
                     done += 1
                 else:
@@ -549,7 +551,15 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
                           f"recomputed in fp32")
     if skipped:
         ctx.console.print(f"{len(skipped)} unreadable frame(s) marked invalid (--skip-bad-frames)")
+    if stats["frames_with_holes"]:
+        ctx.console.print(f"note: {holes_note(stats['frames_with_holes'], n_frames)}")
     return stats
+
+
+def holes_note(n_holes: int, n_frames: int) -> str:
+    return (f"{n_holes} of {n_frames} depth files have holes (pixels with no reading: 0, NaN or Inf); "
+            "they are kept as holes, which the teacher's normalisation ignores (min-max over valid pixels, holes "
+            "-> far)")
 
 
 def _infer(model_bundle, x, stats: dict):

@@ -108,16 +108,15 @@ def run(ctx) -> dict:
     from pipeline.train import resolve_device
     from pipeline.viz import draw_keypoints, grid, save_png
 
+    from pipeline.reads import eval_data_problem
+
     m = ctx.plan.manifest
-    if m.keypoints is None:
-        raise DkpError(f"dataset {m.name} has no ground-truth keypoints, so there is nothing to score; "
-                       "add keypoints.csv (folder layout) or skip eval")
+    problem = eval_data_problem(m)
+    if problem:
+        raise DkpError(problem)
     protocol = ctx.stage.inputs["config"]["protocol"]
     device = resolve_device(ctx.cfg.eval.device)
     fit, test = m.split("regress"), m.split("test")
-    if len(fit) < 2 or len(test) < 1:
-        raise DkpError(f"dataset {m.name}: {len(fit)} regression-fit and {len(test)} test frames with ground "
-                       "truth; need at least 2 and 1")
     options = protocol_options(ctx, protocol)
     reader = DepthCacheReader(ctx.upstream_path("depth"))
     results, arrays = {}, {}

@@ -1,0 +1,222 @@
+"""What each stage reads from the dataset, as the fingerprint that enters its artifact key.
+
+A stage's key must change when, and only when, something it reads changes (a stale result reported
+fresh is the worst bug this tool can have; a needless rebuild of a depth cache costs hours). So each
+stage's fingerprint is a small dict of named parts, one per thing it reads, and ``status`` names the
+part that changed (:func:`describe`):
+
+- ``depth`` reads every frame (MiDaS) or every depth file: keyed by the frames' content
+  (:func:`frames_identity`, unchanged since schema 1 so existing caches stay valid). Annotations and
+  splits are not read, so editing them never rebuilds a cache.
+- ``teach`` reads the depth of the *train* split, and the test split's depth for its pictures and
+  figure-mass number (plus the synthetic generator's parameters for the latter).
+- ``distill`` reads the RGB frames of the same frames.
+- ``eval`` reads the regress and test splits: their annotations (coordinates and visibility: NaN =
+  missing joint), their frames, the test frames' foreground masks and the synthetic block of
+  ``ROOT/dataset.yaml`` (left/right pairs, generator parameters).
+- ``manifest`` holds all of it (manifest.json), so its key covers all of it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.artifacts import canonical_json
+from pipeline.fingerprint import combine
+
+
+def digest(*parts: Any) -> str:
+    """``"xxh3:<hex>"`` of arrays (dtype, shape and bytes; NaN included) and JSON-able values, in order."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(canonical_json(p).encode())
+        h.update(b"\x00")
+    return "xxh3:" + h.hexdigest()
+
+
+def frames_identity(m) -> str:
+    """The ordered content of the frames as decoded: their fingerprints, plus the EXIF orientation of
+    any frame that has one (the decoder rotates such frames, so the same bytes decode differently from
+    before orientation was applied). Without tags: the schema-1 value, :attr:`Manifest.fingerprint`."""
+    if not m.orientations:
+        return m.fingerprint
+    return _frames_of(m, np.arange(len(m)))
+
+
+def _frames_of(m, idx: np.ndarray) -> str:
+    """``combine`` of the fingerprints of frames ``idx`` (``@exifN`` appended where a frame has a tag)."""
+    orient = m.orientations
+    return combine([m.fingerprints[i] + (f"@exif{orient[i]}" if orient is not None and orient[i] != 1 else "")
+                    for i in idx.tolist()])
+
+
+def _annotations_of(m, idx: np.ndarray) -> str:
+    kp = m.keypoints[idx] if m.keypoints is not None else np.zeros((len(idx), 0, 2), np.float32)
+    return digest(np.asarray(kp, dtype=np.float32))
+
+
+def synthetic_block(root: Path) -> Optional[dict]:
+    """The ``synthetic`` mapping of ROOT/dataset.yaml (what teach and eval read from it), or None."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((Path(root) / "dataset.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    block = doc.get("synthetic") if isinstance(doc, dict) else None
+    return block if isinstance(block, dict) else None
+
+
+def manifest_fingerprint(m) -> dict:
+    """Everything manifest.json holds (the dataset root aside: moved data keeps its artifacts)."""
+    depth_files = None
+    if m.depth_fingerprints is not None:
+        depth_files = m.depth_fingerprint
+    return {"frames": frames_identity(m), "names": digest(m.frame_ids, m.paths), "splits": digest(m.splits),
+            "annotations": _annotations_of(m, np.arange(len(m))), "masks": m.mask_fingerprint,
+            "depth_files": depth_files}
+
+
+def teach_fingerprint(m, synthetic: Optional[dict]) -> dict:
+    train, test = m.split("train"), m.split("test")
+    return {"train": digest(train), "pictured": digest(test),
+            "synthetic": None if synthetic is None else digest(synthetic.get("parameters"))}
+
+
+def distill_fingerprint(m) -> dict:
+    train, test = m.split("train"), m.split("test")
+    return {"train": digest(train), "pictured": digest(test),
+            "frames": _frames_of(m, np.union1d(train, test))}
+
+
+def eval_fingerprint(m, synthetic: Optional[dict]) -> dict:
+    fit, test = m.split("regress"), m.split("test")
+    both = np.union1d(fit, test)
+    masks = None
+    if m.mask_fingerprints is not None:
+        masks = combine([m.mask_fingerprints[i] or "-" for i in test.tolist()])
+    return {"splits": digest(fit, test), "annotations": _annotations_of(m, both), "frames": _frames_of(m, both),
+            "masks": masks, "synthetic": None if synthetic is None else digest(synthetic)}
+
+
+FINGERPRINTS = {
+    "manifest": lambda m, synthetic: manifest_fingerprint(m),
+    "teach": teach_fingerprint,
+    "distill": lambda m, synthetic: distill_fingerprint(m),
+    "eval": eval_fingerprint,
+}
+
+
+def stage_fingerprint(stage: str, m, synthetic: Optional[dict]) -> dict:
+    """The fingerprint of what ``stage`` reads from manifest ``m`` (and the dataset.yaml synthetic block)."""
+    return FINGERPRINTS[stage](m, synthetic)
+
+
+# --------------------------------------------------------------------------------------------------
+# why a part changed
+
+
+def split_moves(old, new) -> Counter:
+    """(old partition, new partition) -> number of frames (matched by id) whose partition changed."""
+    before = dict(zip(old.frame_ids, old.splits))
+    return Counter((before[f], s) for f, s in zip(new.frame_ids, new.splits) if f in before and before[f] != s)
+
+
+def annotation_changes(old, new) -> int:
+    """Frames (matched by id, in both manifests) whose ground truth differs: coordinates, a joint
+    added or removed (visibility), or the number of joints."""
+    if old.keypoints is None or new.keypoints is None:
+        return 0 if old.keypoints is new.keypoints else len(set(old.frame_ids) & set(new.frame_ids))
+    if old.keypoints.shape[1:] != new.keypoints.shape[1:]:
+        return len(set(old.frame_ids) & set(new.frame_ids))
+    pos = {f: i for i, f in enumerate(old.frame_ids)}
+    n = 0
+    for j, f in enumerate(new.frame_ids):
+        i = pos.get(f)
+        if i is not None and not np.array_equal(old.keypoints[i], new.keypoints[j], equal_nan=True):
+            n += 1
+    return n
+
+
+def _moves_text(moves: Counter) -> str:
+    n = sum(moves.values())
+    detail = ", ".join(f"{a} -> {b}: {k}" for (a, b), k in sorted(moves.items()))
+    return f"splits changed: {n} frame{'s' * (n != 1)} moved ({detail})"
+
+
+_GENERIC = {
+    "frames": "frames changed",
+    "names": "frame names or paths changed",
+    "splits": "splits changed",
+    "train": "splits changed: the train split is not the frames this was trained on",
+    "pictured": "splits changed: the test split (pictured in samples/) is not the one this was built with",
+    "annotations": "annotations changed",
+    "masks": "foreground masks changed",
+    "depth_files": "depth files changed",
+    "synthetic": "the synthetic block of dataset.yaml (generator parameters, left/right pairs) changed",
+}
+
+
+def describe(stage: str, part: str, old_value: Any, old_m, new_m, synthetic: Optional[dict]) -> str:
+    """Why fingerprint part ``part`` of ``stage`` changed, with counts when the old manifest is known.
+
+    ``old_m`` is the manifest this experiment last built (None if gone); the counts are given only when
+    recomputing ``part`` from it gives ``old_value``, i.e. when it really is the data the artifact saw.
+    """
+    generic = _GENERIC.get(part, f"input {part} changed")
+    if old_m is None:
+        return generic
+    try:
+        same_source = stage_fingerprint(stage, old_m, synthetic).get(part) == old_value
+    except Exception:  # an old manifest this version cannot split the same way
+        same_source = False
+    if not same_source:
+        return generic
+    if part in ("splits", "train", "pictured"):
+        moves = split_moves(old_m, new_m)
+        if moves:
+            return _moves_text(moves)
+        return generic + " (annotated frames entered or left a split)"
+    if part == "annotations":
+        n = annotation_changes(old_m, new_m)
+        if n:
+            return f"annotations changed: {n} frame{'s' * (n != 1)} (coordinates or visibility)"
+    return generic
+
+
+# --------------------------------------------------------------------------------------------------
+# what a stage needs, checked before anything upstream of it is built
+
+
+def eval_data_problem(m) -> Optional[str]:
+    """Why eval cannot score dataset ``m`` (no ground truth, too few annotated frames in a split), or None.
+
+    Checked by ``run`` before training (pipeline.graph.preflight), so a dataset without annotations fails
+    in a second, not after two models have trained, and by the eval stage itself."""
+    csv = m.spec.files.get("keypoints_csv")
+    if m.keypoints is None or not m.has_gt.any():
+        if csv and not (Path(m.root) / csv).is_file():
+            what = f"there is no {Path(m.root) / csv}"
+            fix = (f"add {csv} (header frame,split,x0,y0,x1,y1,...: pixels, split train or test; docs/datasets.md)")
+        else:
+            what = "its annotations hold no annotated frame"
+            fix = "add ground-truth keypoints (docs/datasets.md)"
+        return (f"dataset {m.name} under {m.root} has no ground-truth keypoints ({what}), so eval has nothing to "
+                f"score; {fix}, or stop before eval with `--until distill`")
+    fit, test = m.split("regress"), m.split("test")
+    if len(fit) < 2 or len(test) < 1:
+        fix = (f"mark at least one annotated frame 'test' and two 'train' in {csv}'s split column" if csv
+               else "check the split files")
+        return (f"dataset {m.name} under {m.root}: {len(fit)} regression-fit and {len(test)} test frames with ground "
+                f"truth; eval needs at least 2 and 1: {fix}, or stop before eval with `--until distill`")
+    return None
