@@ -92,7 +92,8 @@ def status(config, overrides, store, as_json):
 def run(config, overrides, store, dry_run, until):
     """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
 
-    Fresh stages are reused; a second run does nothing and says so."""
+    Fresh stages are reused; a second run does nothing and says so. Ends with the path of the
+    experiment's HTML page (see `report`)."""
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
@@ -320,7 +321,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
         raise click.UsageError("give at least one --vary axis or --seeds")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
     run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output)
-    if report_path and not dry_run:
+    if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
         console.print(f"report: {write_sweep_report(config, overrides, axes, seed_list, store, report_path)}",

@@ -147,7 +147,8 @@ def test_stage_table_pictures_and_provenance(tiny):
     for r, (name, sp) in zip(stages, plan.stages.items()):
         assert r[1] == "fresh" and r[3] == sp.key[:16]
         rec = json.loads((plan.store.path(sp.stage, sp.key) / "artifact.json").read_text())
-        assert r[5] == f"{rec['timings']['seconds_this_run']:.1f}" and r[6] == f"{rec['timings']['cpu_seconds_this_run']:.1f}"
+        t = rec["timings"]
+        assert r[5] == f"{t['seconds_this_run']:.1f}" and r[6] == f"{t['cpu_seconds_this_run']:.1f}"
     assert float(stages[2][6]) > 0  # training costs CPU time
     assert stages[2][7] == "cpu"  # the device teach trained on
     # pictures: embedded PNGs only (the loss plot, 3 raw detections, 3 eval pictures, the depth preview)
@@ -181,6 +182,23 @@ def test_missing_and_stale_stages_show_as_such(tiny):
     assert "eval: stale" in text and "student (RGB): stale" in text
     _, other = _report(tiny, "distill.gamma=0.3", "name=never-built")
     assert {r[0]: r[1] for r in other.rows("stage-table")}["eval"] == "missing"
+
+
+def test_an_interrupted_stage_shows_what_it_has_so_far(tiny, tmp_path):
+    """distill killed after its last eval picture: in progress, its curve and its newest picture on the page."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny["store"], store, ignore=shutil.ignore_patterns("*.h5", "model.pt", "checkpoints"))
+    sp = tiny["plan"].stages["distill"]
+    art = store / "distill" / sp.key[:16]
+    (art / "COMPLETE").unlink()
+    (art / "keypoints.png").unlink()
+    _, page = _report(dict(tiny, store=str(store)))
+    states = {r[0]: r for r in page.rows("stage-table")}
+    assert states["distill"][1] == "in progress" and states["distill"][5] == "—"
+    assert states["teach"][1] == "fresh"
+    text = "".join(page.text)
+    assert "distill (gamma 0.4): keypoints on the RGB of up to 16 test frames, step_000006" in text
+    assert "student (RGB): in progress" in text  # the curves and pictures say so
 
 
 def test_report_before_the_synthetic_data_exists(tiny_experiment):
@@ -218,8 +236,8 @@ def test_sweep_page_table_plots_and_run_links(tiny, tmp_path):
                                     "--seeds", "0,1", "--report", str(tmp_path / "first.html")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "first.html").is_file()
-    res = CliRunner().invoke(main, ["report", tiny["yaml"], "--store", tiny["store"], "--sweep", "distill.gamma=0.4,0.3",
-                                    "--seeds", "0,1", "-o", str(tmp_path / "sweep.html")])
+    res = CliRunner().invoke(main, ["report", tiny["yaml"], "--store", tiny["store"], "--sweep",
+                                    "distill.gamma=0.4,0.3", "--seeds", "0,1", "-o", str(tmp_path / "sweep.html")])
     assert res.exit_code == 0, res.output
     path = tmp_path / "sweep.html"
     page = Page(path.read_text())

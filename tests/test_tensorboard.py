@@ -96,7 +96,8 @@ def test_teach_and_distill_write_named_runs_with_the_metrics_lines(tmp_path, mon
     monkeypatch.setenv("DKP_CACHE_DIR", str(tmp_path / "dkp-cache"))
     y = tmp_path / "tiny.yaml"
     y.write_text(TINY_YAML.format(root=tmp_path / "data"))
-    plan = run_pipeline(load_config(str(y)), str(tmp_path / "store"), until="distill", console=Console(file=io.StringIO()))
+    plan = run_pipeline(load_config(str(y)), str(tmp_path / "store"), until="distill",
+                        console=Console(file=io.StringIO()))
     for entry in ("teach", "distill"):
         sp = plan.stages[entry]
         art = plan.store.path(sp.stage, sp.key)

@@ -137,8 +137,8 @@ class ExperimentPage:
                 "its last part); CPU includes finished DataLoader workers. Keys link to the artifact folders.</p>")
         if version_sets:
             names = sorted({k for vs in version_sets for k in vs})
-            out += "<h3>versions</h3>" + table(["set"] + names, [[f"v{i + 1}"] + [esc(vs.get(n) or "—") for n in names]
-                                                                for i, vs in enumerate(version_sets)])
+            cells = [[f"v{i + 1}"] + [esc(vs.get(n) or "—") for n in names] for i, vs in enumerate(version_sets)]
+            out += "<h3>versions</h3>" + table(["set"] + names, cells)
         return out
 
     def metrics(self) -> Optional[dict]:
@@ -160,9 +160,9 @@ class ExperimentPage:
             return '<p class="note warn">metrics.json holds no scored model.</p>'
         unit, better = rows[0]["unit"], "higher" if rows[0]["higher_is_better"] else "lower"
         body = [f"<p><b>{esc(m.get('protocol'))}</b> on <b>{esc(m.get('dataset'))}</b>: {esc(unit)}, "
-                f"<b>{better} is better</b>. × floor: the value over the mean-pose floor's (predicting the fit split's "
-                "mean pose for every test frame, no detector); a model that does not beat the floor learned nothing "
-                "the regression can use.</p>"]
+                f"<b>{better} is better</b>. × floor: the value over the mean-pose floor's (predicting the fit "
+                "split's mean pose for every test frame, no detector); a model that does not beat the floor learned "
+                "nothing the regression can use.</p>"]
         cells = []
         for r in rows:
             role = m.get(r["role"], {})
@@ -231,7 +231,8 @@ class ExperimentPage:
             out.append(gallery(
                 figure(read_png(self.path("eval") / f"{role}_test.png"),
                        f"{role}: the ground-truth joints regressed from its detections "
-                       f"({fmt(m[role].get('value'), '.2f')} {esc(m[role].get('unit', ''))})", alt=f"{role} test frames")
+                       f"({fmt(m[role].get('value'), '.2f')} {esc(m[role].get('unit', ''))})",
+                       alt=f"{role} test frames")
                 for role in ("student", "baseline", "teacher") if role in m))
         return "\n".join(out)
 
@@ -280,9 +281,10 @@ class ExperimentPage:
 
     def render(self) -> str:
         when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        src = esc(self.source or "the package defaults")
-        sub = (f"config <code>{src}</code>{' with ' + esc(' '.join('--set ' + o for o in self.overrides)) if self.overrides else ''}"
-               f" · store <code>{esc(self.store.root)}</code> · {esc(when)}")
+        sets = " ".join("--set " + o for o in self.overrides)
+        sub = (f"config <code>{esc(self.source or 'the package defaults')}</code>"
+               f"{' with <code>' + esc(sets) + '</code>' if sets else ''} · store <code>{esc(self.store.root)}</code>"
+               f" · {esc(when)}")
         bodies = {"stages": self.stages, "evaluation": self.evaluation, "curves": self.curves,
                   "pictures": self.pictures, "depth": self.depth, "provenance": self.provenance}
         return page(f"experiment {self.cfg.name}", sub, [(a, t, bodies[a]()) for a, t in SECTIONS])

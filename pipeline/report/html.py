@@ -85,13 +85,12 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def figure(data: Optional[bytes], caption: str, *, alt: str = "", plot: bool = False, width: Optional[int] = None) -> str:
+def figure(data: Optional[bytes], caption: str, *, alt: str = "", plot: bool = False) -> str:
     """An embedded PNG with its caption (HTML); a note instead when there is no picture."""
     if data is None:
         return f'<p class="note">{caption} (no picture)</p>'
-    w = f' width="{int(width)}"' if width else ""
     cls = ' class="plot"' if plot else ""
-    return (f'<figure{cls}><img src="{png_uri(data)}" alt="{esc(alt or caption)}"{w}>'
+    return (f'<figure{cls}><img src="{png_uri(data)}" alt="{esc(alt or caption)}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
 
