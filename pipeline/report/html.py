@@ -90,8 +90,8 @@ def figure(data: Optional[bytes], caption: str, *, alt: str = "", plot: bool = F
     if data is None:
         return f'<p class="note">{caption} (no picture)</p>'
     cls = ' class="plot"' if plot else ""
-    return (f'<figure{cls}><img src="{png_uri(data)}" alt="{esc(alt or caption)}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    text = f"<figcaption>{caption}</figcaption>" if caption else ""
+    return f'<figure{cls}><img src="{png_uri(data)}" alt="{esc(alt or caption)}">{text}</figure>'
 
 
 def gallery(figures: Iterable[str]) -> str:

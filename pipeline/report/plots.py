@@ -101,9 +101,11 @@ def metric_vs_value(title: str, ylabel: str, labels: Sequence[str], per_seed: Se
         ax.errorbar([x], [float(np.mean(ys))], yerr=[sd], fmt="_", color="#d62728", markersize=18, capsize=4, lw=1.5,
                     label=None if labelled else "mean ± sd")
         labelled = True
-    if not numeric:
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=20 if max(len(s) for s in labels) > 6 else 0, fontsize=8)
+    # every grid value on the axis, finished or not
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20 if max(len(s) for s in labels) > 6 else 0, fontsize=8)
+    pad = 0.1 * span if len(xs) > 1 else 0.5
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)

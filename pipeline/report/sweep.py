@@ -101,7 +101,7 @@ def render(name: str, config: str, overrides: tuple[str, ...], axes: list[Axis],
         per_seed = [[r.get(m) for r in by_point[p] if r["state"] == "fresh"] for p in points]
         png = plots.metric_vs_value(LABELS[m], unit if m.endswith("_value") else "× figure area",
                                     [_point_label(list(p)) for p in points], per_seed, xlabel)
-        figs.append(figure(png, esc(LABELS[m]), plot=True))
+        figs.append(figure(png, "", alt=LABELS[m], plot=True))  # the plot's title says what it is
 
     listing_rows = [[link(r["page"], r["name"], out_dir), esc(_point_label(r["point"])),
                      esc("" if r["seed"] is None else r["seed"]), state_badge(r["state"]),
