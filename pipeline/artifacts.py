@@ -178,6 +178,17 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (DataLoader workers)."""
+    own = time.process_time()
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return own
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + kids.ru_utime + kids.ru_stime
+
+
 # ---------------------------------------------------------------------------------------------------
 # locks
 
@@ -412,6 +423,7 @@ class ArtifactWriter:
     inputs: dict
     config: dict
     started: float = field(default_factory=time.time)
+    cpu_started: float = field(default_factory=cpu_seconds)
     extra: dict = field(default_factory=dict)
 
     def write_record(self, status: str, **extra: Any) -> None:
@@ -434,6 +446,7 @@ class ArtifactWriter:
                 "this_run_started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(
                     timespec="seconds"),
                 "seconds_this_run": round(time.time() - self.started, 3),
+                "cpu_seconds_this_run": round(cpu_seconds() - self.cpu_started, 3),
             },
             **self.extra,
         }

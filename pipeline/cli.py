@@ -5,6 +5,7 @@ User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -95,11 +96,49 @@ def status(config, overrides, store, as_json):
 def run(config, overrides, store, dry_run, until):
     """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
 
-    Fresh stages are reused; a second run does nothing and says so."""
+    Fresh stages are reused; a second run does nothing and says so. Ends with the path of the
+    experiment's HTML page (see `report`)."""
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
-    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=_console())
+    console = _console()
+    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console)
+    if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
+        from pipeline.report.experiment import write_experiment_report
+
+        console.print(f"report: {write_experiment_report(cfg, store, source=config, overrides=overrides)}",
+                      markup=False, soft_wrap=True)
+
+
+@main.command()
+@_config_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="The HTML file to write (default: STORE/reports/<name>.html, or <name>-sweep.html).")
+@click.option("--sweep", "--vary", "vary", multiple=True, metavar="KEY[+KEY...]=V1,V2,...",
+              help="Report the sweep over this grid axis instead (repeatable; the axes and --seeds of `sweep`).")
+@click.option("--seeds", default=None, metavar="S1,S2,...", help="With --sweep: the sweep's seeds.")
+def report(config, overrides, store, output, vary, seeds):
+    """Write one self-contained HTML page for CONFIG from the store (runs nothing).
+
+    \b
+    The page: every stage fresh / stale (why) / missing with its key, wall and CPU time, device and
+    versions; eval's table (floor, baseline, student, teacher, ratios, the protocol's unit); the
+    training curves of teach and distill on common axes; the keypoint pictures; the depth preview;
+    the provenance (the config against its preset, command lines, git SHAs). Missing stages show as
+    missing. Pictures are embedded: the file opens offline, anywhere.
+    With --sweep/--seeds (as given to `sweep`): the sweep's table (mean ± sd over seeds), one plot
+    per metric against the varied value with each seed's run, and a page per run, linked.
+    """
+    if vary or seeds:
+        from pipeline.report.sweep import write_sweep_report
+        from pipeline.sweep import parse_axis, parse_seeds
+
+        path = write_sweep_report(config, overrides, [parse_axis(v) for v in vary], parse_seeds(seeds), store, output)
+    else:
+        from pipeline.report.experiment import write_experiment_report
+
+        path = write_experiment_report(_load(config, overrides), store, output, source=config, overrides=overrides)
+    _console().print(f"report: {path}", markup=False, soft_wrap=True)
 
 
 def _stage_command(name: str, doc: str):
@@ -268,7 +307,9 @@ def predict(student, images, output, device):
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Write the table here (markdown) and every run's numbers beside it (.json).")
 @click.option("--dry-run", is_flag=True, help="List the runs and which of their stages are fresh; run nothing.")
-def sweep(config, overrides, store, vary, seeds, output, dry_run):
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -282,8 +323,13 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run):
 
     if not vary and not seeds:
         raise click.UsageError("give at least one --vary axis or --seeds")
-    run_sweep(config, overrides, [parse_axis(v) for v in vary], parse_seeds(seeds), store, _console(),
-              dry_run=dry_run, output=output)
+    axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
+    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output)
+    if report_path:  # the page only reads the store: with --dry-run too
+        from pipeline.report.sweep import write_sweep_report
+
+        console.print(f"report: {write_sweep_report(config, overrides, axes, seed_list, store, report_path)}",
+                      markup=False, soft_wrap=True)
 
 
 @main.command()

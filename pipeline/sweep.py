@@ -65,7 +65,7 @@ def parse_seeds(text: Optional[str]) -> Optional[tuple[int, ...]]:
     return seeds
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
@@ -89,7 +89,7 @@ def plan_runs(base_name: str, axes: list[Axis], seeds: Optional[tuple[int, ...]]
     runs = []
     for point in itertools.product(*(ax.values for ax in axes)) if axes else [()]:
         sets = tuple(f"{k}={v}" for ax, v in zip(axes, point) for k in ax.keys)
-        tag = "-".join(_slug(v) for v in point)
+        tag = "-".join(slug(v) for v in point)
         for seed in (seeds if seeds is not None else (None,)):
             extra = sets + (tuple(f"{k}={seed}" for k in SEED_KEYS) if seed is not None else ())
             name = "-".join(p for p in (base_name, "sweep", tag, f"s{seed}" if seed is not None else "") if p)
@@ -107,7 +107,7 @@ def _role_mass(role: str):
     return lambda m: ((m.get(role) or {}).get("figure_heatmap_mass") or {}).get("ratio")
 
 
-METRICS: tuple[tuple[str, str, Any], ...] = (
+METRIC_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("floor_value", "floor (mean pose)", _role_value("floor", "value")),
     ("baseline_value", "baseline (γ = 0)", _role_value("baseline", "value")),
     ("student_value", "student", _role_value("student", "value")),
@@ -121,10 +121,12 @@ METRICS: tuple[tuple[str, str, Any], ...] = (
     ("baseline_mass_ratio", "baseline mass on figure (× area)", _role_mass("baseline")),
 )
 PER_SEED = ("student_value", "teacher_value")
+# The per-run values the sweep report plots (the ratios are derived from them).
+METRICS = tuple(k for k, _, _ in METRIC_COLUMNS if "_ratio_to_" not in k)
 
 
-def _metric_row(metrics: dict) -> dict:
-    row: dict[str, Any] = {key: get(metrics) for key, _, get in METRICS}
+def metric_row(metrics: dict) -> dict:
+    row: dict[str, Any] = {key: get(metrics) for key, _, get in METRIC_COLUMNS}
     row["unit"] = (metrics.get("student") or {}).get("unit")
     row["higher_is_better"] = (metrics.get("student") or {}).get("higher_is_better")
     row["protocol"] = metrics.get("protocol")
@@ -149,14 +151,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for point, rs in groups.items():
         s: dict[str, Any] = {"point": list(point), "n": len(rs), "seeds": [r["seed"] for r in rs]}
-        for m, _, _ in METRICS:
+        for m, _, _ in METRIC_COLUMNS:
             s[m], s[m + "_sd"] = _mean_sd([r.get(m) for r in rs])
             s[m + "_each"] = [r.get(m) for r in rs]
         out.append(s)
     return out
 
 
-def _fmt(mean: Optional[float], sd: Optional[float], digits: int = 2) -> str:
+def mean_sd_text(mean: Optional[float], sd: Optional[float], digits: int = 2) -> str:
     if mean is None:
         return "—"
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
@@ -164,7 +166,7 @@ def _fmt(mean: Optional[float], sd: Optional[float], digits: int = 2) -> str:
 
 def markdown_table(axes: list[Axis], summary: list[dict], protocol: str, unit: str, lower_better: bool) -> str:
     direction = "lower" if lower_better else "higher"
-    cols = [(k, h) for k, h, _ in METRICS if any(s.get(k) is not None for s in summary)]
+    cols = [(k, h) for k, h, _ in METRIC_COLUMNS if any(s.get(k) is not None for s in summary)]
     head = ([ax.label for ax in axes] + ["runs"]
             + [f"{h} {protocol} ({unit}, {direction} is better)" if k == "student_value" else h for k, h in cols]
             + [f"{k.split('_')[0]} per seed" for k in PER_SEED])
@@ -172,10 +174,26 @@ def markdown_table(axes: list[Axis], summary: list[dict], protocol: str, unit: s
     for s in summary:
         each = lambda k: ", ".join("—" if v is None else f"{v:.2f}" for v in s[k])  # noqa: E731
         digits = lambda k: 3 if "_ratio_to_" in k else 2  # noqa: E731
-        cells = (list(s["point"]) + [str(s["n"])] + [_fmt(s[k], s[k + "_sd"], digits(k)) for k, _ in cols]
+        cells = (list(s["point"]) + [str(s["n"])] + [mean_sd_text(s[k], s[k + "_sd"], digits(k)) for k, _ in cols]
                  + [each(k + "_each") for k in PER_SEED])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def resolve_runs(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: Optional[tuple[int, ...]]):
+    """(the base config, the runs, each run's config). Every configuration is resolved before anything runs: a bad
+    value fails now, not an hour in."""
+    from pipeline.config import load_config
+
+    base = load_config(config, overrides)
+    runs = plan_runs(base.name, axes, seeds)
+    cfgs = []
+    for r in runs:
+        try:
+            cfgs.append(load_config(config, tuple(overrides) + r.overrides))
+        except DkpError as e:
+            raise DkpError(f"sweep run {r.name}: {e}") from None
+    return base, runs, cfgs
 
 
 def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: Optional[tuple[int, ...]],
@@ -185,18 +203,9 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
     Stops at the first run that fails (its message says which run and how to continue); runs already
     finished are artifacts in the store, so the same command continues from there."""
     from pipeline.artifacts import Store, write_atomic, write_json_atomic
-    from pipeline.config import load_config
     from pipeline.runner import run_pipeline, synthetic_data_pending
 
-    base = load_config(config, overrides)
-    runs = plan_runs(base.name, axes, seeds)
-    # Resolve every configuration before running anything: a bad value fails now, not an hour in.
-    cfgs = []
-    for r in runs:
-        try:
-            cfgs.append(load_config(config, tuple(overrides) + r.overrides))
-        except DkpError as e:
-            raise DkpError(f"sweep run {r.name}: {e}") from None
+    base, runs, cfgs = resolve_runs(config, overrides, axes, seeds)
     console.print(f"sweep {base.name}: {len(runs)} runs ({len(runs) // len(seeds or (None,))} grid points"
                   f" x {len(seeds) if seeds else 1} seeds)", markup=False)
     store = Store.from_option(store_dir)
@@ -226,7 +235,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
         key = plan.stages["eval"].key
         metrics = json.loads((store.path("eval", key) / "metrics.json").read_text())
         rows.append({"name": r.name, "point": list(r.point), "seed": r.seed, "eval_key": key,
-                     "overrides": list(r.overrides)} | _metric_row(metrics))
+                     "overrides": list(r.overrides)} | metric_row(metrics))
     summary = summarise(rows)
     first = rows[0]
     table = markdown_table(axes, summary, first["protocol"] or "?", first["unit"] or "",

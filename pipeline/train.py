@@ -168,6 +168,21 @@ class TrainResult:
     steps_per_s: float  # optimiser steps per second in this process (0 if none were run)
     amp_dtype: str  # "off", "bf16" or "fp16": what "auto" resolved to
     world_size: int
+    device: str = "cpu"  # the device trained on, e.g. "cuda:0"
+
+
+class TrainLog(Protocol):
+    """Somewhere besides metrics.jsonl that the metrics lines go (e.g. :class:`pipeline.tblog.TensorBoardLog`).
+
+    Called on rank 0 only: ``start(step)`` once before the first step (the step training starts or resumes
+    from), ``scalars(step, values)`` at each metrics line (the line's values plus ``lr``), ``close()`` at the end,
+    also after an exception."""
+
+    def start(self, step: int) -> None: ...
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -576,7 +591,7 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
           config: Mapping[str, Any], on_eval: Callable[[int, nn.Module], None] | None = None,
           params: Iterable[nn.Parameter] | None = None, config_hash: str | None = None,
           model_args: Mapping[str, Any] | None = None,
-          collate_fn: Callable[[list[Any]], Any] | None = None) -> TrainResult:
+          collate_fn: Callable[[list[Any]], Any] | None = None, train_log: TrainLog | None = None) -> TrainResult:
     """Train ``model`` with AdamW for ``settings.steps`` steps, resuming from ``run_dir`` if possible.
 
     Args:
@@ -596,6 +611,7 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
             under another hash is refused. Default: :func:`config_digest` of ``config``.
         model_args: constructor arguments of the model, stored in ``model.pt`` so it can be rebuilt.
         collate_fn: DataLoader collate function (default: torch's ``default_collate``).
+        train_log: a :class:`TrainLog` that also receives every metrics line (TensorBoard); rank 0 only.
 
     Returns:
         :class:`TrainResult`. Raises :class:`TrainingInterrupted` after checkpointing on
@@ -612,7 +628,8 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
         return _train(run_dir=Path(run_dir), model=model, dataset=dataset, step_fn=step_fn, settings=settings,
                       config=dict(config), on_eval=on_eval, params=params,
                       config_hash=config_hash or config_digest(config),
-                      model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device)
+                      model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device,
+                      train_log=train_log if dist_env.is_main else None)
     finally:
         # The group lives as long as the process: `dkp-pipeline run` under torchrun trains teach and then
         # distill in one process, and re-initialising a destroyed group there hangs on the rendezvous.
@@ -623,7 +640,8 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
 def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,
            config: dict[str, Any], on_eval: Callable[[int, nn.Module], None] | None,
            params: Iterable[nn.Parameter] | None, config_hash: str, model_args: dict[str, Any],
-           collate_fn: Callable[[list[Any]], Any] | None, dist_env: _Dist, device: torch.device) -> TrainResult:
+           collate_fn: Callable[[list[Any]], Any] | None, dist_env: _Dist, device: torch.device,
+           train_log: TrainLog | None = None) -> TrainResult:
     rank, world = dist_env.rank, dist_env.world_size
     ckpt_dir = run_dir / CHECKPOINT_DIRNAME
     metrics_path = run_dir / METRICS_FILENAME
@@ -724,6 +742,8 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
     last_record: dict[str, Any] | None = None
     t_loop = time.perf_counter()
     done = start_step
+    if train_log is not None:
+        train_log.start(start_step)
     try:
         for step in range(start_step, settings.steps):
             batch = next(loader_iter)
@@ -782,6 +802,9 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                 if dist_env.is_main:
                     _append_metrics(metrics_path, record)
                     progress.logged(done, record["loss"])
+                    if train_log is not None:
+                        train_log.scalars(done, {k: v for k, v in record.items() if k not in ("step", "epoch")}
+                                          | {"lr": optimizer.param_groups[0]["lr"]})
             if on_eval is not None and dist_env.is_main and (
                     (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps):
                 _run_eval(on_eval, done, model)
@@ -798,6 +821,8 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
     finally:
         progress.close()
         stop.restore()
+        if train_log is not None:
+            train_log.close()
 
     loop_s = time.perf_counter() - t_loop
     if last_record is None and dist_env.is_main:
@@ -814,7 +839,7 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                        final_loss=float(last_record["loss"]) if last_record else float("nan"),
                        model_path=model_path, metrics_path=metrics_path, checkpoint_path=last_ckpt,
                        steps_per_s=ran / loop_s if ran and loop_s > 0 else 0.0, amp_dtype=_amp_name(amp_dtype),
-                       world_size=world)
+                       world_size=world, device=str(device))
 
 
 def _run_eval(on_eval: Callable[[int, nn.Module], None], step: int, model: nn.Module) -> None:

@@ -104,8 +104,9 @@ def to_uint8(t) -> np.ndarray:
 
 
 def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_items: int = 16,
-                  dim: float = 0.6) -> None:
-    """Detect keypoints on ``batch_images`` (B, C, S, S) and save a grid with links drawn on them.
+                  dim: float = 0.6) -> np.ndarray:
+    """Detect keypoints on ``batch_images`` (B, C, S, S) and save a grid with links drawn on them; returns the
+    grid, (H, W, 3) uint8.
 
     Links are drawn white; the background is darkened to ``dim`` of its brightness so that they stay
     visible on depth pictures, whose near figure is itself white."""
@@ -125,7 +126,22 @@ def keypoint_grid(model, batch_images, *, out_png: Path, background=None, max_it
     tiles = [draw_keypoints((to_uint8(bg[i]) * dim).astype(np.uint8), px[i], links=w, scale=max(1, 256 // S))
              for i in range(len(imgs))]
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    save_png(out_png, grid(tiles, cols=8))
+    picture = grid(tiles, cols=8)
+    save_png(out_png, picture)
+    return picture
+
+
+def train_log(ctx):
+    """The TensorBoard log of a training stage (None without the ``tensorboard`` package), named after the
+    experiment and the plan entry (teach, distill, baseline): see :mod:`pipeline.tblog`."""
+    from pipeline import tblog
+
+    return tblog.open_log(ctx.path, f"{ctx.cfg.name}-{tblog.entry_name(ctx)}")
+
+
+def log_picture(log, step: int, picture: np.ndarray) -> None:
+    if log is not None:
+        log.image("keypoints", step, picture)
 
 
 def train_progress(path: Path) -> tuple[int, int]:

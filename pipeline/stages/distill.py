@@ -162,19 +162,22 @@ def run(ctx) -> dict:
     vis = fixed_batch(FrameDataset(manifest=m, indices=vis_idx, image_size=sec.model.image_size, use_rgb=True,
                                    use_depth=False))
 
+    log = common.train_log(ctx)
+
     def on_eval(step, model):
-        common.keypoint_grid(model, vis["rgb"], out_png=ctx.path / "samples" / f"step_{step:06d}.png")
+        common.log_picture(log, step, common.keypoint_grid(model, vis["rgb"],
+                                                           out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
 
     try:
         with common.training_progress():
             res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
                         settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
-                        on_eval=on_eval, config_hash=ctx.stage.key, model_args=args)
+                        on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, train_log=log)
     finally:
         if cache is not None:
             cache.close()  # h5py keeps files open until closed; later readers in this process need it shut
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     _finish(ctx, res, f"student (RGB), gamma={gamma}")
     return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
-                       "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds),
-                       "teacher_cache": use_cache}}
+                       "amp": res.amp_dtype, "world_size": res.world_size, "device": res.device,
+                       "n_train_frames": len(ds), "teacher_cache": use_cache}}

@@ -95,9 +95,11 @@ def run(ctx) -> dict:
                           image_size=sec.model.image_size, use_rgb=True, use_depth=True, depth_reader=reader)
     vis = fixed_batch(vis_ds)
 
+    log = common.train_log(ctx)
+
     def on_eval(step, model):
-        common.keypoint_grid(model, vis["depth"], background=vis["depth"], out_png=ctx.path / "samples" /
-                             f"step_{step:06d}.png")
+        common.log_picture(log, step, common.keypoint_grid(model, vis["depth"], background=vis["depth"],
+                                                           out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
 
     import os
 
@@ -108,10 +110,10 @@ def run(ctx) -> dict:
     with common.training_progress():
         res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
                     settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
-                    on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None)
+                    on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None, train_log=log)
     _finish(ctx, res, "teacher (depth)")
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
-              "amp": res.amp_dtype, "world_size": res.world_size, "n_train_frames": len(ds)}
+              "amp": res.amp_dtype, "world_size": res.world_size, "device": res.device, "n_train_frames": len(ds)}
     test_idx = m.split("test") if len(m.split("test")) else train_idx
     is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                    and torch.distributed.get_rank() != 0)  # under torchrun only rank 0 reports
