@@ -135,6 +135,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     add("manifest", mdesc, {}, m.fingerprint, C.to_dict(cfg.data))
 
     d_sem = C.semantic_dict(cfg.depth)
+    if cfg.depth.provider != "midas" or cfg.depth.preprocess == "cpu":
+        d_sem.pop("preprocess")  # the run.py-identical default: keys from before the option stay valid
     if cfg.depth.provider == "midas":
         d_sem["weights_sha256"] = file_digest(cfg.depth.weights)
         d_fp = m.fingerprint
