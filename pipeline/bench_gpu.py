@@ -36,6 +36,7 @@ the teacher-embedding cache), through ``_compare`` (alone, then interleaved; rat
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import tempfile
@@ -59,6 +60,7 @@ JPEG_NOISE = 32  # amplitude of the frames' noise channel: JPEGs of ~natural siz
 # weights) are taken to cost before anything was measured. The record keeps what they really took.
 COMPILE_PRIOR_S = 60.0
 PART_PRIOR_S = 10.0
+GRACE_S = 60.0  # how far past its deadline a part may run (its last case) before it is killed
 GOALS_CUDA = {"frames_per_s stage/bare_model": 0.95, "frames_per_s stage/run_py_loop": 4.0}
 BEIT_L_GOAL_FPS = 300.0  # dpt_beit_large_512, bf16, one H200
 AMP_GOAL = 1.5  # training steps/s AMP / fp32
@@ -67,11 +69,26 @@ _AMP = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 # --------------------------------------------------------------------------------------------------------- budget
 class _Budget:
-    """Runs cases in priority order until ``deadline`` (``time.time()``); logs estimate vs actual per case."""
+    """Runs cases in priority order until ``deadline`` (``time.time()``); logs estimate vs actual per case and keeps
+    the results. With ``progress`` (a file), every log row and result is also appended there as it happens, so a
+    part killed past its deadline (``run_case``'s timeout) still hands back what it finished (:func:`_recover`)."""
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
+    def __init__(self, deadline: float, progress: Optional[str] = None) -> None:
+        self.deadline, self.progress = deadline, progress
         self.log: list[dict] = []
+        self.cases: dict[str, dict] = {}
+
+    def _save(self, entry: dict) -> None:
+        if self.progress:
+            with open(self.progress, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def keep(self, cases: dict[str, dict]) -> None:
+        self.cases.update(cases)
+        self._save({"cases": cases})
+
+    def result(self) -> dict:
+        return {"cases": self.cases, "log": self.log}
 
     def run(self, name: str, estimate_s: Optional[float], fn: Callable[[], dict]) -> Optional[dict]:
         """``fn()``'s result, ``{"error": ...}`` when it raised (out of memory, a failed stage: the suite goes on),
@@ -80,6 +97,7 @@ class _Budget:
         row: dict[str, Any] = {"case": name, "estimate_s": None if estimate_s is None else round(estimate_s, 2)}
         if now >= self.deadline or (estimate_s is not None and now + estimate_s > self.deadline):
             self.log.append(row | {"skipped": "budget", "left_s": round(self.deadline - now, 2)})
+            self._save({"log": self.log[-1]})
             return None
         try:
             res = fn()
@@ -88,7 +106,23 @@ class _Budget:
             _free_device_memory()
         self.log.append(row | {"actual_s": round(time.time() - now, 2), **({"error": res["error"]} if "error" in res
                                                                              else {})})
+        self._save({"log": self.log[-1]})
         return res
+
+
+def _recover(progress: Path, error: BaseException) -> dict:
+    """What a part that failed or was killed had finished, from its progress file, plus the error."""
+    out: dict = {"cases": {}, "log": []}
+    if progress.is_file():
+        for line in progress.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the line being written when it was killed
+                continue
+            out["cases"].update(entry.get("cases", {}))
+            out["log"] += [entry["log"]] if "log" in entry else []
+    out["log"].append({"case": "(part)", "estimate_s": None, "error": _error_text(error)})
+    return out
 
 
 def _error_text(e: BaseException) -> str:
@@ -173,8 +207,10 @@ def case_gpu_model(p: dict) -> dict:
     from pipeline.midas_weights import load_midas
     from pipeline.stages.depth import _device_batch
 
+    budget = _Budget(p["deadline"], p.get("progress"))
     if time.time() >= p["deadline"]:  # no time left for this part: not even its setup
-        return {"cases": {}, "log": [{"case": "(all cases)", "estimate_s": None, "skipped": "budget", "left_s": 0.0}]}
+        budget.run("(all cases)", None, dict)
+        return budget.result()
     device = _device(p["device"])
     mt, steps, workers = p["model_type"], p["steps"], p["workers"]
     spec = get_spec(mt)
@@ -182,8 +218,6 @@ def case_gpu_model(p: dict) -> dict:
     frames = sorted(Path(p["data_root"], "images").glob("*.jpg"))
     n = len(frames)
     cuda = device.type == "cuda"
-    budget = _Budget(p["deadline"])
-    cases: dict[str, dict] = {}
     spf: dict[tuple[str, int], float] = {}  # (precision, batch) -> measured model seconds per frame
     data: dict[str, float] = {}
 
@@ -262,7 +296,7 @@ def case_gpu_model(p: dict) -> dict:
                     est += COMPILE_PRIOR_S
                 res = budget.run(name, est, lambda: bare(prec, b, variant))
                 if res is not None:
-                    cases[name] = res
+                    budget.keep({name: res})
                     if "error" in res:  # out of memory: larger batches of this precision fail too
                         break
 
@@ -341,7 +375,7 @@ def case_gpu_model(p: dict) -> dict:
             if pre == "device" and "cpu" in caches:
                 worst, means = 0.0, []
                 with DepthCacheReader(caches["cpu"]) as ra, DepthCacheReader(cache) as rb:
-                    for j in range(n):
+                    for j in range(min(n, 64)):  # reading a 1000^2 float16 map back costs ~ms: a sample
                         d = _rel_diff(torch.from_numpy(rb.read(j)), torch.from_numpy(ra.read(j)))
                         worst, means = max(worst, d["max_rel"]), means + [d["mean_rel"]]
                 out["cache_vs_cpu_cache"] = {"max_rel": worst, "mean_rel": sum(means) / len(means)}
@@ -367,7 +401,7 @@ def case_gpu_model(p: dict) -> dict:
         def add(name: str, est: Optional[float], fn) -> None:
             res = budget.run(name, est, fn)
             if res is not None:
-                cases[name] = res
+                budget.keep({name: res})
 
         # priority order: what the issue's goals need first
         run_bare(p_stage)
@@ -383,7 +417,7 @@ def case_gpu_model(p: dict) -> dict:
         run_bare(p_stage, "other", only=b_stage)
         if p["compile"]:
             run_bare(p_stage, "compile", only=b_stage)
-    return {"cases": cases, "log": budget.log, "setup_s": round(setup_s, 2)}
+    return budget.result()
 
 
 # --------------------------------------------------------------------------------------------------------- training
@@ -396,8 +430,7 @@ def case_gpu_train(p: dict) -> dict:
     groups = {"teach": {"fp32": ("autolink_step", base), "amp": ("autolink_step", base | {"amp": amp})},
               "distill": {f"{mode}/{a}": ("distill_step", base | {"mode": mode} | ({"amp": amp} if a == "amp" else {}))
                           for mode in ("live", "cached") for a in ("fp32", "amp")}}
-    budget = _Budget(p["deadline"])
-    cases: dict[str, dict] = {}
+    budget = _Budget(p["deadline"], p.get("progress"))
     per_case = None  # seconds one case took in the last group (alone + its share of the interleaved run)
     for group, specs in groups.items():
         est = None if per_case is None else per_case * len(specs) * (1.5 if group == "distill" else 1)
@@ -405,11 +438,11 @@ def case_gpu_train(p: dict) -> dict:
         if res is None:
             continue
         if "error" in res:
-            cases[group] = res
+            budget.keep({group: res})
             continue
         per_case = budget.log[-1]["actual_s"] / len(specs)
-        cases.update({f"{group}/{name}": c for name, c in res.items()})
-    return {"cases": cases, "log": budget.log}
+        budget.keep({f"{group}/{name}": c for name, c in res.items()})
+    return budget.result()
 
 
 # --------------------------------------------------------------------------------------------------------- the suite
@@ -507,10 +540,12 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
             left = deadline - time.time()
             share = max(0.0, left) / (len(parts) - k)
             t_part = time.time()
-            try:
-                res = run_case(fn, params | {"deadline": t_part + share}, isolate=isolate, timeout=share + 300)
+            progress = Path(tmp) / f"part{k}.jsonl"
+            try:  # a part past its deadline by more than GRACE_S is killed; what it finished is in `progress`
+                res = run_case(fn, params | {"deadline": t_part + share, "progress": str(progress)}, isolate=isolate,
+                               timeout=share + GRACE_S)
             except (BenchError, subprocess.TimeoutExpired) as e:
-                res = {"cases": {}, "log": [{"case": "(part)", "error": _error_text(e)}]}
+                res = _recover(progress, e)
             prefix = "" if name == "train" else f"{name}/"
             cases.update({prefix + c: v for c, v in res["cases"].items()})
             log += [{"part": name, **row} for row in res["log"]]

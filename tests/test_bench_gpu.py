@@ -112,10 +112,31 @@ def test_budget_skips_and_records_what_would_overrun():
     assert late.run("any", None, lambda: pytest.fail("must not run")) is None and late.log[0]["skipped"] == "budget"
 
 
+def test_a_killed_part_hands_back_what_it_finished(tmp_path):
+    """Every row and result goes to the progress file as it happens; _recover reads it (a half-written last line
+    included) and adds the error, so a part killed past its deadline loses only its running case."""
+    import subprocess
+
+    from pipeline.bench_gpu import _Budget, _recover
+
+    progress = tmp_path / "part.jsonl"
+    b = _Budget(time.time() + 60, str(progress))
+    b.keep({"bare/fp32/b1": b.run("bare/fp32/b1", None, lambda: {"frames_per_s": 3.0})})
+    b.run("stage/cpu", 600.0, lambda: pytest.fail("must not run"))
+    with open(progress, "a") as f:
+        f.write('{"cases": {"bare/fp32/b8": {"frames_')  # killed while writing
+    got = _recover(progress, subprocess.TimeoutExpired(["python"], 61))
+    assert got["cases"] == {"bare/fp32/b1": {"frames_per_s": 3.0}}
+    assert [r["case"] for r in got["log"]] == ["bare/fp32/b1", "stage/cpu", "(part)"]
+    assert got["log"][1]["skipped"] == "budget" and got["log"][2]["error"].startswith("TimeoutExpired")
+    assert _recover(tmp_path / "never-started.jsonl", RuntimeError("x"))["cases"] == {}
+
+
 def test_tiny_budget_skips_the_parts_and_says_so():
+    """Isolated, as the CLI runs it (a fresh process per part): with no time left each part skips everything."""
     from pipeline.bench import run_bench
 
-    rec = run_bench("gpu", isolate=False, budget_s=0.01, **TINY)
+    rec = run_bench("gpu", isolate=True, budget_s=0.01, **TINY)
     assert rec["cases"] == {} and rec["ratios"]["teach steps_per_s amp/fp32"] is None
     assert rec["budget"]["skipped"] == ["train: teach", "train: distill", "dpt_levit_224: (all cases)"]
     assert all(not g["met"] for g in rec["goals"].values())
