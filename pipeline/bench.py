@@ -438,16 +438,18 @@ def _write_frames(folder: Path, n: int, size: int, ext: str = ".png", noise: int
     return paths
 
 
-def _random_midas_weights(model_type: str, x, path: Path) -> None:
-    """Random-init ``model_type`` with a calibrated head (on ``x``, (B, 3, h, w)), saved in the official layout."""
+def _random_midas_weights(model_type: str, x, path: Path, device=None):
+    """Random-init ``model_type`` (built on ``device``: fast on a GPU) with a calibrated head (on ``x``, (B, 3, h, w)),
+    saved in the official layout at ``path``. Returns the model (eval mode, on ``device``)."""
     import torch
 
     from dkp_core.midas import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_type)
-    _calibrate_head(model, x)
-    torch.save(official_layout_state_dict(model, model_type), path)
+    model = create_model(model_type, device=device)
+    _calibrate_head(model, x.to(next(model.parameters()).device))
+    torch.save({k: v.cpu() for k, v in official_layout_state_dict(model, model_type).items()}, path)
+    return model
 
 
 def _depth_config(root: Path, name: str, data_root: Path, model_type: str, weights: Path, **depth):

@@ -204,7 +204,6 @@ def case_gpu_model(p: dict) -> dict:
     from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.images import decode_rgb, read_frame_bytes, read_rgb
-    from pipeline.midas_weights import load_midas
     from pipeline.stages.depth import _device_batch
 
     budget = _Budget(p["deadline"], p.get("progress"))
@@ -230,8 +229,7 @@ def case_gpu_model(p: dict) -> dict:
         t0 = time.perf_counter()
         xs = torch.from_numpy(np.stack([preprocess_u8(read_rgb(q), spec) for q in frames[:4]]))  # (r, 3, h, w)
         weights = root / f"{mt}.pt"
-        _random_midas_weights(mt, xs, weights)
-        base, _ = load_midas(mt, weights, device=device)
+        base = _random_midas_weights(mt, xs, weights, device=device)  # = what load_midas(weights) builds
         setup_s = time.perf_counter() - t0
         # the stage's memory format (channels_last on CUDA, as stages/depth.py) and the other one (lazily)
         fmt = {"default": torch.channels_last if cuda else torch.contiguous_format}
