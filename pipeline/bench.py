@@ -25,6 +25,10 @@ bench              cases                                             ratios (spe
 ``cache``          B*N depth maps (S x S, float32) written/read      cache vs .npy frames/s; bytes on disk
                    through the depth cache vs one ``np.save`` file
                    per frame
+``gpu``            the GPU suite of issue 16 within a time budget    stage/bare, stage/run.py, device/cpu,
+                   (pipeline/bench_gpu.py): depth bare/stage/run.py  workers needed, AMP/fp32, cached/live
+                   per model x precision x batch, data side,
+                   teach/distill fp32 vs AMP, live vs cached
 =================  ================================================  =====================================
 
 Each model case runs alone in a fresh Python process (``isolate=True``, the CLI's behaviour), so its
