@@ -25,6 +25,10 @@ bench              cases                                             ratios (spe
 ``cache``          B*N depth maps (S x S, float32) written/read      cache vs .npy frames/s; bytes on disk
                    through the depth cache vs one ``np.save`` file
                    per frame
+``gpu``            the GPU suite of issue 16 within a time budget    stage/bare, stage/run.py, device/cpu,
+                   (pipeline/bench_gpu.py): depth bare/stage/run.py  workers needed, AMP/fp32, cached/live
+                   per model x precision x batch, data side,
+                   teach/distill fp32 vs AMP, live vs cached
 =================  ================================================  =====================================
 
 Each model case runs alone in a fresh Python process (``isolate=True``, the CLI's behaviour), so its
@@ -53,7 +57,7 @@ from typing import Any, Callable, Optional
 
 from pipeline.errors import ConfigError, DkpError
 
-WHATS = ("teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss")
+WHATS = ("teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss", "gpu")
 DEPTH_MODEL = "dpt_levit_224"  # the smallest MiDaS 3.1 model
 DEPTH_FRAMES = 256
 # Goals of issue 4 for the depth stage: stage/bare >= 0.9 (CPU) / 0.95 (GPU), stage/run.py >= 1.3 / 4.
@@ -176,6 +180,25 @@ def _amp_dtype(device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _amp_of(p: dict, device):
+    """The autocast dtype a training case asks for: ``amp: "bf16"``, any other true value = the device's AMP dtype."""
+    import torch
+
+    return {"bf16": torch.bfloat16}.get(p.get("amp")) or (_amp_dtype(device) if p.get("amp") else None)
+
+
+def _amp_name(amp) -> str:
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(amp), "off")
+
+
+def _autocast(device, amp):
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------------
 # cases (each takes plain JSON params and returns plain JSON, so it can run in a fresh process)
 
@@ -213,8 +236,6 @@ def _reconstruction_loss(name: str):
 def build_autolink_step(p: dict) -> _Case:
     """One AutoLink training step (forward, reconstruction loss ``p["recon_loss"]`` (default l1ssim),
     backward, AdamW) as the trainer does it."""
-    import contextlib
-
     import torch
 
     device = _device(p["device"])
@@ -224,15 +245,14 @@ def build_autolink_step(p: dict) -> _Case:
         model.to(memory_format=torch.channels_last)  # what the trainer does (train.channels_last)
     recon = _reconstruction_loss(p.get("recon_loss", "l1ssim")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
-    amp = {"bf16": torch.bfloat16}.get(p.get("amp")) or (_amp_dtype(device) if p.get("amp") else None)
+    amp = _amp_of(p, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     x = torch.rand(p["batch"], 3, p["size"], p["size"], device=device) * 2 - 1  # (B, 3, S, S)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        with ctx:
+        with _autocast(device, amp):
             out = model(x, mask_generator=gen)
             loss = recon(out.reconstruction.float(), x)
         scaler.scale(loss).backward()
@@ -242,13 +262,14 @@ def build_autolink_step(p: dict) -> _Case:
     n_params = sum(t.numel() for t in model.parameters())
     n_loss = sum(t.numel() for t in recon.parameters())  # the perceptual loss's frozen VGG16
     return _Case(step, device=device, extra=lambda: {
-        "params_m": round(n_params / 1e6, 3), "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "params_m": round(n_params / 1e6, 3), "amp": _amp_name(amp),
         "recon_loss": p.get("recon_loss", "l1ssim"), "loss_params_m": round(n_loss / 1e6, 3),
         "channels_last": bool(p.get("channels_last"))})
 
 
 def build_distill_step(p: dict) -> _Case:
-    """A distillation step: student AutoLink step + (live frozen teacher | cached embeddings) + (1 - cos)."""
+    """A distillation step: student AutoLink step + (live frozen teacher | cached embeddings) + (1 - cos); the
+    whole step under autocast when ``p["amp"]`` (as the trainer runs it), channels_last when asked."""
     import numpy as np
     import torch
 
@@ -257,15 +278,20 @@ def build_distill_step(p: dict) -> _Case:
     device = _device(p["device"])
     B, S, steps = p["batch"], p["size"], p["steps"]
     torch.manual_seed(0)
-    student = _autolink(S, WIDTH, device).train()
+    width = p.get("width", WIDTH)
+    student = _autolink(S, width, device).train()
     recon = make_reconstruction_loss("l1ssim").to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-3)
+    amp = _amp_of(p, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     rgb = torch.rand(B, 3, S, S, device=device) * 2 - 1  # (B, 3, S, S)
     gen = torch.Generator(device=device).manual_seed(0)
     gamma = 0.1
     tmp = None
     if p["mode"] == "live":
-        teacher = _autolink(S, WIDTH, device).eval()
+        teacher = _autolink(S, width, device).eval()
+        if p.get("channels_last"):
+            teacher.to(memory_format=torch.channels_last)
         for t in teacher.parameters():
             t.requires_grad_(False)
         depth = torch.rand(B, 3, S, S, device=device) * 2 - 1
@@ -295,21 +321,28 @@ def build_distill_step(p: dict) -> _Case:
     counter = {"s": 0}
     target_times: list[float] = []
 
+    if p.get("channels_last"):
+        student.to(memory_format=torch.channels_last)  # what the trainer does (train.channels_last)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        t = target(counter["s"])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        target_times.append(time.perf_counter() - t0)
-        counter["s"] += 1
-        out = student(rgb, mask_generator=gen, return_features=("logits",))
-        loss = recon(out.reconstruction.float(), rgb) + gamma * distillation_loss(
-            out.detector_output.features["logits"].float(), t)
-        loss.backward()
-        opt.step()
+        with _autocast(device, amp):
+            t0 = time.perf_counter()
+            t = target(counter["s"])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            target_times.append(time.perf_counter() - t0)
+            counter["s"] += 1
+            out = student(rgb, mask_generator=gen, return_features=("logits",))
+            loss = recon(out.reconstruction.float(), rgb) + gamma * distillation_loss(
+                out.detector_output.features["logits"].float(), t)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
-    return _Case(step, device=device, extra=lambda: {"target_s": _rate(target_times[WARMUP:])["median_s"]},
+    return _Case(step, device=device, extra=lambda: {"target_s": _rate(target_times[WARMUP:])["median_s"],
+                                                     "amp": _amp_name(amp),
+                                                     "channels_last": bool(p.get("channels_last"))},
                  cleanup=tmp.cleanup if tmp is not None else None)
 
 
@@ -386,20 +419,96 @@ def _calibrate_head(model, x) -> None:
         conv.bias.copy_(2.0 - (mean - conv.bias) / max(std, 1e-12))
 
 
-def _write_frames(folder: Path, n: int, size: int) -> list[Path]:
-    """``n`` distinct ``size`` x ``size`` RGB PNG frames (gradients plus noise), like a small video folder."""
+def _write_frames(folder: Path, n: int, size: int, ext: str = ".png", noise: int = 256) -> list[Path]:
+    """``n`` distinct ``size`` x ``size`` RGB frames (gradients plus uniform noise of amplitude ``noise`` in one
+    channel), like a small video folder; ``ext`` .png or .jpg (OpenCV's default quality 95)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
     import numpy as np
 
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
-    paths = []
-    for k in range(n):
-        img = np.stack([(xx + k) % size * 255 // size, yy * 255 // size, rng.integers(0, 256, (size, size))], -1)
-        paths.append(folder / f"frame{k:06d}.png")
-        cv2.imwrite(str(paths[-1]), img.astype(np.uint8))
+    paths = [folder / f"frame{k:06d}{ext}" for k in range(n)]
+
+    def write(k: int) -> None:
+        rng = np.random.default_rng(k)
+        img = np.stack([(xx + k) % size * 255 // size, yy * 255 // size,
+                        rng.integers(0, noise, (size, size)) + (256 - noise) // 2], -1)
+        cv2.imwrite(str(paths[k]), img.astype(np.uint8))
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # cv2 encodes without the GIL
+        list(pool.map(write, range(n)))
     return paths
+
+
+def _random_midas_weights(model_type: str, x, path: Path, device=None):
+    """Random-init ``model_type`` (built on ``device``: fast on a GPU) with a calibrated head (on ``x``, (B, 3, h, w)),
+    saved in the official layout at ``path``. Returns the model (eval mode, on ``device``)."""
+    import torch
+
+    from dkp_core.midas import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_type, device=device)
+    _calibrate_head(model, x.to(next(model.parameters()).device))
+    torch.save({k: v.cpu() for k, v in official_layout_state_dict(model, model_type).items()}, path)
+    return model
+
+
+def _depth_config(root: Path, name: str, data_root: Path, model_type: str, weights: Path, **depth):
+    """An experiment config over the folder dataset ``data_root`` with provider midas and ``depth`` settings."""
+    from pipeline.config import load_config
+
+    exp = root / f"{name}.yaml"
+    exp.write_text(json.dumps({"name": name, "data": {"manifest": "folder", "root": str(data_root)},
+                               "depth": {"provider": "midas", "model_type": model_type, "weights": str(weights),
+                                         **depth}}))
+    return load_config(str(exp))
+
+
+def _run_depth_stage(cfg, store: Path, n: int) -> tuple[dict, Path, float]:
+    """``run_pipeline(only="depth")`` as `dkp-pipeline depth` runs it: (artifact.json, cache dir, wall seconds)."""
+    import io as _io
+
+    from rich.console import Console
+
+    from pipeline.runner import run_pipeline
+
+    t0 = time.perf_counter()
+    run_pipeline(cfg, str(store), only="depth", until="depth", console=Console(file=_io.StringIO(), width=200))
+    wall = time.perf_counter() - t0
+    (cache,) = list((store / "depth").iterdir())
+    rec = json.loads((cache / "artifact.json").read_text())
+    if rec.get("n_valid") != n or rec["compute"]["frames"] != n:
+        raise BenchError(f"bench depth: the stage wrote {rec.get('n_valid')} valid frames of {n}")
+    return rec, cache, wall
+
+
+def _run_py_loop(model, spec, frames: list[Path], out: Path, device) -> float:
+    """Seconds for MiDaS run.py's loop over ``frames``: cv2.imread, RGB / 255 (float64), resize + normalise,
+    forward at batch 1 under ``no_grad`` in fp32, bicubic back to the frame size, ``np.save`` per frame."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from dkp_core.midas.transforms import postprocess, preprocess
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for q in frames:
+        img = cv2.imread(str(q))
+        if img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) / 255.0  # (H, W, 3) float64 in [0, 1]
+        sample = torch.from_numpy(preprocess(img, spec)).to(device).unsqueeze(0)  # (1, 3, h, w)
+        with torch.no_grad():
+            pred = postprocess(model.forward(sample), img.shape[:2]).squeeze().cpu().numpy()  # (H, W)
+        np.save(out / f"{q.stem}.npy", pred)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 class _EnvVar:
@@ -430,18 +539,13 @@ def case_depth_abc(p: dict) -> dict:
         under ``no_grad`` in fp32, bicubic back to the frame size, ``np.save`` per frame.
     One untimed warm-up batch (a) and frame (c) first; kernels are then warm for all three cases.
     """
-    import io as _io
-
     import cv2
     import numpy as np
     import torch
-    from rich.console import Console
 
-    from dkp_core.midas import create_model, get_spec
-    from dkp_core.midas.transforms import postprocess, preprocess
-    from pipeline.config import load_config
+    from dkp_core.midas import get_spec
+    from dkp_core.midas.transforms import preprocess
     from pipeline.midas_weights import load_midas
-    from pipeline.runner import run_pipeline
     from pipeline.stages import depth as D
 
     device = _device(p["device"])
@@ -457,18 +561,10 @@ def case_depth_abc(p: dict) -> dict:
         root = Path(tmp)
         paths = _write_frames(root / "data" / "images", n, size)
         xs = np.stack([preprocess(cv2.cvtColor(cv2.imread(str(q)), cv2.COLOR_BGR2RGB) / 255.0, spec) for q in paths])
-        torch.manual_seed(0)
         weights = root / f"{mt}.pt"
-        model_w = create_model(mt)
-        _calibrate_head(model_w, torch.from_numpy(xs[:batch]))
-        torch.save(official_layout_state_dict(model_w, mt), weights)
-        del model_w
-        exp = root / "bench.yaml"
-        exp.write_text(json.dumps({"name": "bench-depth", "data": {"manifest": "folder", "root": str(root / "data")},
-                                   "depth": {"provider": "midas", "model_type": mt, "weights": str(weights),
-                                             "batch_size_inference": batch, "precision": precision,
-                                             "device": device.type}}))
-        cfg = load_config(str(exp))
+        _random_midas_weights(mt, torch.from_numpy(xs[:batch]), weights)
+        cfg = _depth_config(root, "bench-depth", root / "data", mt, weights, batch_size_inference=batch,
+                            precision=precision, device=device.type)
 
         # (a): the stage's model bundle and inference call, inputs preprocessed and on the device beforehand
         bundle = D._load_model(cfg, None)
@@ -482,19 +578,7 @@ def case_depth_abc(p: dict) -> dict:
         out_c.mkdir()
 
         def run_py(frames: list[Path]) -> float:
-            sync()
-            t0 = time.perf_counter()
-            for q in frames:
-                img = cv2.imread(str(q))
-                if img.ndim == 2:
-                    img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) / 255.0  # (H, W, 3) float64 in [0, 1]
-                sample = torch.from_numpy(preprocess(img, spec)).to(device).unsqueeze(0)  # (1, 3, h, w)
-                with torch.no_grad():
-                    pred = postprocess(model_c.forward(sample), img.shape[:2]).squeeze().cpu().numpy()  # (H, W)
-                np.save(out_c / f"{q.stem}.npy", pred)
-            sync()
-            return time.perf_counter() - t0
+            return _run_py_loop(model_c, spec, frames, out_c, device)
 
         def bare(bs: list) -> float:
             sync()
@@ -510,15 +594,8 @@ def case_depth_abc(p: dict) -> dict:
         frames_a1 = sum(len(x) for x in batches[:half_b])
 
         # (b): the stage, as `dkp-pipeline depth` runs it
-        store = root / "store"
-        t0 = time.perf_counter()
-        run_pipeline(cfg, str(store), only="depth", until="depth", console=Console(file=_io.StringIO(), width=200))
-        b_wall = time.perf_counter() - t0
-        (cache,) = list((store / "depth").iterdir())
-        rec = json.loads((cache / "artifact.json").read_text())
+        rec, cache, b_wall = _run_depth_stage(cfg, root / "store", n)
         comp = rec["compute"]
-        if rec.get("n_valid") != n or comp["frames"] != n:
-            raise BenchError(f"bench depth: the stage wrote {rec.get('n_valid')} valid frames of {n}")
         cache_bytes = sum(f.stat().st_size for f in (cache / "shards").glob("*.h5"))
 
         c2, a2 = run_py(paths[half_f:]), bare(batches[half_b:])
@@ -610,10 +687,24 @@ def case_interleaved(p: dict) -> dict:
     return out
 
 
+def case_gpu_model(p: dict) -> dict:
+    from pipeline.bench_gpu import case_gpu_model as case
+
+    return case(p)
+
+
+def case_gpu_train(p: dict) -> dict:
+    from pipeline.bench_gpu import case_gpu_train as case
+
+    return case(p)
+
+
 CASE_FNS: dict[str, Callable[[dict], dict]] = {
     "alone": case_alone,
     "interleaved": case_interleaved,
     "depth_abc": case_depth_abc,
+    "gpu_model": case_gpu_model,  # bench gpu (pipeline/bench_gpu.py)
+    "gpu_train": case_gpu_train,
 }
 
 
@@ -822,6 +913,14 @@ def bench_cache(*, batch: int, size: int, steps: int, device=None, isolate: bool
                       "page_cache": "warm (reads follow writes)"}}
 
 
+def bench_gpu(**kw) -> dict:
+    """The GPU suite of issue 16 (depth: bare / stage / run.py per model, precision, batch; data side; training):
+    pipeline/bench_gpu.py, a module of its own for its size."""
+    from pipeline.bench_gpu import bench_gpu as suite
+
+    return suite(**kw)
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
     "teach": bench_teach,
     "train-step": bench_train_step,
@@ -829,6 +928,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "recon-loss": bench_recon_loss,
     "depth": bench_depth,
     "cache": bench_cache,
+    "gpu": bench_gpu,
 }
 
 
@@ -844,9 +944,10 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    if what in ("teach", "train-step", "teacher-cache", "recon-loss") and size % 16:
+    training = ("teach", "train-step", "teacher-cache", "recon-loss", "gpu")  # AutoLink steps at --batch, --size
+    if what in training and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
-    if what in ("teach", "train-step", "teacher-cache", "recon-loss") and batch == 1 and size == 16:
+    if what in training and batch == 1 and size == 16:
         raise ConfigError(f"bench {what} --batch 1 --size 16: the detector's 1x1 bottleneck leaves BatchNorm one value "
                           "per channel in training; use --batch 2 or --size 32")
     dev = _device(device)
@@ -879,7 +980,10 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     """The CLI's `bench`: run, print the cases and ratios, append the JSON record as one line to ``output``.
 
     ``isolate=False`` runs model cases in this process (tests: faster, but CPU peak RSS is then the
-    process's, not the case's); ``kw`` goes to the bench (``model=``, ``frames=`` for depth)."""
+    process's, not the case's); ``kw`` goes to the bench (``model=``, ``frames=`` for depth). ``gpu`` also
+    writes its markdown tables beside ``output`` (``X.jsonl`` -> ``X.md``), or prints them without one."""
+    if what == "gpu":
+        kw["console"] = console  # the suite says its estimate and each part's progress as it goes
     rec = run_bench(what, batch=batch, size=size, steps=steps, device=device, isolate=isolate, **kw)
     console.print(f"bench {what} on {rec['device']} ({rec['device_name']}, {rec['cpus']} CPUs, torch threads "
                   f"{rec['torch_threads']}, load {rec['loadavg_1m']}): batch {batch}, size {size}, steps {steps} "
@@ -900,6 +1004,17 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
         with open(p, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         console.print(f"appended to {p}", markup=False, soft_wrap=True)
+    if what == "gpu":
+        from pipeline.bench_gpu import gpu_markdown
+
+        md = gpu_markdown(rec)
+        if output:
+            p = Path(output)
+            table = p.with_suffix(".md") if p.suffix != ".md" else p.with_suffix(".table.md")
+            table.write_text(md + "\n")
+            console.print(f"tables written to {table}", markup=False, soft_wrap=True)
+        else:
+            console.print(md, markup=False, soft_wrap=True)
     return rec
 
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import click
 
+from pipeline.bench_gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
+
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
 
@@ -333,22 +335,41 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss"]))
-@click.option("--batch", default=16, show_default=True)
+@click.argument("what", type=click.Choice(["teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss",
+                                           "gpu"]))
+@click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
+                                                            "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
 @click.option("--steps", default=10, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Append the result (JSON line) to this file.")
+              help="Append the result (JSON line) to this file (gpu: and write its tables beside it, X.md).")
 @click.option("--model", default="dpt_levit_224", show_default=True,
               help="depth only: MiDaS 3.1 model type (random weights).")
 @click.option("--frames", default=256, show_default=True,
-              help="depth only: frames generated (--size px squares) and run through each case.")
-def bench(what, batch, size, steps, device, output, model, frames):
+              help="depth: frames generated (--size px squares) and run through each case; gpu: JPEG frames "
+                   "(--frame-size px) through the stage (512 when not given).")
+@click.option("--models", default=",".join(GPU_MODELS), show_default=True,
+              help="gpu only: comma-separated MiDaS 3.1 model types.")
+@click.option("--batches", default=",".join(map(str, GPU_BATCHES)), show_default=True,
+              help="gpu only: comma-separated inference batch sizes (a batch that runs out of memory ends its row).")
+@click.option("--frame-size", default=FRAME_SIZE, show_default=True,
+              help="gpu only: side of the generated JPEG frames (Human3.6M: 1000).")
+@click.option("--budget-s", default=BUDGET_S, show_default=True,
+              help="gpu only: time budget; cases whose estimate would overrun it are skipped (and recorded).")
+@click.pass_context
+def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_size, budget_s):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
 
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
     kw = {"model": model, "frames": frames} if what == "depth" else {}
+    if what == "gpu":
+        batch = batch if given("batch") else TRAIN_BATCH
+        kw = {"models": models, "batches": batches, "frame_size": frame_size, "budget_s": budget_s,
+              "frames": frames if given("frames") else GPU_FRAMES}
     bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console(), **kw)
 
 

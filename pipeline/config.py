@@ -62,6 +62,10 @@ class DepthConfig:
     model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
     weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
+    # cpu: decode + resize + normalise in the DataLoader workers, run.py-identical (float64 cv2) | device: decode
+    # JPEGs on the model's device (nvJPEG on CUDA; other formats on the CPU), resize + normalise there in float32
+    # torch ops. device changes the values slightly (docs/midas.md), so it is in the key; cpu is not (as before).
+    preprocess: str = "cpu"
     storage_dtype: str = "float16"  # float16 (+ per-frame scale) | float32
     shard_size: int = 1024  # frames per HDF5 shard: the unit of atomic writes and resume
     batch_size_inference: int = 8
@@ -146,6 +150,7 @@ class ExperimentConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "depth.provider": ("midas", "files"),
     "depth.precision": ("fp32", "bf16", "fp16"),
+    "depth.preprocess": ("cpu", "device"),
     "depth.storage_dtype": ("float16", "float32"),
     "recon_loss": ("perceptual", "l1ssim", "l1", "mse"),
     "depth_norm": ("minmax",),

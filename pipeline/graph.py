@@ -172,6 +172,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     frames_key = artifact_key("manifest", mdesc, {}, reads.frames_identity(m))
 
     d_sem = C.semantic_dict(cfg.depth)
+    if cfg.depth.provider != "midas" or cfg.depth.preprocess == "cpu":
+        d_sem.pop("preprocess")  # the run.py-identical default: keys from before the option stay valid
     if cfg.depth.provider == "midas":
         d_sem["weights_sha256"] = file_digest(cfg.depth.weights)
         d_fp = reads.frames_identity(m)

@@ -19,6 +19,7 @@ OpenCV, whose C++ path handling crashes on names that are not valid UTF-8.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -31,8 +32,12 @@ DEPTH_FILE_RULE = "depth-files/2: 0, NaN, Inf = no reading (NaN hole); depth -> 
 
 def read_rgb(path: Path | str) -> np.ndarray:
     """Decode one frame. Returns (H, W, 3) uint8 RGB."""
-    import cv2
+    path = Path(path)
+    return decode_rgb(path, read_frame_bytes(path))
 
+
+def read_frame_bytes(path: Path | str) -> np.ndarray:
+    """The bytes of one frame file, (n,) uint8; missing, unreadable and empty files are named errors."""
     path = Path(path)
     try:
         raw = np.fromfile(path, dtype=np.uint8)
@@ -44,24 +49,34 @@ def read_rgb(path: Path | str) -> np.ndarray:
     if raw.size == 0:
         raise ManifestError(f"frame {path}: file is empty (0 bytes); re-extract it or remove it from the dataset "
                             "(or pass --skip-bad-frames)")
+    return raw
+
+
+def check_not_truncated(path: Path, raw: np.ndarray) -> None:
+    if _looks_truncated(path, raw):
+        raise ManifestError(f"frame {path}: image data is truncated (no end marker); re-extract it or pass "
+                            "--skip-bad-frames")
+
+
+def decode_rgb(path: Path, raw: np.ndarray) -> np.ndarray:
+    """Decode the bytes ``raw`` of frame ``path`` (named in errors). Returns (H, W, 3) uint8 RGB."""
+    import cv2
+
     img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ManifestError(f"frame {path}: not a decodable image (truncated or not JPEG/PNG); re-extract it or "
                             "pass --skip-bad-frames")
-    if _looks_truncated(path, raw):
-        raise ManifestError(f"frame {path}: image data is truncated (no end marker); re-extract it or pass "
-                            "--skip-bad-frames")
+    check_not_truncated(path, raw)
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif img.dtype != np.uint8:
         raise ManifestError(f"frame {path}: unsupported sample type {img.dtype}; convert it to 8-bit RGB "
                             "(PNG or JPEG)")
     if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[:, :, 2::-1]
-    elif img.shape[2] == 3:
-        img = img[:, :, ::-1]
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] in (3, 4):
+        # A channel swap (alpha dropped): the same bytes as img[:, :, 2::-1], ~30x faster than numpy's strided copy.
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
     else:
         raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected gray, RGB or RGBA: convert it to "
                             "8-bit RGB")
@@ -136,6 +151,36 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     if orientation == 8:
         return np.rot90(img, k=1)
     return img
+
+
+def jpeg_header(raw: np.ndarray) -> Optional[tuple[int, int, int, int]]:
+    """(height, width, components, bits per sample) from a JPEG's frame header (SOFn), or None when
+    ``raw`` is not a JPEG or the header is not found. Reads markers only, decodes nothing."""
+    b = raw.tobytes() if isinstance(raw, np.ndarray) else bytes(raw)
+    if not b.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers
+            i += 2
+            continue
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..15 (not DHT, JPG, DAC)
+            if i + 10 > len(b):
+                return None
+            bits, h, w, comps = b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9],
+                                                                                                "big"), b[i + 9]
+            return h, w, comps, bits
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
 
 
 def read_mask(path: Path | str) -> np.ndarray:

@@ -7,14 +7,14 @@ import numpy as np
 import torch
 
 from .registry import MidasSpec
-from .transforms import postprocess, preprocess, target_size
+from .transforms import postprocess, preprocess_u8, target_size
 
 
 def image_to_input(image_rgb_u8: np.ndarray, spec: MidasSpec) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (3, h_net, w_net) float32 network input (run.py: /255, cubic resize, normalise)."""
     if image_rgb_u8.dtype != np.uint8 or image_rgb_u8.ndim != 3 or image_rgb_u8.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) uint8 RGB, got {image_rgb_u8.dtype} {image_rgb_u8.shape}")
-    return preprocess(image_rgb_u8.astype(np.float32) / 255.0, spec)
+    return preprocess_u8(image_rgb_u8, spec)
 
 
 @torch.inference_mode()

@@ -60,11 +60,58 @@ def preprocess(image_rgb_float01: np.ndarray, spec: MidasSpec) -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
     if not np.issubdtype(img.dtype, np.floating):
         raise ValueError(f"expected a float image in [0, 1], got dtype {img.dtype} (divide uint8 by 255)")
-    img = img.astype(np.float64, copy=False)
+    return _resize_normalise(img.astype(np.float64, copy=False), spec)
+
+
+# uint8 -> float32(v / 255) widened to float64: the values ``u8.astype(np.float32) / 255.0`` gives the resize
+_U8_TO_FLOAT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float64)
+
+
+def preprocess_u8(image_rgb_u8: np.ndarray, spec: MidasSpec) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, h_net, w_net) float32: bit for bit ``preprocess(image.astype(np.float32) / 255.0)``
+    (the depth stage's CPU path), with two fewer full-size passes (the /255 and the widening are one look-up)."""
+    img = np.asarray(image_rgb_u8)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {img.dtype} {img.shape}")
+    return _resize_normalise(cv2.LUT(np.ascontiguousarray(img), _U8_TO_FLOAT), spec)
+
+
+def _resize_normalise(img: np.ndarray, spec: MidasSpec) -> np.ndarray:
+    """(H, W, 3) float64 -> (3, h_net, w_net) float32: cv2 resize, then (x - mean) / std per channel in float64.
+
+    Per channel on contiguous planes, in place: the same IEEE operations as run.py's broadcast over the
+    last axis (so the same bits), without its temporaries and the strided transpose copy."""
     h_net, w_net = target_size(img.shape[0], img.shape[1], spec)
     img = cv2.resize(img, (w_net, h_net), interpolation=_CV2_INTERP[spec.interpolation])  # (h_net, w_net, 3)
-    img = (img - np.asarray(spec.mean, dtype=np.float64)) / np.asarray(spec.std, dtype=np.float64)
-    return np.ascontiguousarray(np.transpose(img, (2, 0, 1))).astype(np.float32)  # (3, h_net, w_net)
+    out = np.empty((3, h_net, w_net), dtype=np.float32)
+    for c, plane in enumerate(cv2.split(img)):  # (h_net, w_net) float64 each
+        np.subtract(plane, spec.mean[c], out=plane)
+        np.divide(plane, spec.std[c], out=plane)
+        out[c] = plane
+    return out
+
+
+def preprocess_tensor(images_u8: torch.Tensor, spec: MidasSpec) -> torch.Tensor:
+    """(B, 3, H, W) uint8 RGB of one size, on any device -> (B, 3, h_net, w_net) float32 normalised input,
+    with torch ops on that device (``depth.preprocess: device``).
+
+    run.py's steps in float32: / 255, bicubic resize (``align_corners=False``, no antialias: the kernel
+    (a = -0.75) and pixel-centre mapping of cv2.INTER_CUBIC), (x - mean) / std. Not bit-identical to
+    :func:`preprocess` (float32, another summation order); the difference is measured in docs/midas.md.
+    """
+    if images_u8.ndim != 4 or images_u8.shape[1] != 3 or images_u8.dtype != torch.uint8:
+        raise ValueError(f"expected (B, 3, H, W) uint8 RGB, got {images_u8.dtype} {tuple(images_u8.shape)}")
+    if spec.interpolation != "cv2.INTER_CUBIC":
+        raise ValueError(f"{spec.model_type}: the device path implements cv2.INTER_CUBIC only, spec says "
+                         f"{spec.interpolation!r}")
+    h, w = images_u8.shape[-2:]
+    size = target_size(int(h), int(w), spec)
+    x = images_u8.float().div_(255.0)  # (B, 3, H, W)
+    if tuple(size) != (h, w):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)  # (B, 3, h, w)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def postprocess(pred: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,9 @@ Providers:
 - ``midas``: MiDaS 3.1 from the official checkpoint the user names; frames decoded and preprocessed
   (run.py-identical) in DataLoader workers, batched by resized shape, ``inference_mode``, autocast
   (bf16/fp16; a batch with non-finite fp16 output is recomputed in fp32 — Swin's and the head's known
-  overflow), channels_last on CUDA, optional ``torch.compile``;
+  overflow), channels_last on CUDA, optional ``torch.compile``; with ``depth.preprocess: device`` JPEGs are
+  decoded on the model's device (nvJPEG on CUDA) and every frame is resized + normalised there (float32 torch
+  ops, :func:`_device_batch`), leaving the workers only file reads (and non-JPEG decodes);
 - ``files``: depth maps named by a ``folder``/``synthetic`` manifest, converted to inverse depth.
 
 Every HDF5 operation runs on one background writer thread (:class:`_BackgroundWriter`): the main thread
@@ -45,6 +47,8 @@ def cache_spec(ctx_cfg, manifest, weights_sha256: Optional[str]) -> dict:
                     net_w=ms.net_w, net_h=ms.net_h, resize_mode=ms.resize_mode,
                     ensure_multiple_of=ms.ensure_multiple_of, interpolation=ms.interpolation,
                     mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
+        if d.preprocess != "cpu":  # absent for the run.py-identical default, so caches from before stay valid
+            spec["preprocess"] = d.preprocess
     else:
         opts = manifest.depth_options or {}
         spec.update(depth_fingerprint=manifest.depth_fingerprint,
@@ -377,27 +381,43 @@ def _identity(x):
 class _Frames:
     """Per frame, in DataLoader workers: decode (and, for MiDaS, preprocess) or an error record.
 
-    Items: ``{"i", "x": (3, h_net, w_net) float32 tensor, "hw"}`` (midas), ``{"i", "depth": (H, W)}``
-    (files) or ``{"i", "error": message}`` for a frame that cannot be used.
+    Items: ``{"i", "key", "x": (3, h_net, w_net) float32 tensor, "hw"}`` (midas), with ``preprocess="device"``
+    ``{"i", "key", "hw", "path", "jpeg": (n,) uint8 file bytes}`` for 8-bit colour JPEGs (decoded later on the
+    device) or ``{"i", "key", "hw", "path", "rgb": (H, W, 3) uint8}`` for the rest; ``{"i", "depth": (H, W)}`` (files) or
+    ``{"i", "error": message}`` for a frame that cannot be used. ``key`` is the batch bucket: (3, h_net, w_net).
     """
 
-    def __init__(self, manifest, indices, *, midas_spec=None, depth_kind=None, depth_scale: float = 1.0):
+    def __init__(self, manifest, indices, *, midas_spec=None, depth_kind=None, depth_scale: float = 1.0,
+                 preprocess: str = "cpu"):
         self.m, self.indices = manifest, list(indices)
         self.midas_spec, self.depth_kind, self.depth_scale = midas_spec, depth_kind, depth_scale
+        self.on_device = midas_spec is not None and preprocess == "device"
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, j):
-        from pipeline.images import read_depth_file, read_rgb
+        from pipeline.fingerprint import CHUNK
+        from pipeline.images import (check_not_truncated, decode_rgb, exif_orientation, jpeg_header, read_depth_file,
+                                     read_frame_bytes)
 
         i = self.indices[j]
         m = self.m
         try:
-            img = read_rgb(m.path_of(i))
+            path = m.path_of(i)
+            raw = read_frame_bytes(path)
+            header = jpeg_header(raw) if self.on_device else None
+            # 8-bit colour JPEG shown as stored: the device decodes it (an EXIF-rotated one goes through decode_rgb,
+            # which applies the orientation as read_rgb does everywhere else)
+            if header is not None and header[2:] == (3, 8) and exif_orientation(raw[:CHUNK].tobytes()) == 1:
+                check_not_truncated(path, raw)
+                img, hw = None, header[:2]
+            else:
+                img = decode_rgb(path, raw)
+                hw = img.shape[:2]
             w, h = (int(v) for v in m.sizes[i])  # manifest sizes are (W, H)
-            if w > 0 and h > 0 and img.shape[:2] != (h, w):
-                raise ManifestError(f"frame {m.path_of(i)}: decoded as {img.shape[1]}x{img.shape[0]} but the "
+            if w > 0 and h > 0 and tuple(hw) != (h, w):
+                raise ManifestError(f"frame {path}: decoded as {hw[1]}x{hw[0]} but the "
                                     f"manifest says {w}x{h} (file changed since the manifest was built?)")
             if self.midas_spec is None:
                 d = read_depth_file(m.root / m.depth_paths[i], kind=self.depth_kind, scale=self.depth_scale)
@@ -409,10 +429,62 @@ class _Frames:
             return {"i": i, "error": str(e)}
         import torch
 
-        from dkp_core.midas.transforms import preprocess
+        from dkp_core.midas.transforms import preprocess_u8, target_size
 
-        x = preprocess(img.astype(np.float32) / 255.0, self.midas_spec)  # (3, h_net, w_net)
-        return {"i": i, "x": torch.from_numpy(x), "hw": img.shape[:2]}
+        if self.on_device:
+            item = {"jpeg": torch.from_numpy(raw)} if img is None else {"rgb": torch.from_numpy(img)}
+            return {"i": i, "key": (3, *target_size(*hw, self.midas_spec)), "hw": tuple(hw), "path": str(path), **item}
+        x = torch.from_numpy(preprocess_u8(img, self.midas_spec))  # (3, h_net, w_net)
+        return {"i": i, "key": tuple(x.shape), "x": x, "hw": img.shape[:2]}
+
+
+def _device_batch(items: list[dict], spec, device, bad) -> tuple[Any, list[dict]]:
+    """``depth.preprocess: device``: decode the items' JPEG bytes on ``device`` (torchvision; nvJPEG on CUDA),
+    move the CPU-decoded rest there, resize + normalise with torch ops (``preprocess_tensor``).
+
+    Returns ``(x, kept)``: x (b, 3, h_net, w_net) float32 on ``device`` for the ``kept`` items, in order. A JPEG the
+    device cannot decode is decoded by OpenCV instead; one nobody can decode goes to ``bad(i, message)``.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from dkp_core.midas.transforms import preprocess_tensor
+    from pipeline.images import decode_rgb
+
+    jpegs = [k for k, it in enumerate(items) if "jpeg" in it]
+    decoded: dict[int, Any] = {}  # item position -> (3, H, W) uint8 on device
+    if jpegs:
+        try:  # one batched call (torchvision >= 0.19 decodes a list on CUDA in one go)
+            decoded = dict(zip(jpegs, decode_jpeg([items[k]["jpeg"] for k in jpegs], mode=ImageReadMode.RGB,
+                                                  device=device)))
+        except (RuntimeError, TypeError, ValueError):  # one bad file fails the whole call: retry one by one
+            for k in jpegs:
+                try:
+                    decoded[k] = decode_jpeg(items[k]["jpeg"], mode=ImageReadMode.RGB, device=device)
+                except (RuntimeError, ValueError):
+                    pass
+    kept, by_size = [], {}
+    for k, it in enumerate(items):
+        img = decoded.get(k)
+        if img is None:
+            try:
+                rgb = it["rgb"] if "rgb" in it else torch.from_numpy(decode_rgb(Path(it["path"]), it["jpeg"].numpy()))
+            except ManifestError as e:
+                bad(it["i"], str(e))
+                continue
+            img = rgb.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
+        if tuple(img.shape[1:]) != tuple(it["hw"]):
+            bad(it["i"], f"frame {it['path']}: decoded as {img.shape[2]}x{img.shape[1]}, its header says "
+                         f"{it['hw'][1]}x{it['hw'][0]}; re-extract it or pass --skip-bad-frames")
+            continue
+        by_size.setdefault(tuple(img.shape[1:]), []).append(len(kept))
+        kept.append((it, img))
+    if not kept:
+        return None, []
+    x = torch.empty((len(kept), 3, *items[0]["key"][1:]), dtype=torch.float32, device=device)
+    for ks in by_size.values():  # one resize call per original frame size
+        x[ks] = preprocess_tensor(torch.stack([kept[k][1] for k in ks]), spec)
+    return x, [it for it, _ in kept]
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -455,7 +527,8 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
     if d.provider == "midas":
         from dkp_core.midas import get_spec
 
-        ds = _Frames(m, [i for p in todo for i in range(p.start, p.stop)], midas_spec=get_spec(d.model_type))
+        ds = _Frames(m, [i for p in todo for i in range(p.start, p.stop)], midas_spec=get_spec(d.model_type),
+                     preprocess=d.preprocess)
         desc = f"depth ({d.model_type})"
     else:
         opts = m.depth_options or {}
@@ -478,10 +551,27 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
     def row(i, depth, valid=True):
         return (i, m.frame_ids[i], m.fingerprints[i], depth, valid)
 
+    def bad(i, message: str) -> None:
+        """Frame ``i`` cannot be used: stop, or (``--skip-bad-frames``) record it and store it as invalid."""
+        nonlocal done
+        if not skip_bad:
+            raise ManifestError(f"{message} [frame {m.frame_ids[i]!r}, index {i}]")
+        rec = {"frame": m.frame_ids[i], "index": int(i), "reason": message}
+        skipped.append(rec)
+        _append_part_file(ctx.path, f"skipped.part{part}.json", [rec])
+        writer.add([row(i, None, valid=False)])
+        done += 1
+
     def flush(key) -> None:
         nonlocal done
         items = buckets.pop(key)
-        y = _infer(model, torch.stack([it["x"] for it in items]), stats)  # (B, h_net, w_net) on device
+        if ds.on_device:
+            x, items = _device_batch(items, ds.midas_spec, model[1], bad)  # (B, 3, h_net, w_net) on device
+            if not items:
+                return
+        else:
+            x = torch.stack([it["x"] for it in items])  # (B, 3, h_net, w_net)
+        y = _infer(model, x, stats)  # (B, h_net, w_net) on device
         rows = []
         by_size: dict[tuple, list[int]] = {}
         for k, it in enumerate(items):
@@ -511,19 +601,13 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
                     writer.open(plan, _max_shape(m, plan))
                     current = plan
                 if "error" in it:
-                    if not skip_bad:
-                        raise ManifestError(f"{it['error']} [frame {m.frame_ids[i]!r}, index {i}]")
-                    rec = {"frame": m.frame_ids[i], "index": int(i), "reason": it["error"]}
-                    skipped.append(rec)
-                    _append_part_file(ctx.path, f"skipped.part{part}.json", [rec])
-                    writer.add([row(i, None, valid=False)])
-                    done += 1
+                    bad(i, it["error"])
                 elif "depth" in it:
                     stats["frames_with_holes"] += bool(np.isnan(it["depth"]).any())
                     writer.add([row(i, it["depth"])])
                     done += 1
                 else:
-                    key = tuple(it["x"].shape)
+                    key = it["key"]
                     buckets.setdefault(key, []).append(it)
                     if len(buckets[key]) >= d.batch_size_inference:
                         flush(key)
