@@ -56,11 +56,12 @@ class Plan:
         return iter(self.stages.values())
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {"a.b.c": leaf}; lists are leaves."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): d}
 
@@ -73,7 +74,7 @@ def explain_change(stage: str, old: dict, new: dict, data=None) -> list[str]:
     why: list[str] = []
     if old.get("schema") != new.get("schema"):
         why.append(f"stage schema version changed ({old.get('schema')} -> {new.get('schema')})")
-    of, nf = _flat(old.get("config", {})), _flat(new.get("config", {}))
+    of, nf = flatten(old.get("config", {})), flatten(new.get("config", {}))
     for k in sorted(set(of) | set(nf)):
         if of.get(k, "<absent>") != nf.get(k, "<absent>"):
             why.append(f"config field {stage}.{k} changed ({of.get(k, '<absent>')!r} -> {nf.get(k, '<absent>')!r})")

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from pipeline import config as C
 from pipeline.artifacts import Store, git_sha, write_atomic
+from pipeline.graph import flatten
 from pipeline.report import plots
 from pipeline.report.html import esc, figure, fmt, gallery, link, page, read_png, state_badge, table
 
@@ -33,16 +34,6 @@ def default_path(store: Store, name: str) -> Path:
     from pipeline.sweep import slug
 
     return store.root / "reports" / f"{slug(name)}.html"
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as {"a.b.c": leaf}; lists are leaves."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def reference_config(source: Optional[str]) -> tuple[str, C.ExperimentConfig]:
