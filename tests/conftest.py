@@ -38,7 +38,9 @@ def run_cli(args, cwd=None, env=None, timeout=600):
 TINY_YAML = """\
 base: synthetic
 name: tiny
-data: {{root: {root}, synth_frames: 48, synth_seed: 0, synth_image_size: 32}}
+# 32-frame clips: what `dkp-pipeline synth` and write_synthetic make by default, so fixtures that prebuild the
+# data with them match (the preset's 1 is checked against data.root by `run`)
+data: {{root: {root}, synth_frames: 48, synth_seed: 0, synth_image_size: 32, synth_clip_length: 32}}
 depth: {{shard_size: 16}}
 teach:
   model: {{n_keypoints: 4, image_size: 32, heatmap_size: 8, width: 8}}
