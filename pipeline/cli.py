@@ -108,8 +108,13 @@ def run(config, overrides, store, dry_run, until):
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
-        console.print(f"report: {write_experiment_report(cfg, store, source=config, overrides=overrides)}",
-                      markup=False, soft_wrap=True)
+        try:
+            path = write_experiment_report(cfg, store, source=config, overrides=overrides)
+        except OSError as e:  # a read-only store: the run itself succeeded (or had nothing to do)
+            console.print(f"report not written ({e.strerror or e}: {e.filename}); `dkp-pipeline report {config} -o "
+                          "FILE` writes it elsewhere", markup=False, soft_wrap=True)
+        else:
+            console.print(f"report: {path}", markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from tests.conftest import TINY_YAML
 
 # The four-row comparison: the tiny experiment with the gamma = 0 baseline.
-YAML = TINY_YAML.replace("eval: {{baseline: false}}", "eval: {{baseline: true}}")
+YAML = (TINY_YAML.replace("eval: {{baseline: false}}", "eval: {{baseline: true}}")
+        .replace("distill:\n  model:", "distill:\n  gamma: 0.4\n  model:"))  # not the preset's 1.0: it shows in the diff
 SECTIONS = ("stages", "evaluation", "curves", "pictures", "depth", "provenance")
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 
@@ -165,7 +166,7 @@ def test_stage_table_pictures_and_provenance(tiny):
     assert page.tables["config-diff"][0] == ["field", "preset synthetic", "this experiment"]
     diff = {r[0]: (r[1], r[2]) for r in page.rows("config-diff")}
     assert diff["data.synth_frames"] == ("2000", "48") and diff["data.synth_clip_length"] == ("1", "32")
-    assert "distill.gamma" not in diff and "eval.baseline" not in diff  # the same as the preset
+    assert diff["distill.gamma"] == ("1.0", "0.4") and "eval.baseline" not in diff  # baseline: as the preset
     rec = json.loads((plan.store.path("teach", plan.stages["teach"].key) / "artifact.json").read_text())
     assert rec["git_sha"] is None or rec["git_sha"] in text
 

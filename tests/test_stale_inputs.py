@@ -170,7 +170,8 @@ def test_midas_depth_key_unchanged_by_issue_13(tmp_path):
     m = plan.manifest
     old_manifest_key = artifact_key("manifest", {"dataset": cfg.data.manifest,
                                                  "description_sha256": m.description_sha256}, {}, m.fingerprint)
-    old_depth_key = artifact_key("depth", dict(semantic_dict(cfg.depth), weights_sha256=None),
+    old_sem = {k: v for k, v in semantic_dict(cfg.depth).items() if k != "preprocess"}  # added later, at "cpu" unkeyed
+    old_depth_key = artifact_key("depth", dict(old_sem, weights_sha256=None),
                                  {"manifest": old_manifest_key}, m.fingerprint)
     assert plan.stages["depth"].key == old_depth_key
     assert plan.stages["manifest"].key != old_manifest_key  # the manifest's own key now covers annotations too
