@@ -121,16 +121,24 @@ def test_amp_resolution():
 
 
 # ---- resume ------------------------------------------------------------------------------------
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step: int):
+    """The toy step function, raising :class:`Crash` at 0-based ``step`` (an in-process crash mid-run)."""
+    def crashing_step(model, batch, ctx):
+        if ctx.step == step:
+            raise Crash
+        return toy.toy_step(model, batch, ctx)
+
+    return crashing_step
+
+
 def test_crash_and_resume_in_process_matches_reference_with_other_worker_count(tmp_path, reference):
     _, ref_weights, ref_metrics = reference
 
-    class Crash(Exception):
-        pass
-
-    def crashing_step(model, batch, ctx):
-        if ctx.step == 8:
-            raise Crash
-        return toy.toy_step(model, batch, ctx)
+    crashing_step = _crash_at(8)
 
     settings = toy.toy_settings(steps=STEPS, num_workers=2)  # 2 DataLoader processes vs 0 in the reference
     with pytest.raises(Crash):
@@ -398,13 +406,7 @@ def test_cosine_schedule_resumes_exactly_and_changes_the_run(tmp_path):
     ref_model, _ = _run(tmp_path / "ref", settings=settings)
     ref = {k: v.clone() for k, v in ref_model.state_dict().items()}
 
-    class Crash(Exception):
-        pass
-
-    def crashing_step(model, batch, ctx):
-        if ctx.step == 7:
-            raise Crash
-        return toy.toy_step(model, batch, ctx)
+    crashing_step = _crash_at(7)
 
     with pytest.raises(Crash):
         _run(tmp_path / "run", step_fn=crashing_step, settings=settings)
