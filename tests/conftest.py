@@ -115,25 +115,26 @@ def tiny_folder(tmp_path_factory, name: str, yaml: str = TINY_YAML, *, data: boo
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory, request):
     """Factory for a module's tiny experiment, built in-process once per test module:
-    ``tiny_store(overrides=(), *, until=None, yaml=TINY_YAML, build=True)``.
+    ``tiny_store(overrides=(), *, yaml=TINY_YAML, build=True, **run_options)``.
 
-    Makes a `tiny_folder` and (when ``build``) runs the pipeline on it with ``overrides``, every stage or up to
-    ``until``. Returns a dict with ``dir``, ``yaml`` (path), ``store`` (path) and ``plan`` (None when not built).
-    From the first call to the end of the module torch uses one intra-op thread (2 shared cores: several times
-    faster here) and DKP_CACHE_DIR stays in the folder.
+    Makes a `tiny_folder` and (when ``build``) runs the pipeline on it in-process with ``overrides`` and
+    ``run_options`` (those of ``run_pipeline``, e.g. ``until="teach"``). Returns a dict with ``dir``, ``yaml``
+    (path), ``store`` (path) and ``plan`` (None when not built). From the first call to the end of the module
+    torch uses one intra-op thread (2 shared cores: several times faster here) and DKP_CACHE_DIR stays in the
+    folder.
     """
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
     name = "tiny-" + request.module.__name__.rpartition(".")[2].removeprefix("test_")
     with contextlib.ExitStack() as module_lifetime:
-        def make(overrides=(), *, until=None, yaml=TINY_YAML, build=True):
+        def make(overrides=(), *, yaml=TINY_YAML, build=True, **run_options):
             module_lifetime.enter_context(torch_threads(1))
             d = module_lifetime.enter_context(tiny_folder(tmp_path_factory, name, yaml))
             t = {"dir": d, "yaml": str(d / "tiny.yaml"), "store": str(d / "store"), "plan": None}
             if build:
-                t["plan"] = run_pipeline(load_config(t["yaml"], list(overrides)), t["store"], until=until,
-                                         console=quiet_console())
+                t["plan"] = run_pipeline(load_config(t["yaml"], list(overrides)), t["store"],
+                                         console=quiet_console(), **run_options)
             return t
 
         yield make
