@@ -18,12 +18,10 @@ TOP = {"bench", "time", "wall_s", "device", "device_name", "cpus", "torch_thread
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    import torch
+    from tests.conftest import torch_threads
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _console():

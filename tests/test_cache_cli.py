@@ -14,25 +14,17 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.conftest import TINY_YAML, run_cli
+from tests.conftest import quiet_console, run_cli, tiny_folder
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Data, experiment YAML and a store holding the depth cache, built once in-process."""
-    from rich.console import Console
-
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
-    from pipeline.synth import write_synthetic
 
-    tmp = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(tmp / "dkp-cache"))
-        write_synthetic(tmp / "data", n=48, seed=0, image_size=32)
-        (tmp / "tiny.yaml").write_text(TINY_YAML.format(root=tmp / "data"))
-        run_pipeline(load_config(str(tmp / "tiny.yaml")), str(tmp / "store"), until="depth",
-                     console=Console(file=io.StringIO()))
+    with tiny_folder(tmp_path_factory, "built", data=True) as tmp:
+        run_pipeline(load_config(str(tmp / "tiny.yaml")), str(tmp / "store"), until="depth", console=quiet_console())
     return tmp
 
 

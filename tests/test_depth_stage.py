@@ -76,15 +76,9 @@ def _run_in_process(yaml, store, **options):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The tiny experiment's depth cache from one plain in-process run (the key does not depend on the root)."""
-    from tests.conftest import TINY_YAML
+    from tests.conftest import tiny_folder
 
-    from pipeline.synth import write_synthetic
-
-    tmp = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(tmp / "dkp-cache"))
-        write_synthetic(tmp / "data", n=48, seed=0, image_size=32)
-        (tmp / "tiny.yaml").write_text(TINY_YAML.format(root=tmp / "data"))
+    with tiny_folder(tmp_path_factory, "reference", data=True) as tmp:
         _run_in_process(str(tmp / "tiny.yaml"), tmp / "store")
     return _cache_dir(tmp / "store")
 

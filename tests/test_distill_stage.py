@@ -4,7 +4,6 @@ gamma = 0 and gamma > 0 run through the same code; the teacher stays in eval() w
 teacher-embedding cache gives the same targets and the same kd loss as the live teacher; the layer and
 flatten options reach the loss.
 """
-import io
 import json
 from pathlib import Path
 
@@ -12,31 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_YAML
+from tests.conftest import quiet_console
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_store):
     """The tiny experiment built up to `teach` once for this file."""
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is several times faster here
-    d = tmp_path_factory.mktemp("tiny-distill")
-    y = d / "tiny.yaml"
-    y.write_text(TINY_YAML.format(root=d / "data"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
-        run_pipeline(load_config(str(y)), str(d / "store"), until="teach", console=_quiet())
-        yield {"yaml": str(y), "store": str(d / "store"), "dir": d, "runs": {}}
-    torch.set_num_threads(threads)
-
-
-def _quiet():
-    from rich.console import Console
-
-    return Console(file=io.StringIO())
+    return {**tiny_store(until="teach"), "runs": {}}
 
 
 def distill(tiny, *overrides: str) -> Path:
@@ -47,7 +28,7 @@ def distill(tiny, *overrides: str) -> Path:
     key = tuple(sorted(overrides))
     if key not in tiny["runs"]:
         cfg = load_config(tiny["yaml"], ["distill.log_every=1", *overrides])
-        plan = run_pipeline(cfg, tiny["store"], until="distill", console=_quiet())
+        plan = run_pipeline(cfg, tiny["store"], until="distill", console=quiet_console())
         tiny["runs"][key] = plan.store.path("distill", plan.stages["distill"].key)
     return tiny["runs"][key]
 

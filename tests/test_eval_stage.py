@@ -9,42 +9,24 @@ import pytest
 import torch
 
 from pipeline.errors import DkpError
-from tests.conftest import TINY_YAML
+from tests.conftest import quiet_console
 
 # The synthetic preset scores with left/right matching (eval.flip_pairs: dataset); the plain score is the base case.
 PLAIN = "eval.flip_pairs=none"
 
 
-def _quiet():
-    from rich.console import Console
-
-    return Console(file=io.StringIO())
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_store):
     """The tiny experiment built end to end once for this file."""
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is several times faster here
-    d = tmp_path_factory.mktemp("tiny-eval")
-    y = d / "tiny.yaml"
-    y.write_text(TINY_YAML.format(root=d / "data"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
-        plan = run_pipeline(load_config(str(y), [PLAIN]), str(d / "store"), console=_quiet())
-        yield {"yaml": str(y), "store": str(d / "store"), "plan": plan,
-               "eval": plan.store.path("eval", plan.stages["eval"].key)}
-    torch.set_num_threads(threads)
+    t = tiny_store([PLAIN])
+    return {**t, "eval": t["plan"].store.path("eval", t["plan"].stages["eval"].key)}
 
 
 def _run(tiny, *overrides):
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    console = _quiet()
+    console = quiet_console()
     plan = run_pipeline(load_config(tiny["yaml"], list(overrides)), tiny["store"], console=console)
     return plan, console.file.getvalue()
 

@@ -27,17 +27,9 @@ def _files(tmp_path, n=4, old=True):
 
 
 @pytest.fixture
-def spy(monkeypatch):
+def spy(fingerprint_reads):
     """Records every path whose content is read."""
-    reads = []
-    real = F._read_and_digest
-
-    def counting(path, **kw):
-        reads.append(os.path.basename(path))
-        return real(path, **kw)
-
-    monkeypatch.setattr(F, "_read_and_digest", counting)
-    return reads
+    return fingerprint_reads
 
 
 def test_hash_file_is_prefixed_xxh3_128_of_the_bytes(tmp_path):

@@ -32,17 +32,9 @@ def img(path, w, h):
 
 
 @pytest.fixture
-def reads(monkeypatch):
+def reads(fingerprint_reads):
     """Names of files whose content the fingerprinting reads."""
-    seen = []
-    real = F._read_and_digest
-
-    def spy(path, **kw):
-        seen.append(os.path.basename(path))
-        return real(path, **kw)
-
-    monkeypatch.setattr(F, "_read_and_digest", spy)
-    return seen
+    return fingerprint_reads
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtu
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+    from tests.conftest import torch_threads
+
+    with torch_threads(2):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------

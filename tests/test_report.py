@@ -2,7 +2,6 @@
 and eval's four-row comparison; missing and stale stages show as such; `run` prints the page's path; the sweep
 page; and a real browser (headless Chromium) renders the page (skipped where none is installed)."""
 import base64
-import io
 import json
 import math
 import shutil
@@ -12,7 +11,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from tests.conftest import TINY_YAML
@@ -24,29 +22,12 @@ SECTIONS = ("stages", "evaluation", "curves", "pictures", "depth", "provenance")
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 
 
-def _quiet():
-    from rich.console import Console
-
-    return Console(file=io.StringIO())
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_store):
     """The tiny experiment (with the baseline) built end to end once for this file."""
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("tiny-report")
-    y = d / "tiny.yaml"
-    y.write_text(YAML.format(root=d / "data"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
-        plan = run_pipeline(load_config(str(y)), str(d / "store"), console=_quiet())
-        yield {"dir": d, "yaml": str(y), "store": str(d / "store"), "plan": plan,
-               "metrics": json.loads((plan.store.path("eval", plan.stages["eval"].key) / "metrics.json").read_text())}
-    torch.set_num_threads(threads)
+    t = tiny_store(yaml=YAML)
+    plan = t["plan"]
+    return {**t, "metrics": json.loads((plan.store.path("eval", plan.stages["eval"].key) / "metrics.json").read_text())}
 
 
 class Page(HTMLParser):

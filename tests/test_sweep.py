@@ -1,21 +1,13 @@
 """`dkp-pipeline sweep`: grid parsing, run naming, the summary arithmetic, and a real sweep of the tiny
 experiment (shared stages built once, numbers equal each run's metrics.json, a second sweep reuses all)."""
-import io
 import json
 import math
 
 import pytest
-import torch
 
 from pipeline.errors import DkpError
 from pipeline.sweep import Axis, markdown_table, parse_axis, parse_seeds, plan_runs, run_sweep, summarise
-from tests.conftest import TINY_YAML, run_cli
-
-
-def _quiet():
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=200)
+from tests.conftest import quiet_console, run_cli
 
 
 def test_parse_axis_and_seeds():
@@ -71,20 +63,14 @@ def test_summary_mean_and_sample_sd_by_hand():
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("sweep")
-    y = d / "tiny.yaml"
-    y.write_text(TINY_YAML.format(root=d / "data"))
+def swept(tiny_store):
+    t = tiny_store(build=False)  # the sweep builds it
+    d = t["dir"]
     axes = [parse_axis("distill.gamma=0,0.4")]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DKP_CACHE_DIR", str(d / "dkp-cache"))
-        console = _quiet()
-        result = run_sweep(str(y), ("eval.flip_pairs=none",), axes, (0, 1), str(d / "store"), console,
-                           output=str(d / "out" / "table.md"))
-        yield {"dir": d, "yaml": str(y), "axes": axes, "result": result, "log": console.file.getvalue()}
-    torch.set_num_threads(threads)
+    console = quiet_console(width=200)
+    result = run_sweep(t["yaml"], ("eval.flip_pairs=none",), axes, (0, 1), t["store"], console,
+                       output=str(d / "out" / "table.md"))
+    return {"dir": d, "yaml": t["yaml"], "axes": axes, "result": result, "log": console.file.getvalue()}
 
 
 def test_sweep_runs_every_point_and_shares_stages(swept):
@@ -120,7 +106,7 @@ def test_sweep_runs_every_point_and_shares_stages(swept):
 
 
 def test_second_sweep_builds_nothing(swept):
-    console = _quiet()
+    console = quiet_console(width=200)
     again = run_sweep(swept["yaml"], ("eval.flip_pairs=none",), swept["axes"], (0, 1), str(swept["dir"] / "store"),
                       console)
     log = console.file.getvalue()
@@ -143,7 +129,7 @@ def test_failed_run_names_itself_and_the_sweep_continues(swept, monkeypatch):
     monkeypatch.setattr(pipeline.runner, "run_pipeline", flaky)
     with pytest.raises(DkpError, match=r"sweep run 2/4 \(tiny-sweep-0-s1\) failed: disk full\n1 runs are finished"):
         run_sweep(swept["yaml"], ("eval.flip_pairs=none",), swept["axes"], (0, 1), str(swept["dir"] / "store"),
-                  _quiet())
+                  quiet_console(width=200))
 
 
 def test_cli_dry_run_and_bad_input(swept):
