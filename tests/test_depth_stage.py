@@ -53,7 +53,7 @@ def _ok(r):
 
 def _plan(exp, store=None, *overrides):
     """`status` in-process (the CLI's own build_plan): {stage: StagePlan}."""
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
@@ -78,7 +78,7 @@ def reference(tmp_path_factory):
     """The tiny experiment's depth cache from one plain in-process run (the key does not depend on the root)."""
     from tests.conftest import TINY_YAML
 
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     tmp = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
@@ -90,7 +90,7 @@ def reference(tmp_path_factory):
 
 
 def _synth(exp):
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     write_synthetic(exp["root"], n=48, seed=0, image_size=32)
 
@@ -311,7 +311,7 @@ def test_midas_levit_cache_matches_the_model(levit_weights, tmp_path):
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
     from pipeline.midas_weights import file_sha256, load_midas
 
     root = tmp_path / "data"
@@ -427,7 +427,7 @@ def test_mixed_sizes_batched_by_resized_shape(tmp_path, monkeypatch):
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess, target_size
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     fake = _FakeMidas()
     sizes = [(24, 32), (32, 24), (24, 32), (32, 24), (24, 32), (48, 64)]  # BEiT keeps the aspect ratio

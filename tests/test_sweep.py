@@ -88,7 +88,7 @@ def swept(tmp_path_factory):
 
 
 def test_sweep_runs_every_point_and_shares_stages(swept):
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
 
     d, result = swept["dir"], swept["result"]
     runs = result["runs"]
