@@ -23,7 +23,7 @@ pipeline.data.images.square_transform). Taichi and DeepFashion are scored at 256
 mapped to 256 with the same pixel-centre rule (``x' + 0.5 = (x + 0.5) * 256 / image_size``), which undoes
 the eval stage's mapping exactly. "Normalised by image size" means divided by ``image_size - 1``, the
 span between the first and last pixel centres that AutoLink's [0, 1] Human3.6M landmarks cover
-(pipeline/manifest.py reads them so); H36M numbers are AutoLink-exact in the 128 px annotation frame.
+(pipeline/data/layouts/ reads them so); H36M numbers are AutoLink-exact in the 128 px annotation frame.
 
 Why the numbers do not depend on our (x, y) order, although AutoLink works in (row, col): a
 permutation of the regression's input columns permutes the coefficients and leaves the

@@ -12,7 +12,7 @@ must be right for a run that lasts days on shared machines:
   number, the weights, the optimiser and the scaler, and a resumed CPU run ends bitwise identical
   to an uninterrupted one (tests/faults/test_train_kill.py).
 * **Checkpoints** every ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT, written by
-  :func:`pipeline.store.checkpoint.save_atomic` (tmp + fsync + ``os.replace``); the newest
+  :func:`pipeline.checkpoint.save_atomic` (tmp + fsync + ``os.replace``); the newest
   ``keep_checkpoints`` are kept. Re-running the same command resumes from the newest one.
 * **DDP** when started by ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on CUDA; the global
   batch is split across ranks, so one rank and N ranks see the same samples per step.

@@ -667,3 +667,11 @@ def test_manifest_of_what_synth_writes(tmp_path, caplog):
     assert m.sizes.tolist() == [[32, 32]] * 6 and m.n_joints == m.spec.n_joints
     assert len(m.split("test")) >= 1 and len(m.split("train")) + len(m.split("test")) == 6
     assert m.depth_fingerprint.startswith("xxh3:") and "synthetic" in m.spec.extra
+
+
+def test_every_layout_has_one_registered_walker():
+    from pipeline.data.layouts import WALKERS
+    from pipeline.data.spec import LAYOUTS
+
+    assert sorted(WALKERS) == sorted(LAYOUTS)
+    assert all(w.__module__ == f"pipeline.data.layouts.{name}" for name, w in WALKERS.items())

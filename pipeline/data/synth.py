@@ -196,7 +196,7 @@ def write_synthetic(
     _atomic_write(out_dir / "keypoints.csv", buf.getvalue().encode())
 
     description = {
-        # Options the dataset manifest reads (pipeline/manifest.py _OVERRIDABLE).
+        # Options the dataset manifest reads (pipeline/data/spec.py _OVERRIDABLE).
         "n_joints": n_joints,
         "image_size": image_size,
         "protocol": "l2",

@@ -75,7 +75,7 @@ def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.nda
 
 
 def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -> dict | None:
-    """Share of the detector's heatmap mass on the figure (pipeline.data.foreground), when masks are known.
+    """Share of the detector's heatmap mass on the figure (pipeline.foreground), when masks are known.
 
     Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
     fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).

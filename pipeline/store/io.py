@@ -85,11 +85,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         fsync_path(path)
 
 
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Publish the already written and fsynced ``tmp`` as ``path``: rename, then fsync the directory
-    (strictly: an error propagates, as for a file the caller must not count as published)."""
+def replace_durably(tmp: Path, path: Path, *, strict_dir: bool = True) -> None:
+    """Publish the already written and fsynced ``tmp`` as ``path``: rename, then fsync the directory.
+
+    ``strict_dir``: a failed directory fsync propagates (for a file the caller must not count as published
+    unless the rename is durable, e.g. a depth-cache shard); otherwise it is best effort (:func:`fsync_dir`).
+    """
     os.replace(tmp, path)
-    fsync_path(Path(path).parent)
+    (fsync_path if strict_dir else fsync_dir)(Path(path).parent)
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes

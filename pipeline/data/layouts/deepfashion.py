@@ -1,4 +1,5 @@
-"""DeepFashion (AutoLink's split files): image lists plus per-image keypoint CSV/JSON annotations."""
+"""DeepFashion In-shop with Lorenz et al.'s split: per partition, ``data_<part>.csv`` lists the images under
+``img/`` and ``data_<part>.json`` holds their (x, y) pixel keypoints, row by row."""
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,6 @@
-"""The folder layout: ``ROOT/{train,test}/`` images, optional ``keypoints.csv``, masks and depth files (the
-format :mod:`pipeline.data.synth` writes and the one to use for a dataset of your own)."""
+"""The folder layout, for a dataset of your own (and what :mod:`pipeline.data.synth` writes): frames under
+``images/``, optional ``keypoints.csv`` (pixels and a train/test split column; unlisted frames are unlabelled
+training frames), optional ``depth/`` files that replace MiDaS, options in ``ROOT/dataset.yaml``."""
 from __future__ import annotations
 
 import csv

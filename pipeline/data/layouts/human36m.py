@@ -1,4 +1,4 @@
-"""Human3.6M (AutoLink's ``H36MDataset``): subject/action folders, landmarks in MATLAB ``.mat`` files (v5 via
+"""Human3.6M as AutoLink's loader reads it: subject/action frame folders, landmarks in MATLAB ``.mat`` files (v5 via
 scipy, v7.3 via h5py), optional background masks."""
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def _h36m_landmarks(spec: DatasetSpec, root: Path, rels: list[str], memo: Option
 
 
 def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progress: bool) -> Listing:
+    """The listing under ``root``: frames per subject/action, landmarks parsed once and cached via ``memo``."""
     f = spec.files
     L = Listing(kp_units="unit_rowcol", masks=[] if f.get("masks_dir") else None)
     ext = f.get("frame_ext", ".jpg")
