@@ -48,9 +48,9 @@ def _check_range(spec: DatasetSpec, kp: np.ndarray, sizes: np.ndarray, L: Listin
         W, H = (int(v) for v in sizes[i])
         src = L.kp_sources[i] or "annotations"
         raise fail(spec, f"joint {j} of frame {L.paths[i]!r} (from {src}) is at (x, y) = "
-                          f"({kp[i, j, 0]:.2f}, {kp[i, j, 1]:.2f}) px, outside the {W}x{H} frame "
-                          f"(margin {m:g} of the side; {int(bad.any(axis=(1, 2)).sum())} frames affected). "
-                          f"Check the units (pixels, x right, y down) or raise keypoint_margin")
+                         f"({kp[i, j, 0]:.2f}, {kp[i, j, 1]:.2f}) px, outside the {W}x{H} frame "
+                         f"(margin {m:g} of the side; {int(bad.any(axis=(1, 2)).sum())} frames affected). "
+                         f"Check the units (pixels, x right, y down) or raise keypoint_margin")
 
 
 def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *,
@@ -76,7 +76,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
         j = first.setdefault(fid, i)
         if j != i:
             raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and {L.paths[i]!r} "
-                              f"(listed twice in the annotations?)")
+                             f"(listed twice in the annotations?)")
     inside = Inside(spec, root_p)
     for rel in L.paths:
         inside.check(rel, "frame")
@@ -94,8 +94,8 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     mask_fps = None
     if spec.apply_masks and (L.masks is None or None in L.masks):
         raise fail(spec, f"the description says apply_masks: true but not every frame has a mask (this layout "
-                          f"lists masks from files.masks_dir, {spec.files.get('masks_dir')!r}); set that folder or "
-                          f"drop apply_masks")
+                         f"lists masks from files.masks_dir, {spec.files.get('masks_dir')!r}); set that folder or "
+                         f"drop apply_masks")
     if L.masks is not None:
         present = [i for i, m in enumerate(L.masks) if m is not None]
         minfos = _scan(spec, root_p, [L.masks[i] for i in present], memo, progress, probe_image, ("wh",), "masks")
@@ -103,7 +103,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
             for i, fi in zip(present, minfos):
                 if list(fi.extra["wh"]) != list(sizes[i]):
                     raise fail(spec, f"mask {L.masks[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its frame "
-                                      f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
+                                     f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
         fps = iter(fi.fingerprint for fi in minfos)
         mask_fps = [next(fps) if m is not None else None for m in L.masks]
     depth_fps = None
@@ -112,7 +112,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
         for i, fi in enumerate(dinfos):
             if list(fi.extra["wh"]) != list(sizes[i]):
                 raise fail(spec, f"depth file {L.depths[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its "
-                                  f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
+                                 f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
         depth_fps = [fi.fingerprint for fi in dinfos]
     return Manifest(spec=spec, root=root_p, frame_ids=L.ids, paths=L.paths, splits=L.splits,
                     fingerprints=[fi.fingerprint for fi in infos], sizes=sizes, keypoints=kp,

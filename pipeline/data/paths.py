@@ -13,6 +13,7 @@ from pipeline.errors import ManifestError
 
 
 def fail(spec: DatasetSpec, msg: str) -> ManifestError:
+    """The error to raise for ``msg`` about dataset ``spec`` (every message names the dataset)."""
     return ManifestError(f"dataset {spec.name}: {msg}")
 
 
@@ -21,7 +22,7 @@ def safe_relpath(spec: DatasetSpec, root: Path, rel: str, where: str) -> str:
     p = PurePosixPath(rel.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise fail(spec, f"path {rel!r} in {where} escapes the root {root} (absolute or '..'); "
-                          f"paths must be relative to the dataset root")
+                         f"paths must be relative to the dataset root")
     return str(p)
 
 
@@ -46,11 +47,11 @@ class Inside:
             is_link = _stat.S_ISLNK(os.lstat(full).st_mode)
         except FileNotFoundError:
             raise fail(self.spec, f"{what} {rel!r} not found under root {self.root} "
-                                   f"(did you pass the right --root?)") from None
+                                  f"(did you pass the right --root?)") from None
         if not ok or (is_link and not self._ok(os.path.realpath(full))):
             raise fail(self.spec, f"{what} {rel!r} resolves to {os.path.realpath(full)}, outside the root "
-                                   f"{self.root} (a symlink leaving the dataset); copy the file into the root "
-                                   f"or point --root at a directory that contains it")
+                                  f"{self.root} (a symlink leaving the dataset); copy the file into the root "
+                                  f"or point --root at a directory that contains it")
 
 
 def require_dir(spec: DatasetSpec, root: Path, rel: str, hint: str) -> Path:

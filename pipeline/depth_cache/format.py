@@ -5,7 +5,7 @@ A cache is a directory (the artifact directory the caller owns)::
     layout.json                 spec + geometry of the cache (n_frames, shard_size, storage dtype), written first
     shards/shard-00000.h5       frames [0, shard_size), one self-describing HDF5 file, immutable once in place
     shards/shard-00000.json     its index entry (frame range, sha256, sizes), written LAST for that shard
-    index.json                  all entries + layout, written by :func:`finalize` when every shard exists
+    index.json                  all entries + layout, written by ``writer.finalize`` when every shard exists
 
 The shard is the unit of work, atomicity and resume (research/pipeline.md §2.4: a SIGKILLed HDF5 file is
 usually unreadable, so a file is only trusted after close -> fsync -> rename, and only counts as done
@@ -56,6 +56,8 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per process and call (ranks of a distributed run share the
+    directory); the writer and finalize recognise and remove these on resume."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 

@@ -29,12 +29,12 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
                 lines = list(csv.reader(fh))
         except FileNotFoundError:
             raise fail(spec, f"split file {csv_rel!r} not found under root {root} (copy data_*.csv and "
-                              f"data_*.json from Lorenz et al.'s custom_datasets/deepfashion/)") from None
+                             f"data_*.json from Lorenz et al.'s custom_datasets/deepfashion/)") from None
         except (OSError, csv.Error, UnicodeDecodeError) as e:
             raise fail(spec, f"split file {csv_rel!r} unreadable ({e})") from None
         if not lines or len(lines[0]) < 2 or lines[0][1].strip() != "filename":
             raise fail(spec, f"split file {csv_rel!r}: expected the header 'id,filename', got "
-                              f"{','.join(lines[0]) if lines else '(empty file)'!r}")
+                             f"{','.join(lines[0]) if lines else '(empty file)'!r}")
         files = []
         for n, row in enumerate(lines[1:], start=2):
             if len(row) < 2 or not row[1].strip():
@@ -44,20 +44,20 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
             entries = json.loads((root / json_rel).read_text())
         except FileNotFoundError:
             raise fail(spec, f"keypoint file {json_rel!r} not found under root {root} (it ships beside "
-                              f"{csv_rel} in Lorenz et al.'s split)") from None
+                             f"{csv_rel} in Lorenz et al.'s split)") from None
         except (OSError, ValueError) as e:
             raise fail(spec, f"keypoint file {json_rel!r} unreadable ({e})") from None
         if not isinstance(entries, list) or len(entries) != len(files):
             n_e = len(entries) if isinstance(entries, list) else type(entries).__name__
             raise fail(spec, f"keypoint file {json_rel!r} has {n_e} entries but {csv_rel!r} has {len(files)} "
-                              f"rows; they must be aligned row by row (same release of both files)")
+                             f"rows; they must be aligned row by row (same release of both files)")
         try:
             kp = np.asarray([e["keypoints"] for e in entries], dtype=np.float64)  # (M, J, 2) (x, y)
         except (KeyError, TypeError, ValueError) as e:
             raise fail(spec, f"keypoint file {json_rel!r}: entries need 'keypoints' as (J, 2) numbers ({e})") from None
         if len(files) and (kp.ndim != 3 or kp.shape[1:] != (spec.n_joints, 2)):
             raise fail(spec, f"keypoint file {json_rel!r}: keypoints have shape {kp.shape[1:]}, expected "
-                              f"({spec.n_joints}, 2)")
+                             f"({spec.n_joints}, 2)")
         for name in files:
             rel = safe_relpath(spec, root, f"{img_dir}/{name}", csv_rel)
             L.ids.append(strip_ext(name))

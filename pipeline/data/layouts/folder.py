@@ -30,7 +30,7 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
         fid = strip_ext(rel[len(prefix):])
         if fid in index:
             raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[index[fid]]!r} and {rel!r}; keep one file "
-                              f"per frame name")
+                             f"per frame name")
         index[fid] = len(L.ids)
         by_name[rel[len(prefix):]] = len(L.ids)
         L.ids.append(fid)
@@ -46,9 +46,9 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
     if ddir.is_dir():
         if spec.depth is None:
             raise fail(spec, f"{f['depth_dir']}/ found under {root} but nothing says what it holds: add "
-                              f"'depth_kind: depth' (near = small) or 'depth_kind: inverse_depth' (near = large), "
-                              f"and 'depth_scale: S' if the stored numbers need scaling, to "
-                              f"{root / f['options_file']}")
+                             f"'depth_kind: depth' (near = small) or 'depth_kind: inverse_depth' (near = large), "
+                             f"and 'depth_scale: S' if the stored numbers need scaling, to "
+                             f"{root / f['options_file']}")
         depths = walk_images(spec, root, ddir, (".png", ".npy"))
         dprefix = f["depth_dir"].rstrip("/") + "/"
         found: dict[str, str] = {}
@@ -58,13 +58,13 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
                 raise fail(spec, f"two depth files for frame {did!r}: {found[did]!r} and {rel!r}; keep one")
             if did not in index:
                 raise fail(spec, f"depth file {rel!r} has no frame {did!r} in {f['images_dir']}/; remove it or "
-                                  f"add the frame")
+                                 f"add the frame")
             found[did] = rel
         lacking = [i for i in L.ids if i not in found]
         if lacking:
             raise fail(spec, f"{len(lacking)} frames have no depth file in {f['depth_dir']}/, e.g. {lacking[0]!r}; "
-                              f"give every frame one (<frame>.png 16-bit or <frame>.npy float) or remove "
-                              f"{f['depth_dir']}/ to use MiDaS")
+                             f"give every frame one (<frame>.png 16-bit or <frame>.npy float) or remove "
+                             f"{f['depth_dir']}/ to use MiDaS")
         L.depths = [found[i] for i in L.ids]
     return L
 
@@ -83,11 +83,11 @@ def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[st
     expect = [f"{a}{j}" for j in range(max(n_coord, 0) // 2) for a in ("x", "y")]
     if header[:2] != ["frame", "split"] or n_coord <= 0 or n_coord % 2 or header[2:] != expect:
         raise fail(spec, f"{csv_rel}: header must be frame,split,x0,y0,x1,y1,... (pixels, x right, y down), "
-                          f"got {','.join(header)!r}")
+                         f"got {','.join(header)!r}")
     J = n_coord // 2
     if spec.n_joints is not None and spec.n_joints != J:
         raise fail(spec, f"{csv_rel} has {J} joints (header) but the dataset says n_joints: {spec.n_joints}; "
-                          f"fix one of them")
+                         f"fix one of them")
     kp = np.full((len(L.ids), J, 2), np.nan)  # (N, J, 2)
     seen: dict[int, int] = {}
     for n, row in enumerate(rows[1:], start=2):
@@ -99,7 +99,7 @@ def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[st
         i = index.get(name, by_name.get(name))
         if i is None:
             raise fail(spec, f"{csv_rel} line {n}: frame {name!r} has no image in {spec.files['images_dir']}/ "
-                              f"(remove the row or add the image)")
+                             f"(remove the row or add the image)")
         if i in seen:
             raise fail(spec, f"{csv_rel} line {n}: duplicate frame id {name!r} (first on line {seen[i]})")
         seen[i] = n
@@ -114,12 +114,12 @@ def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[st
                 continue
             if not xs or not ys:
                 raise fail(spec, f"{csv_rel} line {n}: joint {j} has only one coordinate; leave both x{j} and "
-                                  f"y{j} empty for a missing joint")
+                                 f"y{j} empty for a missing joint")
             try:
                 kp[i, j] = (float(xs), float(ys))
             except ValueError:
                 raise fail(spec, f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not a number") from None
             if not np.isfinite(kp[i, j]).all():
                 raise fail(spec, f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not finite; leave the "
-                                  f"cells empty for a missing joint")
+                                 f"cells empty for a missing joint")
     return kp

@@ -69,10 +69,10 @@ def _h36m_landmarks(spec: DatasetSpec, root: Path, rels: list[str], memo: Option
             raise
         except Exception as e:  # scipy/h5py raise many types for damaged files
             raise fail(spec, f"landmark file {rel!r} unreadable ({type(e).__name__}: {e}); re-extract it "
-                              f"from human_images.tar.gz") from None
+                             f"from human_images.tar.gz") from None
         if a.ndim != 2 or a.shape[1] != 2 or (spec.n_joints and a.shape[0] != spec.n_joints):
             raise fail(spec, f"landmark file {rel!r}: '{key}' has shape {a.shape}, expected "
-                              f"({spec.n_joints}, 2) (row, col) in [0, 1]")
+                             f"({spec.n_joints}, 2) (row, col) in [0, 1]")
         out.append(a)
     arr = np.stack(out) if out else np.zeros((0, spec.n_joints or 0, 2))  # (N, J, 2)
     if cache is not None:
@@ -97,7 +97,7 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
         for s in subjects:
             sdir = f["subject_dir"].format(subject=s)
             fdir = require_dir(spec, root, f"{sdir}/{f['frames_dir']}",
-                                "is --root the extracted human_images/ directory?")
+                               "is --root the extracted human_images/ directory?")
             actions = sorted(a for a in os.listdir(fdir)
                              if any(a.startswith(x) for x in f["actions"]) and (fdir / a).is_dir())
             for act in actions:
@@ -111,17 +111,17 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
                     mat = f"{sdir}/{f['landmarks_dir']}/{act}/{stem}.mat"
                     if not (root / mat).is_file():
                         raise fail(spec, f"landmark file {mat!r} for frame {L.paths[-1]!r} not found under "
-                                          f"root {root} (incomplete extraction of human_images.tar.gz?)")
+                                         f"root {root} (incomplete extraction of human_images.tar.gz?)")
                     mats.append(mat)
                     if L.masks is not None:
                         mask = f"{sdir}/{f['masks_dir']}/{act}/{stem}.png"
                         if not (root / mask).is_file():
                             raise fail(spec, f"mask {mask!r} for frame {L.paths[-1]!r} not found under root "
-                                              f"{root} (the folder is spelt 'BackgroudMask' in the release)")
+                                             f"{root} (the folder is spelt 'BackgroudMask' in the release)")
                         L.masks.append(mask)
         if not any(sp == part for sp in L.splits):
             raise fail(spec, f"no frames for partition {part!r} (subjects {subjects}, actions "
-                              f"{', '.join(f['actions'])}) under root {root}")
+                             f"{', '.join(f['actions'])}) under root {root}")
     L.kp = _h36m_landmarks(spec, root, mats, memo, progress)
     L.kp_sources = mats
     return L

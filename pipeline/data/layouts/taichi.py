@@ -71,7 +71,7 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
             names, values = read_taichi_gt(root / gt_rel)
         except FileNotFoundError:
             raise fail(spec, f"GT file {gt_rel!r} not found under root {root} (copy motion-cosegmentation's "
-                              f"landmarks/ into the root as {PurePosixPath(gt_rel).parent}/)") from None
+                             f"landmarks/ into the root as {PurePosixPath(gt_rel).parent}/)") from None
         if values.shape[0] and values.shape[1] != J:
             raise fail(spec, f"GT file {gt_rel!r} has {values.shape[1]} joints per frame, expected {J}")
         # -1 marks a missing *coordinate* (AutoLink tests |v + 1| > 1e-6 per coordinate): only that component
