@@ -19,11 +19,11 @@ Inputs (every protocol): ``det_fit`` (N_fit, K, 2) and ``det_test`` (N_test, K, 
 square ``image_size`` x ``image_size`` frame (docs/conventions.md); missing GT joints are NaN.
 ``image_size`` is the side of that frame. The eval stage uses the model frame (detections
 ``x = (u + 1) / 2 * (image_size - 1)``, GT mapped in with the pixel-centre rule of
-pipeline.images.square_transform). Taichi and DeepFashion are scored at 256 px: GT and predictions are
+pipeline.data.images.square_transform). Taichi and DeepFashion are scored at 256 px: GT and predictions are
 mapped to 256 with the same pixel-centre rule (``x' + 0.5 = (x + 0.5) * 256 / image_size``), which undoes
 the eval stage's mapping exactly. "Normalised by image size" means divided by ``image_size - 1``, the
 span between the first and last pixel centres that AutoLink's [0, 1] Human3.6M landmarks cover
-(pipeline/manifest.py reads them so); H36M numbers are AutoLink-exact in the 128 px annotation frame.
+(pipeline/data/layouts/ reads them so); H36M numbers are AutoLink-exact in the 128 px annotation frame.
 
 Why the numbers do not depend on our (x, y) order, although AutoLink works in (row, col): a
 permutation of the regression's input columns permutes the coefficients and leaves the
@@ -167,7 +167,7 @@ def _fit_columns(x: np.ndarray, y: np.ndarray, *, what: str) -> np.ndarray:
 
 def _to_report(points: np.ndarray, size: int, report_size: int) -> np.ndarray:
     """Pixels of the ``size`` frame -> pixels of the ``report_size`` frame, mapping pixel centres
-    (x' + 0.5 = (x + 0.5) * ratio, as cv2.resize and pipeline.images.square_transform do), so GT that
+    (x' + 0.5 = (x + 0.5) * ratio, as cv2.resize and pipeline.data.images.square_transform do), so GT that
     the pipeline resized from a 256 px annotation comes back exactly."""
     return (points + 0.5) * (report_size / size) - 0.5
 

@@ -203,7 +203,7 @@ def case_gpu_model(p: dict) -> dict:
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.images import decode_rgb, read_frame_bytes, read_rgb
+    from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
     from pipeline.stages.depth import _device_batch
 
     budget = _Budget(p["deadline"], p.get("progress"))

@@ -77,7 +77,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config, overrides, store, as_json):
     """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress, with its key."""
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.graph import build_plan, dumps, print_plan
 
     cfg = _load(config, overrides)
@@ -200,7 +200,7 @@ def manifest_build(name, root, output):
     """Walk dataset NAME (see data_manifests/) under --root, fingerprint every frame, write a manifest."""
     from pathlib import Path
 
-    from pipeline.manifest import build_manifest
+    from pipeline.data.build import build_manifest
 
     m = build_manifest(name, root, progress=True)
     out = Path(output) if output else Path(root) / f"{name}.manifest.json"
@@ -211,7 +211,7 @@ def manifest_build(name, root, output):
 @manifest.command("list")
 def manifest_list():
     """List the dataset descriptions shipped in data_manifests/."""
-    from pipeline.manifest import list_datasets
+    from pipeline.data.spec import list_datasets
 
     for n in list_datasets():
         click.echo(n)
@@ -228,7 +228,7 @@ def synth(out, n, seed, size, clip_length):
     """Write the built-in synthetic dataset (folder layout, with GT depth and keypoints) to OUT."""
     from pathlib import Path
 
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, clip_length=clip_length, progress=True)
     _console().print(f"wrote {n} frames to {out}", info if isinstance(info, dict) else "")
@@ -248,7 +248,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache_info(cache_dir, as_json):
     """Frames, validity, size and the spec (model, weights sha256, resize rule, ...) of a depth cache."""
-    from pipeline.cachecli import info_command
+    from pipeline.depth_cache.cli import info_command
 
     info_command(cache_dir, _console(), as_json)
 
@@ -257,7 +257,7 @@ def cache_info(cache_dir, as_json):
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 def cache_verify(cache_dir):
     """Re-check every shard's checksum, every chunk and every frame hash of a depth cache."""
-    from pipeline.cachecli import verify_command
+    from pipeline.depth_cache.cli import verify_command
 
     verify_command(cache_dir, _console())
 
@@ -267,7 +267,7 @@ def cache_verify(cache_dir):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .h5 file to write.")
 def cache_export(config, overrides, store, output):
     """Write CONFIG's depth cache as ONE HDF5 file a colleague can `cache import`."""
-    from pipeline.cachecli import export_command
+    from pipeline.depth_cache.cli import export_command
 
     export_command(_load(config, overrides), store, output, _console())
 
@@ -280,7 +280,7 @@ def cache_export(config, overrides, store, output):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def cache_import(file, store, config, overrides):
     """Verify a shared depth-cache file and place it in the store under its key (no MiDaS needed)."""
-    from pipeline.cachecli import import_command
+    from pipeline.depth_cache.cli import import_command
 
     import_command(file, store, _console(), cfg=_load(config, overrides) if config else None)
 

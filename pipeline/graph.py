@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import config as C
-from pipeline.artifacts import Store, artifact_key, key_inputs
-from pipeline.images import DEPTH_FILE_RULE
+from pipeline.store.artifacts import Store, artifact_key, key_inputs
+from pipeline.data.images import DEPTH_FILE_RULE
 
 STAGES = ("manifest", "depth", "teach", "distill", "eval")
 # Plan entries that are another artifact of an existing stage kind: entry name -> stage kind.
@@ -86,7 +86,7 @@ def explain_change(stage: str, old: dict, new: dict, data=None) -> list[str]:
     ofp, nfp = old.get("fingerprint"), new.get("fingerprint")
     if ofp != nfp:
         if isinstance(ofp, dict) and isinstance(nfp, dict):
-            from pipeline.reads import describe
+            from pipeline.data.reads import describe
 
             old_m, new_m, synthetic = data if data is not None else (None, None, None)
             for part in sorted(set(ofp) | set(nfp)):
@@ -108,7 +108,7 @@ def _old_manifest(store: Store, key: Optional[str], current_key: str):
     if not key or key == current_key:
         return None
     from pipeline.errors import DkpError
-    from pipeline.manifest import Manifest
+    from pipeline.data.manifest import Manifest
 
     try:
         return Manifest.load(store.path("manifest", key) / "manifest.json")
@@ -136,13 +136,13 @@ def file_digest(path: Optional[str]) -> Optional[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         return f"missing:{p}"
-    from pipeline.fingerprint import sha256_file_memo
+    from pipeline.store.fingerprint import sha256_file_memo
 
     return sha256_file_memo(p)
 
 
 def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
-    from pipeline.manifest import build_manifest
+    from pipeline.data.build import build_manifest
 
     if manifest is None and not Path(cfg.data.root).is_dir():
         from pipeline.errors import ManifestError
@@ -162,7 +162,7 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         stages[entry or stage] = sp
         return sp
 
-    from pipeline import reads
+    from pipeline.data import reads
 
     synthetic = reads.synthetic_block(m.root)
     mdesc = {"dataset": cfg.data.manifest, "description_sha256": m.description_sha256}
@@ -238,7 +238,7 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                 sp.why = explain_change(sp.stage, prev.get("inputs", {}), sp.inputs, data=(old_manifest, m, synthetic))
             else:
                 sp.state = "missing"
-    from pipeline.images import size_warnings
+    from pipeline.data.images import size_warnings
 
     model_size = max(cfg.teach.model.image_size, cfg.distill.model.image_size)
     return Plan(cfg=cfg, store=store, stages=stages, manifest=m,
@@ -249,7 +249,7 @@ def preflight(plan: Plan, stages, console=None) -> None:
     """Print the plan's warnings about the data; refuse, before anything is built, what would fail later: a
     store that cannot be written, an eval without ground truth (found only after two models trained, otherwise)."""
     from pipeline.errors import DkpError
-    from pipeline.reads import eval_data_problem
+    from pipeline.data.reads import eval_data_problem
 
     if console is not None:
         print_warnings(plan, console)

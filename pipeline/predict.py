@@ -3,7 +3,7 @@
 Each image goes through the same square resize/crop as training (docs/conventions.md: shorter side to
 the model size S, centre crop), the detector's normalised keypoints are turned into pixels of that
 S x S frame and mapped back to the original image with the inverse of
-:func:`pipeline.images.square_transform`. Keypoints therefore always lie inside the centre square of a
+:func:`pipeline.data.images.square_transform`. Keypoints therefore always lie inside the centre square of a
 non-square image (the detector never sees the cropped sides).
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
 
 def model_to_image(kp_model: np.ndarray, h: int, w: int, size: int) -> np.ndarray:
     """(K, 2) pixels (x, y) of the S x S model frame -> (K, 2) pixels of the original h x w image."""
-    from pipeline.images import square_transform
+    from pipeline.data.images import square_transform
 
     sx, sy, ox, oy = square_transform(h, w, size)
     out = np.empty_like(np.asarray(kp_model, dtype=np.float64))
@@ -65,8 +65,8 @@ def predict_images(model, images: Sequence[Path], device, batch: int = 16) -> li
     """
     import torch
 
-    from pipeline.datasets import rgb_to_tensor
-    from pipeline.images import resize_square
+    from pipeline.data.datasets import rgb_to_tensor
+    from pipeline.data.images import resize_square
 
     S = int(model.detector.image_size)
     model = model.to(device).eval()
@@ -85,7 +85,7 @@ def predict_images(model, images: Sequence[Path], device, batch: int = 16) -> li
 def _read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB; a file that is not a decodable image is a DkpError naming it."""
     from pipeline.errors import ManifestError
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     try:
         return read_rgb(path)
@@ -122,7 +122,7 @@ def _overlay_name(p: Path, used: set[str]) -> str:
 
 def predict_command(student: str, images: Sequence[str], output: str, device: str, console) -> dict:
     """Write OUT/keypoints.json and OUT/overlays/<stem>.png for every image; returns the JSON document."""
-    from pipeline.artifacts import write_json_atomic
+    from pipeline.store.io import write_json_atomic
     from pipeline.stages.common import load_trained
     from pipeline.train import resolve_device
     from pipeline.viz import draw_keypoints, save_png

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import config as C
-from pipeline.artifacts import Store
+from pipeline.store.artifacts import Store
 from pipeline.errors import DkpError
 from pipeline.graph import Plan, StagePlan, build_plan, preflight
 
@@ -62,7 +62,7 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
                 raise DkpError(f"rank {os.environ.get('RANK')}: gave up waiting for rank 0 to generate {root}")
             time.sleep(0.5)
         return
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     pending = synthetic_data_pending(cfg)
     if pending:

@@ -202,7 +202,8 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
 
     Stops at the first run that fails (its message says which run and how to continue); runs already
     finished are artifacts in the store, so the same command continues from there."""
-    from pipeline.artifacts import Store, write_atomic, write_json_atomic
+    from pipeline.store.artifacts import Store
+    from pipeline.store.io import write_atomic, write_json_atomic
     from pipeline.runner import run_pipeline, synthetic_data_pending
 
     base, runs, cfgs = resolve_runs(config, overrides, axes, seeds)

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.checkpoint import (
+from pipeline.store.checkpoint import (
     CHECKPOINT_DIRNAME,
     check_plain,
     checkpoint_name,

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.artifacts import write_atomic
+from pipeline.store.io import write_atomic
 
 # Distinct colours for up to 32 keypoints (RGB), cycled beyond.
 _PALETTE = np.array(

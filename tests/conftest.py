@@ -101,7 +101,7 @@ def tiny_folder(tmp_path_factory, name: str, yaml: str = TINY_YAML, *, data: boo
     """A new folder NAME holding ``tiny.yaml`` (``yaml`` with the data root ``NAME/data``, written first when
     ``data``: the 48 frames `dkp-pipeline synth ROOT --n 48 --size 32` writes), with DKP_CACHE_DIR in
     ``NAME/dkp-cache`` inside the block. Yields the folder."""
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     d = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
@@ -142,8 +142,8 @@ def tiny_store(tmp_path_factory, request):
 
 @pytest.fixture
 def fingerprint_reads(monkeypatch):
-    """Base names of the files whose content pipeline.fingerprint reads, in order."""
-    from pipeline import fingerprint as F
+    """Base names of the files whose content pipeline.store.fingerprint reads, in order."""
+    from pipeline.store import fingerprint as F
 
     seen = []
     real = F._read_and_digest

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.artifacts import (COMPLETE, Lock, Store, artifact_key, atomic_file, canonical_json, write_atomic)
+from pipeline.store.artifacts import COMPLETE, Lock, Store, artifact_key
+from pipeline.store.io import atomic_file, canonical_json, write_atomic
 from pipeline.config import ExperimentConfig, load_config, semantic_dict
 from pipeline.errors import DkpError, LockError
 
@@ -93,7 +94,7 @@ def test_second_writer_in_another_process(tmp_path):
     store = Store(tmp_path)
     key = "d" * 64
     code = (
-        "import sys; from pipeline.artifacts import Store\n"
+        "import sys; from pipeline.store.artifacts import Store\n"
         f"s = Store({str(tmp_path)!r})\n"
         "from pipeline.errors import LockError\n"
         "try:\n"

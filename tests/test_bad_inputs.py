@@ -30,7 +30,7 @@ from conftest import REPO, TINY_YAML, run_cli
 def prebuilt(tmp_path_factory) -> Path:
     """The tiny experiment's 48-frame 32-px dataset and a store holding its finished depth artifact,
     made once per module (each test works on its own copy)."""
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     base = tmp_path_factory.mktemp("prebuilt")
     write_synthetic(base / "data", n=48, seed=0, image_size=32, progress=False)
@@ -218,7 +218,7 @@ def test_image_formats_converted(exp):
     import cv2
     from PIL import Image
 
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     rgb = {i: read_rgb(exp.frame(i)) for i in range(1, 7)}
     bgr = {i: rgb[i][:, :, ::-1] for i in rgb}
@@ -492,7 +492,7 @@ def _teach_checkpoint_dir(exp: Exp) -> Path:
 def test_checkpoint_from_another_config(built):
     import torch
 
-    from pipeline.checkpoint import save_atomic
+    from pipeline.store.checkpoint import save_atomic
     from pipeline.train import CHECKPOINT_FORMAT
 
     ck = _teach_checkpoint_dir(built) / "step-00000002.pt"

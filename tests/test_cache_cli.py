@@ -62,7 +62,7 @@ def test_verify_catches_frames_that_are_not_the_manifests(built, tmp_path):
     (mfile,) = (Path(exp["store"]) / "manifest").glob("*/manifest.json")  # the one manifest of the store
     m = json.loads(mfile.read_text())
     m["frames"]["fingerprint"][7] = "xxh3:" + "0" * 32
-    from pipeline.fingerprint import combine
+    from pipeline.store.fingerprint import combine
 
     m["fingerprint"] = combine(m["frames"]["fingerprint"])
     mfile.write_text(json.dumps(m))
@@ -124,7 +124,7 @@ def test_teach_after_import_never_runs_depth(built, tmp_path):
 def test_import_refuses_a_cache_the_config_does_not_need(built, tmp_path):
     from rich.console import Console
 
-    from pipeline.cachecli import export_command, import_command
+    from pipeline.depth_cache.cli import export_command, import_command
     from pipeline.config import load_config
     from pipeline.errors import CacheError
 

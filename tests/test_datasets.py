@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import FrameDataset, depth_to_tensor, normalise_inverse_depth, valid_train_indices
+from pipeline.data.datasets import FrameDataset, depth_to_tensor, normalise_inverse_depth, valid_train_indices
 
 H, W = 24, 40  # non-square on purpose: shorter side -> size, then a centre crop
 

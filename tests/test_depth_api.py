@@ -7,7 +7,7 @@ from tests.test_depth_stage import _FakeMidas, _frames, _run_fake
 
 def test_predict_inverse_depth_equals_the_stage(tmp_path, monkeypatch):
     from dkp_core.midas import get_spec, predict_inverse_depth
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     fake = _FakeMidas()
     sizes = [(24, 32), (32, 24), (48, 64), (24, 32)]

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline import depth_cache as dc
+from pipeline.depth_cache import writer as dc_writer
+from pipeline.store.io import sha256_file
 from pipeline.errors import CacheError
 
 SPEC = {"model_type": "dpt_swin2_tiny_256", "weights_sha256": "sha256:" + "a1" * 32, "net_size": 256,
@@ -54,7 +56,7 @@ def build(cache_dir: Path, n: int = 10, shard_size: int = 4, *, rank: int = 0, w
 
 def shard_digests(cache_dir: Path) -> list[str]:
     """sha256 of the shard files as they are on disk (not as the index claims)."""
-    return [dc.sha256_file(cache_dir / e["file"]) for e in dc.read_index(cache_dir)["shards"]]
+    return [sha256_file(cache_dir / e["file"]) for e in dc.read_index(cache_dir)["shards"]]
 
 
 def test_round_trip_mixed_sizes_float16(tmp_path):
@@ -271,7 +273,7 @@ def test_export_import_round_trip(tmp_path):
     out = tmp_path / "share" / "cache.h5"
     out.parent.mkdir()
     digest = dc.export_cache(c, out)
-    assert digest == dc.sha256_file(out)
+    assert digest == sha256_file(out)
     assert (tmp_path / "share" / "cache.h5.sha256").read_text().split() == [digest[7:], "cache.h5"]
     with h5py.File(out, "r") as f:  # one self-describing file
         assert f.attrs["spec.model_type"] == SPEC["model_type"] and len(f["shards"]) == 3
@@ -355,7 +357,7 @@ def test_disk_full_while_writing_keeps_finished_shards(tmp_path, monkeypatch):
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(dc, "_fsync", full)  # the first fsync of shard 1's temp file hits a full disk
+    monkeypatch.setattr(dc_writer, "fsync_path", full)  # the first fsync of shard 1's temp file hits a full disk
     with pytest.raises(CacheError, match=r"shard-00001.h5 failed .*No space left.*finished shards are kept"):
         w.write_shard(w.plan(1), ids[4:], hashes[4:], depths[4:], valid[4:])
     monkeypatch.undo()

@@ -63,7 +63,7 @@ def test_preprocess_u8_refuses_other_inputs():
 
 def test_read_rgb_gives_the_bytes_it_gave_before(tmp_path):
     """read_rgb swaps channels with cv2.cvtColor now: the same bytes as the strided numpy copy it replaced."""
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     img = _image(21, 34)  # RGB
     rgba = np.concatenate([img, np.full((21, 34, 1), 7, np.uint8)], -1)
@@ -77,7 +77,7 @@ def test_read_rgb_gives_the_bytes_it_gave_before(tmp_path):
 
 
 def test_jpeg_header_reads_size_components_and_depth_without_decoding():
-    from pipeline.images import jpeg_header
+    from pipeline.data.images import jpeg_header
 
     img = _image(37, 53)
     for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
@@ -189,7 +189,7 @@ def test_preprocess_enters_the_depth_key_only_when_it_changes_values(tmp_path):
     """cpu (the default) leaves the depth key exactly as before the option existed; device changes it; the
     files provider never reads it."""
     from pipeline import config as C
-    from pipeline.artifacts import Store, artifact_key
+    from pipeline.store.artifacts import Store, artifact_key
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 

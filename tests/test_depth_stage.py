@@ -53,7 +53,7 @@ def _ok(r):
 
 def _plan(exp, store=None, *overrides):
     """`status` in-process (the CLI's own build_plan): {stage: StagePlan}."""
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
@@ -84,7 +84,7 @@ def reference(tmp_path_factory):
 
 
 def _synth(exp):
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     write_synthetic(exp["root"], n=48, seed=0, image_size=32)
 
@@ -305,7 +305,7 @@ def test_midas_levit_cache_matches_the_model(levit_weights, tmp_path):
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
     from pipeline.midas_weights import file_sha256, load_midas
 
     root = tmp_path / "data"
@@ -421,7 +421,7 @@ def test_mixed_sizes_batched_by_resized_shape(tmp_path, monkeypatch):
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess, target_size
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     fake = _FakeMidas()
     sizes = [(24, 32), (32, 24), (24, 32), (32, 24), (24, 32), (48, 64)]  # BEiT keeps the aspect ratio

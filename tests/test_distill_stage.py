@@ -106,9 +106,9 @@ def _teach_dir(tiny) -> Path:
 def test_embedding_cache_equals_live_teacher(tiny):
     """Cached targets = live targets per (frame, flip), and a distill step gives the same kd loss either way."""
     from pipeline.config import load_config
-    from pipeline.datasets import FrameDataset, valid_train_indices
+    from pipeline.data.datasets import FrameDataset, valid_train_indices
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.manifest import build_manifest
+    from pipeline.data.build import build_manifest
     from pipeline.stages.common import load_trained
     from pipeline.stages.distill import EmbeddingCache, teacher_embedding
 

@@ -56,7 +56,7 @@ def test_metrics_json_and_pictures(tiny):
 def test_numbers_equal_dkp_core_metrics_on_fresh_detections(tiny):
     """Detect again from the saved models, map GT independently, score with dkp_core.metrics: same numbers."""
     from dkp_core.metrics import normalised_l2
-    from pipeline.datasets import FrameDataset
+    from pipeline.data.datasets import FrameDataset
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.stages.common import load_trained
 
@@ -114,7 +114,7 @@ def _folder_with_pairs(root, dataset_yaml, csv=FOLDER_CSV):
     """A 4-joint folder dataset with ``dataset_yaml`` as ROOT/dataset.yaml (None: no file); its manifest."""
     import cv2
 
-    from pipeline.manifest import build_manifest
+    from pipeline.data.build import build_manifest
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     for name in ("a", "b", "c"):
@@ -155,7 +155,7 @@ def test_flip_pairs_of_your_own_folder_dataset_and_the_old_synthetic_key(tmp_pat
 
 def _keys(tmp_path, dataset_yaml, *overrides, csv=FOLDER_CSV):
     """Every stage's key for the 4-joint folder dataset under tmp_path/data."""
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from pipeline import fingerprint as F
+from pipeline.store import fingerprint as F
 
 OLD = 1_600_000_000  # a past mtime (s): outside the racy window, so entries are memoised
 
@@ -89,7 +89,7 @@ def test_corrupt_memo_is_a_logged_miss_and_gets_rewritten(tmp_path, spy, caplog)
     rels = _files(tmp_path, n=3)
     memo_path = tmp_path / "m.json"
     memo_path.write_text('{"schema": "dkp.fingerprint-memo/1", "entries": {tru')
-    with caplog.at_level(logging.WARNING, logger="pipeline.fingerprint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
         fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     assert "corrupt" in caplog.text and len(spy) == 3
     assert json.loads(memo_path.read_text())["schema"] == F.MEMO_SCHEMA  # replaced by a valid memo
@@ -109,7 +109,7 @@ def test_unwritable_memo_location_does_not_fail_the_scan(tmp_path, caplog):
     rels = _files(tmp_path, n=2)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    with caplog.at_level(logging.WARNING, logger="pipeline.fingerprint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
         fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(blocker / "m.json"), progress=False)
     assert fps == [F.hash_file(tmp_path / r) for r in rels]
     assert "could not write" in caplog.text

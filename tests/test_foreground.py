@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.foreground import foreground_masks, heatmap_mass_in_mask
+from pipeline.data.foreground import foreground_masks, heatmap_mass_in_mask
 
 
 def test_mass_in_mask_hand_computed():
@@ -19,8 +19,8 @@ def test_mass_in_mask_hand_computed():
 
 
 def test_synthetic_masks_match_the_figure(tmp_path):
-    from pipeline.manifest import build_manifest
-    from pipeline.synth import write_synthetic
+    from pipeline.data.build import build_manifest
+    from pipeline.data.synth import write_synthetic
 
     write_synthetic(tmp_path / "s", n=6, seed=3, image_size=32, progress=False)
     m = build_manifest("synthetic", tmp_path / "s", progress=False)

@@ -52,7 +52,7 @@ def drop_csv_rows(e: Exp, *frame_ids: str) -> None:
 def test_depth_png_zero_is_no_reading(exp):
     import cv2
 
-    from pipeline.datasets import normalise_inverse_depth
+    from pipeline.data.datasets import normalise_inverse_depth
     from pipeline.depth_cache import DepthCacheReader
 
     to_png_depth(exp)
@@ -158,7 +158,7 @@ def test_experiment_name_cannot_leave_the_store(built):
     assert not (built.cwd / "escape.json").exists() and not (built.store / "escape.json").exists()
     assert sorted(p.name for p in (built.store / "experiments").iterdir()) == ["tiny.json"]
 
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.errors import DkpError
 
     with pytest.raises(DkpError, match="would write outside"):  # the store's own guard, below the config check
@@ -317,8 +317,8 @@ def test_exif_orientation_matches_viewers(tmp_path, orientation):
     """read_rgb and the manifest's size probe show a JPEG as PIL's exif_transpose (what viewers do) does."""
     from PIL import Image, ImageOps
 
-    from pipeline.fingerprint import probe_image
-    from pipeline.images import read_rgb
+    from pipeline.store.fingerprint import probe_image
+    from pipeline.data.images import read_rgb
 
     rng = np.random.default_rng(orientation)
     shown = np.kron(rng.integers(0, 255, (5, 4, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))  # 40x32
@@ -334,7 +334,7 @@ def test_exif_orientation_matches_viewers(tmp_path, orientation):
 def test_exif_rotated_frame_through_the_pipeline(exp):
     """A frame stored 40x32 with orientation 6 is the 32x40 picture viewers show: its annotations and its
     depth file (32 wide, 40 high) fit it, and the depth stage accepts it."""
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     shown = np.zeros((40, 32, 3), np.uint8)
     shown[:20] = (200, 30, 30)  # red top half: upside down or sideways if the tag were ignored

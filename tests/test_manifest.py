@@ -12,8 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import fingerprint as F
-from pipeline import manifest as M
+from pipeline.store import fingerprint as F
+from pipeline.data.build import build_manifest
+from pipeline.data.layouts import human36m as H36
+from pipeline.data.manifest import Manifest
+from pipeline.data.spec import list_datasets, load_spec
 from pipeline.errors import ManifestError
 
 OLD = 1_600_000_000  # past mtime so the memo may keep entries (see fingerprint.RACY_WINDOW_NS)
@@ -42,37 +45,37 @@ def reads(fingerprint_reads):
 
 
 def test_list_datasets_and_every_description_loads():
-    names = M.list_datasets()
+    names = list_datasets()
     assert set(names) >= {"human36m", "human36m_wobg", "taichi", "deepfashion", "folder", "synthetic"}
     want = {  # (K, J, protocol, hflip) as AutoLink / Distill-DKP use them
         "human36m": (16, 32, "h36m", True), "human36m_wobg": (16, 32, "h36m", False),
         "taichi": (10, 18, "taichi", True), "deepfashion": (16, 17, "deepfashion", False),
     }
     for n, (k, j, proto, flip) in want.items():
-        s = M.load_spec(n)
+        s = load_spec(n)
         assert (s.n_keypoints, s.n_joints, s.protocol, s.hflip) == (k, j, proto, flip), n
         assert set(s.roles) >= {"train", "regress", "test"}
-    assert M.load_spec("human36m_wobg").files["masks_dir"] == "BackgroudMask"  # sic, as released
-    assert M.load_spec("folder").protocol == "l2"
-    assert len({M.load_spec(n).description_sha256 for n in names}) == len(names)
+    assert load_spec("human36m_wobg").files["masks_dir"] == "BackgroudMask"  # sic, as released
+    assert load_spec("folder").protocol == "l2"
+    assert len({load_spec(n).description_sha256 for n in names}) == len(names)
 
 
 def test_unknown_dataset_name_lists_valid_ones(tmp_path):
     with pytest.raises(ManifestError, match="unknown dataset 'h36'; valid names: .*human36m.*taichi"):
-        M.build_manifest("h36", tmp_path, progress=False)
+        build_manifest("h36", tmp_path, progress=False)
 
 
 def test_custom_yaml_with_unknown_field_is_refused(tmp_path):
     y = tmp_path / "mine.yaml"
-    with open(M.load_spec("folder").source) as f:
+    with open(load_spec("folder").source) as f:
         y.write_text(f.read() + "hflipp: true\n")
     with pytest.raises(ManifestError, match="unknown field.*hflipp"):
-        M.build_manifest(str(y), tmp_path, progress=False)
+        build_manifest(str(y), tmp_path, progress=False)
 
 
 def test_missing_root(tmp_path):
     with pytest.raises(ManifestError, match="not a directory.*--root"):
-        M.build_manifest("folder", tmp_path / "nope", progress=False)
+        build_manifest("folder", tmp_path / "nope", progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +96,7 @@ def make_folder(root):
 
 def test_folder_layout_counts_splits_and_xy_convention(tmp_path):
     root = make_folder(tmp_path / "ds")
-    m = M.build_manifest("folder", root, progress=False)
+    m = build_manifest("folder", root, progress=False)
     assert m.frame_ids == ["a", "c", "sub/b"]  # sorted paths
     assert m.paths == ["images/a.png", "images/c.png", "images/sub/b.jpg"]
     assert m.splits == ["train", "train", "test"]
@@ -118,7 +121,7 @@ def test_swapped_axes_on_a_non_square_frame_are_out_of_range(tmp_path):
     root = make_folder(tmp_path / "ds")
     (root / "keypoints.csv").write_text("frame,split,x0,y0,x1,y1\na,train,23,39,,\n")  # (row, col) by mistake
     with pytest.raises(ManifestError, match=r"joint 0 of frame 'images/a.png'.*\(23.00, 39.00\).*40x24"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
 
 
 @pytest.mark.parametrize("csv_text, message", [
@@ -134,7 +137,7 @@ def test_folder_csv_errors_name_the_file_and_line(tmp_path, csv_text, message):
     root = make_folder(tmp_path / "ds")
     (root / "keypoints.csv").write_text(csv_text)
     with pytest.raises(ManifestError, match="keypoints.csv") as e:
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     assert message in str(e.value)
 
 
@@ -142,7 +145,7 @@ def test_duplicate_frame_ids_from_two_image_files(tmp_path):
     root = make_folder(tmp_path / "ds")
     img(root / "images" / "a.jpg", 8, 8)
     with pytest.raises(ManifestError, match="duplicate frame id 'a'.*a.jpg.*a.png"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
 
 
 def test_symlink_escaping_the_root_is_refused(tmp_path):
@@ -150,64 +153,64 @@ def test_symlink_escaping_the_root_is_refused(tmp_path):
     outside = img(tmp_path / "elsewhere" / "x.png", 8, 8)
     os.symlink(outside, root / "images" / "x.png")
     with pytest.raises(ManifestError, match="outside the root"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     os.unlink(root / "images" / "x.png")
     os.symlink(tmp_path / "elsewhere", root / "images" / "linked_dir")
     with pytest.raises(ManifestError, match="outside the root"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
 
 
 def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "ds")
     (root / "images" / "c.png").write_bytes(b"garbage")
     with pytest.raises(ManifestError, match="c.png"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
 
 
 def test_rebuild_reads_no_file_and_touch_rereads_one(tmp_path, reads):
     root = make_folder(tmp_path / "ds")
-    m1 = M.build_manifest("folder", root, progress=False)
+    m1 = build_manifest("folder", root, progress=False)
     assert sorted(reads) == ["a.png", "b.jpg", "c.png"]
     reads.clear()
-    m2 = M.build_manifest("folder", root, progress=False)
+    m2 = build_manifest("folder", root, progress=False)
     assert reads == [] and m2.fingerprint == m1.fingerprint and m2.sizes.tolist() == m1.sizes.tolist()
     os.utime(root / "images" / "c.png", (OLD + 5, OLD + 5))
-    m3 = M.build_manifest("folder", root, progress=False)
+    m3 = build_manifest("folder", root, progress=False)
     assert reads == ["c.png"] and m3.fingerprint == m1.fingerprint
     img(root / "images" / "c.png", 16, 16)  # new content
     os.utime(root / "images" / "c.png", (OLD + 9, OLD + 9))
-    assert M.build_manifest("folder", root, progress=False).fingerprint != m1.fingerprint
+    assert build_manifest("folder", root, progress=False).fingerprint != m1.fingerprint
 
 
 def test_save_load_round_trip_and_tamper_detection(tmp_path):
     root = make_folder(tmp_path / "ds")
-    m = M.build_manifest("folder", root, progress=False)
+    m = build_manifest("folder", root, progress=False)
     out = m.save(tmp_path / "out" / "folder.manifest.json")
     side = tmp_path / "out" / "folder.manifest.keypoints.npy"
     assert side.is_file() and not list((tmp_path / "out").glob(".*tmp*"))
     assert b"pickle" not in out.read_bytes()
-    back = M.Manifest.load(out)
+    back = Manifest.load(out)
     assert back.frame_ids == m.frame_ids and back.paths == m.paths and back.splits == m.splits
     assert back.fingerprint == m.fingerprint and back.description_sha256 == m.description_sha256
     np.testing.assert_array_equal(back.keypoints, m.keypoints)  # NaN == NaN here
     assert back.sizes.tolist() == m.sizes.tolist() and back.split("regress").tolist() == [0]
     assert back.annotation_fingerprint == m.annotation_fingerprint
-    assert M.Manifest.load(out, root=tmp_path / "moved").root == tmp_path / "moved"
+    assert Manifest.load(out, root=tmp_path / "moved").root == tmp_path / "moved"
 
     kp = np.load(side)
     kp[0, 0, 0] = 1.0
     np.save(side, kp)
     with pytest.raises(ManifestError, match="keypoints.npy does not match"):
-        M.Manifest.load(out)
+        Manifest.load(out)
     d = json.loads(out.read_text())
     d["frames"]["fingerprint"][0] = "xxh3:" + "0" * 32
     d["keypoints"] = None
     out.write_text(json.dumps(d))
     with pytest.raises(ManifestError, match="do not add up"):
-        M.Manifest.load(out)
+        Manifest.load(out)
     out.write_text("{")
     with pytest.raises(ManifestError, match="unreadable"):
-        M.Manifest.load(out)
+        Manifest.load(out)
 
 
 def make_synthetic(root, n=3):
@@ -227,7 +230,7 @@ def test_synthetic_layout_with_depth_and_dataset_yaml(tmp_path):
         "f000000.png,train,1,2,3,4,5,6\nf000001.png,train,31,23,0,0,7,7\nf000002.png,test,1,1,2,2,3,3\n")
     (root / "dataset.yaml").write_text("depth_kind: depth\ndepth_scale: 1.0\nn_joints: 3\nimage_size: 64\n"
                                        "generator_seed: 5\n")
-    m = M.build_manifest("synthetic", root, progress=False)
+    m = build_manifest("synthetic", root, progress=False)
     assert len(m) == 3 and m.image_size == 64 and m.n_joints == 3 and m.n_keypoints == 10
     assert m.depth_options == {"kind": "depth", "scale": 1.0}
     assert m.depth_paths == [f"depth/f{i:06d}.npy" for i in range(3)]
@@ -237,11 +240,11 @@ def test_synthetic_layout_with_depth_and_dataset_yaml(tmp_path):
     np.testing.assert_array_equal(m.keypoints[1, 0], [31, 23])
 
     (root / "dataset.yaml").write_text("depth_kind: inverse_depth\ndepth_scale: 0.001\nn_joints: 3\n")
-    m2 = M.build_manifest("synthetic", root, progress=False)
+    m2 = build_manifest("synthetic", root, progress=False)
     assert m2.depth_options == {"kind": "inverse_depth", "scale": 0.001}
     assert m2.description_sha256 != m.description_sha256
     (root / "dataset.yaml").write_text("depth_kind: inverse_depth\ndepth_scale: 0.001\nn_joints: 3\nnote: hi\n")
-    m3 = M.build_manifest("synthetic", root, progress=False)
+    m3 = build_manifest("synthetic", root, progress=False)
     assert m3.description_sha256 == m2.description_sha256  # information-only keys do not change keys
 
 
@@ -249,24 +252,24 @@ def test_folder_depth_errors(tmp_path):
     root = make_folder(tmp_path / "ds")
     (root / "depth").mkdir()
     with pytest.raises(ManifestError, match="depth_kind"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     (root / "dataset.yaml").write_text("depth_kind: metric\n")
     with pytest.raises(ManifestError, match="depth_kind must be 'depth'"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     (root / "dataset.yaml").write_text("depth_kind: depth\n")
     np.save(root / "depth" / "a.npy", np.ones((24, 40), np.float32))
     with pytest.raises(ManifestError, match="2 frames have no depth file"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     np.save(root / "depth" / "c.npy", np.ones((16, 16), np.float32))
     (root / "depth" / "sub").mkdir()
     np.save(root / "depth" / "sub" / "b.npy", np.ones((40, 30), np.float32))  # transposed: wrong size
     with pytest.raises(ManifestError, match="depth file 'depth/sub/b.npy' is 30x40 but its frame"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
     np.save(root / "depth" / "sub" / "b.npy", np.ones((50, 30), np.float32))
-    assert M.build_manifest("folder", root, progress=False).depth_options["kind"] == "depth"
+    assert build_manifest("folder", root, progress=False).depth_options["kind"] == "depth"
     np.save(root / "depth" / "orphan.npy", np.ones((2, 2), np.float32))
     with pytest.raises(ManifestError, match="orphan.npy' has no frame"):
-        M.build_manifest("folder", root, progress=False)
+        build_manifest("folder", root, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def make_h36m(root, w=128, h=96, wobg=False):
 def test_human36m_layout_splits_and_rowcol_to_xy(tmp_path):
     root = tmp_path / "human_images"
     gt = make_h36m(root, w=128, h=96)
-    m = M.build_manifest("human36m", root, progress=False)
+    m = build_manifest("human36m", root, progress=False)
     assert len(m) == 6 + 2 * 2 and not any("Eating" in p for p in m.paths)
     assert m.split("train").tolist() == m.split("regress").tolist() == list(range(6))
     assert [m.frame_ids[i].split("/")[0] for i in m.split("test")] == ["S11"] * 4
@@ -315,12 +318,12 @@ def test_human36m_layout_splits_and_rowcol_to_xy(tmp_path):
 def test_human36m_rebuild_parses_and_reads_nothing(tmp_path, reads, monkeypatch):
     root = tmp_path / "h"
     make_h36m(root)
-    m1 = M.build_manifest("human36m", root, progress=False)
+    m1 = build_manifest("human36m", root, progress=False)
     parsed = []
-    real = M._read_h36m_mat
-    monkeypatch.setattr(M, "_read_h36m_mat", lambda p, k: parsed.append(p) or real(p, k))
+    real = H36._read_h36m_mat
+    monkeypatch.setattr(H36, "_read_h36m_mat", lambda p, k: parsed.append(p) or real(p, k))
     reads.clear()
-    m2 = M.build_manifest("human36m", root, progress=False)
+    m2 = build_manifest("human36m", root, progress=False)
     assert reads == [] and parsed == []
     np.testing.assert_array_equal(m1.keypoints, m2.keypoints)
 
@@ -334,7 +337,7 @@ def test_human36m_reads_matlab_v73_landmarks_too(tmp_path):
     with h5py.File(root / rel, "w", userblock_size=512) as f:  # v7.3 = HDF5 after a 512-byte header
         f["keypoints_2d"] = rc.T  # MATLAB writes column-major: (32, 2) is stored as (2, 32)
     _age(root / rel)
-    m = M.build_manifest("human36m", root, progress=False)
+    m = build_manifest("human36m", root, progress=False)
     i = m.frame_ids.index("S1/Directions 1.54138969/000000")
     np.testing.assert_allclose(m.keypoints[i], np.stack([rc[:, 1] * 127, rc[:, 0] * 95], axis=1), rtol=1e-5)
 
@@ -342,13 +345,13 @@ def test_human36m_reads_matlab_v73_landmarks_too(tmp_path):
 def test_human36m_wobg_lists_masks_and_requires_them(tmp_path):
     root = tmp_path / "h"
     make_h36m(root, wobg=True)
-    m = M.build_manifest("human36m_wobg", root, progress=False)
+    m = build_manifest("human36m_wobg", root, progress=False)
     assert m.hflip is False
     assert m.mask_paths[0] == "S1/BackgroudMask/Directions 1.54138969/000000.png"
     assert all(fp.startswith("xxh3:") for fp in m.mask_fingerprints) and m.mask_fingerprint
     os.remove(root / "S11/BackgroudMask/Walking.60457274/000001.png")
     with pytest.raises(ManifestError, match="mask 'S11/BackgroudMask/Walking.60457274/000001.png'.*not found"):
-        M.build_manifest("human36m_wobg", root, progress=False)
+        build_manifest("human36m_wobg", root, progress=False)
 
 
 def test_human36m_missing_and_broken_files(tmp_path):
@@ -356,15 +359,15 @@ def test_human36m_missing_and_broken_files(tmp_path):
     make_h36m(root)
     os.remove(root / "S5/Landmarks/Directions 1.54138969/000000.mat")
     with pytest.raises(ManifestError, match="landmark file 'S5/Landmarks/Directions 1.54138969/000000.mat'.*not found"):
-        M.build_manifest("human36m", root, progress=False)
+        build_manifest("human36m", root, progress=False)
     (root / "S5/Landmarks/Directions 1.54138969/000000.mat").write_bytes(b"MATLAB 5.0 but broken")
     with pytest.raises(ManifestError, match="000000.mat' unreadable"):
-        M.build_manifest("human36m", root, progress=False)
+        build_manifest("human36m", root, progress=False)
     import shutil
 
     shutil.rmtree(root / "S9")
     with pytest.raises(ManifestError, match="'S9/WithBackground' not found.*human_images"):
-        M.build_manifest("human36m", root, progress=False)
+        build_manifest("human36m", root, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +495,7 @@ def test_taichi_layout_reads_the_pandas_pickle_without_pandas(tmp_path, style):
     root = tmp_path / "taichi"
     reg, test = make_taichi(root, style)
     had_pandas = "pandas" in sys.modules
-    m = M.build_manifest("taichi", root, progress=False)
+    m = build_manifest("taichi", root, progress=False)
     assert had_pandas or "pandas" not in sys.modules  # nothing imported pandas
     assert m.paths[:3] == ["train/vid0.mp4/0000000.png", "train/vid1.mp4/0000000.png", "train/vid1.mp4/0000001.png"]
     assert m.splits == ["train"] * 3 + ["regress"] * 2 + ["test"]
@@ -525,7 +528,7 @@ def test_taichi_missing_coordinates_stay_separate_as_in_autolink(tmp_path):
         for name in names[part]:
             img(root / f"eval_images/taichi-256/{sub}" / name, 256, 256)
         write_taichi_pickle(root / "landmark" / gt, names[part], raw[part])
-    m = M.build_manifest("taichi", root, progress=False)
+    m = build_manifest("taichi", root, progress=False)
     reg, test = m.split("regress"), m.split("test")
     kp_reg, kp_test = m.keypoints[reg], m.keypoints[test]
     assert np.isnan(kp_reg[0, 3, 0]) and kp_reg[0, 3, 1] == np.float32(raw["regress"][0, 3, 1])
@@ -544,7 +547,7 @@ def test_taichi_test_masks_are_listed_when_present(tmp_path):
     root = tmp_path / "taichi"
     make_taichi(root)
     img(root / "taichi-test-masks/c.png", 64, 48)
-    m = M.build_manifest("taichi", root, progress=False)
+    m = build_manifest("taichi", root, progress=False)
     assert m.mask_paths == [None] * 5 + ["taichi-test-masks/c.png"]
 
 
@@ -553,7 +556,7 @@ def test_taichi_plain_dict_pickle_is_accepted(tmp_path):
     make_taichi(root)
     vals = RNG.uniform(0, 40, (1, 18, 2))
     (root / "landmark/taichi_test_gt.pkl").write_bytes(pickle.dumps({"file_name": ["c.png"], "value": [vals[0]]}))
-    m = M.build_manifest("taichi", root, progress=False)
+    m = build_manifest("taichi", root, progress=False)
     np.testing.assert_allclose(m.keypoints[-1], vals[0], rtol=1e-6)
 
 
@@ -571,7 +574,7 @@ def test_taichi_pickle_that_names_code_is_refused_and_never_runs(tmp_path):
     target = tmp_path / "pwned"
     (root / "landmark/taichi_train_gt.pkl").write_bytes(pickle.dumps(_Evil(str(target))))
     with pytest.raises(ManifestError, match="taichi_train_gt.pkl unreadable.*refusing to load global"):
-        M.build_manifest("taichi", root, progress=False)
+        build_manifest("taichi", root, progress=False)
     assert not target.exists()
 
 
@@ -580,16 +583,16 @@ def test_taichi_errors(tmp_path):
     make_taichi(root)
     write_taichi_pickle(root / "landmark/taichi_test_gt.pkl", ["missing.png"], np.zeros((1, 18, 2)))
     with pytest.raises(ManifestError, match="frame 'eval_images/taichi-256/test/missing.png' not found"):
-        M.build_manifest("taichi", root, progress=False)
+        build_manifest("taichi", root, progress=False)
     write_taichi_pickle(root / "landmark/taichi_test_gt.pkl", ["c.png"], np.full((1, 18, 2), 300.0))
     with pytest.raises(ManifestError, match="outside the 64x48 frame"):
-        M.build_manifest("taichi", root, progress=False)
+        build_manifest("taichi", root, progress=False)
     write_taichi_pickle(root / "landmark/taichi_test_gt.pkl", ["c.png", "c.png"], np.zeros((2, 18, 2)))
     with pytest.raises(ManifestError, match="duplicate frame id"):
-        M.build_manifest("taichi", root, progress=False)
+        build_manifest("taichi", root, progress=False)
     os.remove(root / "landmark/taichi_test_gt.pkl")
     with pytest.raises(ManifestError, match="GT file 'landmark/taichi_test_gt.pkl' not found"):
-        M.build_manifest("taichi", root, progress=False)
+        build_manifest("taichi", root, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,7 +617,7 @@ def make_deepfashion(root, n_train=3, n_test=1):
 def test_deepfashion_layout(tmp_path):
     root = tmp_path / "df"
     files = make_deepfashion(root)
-    m = M.build_manifest("deepfashion", root, progress=False)
+    m = build_manifest("deepfashion", root, progress=False)
     assert len(m) == 4 and m.split("train").tolist() == m.split("regress").tolist() == [0, 1, 2]
     assert m.split("test").tolist() == [3] and m.hflip is False and m.protocol == "deepfashion"
     assert m.paths[0] == "img/" + files["train"][0] and m.sizes[0].tolist() == [48, 64]
@@ -627,32 +630,40 @@ def test_deepfashion_errors(tmp_path):
     make_deepfashion(root)
     (root / "data_test.csv").write_text("id,filename\n0,../outside.jpg\n")
     with pytest.raises(ManifestError, match="escapes the root"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
     (root / "data_test.csv").write_text("id,filename\n0,MEN/x.jpg\n1,MEN/y.jpg\n")
     with pytest.raises(ManifestError, match="data_test.json' has 1 entries but 'data_test.csv' has 2 rows"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
     (root / "data_test.csv").write_text("id,filename\n0,MEN/x.jpg\n")
     with pytest.raises(ManifestError, match="frame 'img/MEN/x.jpg' not found under root"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
     (root / "data_test.json").write_text("[{")
     with pytest.raises(ManifestError, match="data_test.json' unreadable"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
     (root / "data_test.csv").write_text("idx;filename\n")
     with pytest.raises(ManifestError, match="expected the header 'id,filename'"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
     os.remove(root / "data_train.csv")
     with pytest.raises(ManifestError, match="split file 'data_train.csv' not found"):
-        M.build_manifest("deepfashion", root, progress=False)
+        build_manifest("deepfashion", root, progress=False)
 
 
 def test_manifest_of_what_synth_writes(tmp_path, caplog):
-    synth = pytest.importorskip("pipeline.synth")
+    synth = pytest.importorskip("pipeline.data.synth")
     out = tmp_path / "s"
     synth.write_synthetic(out, n=6, seed=0, image_size=32, progress=False, clip_length=2, test_fraction=0.34)
-    with caplog.at_level("WARNING", logger="pipeline.manifest"):
-        m = M.build_manifest("synthetic", out, progress=False)
+    with caplog.at_level("WARNING", logger="pipeline.data.spec"):
+        m = build_manifest("synthetic", out, progress=False)
     assert "not dataset options" not in caplog.text  # synth's own keys are understood
     assert len(m) == 6 and m.depth_options == {"kind": "depth", "scale": 1.0}
     assert m.sizes.tolist() == [[32, 32]] * 6 and m.n_joints == m.spec.n_joints
     assert len(m.split("test")) >= 1 and len(m.split("train")) + len(m.split("test")) == 6
     assert m.depth_fingerprint.startswith("xxh3:") and "synthetic" in m.spec.extra
+
+
+def test_every_layout_has_one_registered_walker():
+    from pipeline.data.layouts import WALKERS
+    from pipeline.data.spec import LAYOUTS
+
+    assert sorted(WALKERS) == sorted(LAYOUTS)
+    assert all(w.__module__ == f"pipeline.data.layouts.{name}" for name, w in WALKERS.items())

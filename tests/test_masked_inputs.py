@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import manifest as M
-from pipeline.datasets import FrameDataset, normalise_inverse_depth
+from pipeline.data.build import build_manifest
+from pipeline.data.spec import load_spec
+from pipeline.data.datasets import FrameDataset, normalise_inverse_depth
 from pipeline.errors import ManifestError
 from tests.test_manifest import _age, make_h36m
 
@@ -39,11 +40,11 @@ def wobg(tmp_path):
     root = tmp_path / "human_images"
     make_h36m(root, w=S, h=S, wobg=True)
     rng = np.random.default_rng(1)
-    m = M.build_manifest("human36m_wobg", root, progress=False)
+    m = build_manifest("human36m_wobg", root, progress=False)
     for i, rel in enumerate(m.mask_paths):  # a real mask per frame; the first RGB, as a colour PNG may be
         assert cv2.imwrite(str(root / rel), _mask(rng, channels=3 if i == 0 else 1))
         _age(root / rel)
-    return M.build_manifest("human36m_wobg", root, progress=False)
+    return build_manifest("human36m_wobg", root, progress=False)
 
 
 def _autolink_input(frame_rgb: np.ndarray, mask_path) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _autolink_input(frame_rgb: np.ndarray, mask_path) -> torch.Tensor:
 
 @pytest.mark.parametrize("split", ["train", "regress", "test"])
 def test_rgb_is_masked_exactly_as_autolink_does(wobg, split):
-    from pipeline.images import read_rgb
+    from pipeline.data.images import read_rgb
 
     assert wobg.apply_masks
     ds = FrameDataset(manifest=wobg, indices=wobg.split(split), image_size=S, use_rgb=True, use_depth=False)
@@ -72,7 +73,7 @@ def test_rgb_is_masked_exactly_as_autolink_does(wobg, split):
 
 
 def test_depth_is_masked_after_its_normalisation_and_flips_with_the_rgb(wobg):
-    from pipeline.images import read_mask
+    from pipeline.data.images import read_mask
 
     idx = wobg.split("train")
     ds = FrameDataset(manifest=wobg, indices=idx, image_size=S, use_rgb=True, use_depth=True,
@@ -87,7 +88,7 @@ def test_depth_is_masked_after_its_normalisation_and_flips_with_the_rgb(wobg):
 
 
 def test_without_background_variant_masks_and_with_background_does_not(wobg):
-    plain = M.build_manifest("human36m", wobg.root, progress=False)
+    plain = build_manifest("human36m", wobg.root, progress=False)
     assert not plain.apply_masks and plain.mask_paths is None
     a = FrameDataset(manifest=plain, indices=[0], image_size=S, use_rgb=True, use_depth=False)[0]["rgb"]
     b = FrameDataset(manifest=wobg, indices=[0], image_size=S, use_rgb=True, use_depth=False)[0]["rgb"]
@@ -95,7 +96,7 @@ def test_without_background_variant_masks_and_with_background_does_not(wobg):
 
 
 def test_masks_are_in_the_keys_of_the_stages_that_read_them(wobg, tmp_path):
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.config import load_config
     from pipeline.graph import build_plan
 
@@ -118,12 +119,12 @@ def test_masks_are_in_the_keys_of_the_stages_that_read_them(wobg, tmp_path):
 
 
 def test_mask_problems_are_named(wobg, tmp_path):
-    from pipeline.images import read_mask
+    from pipeline.data.images import read_mask
 
     rel = wobg.mask_paths[0]
     cv2.imwrite(str(wobg.root / rel), np.zeros((S, S - 1), np.uint8))
     with pytest.raises(ManifestError, match=f"mask '{rel}' is 127x128 but its frame .* is 128x128"):
-        M.build_manifest("human36m_wobg", wobg.root, progress=False)
+        build_manifest("human36m_wobg", wobg.root, progress=False)
     p = tmp_path / "m16.png"
     cv2.imwrite(str(p), np.zeros((4, 4), np.uint16))
     with pytest.raises(ManifestError, match="m16.png: uint16 .* expected an 8-bit gray or RGB PNG"):
@@ -136,13 +137,13 @@ def test_mask_problems_are_named(wobg, tmp_path):
     y = tmp_path / "no_masks.yaml"
     y.write_text(data_manifests.yaml_path("human36m").read_text() + "apply_masks: true\n")
     with pytest.raises(ManifestError, match="apply_masks: true but not every frame has a mask"):
-        M.build_manifest(str(y), wobg.root, progress=False)
+        build_manifest(str(y), wobg.root, progress=False)
     y.write_text(data_manifests.yaml_path("human36m").read_text() + "apply_masks: 1\n")
     with pytest.raises(ManifestError, match="'apply_masks' must be true or false"):
-        M.build_manifest(str(y), wobg.root, progress=False)
+        build_manifest(str(y), wobg.root, progress=False)
 
 
 def test_descriptions_that_do_not_mask_keep_their_identity():
     # apply_masks only enters a description (and so every artifact key) where it is set
-    assert "apply_masks" not in M.load_spec("human36m").to_dict()
-    assert M.load_spec("human36m_wobg").to_dict()["apply_masks"] is True
+    assert "apply_masks" not in load_spec("human36m").to_dict()
+    assert load_spec("human36m_wobg").to_dict()["apply_masks"] is True

@@ -133,7 +133,7 @@ def test_deepfashion_pck_threshold_boundary(offset, hit):
 @pytest.mark.parametrize("offset,hit", [(5.99, True), (6.01, False)])
 def test_deepfashion_pck_is_judged_at_256_px_when_gt_was_resized_to_128(offset, hit):
     """The eval stage maps 256 px annotations into the 128 px model frame with the pixel-centre rule
-    (pipeline.images.square_transform); the protocol must map them back and apply 6 px at 256."""
+    (pipeline.data.images.square_transform); the protocol must map them back and apply 6 px at 256."""
     rng = np.random.default_rng(8)
     det = rng.uniform(5, 122, size=(41, 17, 2))  # detections in the 128 px frame
     gt256 = det / 127 * 255  # exactly linear in AutoLink's features, no intercept needed

@@ -47,7 +47,7 @@ def _smooth_image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def test_model_to_image_inverts_square_transform():
-    from pipeline.images import square_transform
+    from pipeline.data.images import square_transform
     from pipeline.predict import model_to_image
 
     rng = np.random.default_rng(0)
@@ -74,8 +74,8 @@ def test_keypoints_are_in_original_image_pixels(student, tmp_path):
     np.testing.assert_allclose(kp_wide[:, 0] - 32, kp_crop[:, 0], atol=1e-4)
     np.testing.assert_allclose(kp_wide[:, 1], kp_crop[:, 1], atol=1e-4)
     # and the crop's keypoints are the detector's, mapped from [-1, 1] to pixels of the 64 px image
-    from pipeline.datasets import rgb_to_tensor
-    from pipeline.images import resize_square
+    from pipeline.data.datasets import rgb_to_tensor
+    from pipeline.data.images import resize_square
 
     x = rgb_to_tensor(resize_square(wide[:, 32:96], 32))[None]
     u = model.detector(x).keypoints[0].detach().numpy()

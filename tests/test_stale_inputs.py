@@ -1,5 +1,5 @@
 """Annotations and splits in the artifact keys (issue 13, item 1): edit after a finished run, then `status`
-and `run`. Every stage's key covers exactly what it reads (pipeline/reads.py): depth the frames, teach and
+and `run`. Every stage's key covers exactly what it reads (pipeline/data/reads.py): depth the frames, teach and
 distill the train split (and the test split they picture), eval the regress/test splits, their
 annotations and frames. Nothing stale is reported fresh, nothing is rebuilt that did not change, and
 `status` names what changed.
@@ -158,10 +158,10 @@ def test_editing_annotations_back_finds_the_old_artifacts(exp):
 def test_midas_depth_key_unchanged_by_issue_13(tmp_path):
     """The MiDaS depth key is still the formula of before annotations entered the keys (copied here from that
     code), so existing caches and exports are reused rather than recomputed for hours."""
-    from pipeline.artifacts import Store, artifact_key
+    from pipeline.store.artifacts import Store, artifact_key
     from pipeline.config import load_config, semantic_dict
     from pipeline.graph import build_plan
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     write_synthetic(tmp_path / "data", n=8, seed=0, image_size=32, progress=False)
     (tmp_path / "tiny.yaml").write_text(TINY_YAML.format(root=tmp_path / "data"))

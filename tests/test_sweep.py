@@ -74,7 +74,7 @@ def swept(tiny_store):
 
 
 def test_sweep_runs_every_point_and_shares_stages(swept):
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
 
     d, result = swept["dir"], swept["result"]
     runs = result["runs"]

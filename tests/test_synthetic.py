@@ -1,4 +1,4 @@
-"""The synthetic generator (dkp_core.synthetic) and its folder-layout writer (pipeline.synth)."""
+"""The synthetic generator (dkp_core.synthetic) and its folder-layout writer (pipeline.data.synth)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import yaml
 
 from dkp_core import synthetic as S
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.synth import split_indices, write_synthetic
+from pipeline.data.synth import split_indices, write_synthetic
 
 SMALL = S.SyntheticConfig(image_size=64)
 # Non-square on purpose: an (x, y) / (row, col) mix-up cannot pass these tests.

@@ -103,7 +103,7 @@ def _check_figure_mass_against_uniform_heatmaps(tiny, model, res):
     from types import SimpleNamespace
 
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.manifest import build_manifest
+    from pipeline.data.build import build_manifest
     from pipeline.stages.teach import figure_heatmap_mass
 
     m = build_manifest("synthetic", tiny["root"], progress=False)

@@ -1,4 +1,4 @@
-"""The trainer (pipeline/train.py) and checkpoint files (pipeline/checkpoint.py), on a tiny CPU model.
+"""The trainer (pipeline/train.py) and checkpoint files (pipeline/store/checkpoint.py), on a tiny CPU model.
 
 Kill -9 / resume equivalence across processes lives in tests/faults/test_train_kill.py; here
 everything runs in-process except the 2-rank DDP comparison (a torchrun subprocess).
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt_mod
-from pipeline.checkpoint import check_plain, latest_checkpoint, load_safe, save_atomic
+from pipeline.store import checkpoint as ckpt_mod
+from pipeline.store.checkpoint import check_plain, latest_checkpoint, load_safe, save_atomic
 from pipeline.errors import CheckpointError, ConfigError, DkpError
 from pipeline.train import (
     NonFiniteLossError,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import config as C
-from pipeline.artifacts import Store, git_sha, write_atomic
+from pipeline.store.artifacts import Store, git_sha
+from pipeline.store.io import write_atomic
 from pipeline.graph import flatten
 from pipeline.report import plots
 from pipeline.report.html import esc, figure, fmt, gallery, link, page, read_png, state_badge, table

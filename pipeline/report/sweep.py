@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pipeline.artifacts import Store, write_atomic
+from pipeline.store.artifacts import Store
+from pipeline.store.io import write_atomic
 from pipeline.report import plots
 from pipeline.report.experiment import default_path, experiment_plan, write_experiment_report
 from pipeline.report.html import esc, figure, fmt, link, page, state_badge, table

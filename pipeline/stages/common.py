@@ -76,7 +76,7 @@ def training_progress():
 
 def load_trained(path: Path):
     """Rebuild an AutoLink from a trainer's model.pt (weights_only). Returns (model in eval(), payload)."""
-    from pipeline.checkpoint import load_safe
+    from pipeline.store.checkpoint import load_safe
 
     p = Path(path)
     if p.is_dir():
@@ -148,7 +148,7 @@ def train_progress(path: Path) -> tuple[int, int]:
     """(steps done, total) of an interrupted training artifact, from its newest checkpoint name."""
     import json
 
-    from pipeline.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
+    from pipeline.store.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
 
     cks = list_checkpoints(Path(path) / CHECKPOINT_DIRNAME)
     rec = json.loads((Path(path) / "artifact.json").read_text())

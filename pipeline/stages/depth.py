@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.artifacts import LOCK, ArtifactWriter, Lock, write_atomic
+from pipeline.store.artifacts import LOCK, ArtifactWriter, Lock
+from pipeline.store.io import write_atomic
 from pipeline.errors import CheckpointError, ConfigError, LockError, ManifestError
 
 
@@ -199,7 +200,7 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
     import cv2
 
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.images import read_rgb, resize_square
+    from pipeline.data.images import read_rgb, resize_square
     from pipeline.viz import grid, save_png
 
     with DepthCacheReader(path) as r:
@@ -397,8 +398,8 @@ class _Frames:
         return len(self.indices)
 
     def __getitem__(self, j):
-        from pipeline.fingerprint import CHUNK
-        from pipeline.images import (check_not_truncated, decode_rgb, exif_orientation, jpeg_header, read_depth_file,
+        from pipeline.store.fingerprint import CHUNK
+        from pipeline.data.images import (check_not_truncated, decode_rgb, exif_orientation, jpeg_header, read_depth_file,
                                      read_frame_bytes)
 
         i = self.indices[j]
@@ -449,7 +450,7 @@ def _device_batch(items: list[dict], spec, device, bad) -> tuple[Any, list[dict]
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from dkp_core.midas.transforms import preprocess_tensor
-    from pipeline.images import decode_rgb
+    from pipeline.data.images import decode_rgb
 
     jpegs = [k for k, it in enumerate(items) if "jpeg" in it]
     decoded: dict[int, Any] = {}  # item position -> (3, H, W) uint8 on device

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, valid_train_indices
 from pipeline.stages import common
 from pipeline.stages.teach import _finish, fixed_batch, open_depth
 
@@ -74,7 +74,7 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
     """Run the teacher once over every training frame (and its mirror when flips are on)."""
     import h5py
 
-    from pipeline.artifacts import fsync_dir
+    from pipeline.store.io import fsync_dir
 
     if path.exists():
         return

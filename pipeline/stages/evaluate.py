@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import write_json_atomic
-from pipeline.datasets import FrameDataset
+from pipeline.store.io import write_json_atomic
+from pipeline.data.datasets import FrameDataset
 from pipeline.errors import DkpError
-from pipeline.images import square_transform
+from pipeline.data.images import square_transform
 from pipeline.stages import common
 
 
@@ -80,7 +80,7 @@ def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -
     Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
     fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).
     """
-    from pipeline.foreground import foreground_masks, heatmap_mass_in_mask
+    from pipeline.data.foreground import foreground_masks, heatmap_mass_in_mask
 
     if len(indices) == 0:
         return None
@@ -108,7 +108,7 @@ def run(ctx) -> dict:
     from pipeline.train import resolve_device
     from pipeline.viz import draw_keypoints, grid, save_png
 
-    from pipeline.reads import eval_data_problem
+    from pipeline.data.reads import eval_data_problem
 
     m = ctx.plan.manifest
     problem = eval_data_problem(m)
@@ -244,7 +244,7 @@ def print_comparison(summary: dict, console) -> None:
 def _save_npz(path: Path, arrays: dict) -> None:
     import io
 
-    from pipeline.artifacts import write_atomic
+    from pipeline.store.io import write_atomic
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)

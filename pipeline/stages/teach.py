@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, valid_train_indices
 from pipeline.stages import common
 
 
@@ -35,7 +35,7 @@ def figure_heatmap_mass(model, manifest, reader, indices, image_size: int, max_f
     import numpy as np
     import yaml
 
-    from pipeline.images import resize_square
+    from pipeline.data.images import resize_square
 
     meta_path = manifest.root / "dataset.yaml"
     try:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline import depth_cache as dc
+from pipeline.store.io import sha256_file
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +77,7 @@ def _run_with_kills(tmp_path: Path, n_kills: int, seed: int) -> None:
         # State after the kill: whatever counts as done is exactly the reference bytes, and status says so.
         entries = _entries(work)
         for i, entry in entries.items():
-            if dc.sha256_file(work / entry["file"]) == entry["sha256"]:
+            if sha256_file(work / entry["file"]) == entry["sha256"]:
                 assert entry == ref_entries[i], f"shard {i} differs from the uninterrupted run"
         done, total = dc.progress(work)
         assert total in (0, N_FRAMES) and done == sum(e["n_frames"] for e in entries.values())

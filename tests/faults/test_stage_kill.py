@@ -47,7 +47,7 @@ WRAPPER = """\
 import os, sys, time
 if sys.argv[1] in ("teach", "distill"):
     import torch._dynamo  # the optimiser imports it lazily: loaded first so it is not mistaken for work
-import pipeline.depth_cache, pipeline.images, pipeline.stages.distill, pipeline.train
+import pipeline.depth_cache, pipeline.data.images, pipeline.stages.distill, pipeline.train
 fd = os.open(os.environ["DKP_TEST_EVENTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 def event():
     os.write(fd, b".")
@@ -64,7 +64,7 @@ def wrap(mod, name, before, after=lambda: None):
         after()
         return out
     setattr(mod, name, f)
-wrap(pipeline.images, "read_depth_file", lambda: time.sleep({delay}), event)
+wrap(pipeline.data.images, "read_depth_file", lambda: time.sleep({delay}), event)
 wrap(pipeline.stages.distill, "build_embedding_cache", start)
 train = pipeline.train.train
 def train_counting(*a, step_fn, **k):
@@ -266,7 +266,7 @@ def _reference(ref: Store) -> dict[str, float]:
 
 
 def _run(tmp_path: Path, *, seed: int, kills: dict[str, int]) -> list[str]:
-    from pipeline.synth import write_synthetic
+    from pipeline.data.synth import write_synthetic
 
     root = tmp_path / "data"
     write_synthetic(root, n=48, seed=0, image_size=32, progress=False)
@@ -314,7 +314,7 @@ def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
     in a depth artifact, `samples/.step_000009.png.tmp-N` in a teach artifact)."""
     import socket
 
-    from pipeline.artifacts import Lock
+    from pipeline.store.artifacts import Lock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

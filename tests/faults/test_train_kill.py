@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_safe
+from pipeline.store.checkpoint import list_checkpoints, load_safe
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]

@@ -27,11 +27,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import xxhash
 
+from pipeline.store.io import HASH_CHUNK, stream_file, write_atomic
+
 log = logging.getLogger(__name__)
 
 PREFIX = "xxh3:"
 MEMO_SCHEMA = "dkp.fingerprint-memo/1"
-CHUNK = 1 << 20  # read size; the first chunk is also what probes see (image headers live there)
+CHUNK = HASH_CHUNK  # read size (stream_file's); the first chunk is also what probes see (image headers live there)
 RACY_WINDOW_NS = 2_000_000_000  # files modified this recently are not memoised (see module docstring)
 
 # A probe extracts small facts (image size, ...) from a file's first bytes while it is being hashed,
@@ -52,17 +54,7 @@ def _read_and_digest(path: str | os.PathLike, *, sha256: bool = False, probe: Op
     """Read ``path`` once: ``{"xxh3": "xxh3:<hex>"}`` plus ``"sha256": "sha256:<hex>"`` and the probe's keys."""
     h = xxhash.xxh3_128()
     s = hashlib.sha256() if sha256 else None
-    head = b""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
-            if not head:
-                head = chunk
-            h.update(chunk)
-            if s is not None:
-                s.update(chunk)
+    head = stream_file(path, *([h] if s is None else [h, s]))
     out: dict[str, Any] = {"xxh3": PREFIX + h.hexdigest()}
     if s is not None:
         out["sha256"] = "sha256:" + s.hexdigest()
@@ -148,7 +140,6 @@ class FingerprintMemo:
         """Write the memo atomically if it changed; failures are logged (the memo is optional)."""
         if not self._dirty:
             return
-        from pipeline.artifacts import write_atomic
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,9 +281,9 @@ def _jpeg_size(head: bytes) -> Optional[tuple[int, int]]:
 
 def probe_image(head: bytes, path: str | os.PathLike) -> dict:
     """``{"wh": [W, H], "orientation": 1..8}`` of an image from its header, as viewers show it: a JPEG's EXIF
-    orientation 5..8 swaps W and H (pipeline.images.read_rgb applies the tag). Decodes with OpenCV, from
+    orientation 5..8 swaps W and H (pipeline.data.images.read_rgb applies the tag). Decodes with OpenCV, from
     the bytes, only for other formats."""
-    from pipeline.images import exif_orientation
+    from pipeline.data.images import exif_orientation
 
     png = _png_header(head)
     if png is not None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import yaml
 
 from pipeline.errors import ConfigError, ManifestError
+from pipeline.store.io import write_atomic
 
 GENERATOR_VERSION = 1  # bump when the same parameters would produce different files
 _MARKER = ".synth-in-progress.yaml"
@@ -43,10 +43,7 @@ _TMP_TAG = ".tmp-"
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers and re-runs never see a partial file. No fsync:
     this protects against killed processes, which is what a re-run recovers from."""
-    tmp = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, durable=False)
 
 
 def _frame_id(index: int, width: int) -> str:
@@ -199,7 +196,7 @@ def write_synthetic(
     _atomic_write(out_dir / "keypoints.csv", buf.getvalue().encode())
 
     description = {
-        # Options the dataset manifest reads (pipeline/manifest.py _OVERRIDABLE).
+        # Options the dataset manifest reads (pipeline/data/spec.py _OVERRIDABLE).
         "n_joints": n_joints,
         "image_size": image_size,
         "protocol": "l2",

@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.artifacts import canonical_json
-from pipeline.fingerprint import combine
+from pipeline.store.io import canonical_json
+from pipeline.store.fingerprint import combine
 
 
 def digest(*parts: Any) -> str:

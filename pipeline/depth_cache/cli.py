@@ -28,7 +28,7 @@ def _manifest_hashes_for(cache_dir: Path) -> Optional[list[str]]:
     """Frame fingerprints of a manifest artifact over the frames this cache was built from, when it sits in a
     store: found by the frames' fingerprint the cache records (a manifest's key also covers annotations and
     splits, which do not change depth, so the cache does not name one manifest key)."""
-    from pipeline.manifest import Manifest
+    from pipeline.data.manifest import Manifest
 
     try:
         rec = json.loads((cache_dir / "artifact.json").read_text())
@@ -60,7 +60,7 @@ def verify_command(cache_dir, console) -> None:
 
 def _depth_artifact(cfg, store):
     """(plan, depth StagePlan) for ``cfg``; CacheError unless its depth artifact is published."""
-    from pipeline.artifacts import Store
+    from pipeline.store.artifacts import Store
     from pipeline.graph import build_plan
 
     plan = build_plan(cfg, Store.from_option(store), progress=False)
@@ -72,7 +72,9 @@ def export_command(cfg, store, output, console) -> None:
     """Write ``cfg``'s published depth cache as one HDF5 file (+ ``.sha256``) carrying its artifact record."""
     import h5py
 
-    from pipeline.depth_cache import _canonical_json, export_cache, sha256_file
+    from pipeline.depth_cache.format import tmp_name
+    from pipeline.depth_cache.transfer import export_cache, write_sidecar
+    from pipeline.store.io import canonical_json, fsync_path, replace_durably, sha256_file
 
     _, sp = _depth_artifact(cfg, store)
     if sp.state != "fresh":
@@ -81,20 +83,18 @@ def export_command(cfg, store, output, console) -> None:
     rec = json.loads((sp.path / "artifact.json").read_text())
     shared = {k: rec[k] for k in _SHARED_FIELDS if k in rec}
     out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = tmp_name(out.with_name("." + out.name))
     try:
         export_cache(sp.path, tmp)
         with h5py.File(tmp, "r+") as f:
-            f.attrs[ARTIFACT_ATTR] = _canonical_json(shared)
+            f.attrs[ARTIFACT_ATTR] = canonical_json(shared)
+        fsync_path(tmp)
         digest = sha256_file(tmp)  # the attribute changed the bytes: the sidecar is written again below
-        os.replace(tmp, out)
+        replace_durably(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".sha256").unlink(missing_ok=True)
-    side = out.with_name(out.name + ".sha256")
-    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    side_tmp.write_text(f"{digest.split(':', 1)[1]}  {out.name}\n", encoding="utf-8")
-    os.replace(side_tmp, side)
+    side = write_sidecar(out, digest)
     console.print(f"exported depth cache {sp.key[:16]} ({rec.get('n_frames')} frames) -> {out} "
                   f"({out.stat().st_size / 2**20:.1f} MiB, {digest}; sidecar {side.name})")
 
@@ -102,7 +102,7 @@ def export_command(cfg, store, output, console) -> None:
 def _read_record(file: Path) -> dict:
     import h5py
 
-    from pipeline.artifacts import SCHEMA_VERSIONS, artifact_key
+    from pipeline.store.artifacts import SCHEMA_VERSIONS, artifact_key
 
     try:
         with h5py.File(file, "r", locking=False) as f:
@@ -141,8 +141,10 @@ def import_command(file, store, console, cfg=None) -> None:
     With ``cfg``: refused unless it is the depth cache ``cfg`` asks for — the spec is compared field by
     field (the message names every differing field) and every frame hash against the local manifest.
     """
-    from pipeline.artifacts import COMPLETE, LOCK, Lock, Store, write_atomic, write_json_atomic
-    from pipeline.depth_cache import _spec_diff, import_cache
+    from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store
+    from pipeline.store.io import write_atomic, write_json_atomic
+    from pipeline.depth_cache.format import spec_diff
+    from pipeline.depth_cache.transfer import import_cache
 
     file = Path(file)
     rec = _read_record(file)
@@ -154,7 +156,7 @@ def import_command(file, store, console, cfg=None) -> None:
 
         plan, sp = _depth_artifact(cfg, store)
         want = spec_for(cfg, plan.manifest)
-        diffs = _spec_diff(rec["cache_spec"], want)
+        diffs = spec_diff(rec["cache_spec"], want)
         if diffs:
             raise CacheError(f"{file} is not the depth cache {cfg.name!r} needs: {'; '.join(diffs)}")
         if sp.key != key:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.images import resize_square
+from pipeline.data.images import resize_square
 
 
 def _synthetic_config(root: Path):
@@ -34,7 +34,7 @@ def foreground_masks(manifest, indices: Sequence[int], size: int) -> Optional[np
     root = Path(manifest.root)
     out = []
     if manifest.mask_paths is not None and all(manifest.mask_paths[i] for i in indices):
-        from pipeline.images import read_gray
+        from pipeline.data.images import read_gray
 
         for i in indices:
             m = read_gray(root / manifest.mask_paths[i])

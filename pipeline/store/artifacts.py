@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import hashlib
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pipeline.errors import DkpError, LockError
+from pipeline.store.io import json_digest, remove_temporaries_of, write_atomic, write_json_atomic
 
 # Bumped by hand when the meaning of a stage's output changes (never derived from the git SHA).
 # manifest: its key is also the frames identity that depth's key hangs on (graph.build_plan), so bumping
@@ -50,16 +50,11 @@ LOCK = "LOCK"
 RECORD = "artifact.json"
 
 
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the exact bytes that are hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
 def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> str:
     """sha256 of canonical JSON of (stage, schema version, semantic config, upstream keys, input fingerprint).
 
     ``config`` must already be the *semantic* config (see :func:`pipeline.config.semantic_dict`);
-    ``fingerprint`` is one ``"xxh3:..."`` or a dict of named parts (pipeline/reads.py).
+    ``fingerprint`` is one ``"xxh3:..."`` or a dict of named parts (pipeline/data/reads.py).
     """
     if stage not in SCHEMA_VERSIONS:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(SCHEMA_VERSIONS)}")
@@ -70,77 +65,13 @@ def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint
         "upstream": dict(upstream),
         "fingerprint": fingerprint,
     }
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> dict:
     """What :func:`artifact_key` hashed, kept in artifact.json so `status` can say why a key changed."""
     return {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "config": config, "upstream": dict(upstream),
             "fingerprint": fingerprint}
-
-
-# ---------------------------------------------------------------------------------------------------
-# atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, tmp: Optional[Path] = None) -> Iterator[Any]:
-    """The one way this package replaces a file: yield a binary file open on a temporary name in the same
-    directory (default ``.<name>.tmp-<pid>``, which :func:`remove_temporaries_of` knows), then flush,
-    fsync, rename over ``path`` and fsync the directory.
-
-    A crash leaves either the old file or the new one, never a torn one; an exception in the block or
-    a failed write (disk full) leaves the old file untouched and removes the temporary.
-    """
-    path = Path(path)
-    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-
-
-def remove_temporaries_of(directory: Path, pid: int) -> list[Path]:
-    """Delete the ``[.]<name>.tmp-<pid>`` files that :func:`write_atomic` (or a stage writing its own temp
-    file the same way, e.g. distill's ``teacher_embeddings.h5.tmp-<pid>``) left under ``directory``
-    (sub-folders such as ``samples/`` included) when process ``pid`` was killed mid-write. Only for a pid
-    known dead on this host (a stale lock we took over): on a shared file system other hosts' live
-    writers use the same pattern with their own pids."""
-    removed = []
-    suffix = f".tmp-{pid}"
-    for top, _dirs, files in os.walk(directory):
-        for name in files:
-            if name.endswith(suffix):
-                p = Path(top) / name
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.images import read_mask, read_rgb, resize_square
+from pipeline.data.images import read_mask, read_rgb, resize_square
 
 
 def normalise_inverse_depth(inv: np.ndarray, method: str = "minmax") -> np.ndarray:

@@ -80,7 +80,7 @@ def decode_rgb(path: Path, raw: np.ndarray) -> np.ndarray:
     else:
         raise ManifestError(f"frame {path}: {img.shape[2]} channels; expected gray, RGB or RGBA: convert it to "
                             "8-bit RGB")
-    from pipeline.fingerprint import CHUNK  # the bytes the manifest's probe saw, so both agree on the tag
+    from pipeline.store.fingerprint import CHUNK  # the bytes the manifest's probe saw, so both agree on the tag
 
     return np.ascontiguousarray(apply_orientation(img, exif_orientation(raw[:CHUNK].tobytes())))
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import atomic_file
+from pipeline.store.io import atomic_file
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,137 @@
+"""Build a :class:`~pipeline.data.manifest.Manifest`: walk a layout, check every path stays in the root,
+fingerprint every frame (and mask/depth file), convert keypoints to pixels and range-check them.
+
+Layouts walk exactly as AutoLink's loaders do (research/paper_autolink.md 3), quirks included; every problem a
+user can fix is a :class:`~pipeline.errors.ManifestError` naming the file and the fix. Frame fingerprints come
+from :mod:`pipeline.store.fingerprint` and are memoised, so a rebuild over unchanged files only ``stat``s them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.data.layouts import WALKERS
+from pipeline.data.layouts.listing import Listing
+from pipeline.data.manifest import Manifest
+from pipeline.data.paths import Inside, fail
+from pipeline.data.spec import DatasetSpec, load_spec
+from pipeline.store.fingerprint import FingerprintMemo, probe_depth, probe_image, scan_files
+
+
+def _to_pixels(L: Listing, sizes: np.ndarray) -> Optional[np.ndarray]:
+    """(N, J, 2) float32 pixels (x, y) from the listing's units, given (N, 2) (W, H)."""
+    if L.kp is None:
+        return None
+    if L.kp_units == "pixels_xy":
+        return L.kp.astype(np.float32)
+    if L.kp_units == "unit_rowcol":
+        # (row, col) in [0, 1] where 0 and 1 are the first and last pixel centres -- the inverse of
+        # AutoLink's detector output * 0.5 + 0.5, so the h36m protocol gets its numbers back exactly
+        # with x / (W - 1), y / (H - 1).
+        wh1 = (sizes - 1).astype(np.float64)[:, None, :]  # (N, 1, 2) (W-1, H-1)
+        return (L.kp[..., ::-1] * wh1).astype(np.float32)
+    raise AssertionError(L.kp_units)
+
+
+def _check_range(spec: DatasetSpec, kp: np.ndarray, sizes: np.ndarray, L: Listing) -> None:
+    m = spec.keypoint_margin
+    wh = sizes.astype(np.float64)[:, None, :]  # (N, 1, 2)
+    lo = -0.5 - m * wh
+    hi = wh - 0.5 + m * wh
+    with np.errstate(invalid="ignore"):
+        bad = (kp < lo) | (kp > hi)  # NaN compares False: missing joints pass
+    if bad.any():
+        i, j, c = (int(v) for v in np.argwhere(bad)[0])
+        W, H = (int(v) for v in sizes[i])
+        src = L.kp_sources[i] or "annotations"
+        raise fail(spec, f"joint {j} of frame {L.paths[i]!r} (from {src}) is at (x, y) = "
+                         f"({kp[i, j, 0]:.2f}, {kp[i, j, 1]:.2f}) px, outside the {W}x{H} frame "
+                         f"(margin {m:g} of the side; {int(bad.any(axis=(1, 2)).sum())} frames affected). "
+                         f"Check the units (pixels, x right, y down) or raise keypoint_margin")
+
+
+def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *,
+                   memo: Optional[FingerprintMemo] = None, progress: bool = True) -> Manifest:
+    """Walk dataset ``name_or_yaml_path`` (a ``data_manifests`` name or a YAML path) under ``root``.
+
+    Reads annotations into docs/conventions.md, fingerprints every frame (and mask/depth file),
+    reads each frame's size from its header while hashing it. ``memo`` defaults to the per-root memo
+    in ``$DKP_CACHE_DIR/fingerprints``; unchanged files are not read again. Raises ManifestError for
+    anything the user must fix.
+    """
+    root_p = Path(root).expanduser()
+    spec = load_spec(name_or_yaml_path, root_p)
+    if not root_p.is_dir():
+        raise fail(spec, f"root {root_p} is not a directory (pass the dataset's root with --root)")
+    root_p = Path(os.path.abspath(root_p))
+    if memo is None:
+        memo = FingerprintMemo.for_root(root_p)
+    L = WALKERS[spec.layout](spec, root_p, memo, progress)
+
+    first: dict[str, int] = {}
+    for i, fid in enumerate(L.ids):
+        j = first.setdefault(fid, i)
+        if j != i:
+            raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and {L.paths[i]!r} "
+                             f"(listed twice in the annotations?)")
+    inside = Inside(spec, root_p)
+    for rel in L.paths:
+        inside.check(rel, "frame")
+    for rel in L.masks or []:
+        if rel is not None:
+            inside.check(rel, "mask")
+    for rel in L.depths or []:
+        inside.check(rel, "depth file")
+
+    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames")
+    sizes = np.asarray([fi.extra["wh"] for fi in infos], dtype=np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
+    kp = _to_pixels(L, sizes)
+    if kp is not None:
+        _check_range(spec, kp, sizes, L)
+    mask_fps = None
+    if spec.apply_masks and (L.masks is None or None in L.masks):
+        raise fail(spec, f"the description says apply_masks: true but not every frame has a mask (this layout "
+                         f"lists masks from files.masks_dir, {spec.files.get('masks_dir')!r}); set that folder or "
+                         f"drop apply_masks")
+    if L.masks is not None:
+        present = [i for i, m in enumerate(L.masks) if m is not None]
+        minfos = _scan(spec, root_p, [L.masks[i] for i in present], memo, progress, probe_image, ("wh",), "masks")
+        if spec.apply_masks:  # the mask multiplies the frame pixel by pixel: same size or nothing lines up
+            for i, fi in zip(present, minfos):
+                if list(fi.extra["wh"]) != list(sizes[i]):
+                    raise fail(spec, f"mask {L.masks[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its frame "
+                                     f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
+        fps = iter(fi.fingerprint for fi in minfos)
+        mask_fps = [next(fps) if m is not None else None for m in L.masks]
+    depth_fps = None
+    if L.depths is not None:
+        dinfos = _scan(spec, root_p, L.depths, memo, progress, probe_depth, ("wh", "depth_format"), "depth")
+        for i, fi in enumerate(dinfos):
+            if list(fi.extra["wh"]) != list(sizes[i]):
+                raise fail(spec, f"depth file {L.depths[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its "
+                                 f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
+        depth_fps = [fi.fingerprint for fi in dinfos]
+    return Manifest(spec=spec, root=root_p, frame_ids=L.ids, paths=L.paths, splits=L.splits,
+                    fingerprints=[fi.fingerprint for fi in infos], sizes=sizes, keypoints=kp,
+                    mask_paths=L.masks, mask_fingerprints=mask_fps, depth_paths=L.depths,
+                    depth_fingerprints=depth_fps,
+                    orientations=_orientations([fi.extra["orientation"] for fi in infos]))
+
+
+def _orientations(values: list[int]) -> Optional[list[int]]:
+    return None if all(v == 1 for v in values) else values
+
+
+def _scan(spec: DatasetSpec, root: Path, rels: list[str], memo: Optional[FingerprintMemo], progress: bool,
+          probe: Any, keys: tuple, desc: str) -> list:
+    try:
+        return scan_files(root, rels, memo, probe=probe, probe_keys=keys, progress=progress, desc=desc)
+    except FileNotFoundError as e:
+        raise fail(spec, f"file {e.filename} not found (was it removed while the manifest was built?)") from None
+    except (OSError, ValueError) as e:
+        name = getattr(e, "filename", None)  # OSErrors carry it; probe ValueErrors put the path in the text
+        what = f"{desc} file {name}" if name else f"{desc} file"
+        raise fail(spec, f"{what} unreadable: {e}; replace or remove it") from None
