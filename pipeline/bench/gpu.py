@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.bench.depth import stage_precision, write_frames
+from pipeline.bench.depth import stage_precision as default_stage_precision
+from pipeline.bench.depth import write_frames
 from pipeline.bench.gpu_report import ratios_and_goals
 from pipeline.bench.harness import WARMUP, BenchError, bench_device, compare, run_case, timed
 from pipeline.bench.training import N_KEYPOINTS, WIDTH
@@ -256,7 +257,7 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
     t_start = time.time()
     deadline = t_start + budget_s
     cuda = device.type == "cuda"
-    p_stage = stage_precision(device)
+    p_stage = default_stage_precision(device)
     precisions = tuple(precisions or ((p_stage, "fp32", "fp16" if p_stage == "bf16" else "bf16") if cuda else
                                       ("fp32",)))
     stage_batch = 32 if 32 in batches else batches[-1]

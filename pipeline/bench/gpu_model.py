@@ -32,7 +32,6 @@ def _nearest(table: dict, precision: str, batch: int) -> Optional[float]:
     return None
 
 
-
 def case_gpu_model(p: dict) -> dict:
     """Every depth case of one model, in priority order until ``p["deadline"]``; ``{"cases", "log"}``."""
     import cv2
