@@ -361,7 +361,7 @@ def test_loader_rejects_wrong_checkpoints(fixture_models):
 @needs_fixtures
 def test_load_midas_file_side(fixture_models, tmp_path):
     from pipeline.errors import CheckpointError
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
 
     _, sd, _ = fixture_models("dpt_levit_224")
     path = tmp_path / "dpt_levit_224.pt"

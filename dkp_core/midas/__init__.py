@@ -1,4 +1,4 @@
-"""MiDaS 3.1 DPT depth models on timm >= 1.0. Pure torch/numpy; reading files is ``pipeline.midas_weights``.
+"""MiDaS 3.1 DPT depth models on timm >= 1.0. Pure torch/numpy; reading files is ``pipeline.weights.midas``.
 
 - ``registry.py``: the model zoo (one :class:`MidasSpec` per model type) and ``create_model``;
 - ``families/``: one module per backbone family (adapter, official-key maps both ways, ignored keys),

@@ -159,7 +159,7 @@ def case_depth_abc(p: dict) -> dict:
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import preprocess
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
     from pipeline.stages import depth as D
 
     device = bench_device(p["device"])

@@ -492,7 +492,7 @@ def load_model(cfg, weights_sha: Optional[str]):
     """``(model, device, amp dtype or None)`` ready for inference."""
     import torch
 
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
     from pipeline.train import resolve_device
 
     d = cfg.depth
