@@ -1,7 +1,7 @@
 """Losses: reconstruction (VGG16 perceptual as AutoLink, or weight-free: multi-scale L1+SSIM, plain L1, MSE) and
 the Distill-DKP distillation term (research/paper_autolink.md §1.0, §1.4, §2.7).
 
-No file I/O here: the VGG16 weights come in as a state dict (``pipeline.vgg_weights`` loads them).
+No file I/O here: the VGG16 weights come in as a state dict (``pipeline.weights.vgg`` loads them).
 """
 from __future__ import annotations
 

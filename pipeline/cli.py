@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from pipeline.bench_gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
+from pipeline.bench.gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
 
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."

@@ -462,7 +462,7 @@ def test_midas_weights_not_a_midas_checkpoint(built, tmp_path):
     import torch
 
     from pipeline.errors import CheckpointError
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
 
     before = snapshot(built.store)
     wrong = tmp_path / "model.pt"

@@ -178,7 +178,7 @@ def test_depth_bench_weights_are_in_the_official_layout(model_type):
 
     from dkp_core.midas import create_model, load_official_state_dict
     from dkp_core.midas.checkpoint import ignored_patterns
-    from pipeline.bench import official_layout_state_dict
+    from dkp_core.midas import official_layout_state_dict
 
     torch.manual_seed(0)
     model = create_model(model_type)

@@ -97,7 +97,7 @@ def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
 
 
 def test_budget_skips_and_records_what_would_overrun():
-    from pipeline.bench_gpu import _Budget
+    from pipeline.bench.gpu import _Budget
 
     b = _Budget(time.time() + 5)
     assert b.run("first", None, lambda: {"x": 1}) == {"x": 1}  # no estimate yet: runs while time is left
@@ -117,7 +117,7 @@ def test_a_killed_part_hands_back_what_it_finished(tmp_path):
     included) and adds the error, so a part killed past its deadline loses only its running case."""
     import subprocess
 
-    from pipeline.bench_gpu import _Budget, _recover
+    from pipeline.bench.gpu import _Budget, _recover
 
     progress = tmp_path / "part.jsonl"
     b = _Budget(time.time() + 60, str(progress))

@@ -306,7 +306,7 @@ def test_midas_levit_cache_matches_the_model(levit_weights, tmp_path):
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess
     from pipeline.data.images import read_rgb
-    from pipeline.midas_weights import file_sha256, load_midas
+    from pipeline.weights.midas import file_sha256, load_midas
 
     root = tmp_path / "data"
     sizes = [(24, 32), (40, 40), (32, 24), (24, 32), (30, 20)]  # mixed sizes; im3 is corrupt
@@ -404,7 +404,7 @@ def _run_fake(tmp_path, monkeypatch, fake, *, sizes, model_type="dpt_beit_base_3
         _folder_dataset(root, sizes)
     weights = tmp_path / f"{model_type}.pt"
     weights.write_bytes(b"stand-in; the fake model never reads it")
-    monkeypatch.setattr(D, "_load_model", lambda cfg, sha: (fake, torch.device("cpu"), {
+    monkeypatch.setattr(D, "load_model", lambda cfg, sha: (fake, torch.device("cpu"), {
         "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.depth.precision]))
     y = _midas_yaml(tmp_path, root, weights, model_type=model_type, **depth)
     from rich.console import Console
@@ -491,7 +491,7 @@ def test_compile_option_runs_the_compiled_model(tmp_path, monkeypatch):
     import torch
 
     from pipeline.config import load_config
-    from pipeline.midas_weights import file_sha256
+    from pipeline.weights.midas import file_sha256
     from pipeline.runner import run_pipeline
     from rich.console import Console
 
@@ -512,7 +512,7 @@ def test_compile_option_runs_the_compiled_model(tmp_path, monkeypatch):
         return real_compile(model, backend="eager", **kw)  # same path, no C++ codegen (inductor: ~30 s on CPU)
 
     monkeypatch.setattr(torch, "compile", spy)
-    monkeypatch.setattr("pipeline.midas_weights.load_midas", lambda mt, w, device="cpu": (tiny, file_sha256(w)))
+    monkeypatch.setattr("pipeline.weights.midas.load_midas", lambda mt, w, device="cpu": (tiny, file_sha256(w)))
     root = tmp_path / "data"
     _folder_dataset(root, [(24, 32)] * 2)
     weights = tmp_path / "w.pt"

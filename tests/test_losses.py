@@ -11,7 +11,7 @@ import torch
 from dkp_core.losses import (MultiScaleL1SSIM, PerceptualLoss, _vgg16_features, distillation_loss,
                              make_reconstruction_loss)
 from pipeline.errors import CheckpointError
-from pipeline.vgg_weights import load_vgg16_state_dict
+from pipeline.weights.vgg import load_vgg16_state_dict
 
 FLATTENS = ("sample", "keypoint", "location")
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dkp_core.midas import create_model, get_spec, list_models, load_official_state_dict
-from dkp_core.midas.backbones import BeitBackbone, VitBackbone, beit_relative_position_index
+from dkp_core.midas.families.beit import BeitBackbone, beit_relative_position_index
+from dkp_core.midas.families.vit import VitBackbone
 from dkp_core.midas.transforms import postprocess, preprocess, target_size
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "midas"
@@ -112,6 +113,31 @@ def test_builds_and_shapes_on_meta(name):
         assert tuple(model(x).shape) == (2, h, w)
     official, derived, head = OFFICIAL_KEYS[name]
     assert len(model.state_dict()) == official - derived - head - 4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_official_key_maps_undo_each_other(name):
+    """Each family's two key maps are inverses: our keys -> official names -> ours is the identity, and nothing
+    is dropped on the way (no derived buffer, no ignored head in our state dict)."""
+    from dkp_core.midas import convert_official_state_dict, official_layout_state_dict
+
+    model = create_model(name, device="meta")
+    official = official_layout_state_dict(model, name)
+    assert not any(".reassemble." in k for k in official)  # the reassemble stage under its official name
+    back, derived, ignored = convert_official_state_dict(model, official, name)
+    assert list(back) == list(model.state_dict()) and derived == [] and ignored == []
+
+
+def test_family_names_are_tested_only_in_their_modules():
+    """dkp_core/midas/families/ holds everything that differs between backbone families; no other module of
+    the package branches on a family name (``spec.backbone == "levit"``)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    branch = re.compile(r"""backbone\s*(==|!=|\bin\b)\s*[("']""")
+    found = [f"{p.relative_to(repo)}:{i}" for root in ("dkp_core", "pipeline") for p in sorted((repo / root).rglob("*.py"))
+             if "families" not in p.parts for i, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
+    assert found == []
 
 
 def test_square_backbones_refuse_other_sizes():
@@ -335,7 +361,7 @@ def test_loader_rejects_wrong_checkpoints(fixture_models):
 @needs_fixtures
 def test_load_midas_file_side(fixture_models, tmp_path):
     from pipeline.errors import CheckpointError
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
 
     _, sd, _ = fixture_models("dpt_levit_224")
     path = tmp_path / "dpt_levit_224.pt"

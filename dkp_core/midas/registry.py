@@ -18,6 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from .dpt import MidasDpt
+from .families import get_family
+
 OUTPUT_MEANING = "relative inverse depth (larger = nearer)"
 
 _URL_V31 = "https://github.com/isl-org/MiDaS/releases/download/v3_1/"
@@ -29,7 +32,7 @@ class MidasSpec:
     """What one MiDaS 3.1 model type is, how run.py feeds it, and what it returns."""
 
     model_type: str
-    backbone: str  # adapter family: "beit" | "swin2" | "swin" | "levit" | "vit" | "hybrid"
+    backbone: str  # adapter family (dkp_core.midas.families): "beit" | "swin2" | "swin" | "levit" | "vit" | "hybrid"
     timm_name: str  # timm >= 1.0 model name of the backbone (built with pretrained=False)
     hooks: Tuple[int, ...]  # MiDaS hook indices (flat block indices in the timm 0.6 layout)
     in_channels: Tuple[int, ...]  # channels of the reassembled features fed to scratch.layerN_rn
@@ -130,15 +133,12 @@ def create_model(name: str, *, device: Optional[torch.device | str] = None) -> t
     input -> ``(B, H, W)`` relative inverse depth. ``device="meta"`` builds without memory
     (shape checks).
     """
-    from .backbones import make_backbone
-    from .dpt import MidasDpt
-
     spec = get_spec(name)
+    family = get_family(spec.backbone)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        backbone = make_backbone(spec)
         model = MidasDpt(
-            backbone=backbone, in_channels=spec.in_channels, features=spec.features,
+            backbone=family.build(spec), in_channels=spec.in_channels, features=spec.features,
             head_features_1=spec.head_features_1, head_features_2=spec.head_features_2,
-            levit_stem=spec.backbone == "levit")
+            levit_stem=family.transposed_stem)
     return model.eval()
 

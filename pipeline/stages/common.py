@@ -41,7 +41,7 @@ def reconstruction_loss(section: C.TrainConfig):
     from dkp_core.losses import make_reconstruction_loss
 
     if section.recon_loss == "perceptual":
-        from pipeline.vgg_weights import load_vgg16_state_dict
+        from pipeline.weights.vgg import load_vgg16_state_dict
 
         return make_reconstruction_loss("perceptual", vgg_state_dict=load_vgg16_state_dict(section.vgg_weights))
     return make_reconstruction_loss(section.recon_loss)

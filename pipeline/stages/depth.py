@@ -6,7 +6,7 @@ Providers:
   (bf16/fp16; a batch with non-finite fp16 output is recomputed in fp32 — Swin's and the head's known
   overflow), channels_last on CUDA, optional ``torch.compile``; with ``depth.preprocess: device`` JPEGs are
   decoded on the model's device (nvJPEG on CUDA) and every frame is resized + normalised there (float32 torch
-  ops, :func:`_device_batch`), leaving the workers only file reads (and non-JPEG decodes);
+  ops, :func:`device_batch`), leaving the workers only file reads (and non-JPEG decodes);
 - ``files``: depth maps named by a ``folder``/``synthetic`` manifest, converted to inverse depth.
 
 Every HDF5 operation runs on one background writer thread (:class:`_BackgroundWriter`): the main thread
@@ -127,7 +127,7 @@ def run_managed(ctx) -> bool:
         model = None
         if cfg.depth.provider == "midas" and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
-            model = _load_model(cfg, weights_sha)
+            model = load_model(cfg, weights_sha)
         path.mkdir(parents=True, exist_ok=True)
         lock_name = LOCK if parts == 1 else f"{LOCK}.part{part}of{parts}"
         with Lock(path / lock_name):
@@ -140,7 +140,7 @@ def run_managed(ctx) -> bool:
             todo = cw.shards_todo(part, parts)
             if todo:
                 if model is None and cfg.depth.provider == "midas":
-                    model = _load_model(cfg, weights_sha)  # resuming: only when this part has shards left
+                    model = load_model(cfg, weights_sha)  # resuming: only when this part has shards left
                 stats = _compute(ctx, cw, todo, skip_bad, model, part)
                 _append_part_file(path, f"stats.part{part}.json", [stats])
         if world > 1:
@@ -439,7 +439,7 @@ class _Frames:
         return {"i": i, "key": tuple(x.shape), "x": x, "hw": img.shape[:2]}
 
 
-def _device_batch(items: list[dict], spec, device, bad) -> tuple[Any, list[dict]]:
+def device_batch(items: list[dict], spec, device, bad) -> tuple[Any, list[dict]]:
     """``depth.preprocess: device``: decode the items' JPEG bytes on ``device`` (torchvision; nvJPEG on CUDA),
     move the CPU-decoded rest there, resize + normalise with torch ops (``preprocess_tensor``).
 
@@ -489,11 +489,11 @@ def _device_batch(items: list[dict], spec, device, bad) -> tuple[Any, list[dict]
 
 
 # ---------------------------------------------------------------------------------------------- compute
-def _load_model(cfg, weights_sha: Optional[str]):
+def load_model(cfg, weights_sha: Optional[str]):
     """``(model, device, amp dtype or None)`` ready for inference."""
     import torch
 
-    from pipeline.midas_weights import load_midas
+    from pipeline.weights.midas import load_midas
     from pipeline.train import resolve_device
 
     d = cfg.depth
@@ -567,12 +567,12 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int) -> dict:
         nonlocal done
         items = buckets.pop(key)
         if ds.on_device:
-            x, items = _device_batch(items, ds.midas_spec, model[1], bad)  # (B, 3, h_net, w_net) on device
+            x, items = device_batch(items, ds.midas_spec, model[1], bad)  # (B, 3, h_net, w_net) on device
             if not items:
                 return
         else:
             x = torch.stack([it["x"] for it in items])  # (B, 3, h_net, w_net)
-        y = _infer(model, x, stats)  # (B, h_net, w_net) on device
+        y = infer(model, x, stats)  # (B, h_net, w_net) on device
         rows = []
         by_size: dict[tuple, list[int]] = {}
         for k, it in enumerate(items):
@@ -647,7 +647,7 @@ def holes_note(n_holes: int, n_frames: int) -> str:
             "-> far)")
 
 
-def _infer(model_bundle, x, stats: dict):
+def infer(model_bundle, x, stats: dict):
     """(B, 3, h, w) normalised input -> (B, h, w) float32 relative inverse depth on the model's device.
 
     Under fp16/bf16 autocast, a batch with any non-finite output (fp16 overflow in Swin attention or the

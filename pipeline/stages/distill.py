@@ -108,8 +108,28 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
     console.print(f"teacher embeddings cached: {len(ds)} frames x {n_flip} flip(s) -> {path.name}")
 
 
-def run(ctx) -> dict:
+def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool):
+    """The trainer's ``step_fn`` of this stage: reconstruction of ``batch["rgb"]`` + gamma * (1 - cos) between the
+    student's ``layer`` tensor and ``target(batch)``, the frozen teacher's (live, or from the embedding cache).
+    ``gamma <= 0`` never calls ``target``: plain AutoLink."""
     from dkp_core.losses import distillation_loss
+
+    def step_fn(model, batch, sctx):
+        x = batch["rgb"]
+        out = model(x, mask_generator=sctx.generator, return_features=(layer,) if gamma > 0 else ())
+        rec = recon(out.reconstruction.float(), x.float())
+        logs = {"recon_loss": float(rec.detach())}
+        if gamma <= 0:
+            return rec, logs
+        t = target(batch).to(x.device)
+        kd = distillation_loss(out.detector_output.features[layer].float(), t, flatten=flatten)
+        logs["kd_loss"] = float(kd.detach())
+        return rec + gamma * kd, logs
+
+    return step_fn
+
+
+def run(ctx) -> dict:
     from pipeline.train import resolve_device, train
 
     cfg, m = ctx.cfg, ctx.plan.manifest
@@ -143,20 +163,13 @@ def run(ctx) -> dict:
     model = common.build_model(args)
     recon = common.reconstruction_loss(sec).to(device)
 
-    def step_fn(model, batch, sctx):
-        x = batch["rgb"]
-        out = model(x, mask_generator=sctx.generator, return_features=(layer,) if gamma > 0 else ())
-        rec = recon(out.reconstruction.float(), x.float())
-        logs = {"recon_loss": float(rec.detach())}
-        if gamma <= 0:
-            return rec, logs
-        if cache is not None:
-            t = cache.lookup(batch["index"], batch["flip"]).to(x.device)
-        else:
-            t = teacher_embedding(teacher, batch["depth"], layer)
-        kd = distillation_loss(out.detector_output.features[layer].float(), t, flatten=sec.flatten)
-        logs["kd_loss"] = float(kd.detach())
-        return rec + gamma * kd, logs
+    if cache is not None:
+        def target(batch):
+            return cache.lookup(batch["index"], batch["flip"])
+    else:
+        def target(batch):
+            return teacher_embedding(teacher, batch["depth"], layer)
+    step_fn = distill_step(recon, target, gamma=gamma, layer=layer, flatten=sec.flatten)
 
     vis_idx = m.split("test")[:16] if len(m.split("test")) else train_idx[:16]
     vis = fixed_batch(FrameDataset(manifest=m, indices=vis_idx, image_size=sec.model.image_size, use_rgb=True,

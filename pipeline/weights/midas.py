@@ -7,23 +7,18 @@ which belongs in the depth cache's spec and provenance. Every failure a user can
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Union
 
 from pipeline.errors import CheckpointError
+from pipeline.store.io import sha256_file
 
-_CHUNK = 1 << 20
 
 
 def file_sha256(path: Union[str, Path]) -> str:
-    """Hex sha256 of the file's bytes (streamed, 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of the file's bytes (streamed)."""
+    return sha256_file(path, prefix="")
 
 
 def _where(spec) -> str:

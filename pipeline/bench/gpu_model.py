@@ -1,0 +1,252 @@
+"""``bench gpu``: every depth case of one model (``case_gpu_model``, one part of the suite in :mod:`pipeline.bench.gpu`).
+
+In priority order until the part's deadline: the bare model per precision and batch, the data side alone, the
+whole stage with CPU and with device preprocessing, MiDaS run.py's loop, the other memory format and
+``torch.compile`` (the table in gpu.py's docstring says what each measures).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.bench.depth import depth_config, random_midas_weights, run_depth_stage, run_py_loop
+from pipeline.bench.gpu import _AMP, COMPILE_PRIOR_S, _Budget
+from pipeline.bench.harness import WARMUP, BenchError, EnvVar, Memory, autocast, bench_device, rate, sync, timed
+
+
+def _rel_diff(a, b) -> dict:
+    """max |a - b| / max |b| and mean |a - b| / mean |b| (b the reference), as floats."""
+    d = (a - b).abs()
+    return {"max_rel": float(d.max() / b.abs().max().clamp_min(1e-12)),
+            "mean_rel": float(d.mean() / b.abs().mean().clamp_min(1e-12))}
+
+
+def _nearest(table: dict, precision: str, batch: int) -> Optional[float]:
+    """Seconds per frame measured at ``precision`` (else any precision) and the nearest batch; None if none."""
+    for pool in ([k for k in table if k[0] == precision], list(table)):
+        if pool:
+            return table[min(pool, key=lambda k: abs(k[1] - batch))]
+    return None
+
+
+def case_gpu_model(p: dict) -> dict:
+    """Every depth case of one model, in priority order until ``p["deadline"]``; ``{"cases", "log"}``."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from dkp_core.midas import get_spec
+    from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
+    from pipeline.depth_cache import DepthCacheReader
+    from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
+    from pipeline.stages.depth import device_batch
+
+    budget = _Budget(p["deadline"], p.get("progress"))
+    if time.time() >= p["deadline"]:  # no time left for this part: not even its setup
+        budget.run("(all cases)", None, dict)
+        return budget.result()
+    device = bench_device(p["device"])
+    mt, steps, workers = p["model_type"], p["steps"], p["workers"]
+    spec = get_spec(mt)
+    p_stage, b_stage, flops = p["stage_precision"], p["stage_batch"], p["flops_per_frame"]
+    frames = sorted(Path(p["data_root"], "images").glob("*.jpg"))
+    n = len(frames)
+    cuda = device.type == "cuda"
+    spf: dict[tuple[str, int], float] = {}  # (precision, batch) -> measured model seconds per frame
+    data: dict[str, float] = {}
+
+    with tempfile.TemporaryDirectory(prefix="dkp-bench-gpu-") as tmp, EnvVar("DKP_CACHE_DIR", f"{tmp}/dkp-cache"):
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        xs = torch.from_numpy(np.stack([preprocess_u8(read_rgb(q), spec) for q in frames[:4]]))  # (r, 3, h, w)
+        weights = root / f"{mt}.pt"
+        base = random_midas_weights(mt, xs, weights, device=device)  # = what load_midas(weights) builds
+        setup_s = time.perf_counter() - t0
+        # the stage's memory format (channels_last on CUDA, as stages/depth.py) and the other one (lazily)
+        fmt = {"default": torch.channels_last if cuda else torch.contiguous_format}
+        fmt["other"] = torch.contiguous_format if cuda else torch.channels_last
+        models: dict[str, Any] = {"default": base.to(memory_format=fmt["default"])}
+        xs_dev = xs.to(device)
+        with torch.inference_mode():
+            y_ref = models["default"](xs_dev.contiguous(memory_format=fmt["default"])).float()  # (r, h, w) fp32
+
+        def model(variant: str):
+            if variant not in models:
+                if variant == "other":
+                    models["other"] = copy.deepcopy(models["default"]).to(memory_format=fmt["other"])
+                else:  # compile
+                    models["compile"] = torch.compile(models["default"])
+            return models[variant]
+
+        def bare(prec: str, b: int, variant: str = "default") -> dict:
+            m = model(variant)
+            amp = getattr(torch, _AMP[prec]) if _AMP[prec] else None
+            memory_format = fmt["other" if variant == "other" else "default"]
+            x = xs_dev[torch.arange(b) % len(xs_dev)].contiguous(memory_format=memory_format)  # (b, 3, h, w)
+
+            def forward(inp):
+                with torch.inference_mode(), autocast(device, amp):
+                    return m(inp)
+
+            res: dict[str, Any] = {}
+            if variant == "compile":
+                sync(device)
+                t_c = time.perf_counter()
+                forward(x)
+                sync(device)
+                res["compile_s"] = round(time.perf_counter() - t_c, 2)
+            mem = Memory(device)
+            mem.start()
+            r = rate(timed(lambda: forward(x), steps, device), per_step=b)
+            res.update(mem.stop())
+            fps = r["per_s"]
+            if variant == "default":  # depth against fp32 on the reference frames (one more forward)
+                spf[(prec, b)] = 1.0 / fps
+                y = forward(xs_dev.contiguous(memory_format=memory_format)).float()
+                if prec != "fp32":
+                    res["vs_fp32"] = _rel_diff(y, y_ref)
+            else:  # the timed shape: a compiled model would recompile for another
+                y = forward(x).float()
+            return {"frames_per_s": fps, "s_per_batch": r["median_s"], "s_per_batch_min": r["min_s"],
+                    "s_per_batch_max": r["max_s"], "tflops_per_s": round(flops * fps / 1e12, 3), "batch": b,
+                    "precision": prec, "memory_format": "channels_last" if memory_format == torch.channels_last
+                    else "nchw", "compile": variant == "compile", "finite": bool(torch.isfinite(y).all()), **res}
+
+        def bare_estimate(prec: str, b: int) -> Optional[float]:
+            s = _nearest(spf, prec, b)
+            return None if s is None else (WARMUP + steps) * b * s + len(xs) * s
+
+        def run_bare(prec: str, variant: str = "default", only: Optional[int] = None) -> None:
+            suffix = {"default": "", "other": "/nchw" if cuda else "/channels_last", "compile": "/compile"}[variant]
+            for b in ([only] if only else p["batches"]):
+                name = f"bare/{prec}/b{b}{suffix}"
+                est = bare_estimate(prec, b)
+                if variant == "compile" and est is not None:
+                    est += COMPILE_PRIOR_S
+                res = budget.run(name, est, lambda: bare(prec, b, variant))
+                if res is not None:
+                    budget.keep({name: res})
+                    if "error" in res:  # out of memory: larger batches of this precision fail too
+                        break
+
+        def data_side() -> dict:
+            k = min(n, p["data_frames"])
+            old_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            try:
+                t = time.perf_counter()
+                raws = [read_frame_bytes(q) for q in frames[:k]]
+                t_read = time.perf_counter() - t
+                t = time.perf_counter()
+                imgs = [decode_rgb(q, r) for q, r in zip(frames, raws)]
+                t_decode = time.perf_counter() - t
+                t = time.perf_counter()
+                old = [preprocess(im.astype(np.float32) / 255.0, spec) for im in imgs]
+                t_old = time.perf_counter() - t
+                t = time.perf_counter()
+                new = [preprocess_u8(im, spec) for im in imgs]
+                t_new = time.perf_counter() - t
+            finally:
+                cv2.setNumThreads(old_threads)
+            exact = all(np.array_equal(a, b) for a, b in zip(old, new))
+            items = [{"i": j, "jpeg": torch.from_numpy(r), "hw": im.shape[:2], "path": str(q),
+                      "key": (3, *target_size(*im.shape[:2], spec))} for j, (q, r, im) in enumerate(zip(frames, raws,
+                                                                                                        imgs))]
+
+            def no_bad(i, message):
+                raise BenchError(f"bench gpu: frame {i} failed on the device path: {message}")
+
+            def device_path(chunk):
+                return device_batch(chunk, spec, device, no_bad)[0]
+
+            device_path(items[:b_stage])  # warm-up (decoder initialisation)
+            sync(device)
+            t = time.perf_counter()
+            x_dev = torch.cat([device_path(items[j:j + b_stage]) for j in range(0, k, b_stage)])  # (k, 3, h, w)
+            sync(device)
+            t_dev = time.perf_counter() - t
+            # depth of the two paths, fp32 model, first frames (what the device path changes, without the cache's
+            # float16 rounding)
+            r = min(4, k)
+            with torch.inference_mode():
+                m = models["default"]
+                ya = m(torch.from_numpy(np.stack(new[:r])).to(device).contiguous(memory_format=fmt["default"]))
+                yb = m(x_dev[:r].contiguous(memory_format=fmt["default"]))
+                hw = imgs[0].shape[:2]
+                da, db = postprocess(ya.float(), hw), postprocess(yb.float(), hw)
+            per_worker = k / (t_read + t_decode + t_new)
+            data.update(per_worker=per_worker, per_worker_old=k / (t_read + t_decode + t_old), device=k / t_dev)
+            return {"frames": k, "frame_size": list(imgs[0].shape[:2]), "jpeg_kib": round(sum(map(len, raws)) / k
+                                                                                          / 1024, 1),
+                    "read_ms": round(1e3 * t_read / k, 3), "decode_ms": round(1e3 * t_decode / k, 3),
+                    "cpu_preprocess_old_ms": round(1e3 * t_old / k, 3), "cpu_preprocess_ms": round(1e3 * t_new / k, 3),
+                    "cpu_new_equals_old": exact, "cpu_frames_per_s_per_worker": per_worker,
+                    "cpu_old_frames_per_s_per_worker": data["per_worker_old"], "device_frames_per_s": data["device"],
+                    "device_batch": b_stage, "device_vs_cpu_input": _rel_diff(x_dev[:r].cpu(),
+                                                                              torch.from_numpy(np.stack(new[:r]))),
+                    "device_vs_cpu_depth_fp32": _rel_diff(db.cpu(), da.cpu())}
+
+        caches: dict[str, Path] = {}
+
+        def stage(pre: str) -> dict:
+            cfg = depth_config(root, f"gpu-{pre}", Path(p["data_root"]), mt, weights, precision=p_stage,
+                                batch_size_inference=b_stage, num_workers=workers, preprocess=pre, device=device.type)
+            mem = Memory(device)
+            mem.start()
+            rec, cache, wall = run_depth_stage(cfg, root / f"store-{pre}", n)
+            caches[pre] = cache
+            c = rec["compute"]
+            out = {"frames_per_s": n / c["seconds"], "seconds": c["seconds"], "frames_per_s_wall": n / wall,
+                   "wall_s": round(wall, 3), "frames": n, "batch": b_stage, "precision": p_stage, "preprocess": pre,
+                   "num_workers": workers, "storage_dtype": cfg.depth.storage_dtype, **mem.stop(),
+                   **{k: c[k] for k in ("seconds_model", "seconds_waiting_for_writer", "seconds_writing",
+                                        "fp32_fallbacks")}}
+            if pre == "device" and "cpu" in caches:
+                worst, means = 0.0, []
+                with DepthCacheReader(caches["cpu"]) as ra, DepthCacheReader(cache) as rb:
+                    for j in range(min(n, 64)):  # reading a 1000^2 float16 map back costs ~ms: a sample
+                        d = _rel_diff(torch.from_numpy(rb.read(j)), torch.from_numpy(ra.read(j)))
+                        worst, means = max(worst, d["max_rel"]), means + [d["mean_rel"]]
+                out["cache_vs_cpu_cache"] = {"max_rel": worst, "mean_rel": sum(means) / len(means)}
+            return out
+
+        def stage_estimate(pre: str) -> Optional[float]:
+            s = _nearest(spf, p_stage, b_stage)
+            feed = data.get("device") if pre == "device" else data.get("per_worker", 0) * workers
+            if s is None or not feed:
+                return None
+            return setup_s + n * max(s, 1.0 / feed)
+
+        def run_py() -> dict:
+            m = models["default"] if not cuda else model("other")  # run.py: NCHW, fp32
+            k = p["run_py_frames"]
+            out = root / "run_py"
+            out.mkdir(exist_ok=True)
+            run_py_loop(m, spec, frames[:1], out, device)  # warm-up
+            sec = run_py_loop(m, spec, frames[:k], out, device)
+            return {"frames_per_s": k / sec, "seconds": round(sec, 3), "frames": k, "batch": 1, "precision": "fp32",
+                    "memory_format": "nchw"}
+
+        def add(name: str, est: Optional[float], fn) -> None:
+            res = budget.run(name, est, fn)
+            if res is not None:
+                budget.keep({name: res})
+
+        # priority order: what the issue's goals need first
+        run_bare(p_stage)
+        add("data_side", None, data_side)
+        for pre in ("cpu", "device"):
+            add(f"stage/{pre}", stage_estimate(pre), lambda pre=pre: stage(pre))
+        s1 = _nearest(spf, "fp32", 1)
+        add("run_py_loop", None if s1 is None or "per_worker_old" not in data else
+            (p["run_py_frames"] + 1) * (s1 + 1.0 / data["per_worker_old"]), run_py)
+        for prec in p["precisions"]:
+            if prec != p_stage:
+                run_bare(prec)
+        run_bare(p_stage, "other", only=b_stage)
+        if p["compile"]:
+            run_bare(p_stage, "compile", only=b_stage)
+    return budget.result()
