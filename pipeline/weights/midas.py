@@ -15,7 +15,6 @@ from pipeline.errors import CheckpointError
 from pipeline.store.io import sha256_file
 
 
-
 def file_sha256(path: Union[str, Path]) -> str:
     """Hex sha256 of the file's bytes (streamed)."""
     return sha256_file(path, prefix="")
