@@ -73,7 +73,7 @@ class FrameDataset:
     def _flip(self, i: int, epoch: int) -> bool:
         if not self.hflip:
             return False
-        from pipeline.train import sample_generator
+        from pipeline.training import sample_generator
 
         return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
 

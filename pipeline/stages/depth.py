@@ -150,9 +150,9 @@ def run_managed(ctx) -> bool:
                 return False
     finally:
         if dist_here:  # kept for the rest of the process (a later training stage reuses it)
-            from pipeline.train import _destroy_at_exit
+            from pipeline.training.runtime import destroy_at_exit
 
-            _destroy_at_exit()
+            destroy_at_exit()
     return _merge_and_publish(ctx, spec, part, parts)
 
 
@@ -493,7 +493,7 @@ def _load_model(cfg, weights_sha: Optional[str]):
     import torch
 
     from pipeline.midas_weights import load_midas
-    from pipeline.train import resolve_device
+    from pipeline.training import resolve_device
 
     d = cfg.depth
     device = resolve_device(d.device, int(os.environ.get("LOCAL_RANK", 0)))

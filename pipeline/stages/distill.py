@@ -110,7 +110,7 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
 
 def run(ctx) -> dict:
     from dkp_core.losses import distillation_loss
-    from pipeline.train import resolve_device, train
+    from pipeline.training import resolve_device, train
 
     cfg, m = ctx.cfg, ctx.plan.manifest
     sec = cfg.distill

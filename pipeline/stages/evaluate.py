@@ -105,7 +105,7 @@ def beats(value: float, reference: float, higher_is_better: bool) -> bool:
 def run(ctx) -> dict:
     from dkp_core.metrics import evaluate, mean_pose_floor
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.train import resolve_device
+    from pipeline.training import resolve_device
     from pipeline.viz import draw_keypoints, grid, save_png
 
     from pipeline.reads import eval_data_problem

@@ -103,7 +103,7 @@ def run(ctx) -> dict:
 
     import os
 
-    from pipeline.train import resolve_device, train
+    from pipeline.training import resolve_device, train
 
     recon.to(resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0))))
 
