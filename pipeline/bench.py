@@ -546,7 +546,7 @@ def case_depth_abc(p: dict) -> dict:
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import preprocess
     from pipeline.midas_weights import load_midas
-    from pipeline.stages import depth as D
+    from pipeline.stages.depth import compute as D
 
     device = _device(p["device"])
     mt, n, size, batch = p["model_type"], p["frames"], p["size"], p["batch"]

@@ -5,8 +5,6 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
-
 import numpy as np
 
 from pipeline import config as C

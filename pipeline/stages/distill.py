@@ -113,11 +113,10 @@ def run(ctx) -> dict:
     from pipeline.training import resolve_device, train
 
     cfg, m = ctx.cfg, ctx.plan.manifest
-    sec = cfg.distill
+    sec = ctx.settings  # distill's section (gamma 0 for the baseline), hflip resolved (registry)
     device = resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0)))
     reader = open_depth(ctx)
-    hflip = ctx.stage.inputs["config"]["hflip"]
-    gamma, layer = sec.gamma, sec.layer
+    hflip, gamma, layer = sec.hflip, sec.gamma, sec.layer
     teacher, _ = common.load_trained(ctx.upstream_path("teach"))
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,6 @@ the metric functions get (they rescale to the paper's reporting size where the p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ def dataset_flip_pairs(manifest) -> list[tuple[int, int]]:
 
 def protocol_options(ctx, protocol: str) -> dict:
     """Keyword options for :func:`dkp_core.metrics.evaluate` from the eval config."""
-    flip = ctx.stage.inputs["config"].get("flip_pairs", "none")
+    flip = ctx.settings.flip_pairs
     if flip == "none":
         return {}
     if protocol not in ("l2", "normalised_l2"):
@@ -114,8 +113,9 @@ def run(ctx) -> dict:
     problem = eval_data_problem(m)
     if problem:
         raise DkpError(problem)
-    protocol = ctx.stage.inputs["config"]["protocol"]
-    device = resolve_device(ctx.cfg.eval.device)
+    settings = ctx.settings  # eval's section, protocol resolved (registry)
+    protocol = settings.protocol
+    device = resolve_device(settings.device)
     fit, test = m.split("regress"), m.split("test")
     options = protocol_options(ctx, protocol)
     reader = DepthCacheReader(ctx.upstream_path("depth"))
@@ -131,7 +131,7 @@ def run(ctx) -> dict:
                 idx = idx[ok]
             ds = FrameDataset(manifest=m, indices=idx, image_size=S, use_rgb=key == "rgb", use_depth=key == "depth",
                               depth_reader=reader)
-            sets[split] = (idx, detect(model, ds, key, device, ctx.cfg.eval.batch_size_inference),
+            sets[split] = (idx, detect(model, ds, key, device, settings.batch_size_inference),
                            gt_in_model_frame(m, idx, S))
         arrays_in = dict(det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
                          gt_test=sets["test"][2], image_size=S)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Sampler
 
 from pipeline.errors import ConfigError
+from pipeline.training.settings import EpochDataset
 
 # Stream tags keep the seeds of different consumers apart even when (seed, a, b) coincide.
 TAG_SAMPLER = 1
