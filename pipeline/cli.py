@@ -1,7 +1,9 @@
 """`dkp-pipeline`: thin click commands over the Python API in `pipeline/`.
 
 Heavy imports (torch, timm, h5py) happen inside the commands that need them, so `--help` is instant.
-User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit 2.
+User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit 2. The stage commands
+(depth, teach, distill, eval) are made from :mod:`pipeline.stages.registry`. One module, not a package: every
+command is a few lines over a function elsewhere, and the whole surface reads best in one file.
 """
 from __future__ import annotations
 
