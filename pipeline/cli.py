@@ -1,17 +1,19 @@
 """`dkp-pipeline`: thin click commands over the Python API in `pipeline/`.
 
 Heavy imports (torch, timm, h5py) happen inside the commands that need them, so `--help` is instant.
-User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit 2.
+User errors (:class:`pipeline.errors.DkpError`) print one clear message and exit 2. The stage commands
+(depth, teach, distill, eval) are made from :mod:`pipeline.stages.registry`. One module, not a package: every
+command is a few lines over a function elsewhere, and the whole surface reads best in one file.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import click
 
 from pipeline.bench.gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
+from pipeline.stages import registry  # no torch
 
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
@@ -93,7 +95,7 @@ def status(config, overrides, store, as_json):
 @main.command()
 @_config_options
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the plan; run nothing.")
-@click.option("--until", type=click.Choice(["manifest", "depth", "teach", "distill", "eval"]), default="eval",
+@click.option("--until", type=click.Choice(registry.stage_names()), default="eval",
               show_default=True, help="Stop after this stage.")
 def run(config, overrides, store, dry_run, until):
     """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
@@ -161,25 +163,22 @@ def _stage_command(name: str, doc: str):
     return cmd
 
 
-depth_cmd = _stage_command(
-    "depth",
-    """Stage 1: MiDaS 3.1 (or imported depth files) over every frame into the HDF5 depth cache.
+# Extra options of a stage's command, applied in this order (--dry-run and the config options every stage command has).
+STAGE_OPTIONS = {
+    "depth": (
+        click.option("--shard", default=None, metavar="I/N",
+                     help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it."),
+        click.option("--skip-bad-frames", is_flag=True,
+                     help="Mark unreadable frames invalid in the cache instead of failing."),
+    ),
+}
 
-    Resumable after any crash (finished shards are kept), shardable across machines with
-    --shard i/n and across GPUs with `torchrun --nproc-per-node N dkp-pipeline depth ...`.""",
-)
-depth_cmd = click.option("--shard", default=None, metavar="I/N",
-                         help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it.")(depth_cmd)
-depth_cmd = click.option("--skip-bad-frames", is_flag=True,
-                         help="Mark unreadable frames invalid in the cache instead of failing.")(depth_cmd)
-main.command("depth")(depth_cmd)
-
-main.command("teach")(_stage_command(
-    "teach", """Stage 2: train the AutoLink teacher on the cached depth maps (resumes from its last checkpoint)."""))
-main.command("distill")(_stage_command(
-    "distill", """Stage 3: train the RGB student with the frozen teacher: recon + gamma * (1 - cos)."""))
-main.command("eval")(_stage_command(
-    "eval", """Score the student (and teacher, baseline) with the dataset's protocol: metrics.json + pictures."""))
+for _stage in registry.STAGES:
+    if _stage.help is not None:  # one command per stage that has one (the manifest is built by every command)
+        _cmd = _stage_command(_stage.name, _stage.help)
+        for _option in STAGE_OPTIONS.get(_stage.name, ()):
+            _cmd = _option(_cmd)
+        main.command(_stage.name)(_cmd)
 
 
 # --------------------------------------------------------------------------------------------------

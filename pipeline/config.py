@@ -7,6 +7,9 @@ Unknown keys and type mismatches are :class:`~pipeline.errors.ConfigError` namin
 
 Which fields change results is decided in one place, :data:`NON_SEMANTIC`: everything else is part of
 the artifact key of its stage.
+
+One module a little over 450 lines on purpose: the sections, their valid values (CHOICES, RANGES) and the
+layering that checks them are read together when a field is added.
 """
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 
 manifest -> depth -> teach -> distill -> eval; with ``eval.baseline`` a second distill artifact, the
 gamma = 0 RGB-only baseline ("baseline": the same key a ``--set distill.gamma=0`` run has), is built
-before eval, which scores it beside the student. Computing the keys needs only the manifest (whose frame
+before eval, which scores it beside the student. Which entries there are, what each key hashes and how a
+stage runs is declared once, in :mod:`pipeline.stages.registry`; this module walks it. Computing the keys needs only the manifest (whose frame
 fingerprints are memoised by inode/size/mtime) and the digests of weight files, so `status` is cheap.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +15,17 @@ from typing import Any, Optional
 
 from pipeline import config as C
 from pipeline.store.artifacts import Store, artifact_key, key_inputs
-from pipeline.data.images import DEPTH_FILE_RULE
-
-STAGES = ("manifest", "depth", "teach", "distill", "eval")
-# Plan entries that are another artifact of an existing stage kind: entry name -> stage kind.
-EXTRA_ENTRIES = {"baseline": "distill"}
+from pipeline.stages import registry
+from pipeline.store.io import sha256_text
 
 
 @dataclass
 class StagePlan:
-    stage: str  # the stage kind: its module, schema version and store directory
+    stage: str  # the stage kind: its registry entry, schema version and store directory
     key: str
     inputs: dict
     config: dict  # resolved config section saved beside the artifact (semantic and not)
+    settings: Any = None  # the typed settings the stage runs with (registry Stage.settings)
     state: str = "missing"  # fresh | stale | missing | in_progress
     why: list[str] = field(default_factory=list)
     progress: Optional[str] = None
@@ -36,20 +34,12 @@ class StagePlan:
     cfg: Optional[C.ExperimentConfig] = None
 
 
-def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
-    """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0),
-                               eval=dataclasses.replace(cfg.eval, baseline=False))
-
-
 @dataclass
 class Plan:
     cfg: C.ExperimentConfig
     store: Store
     stages: dict[str, StagePlan]
-    manifest: Any  # pipeline.manifest.Manifest
+    manifest: Any  # pipeline.data.manifest.Manifest
     warnings: list[str] = field(default_factory=list)  # about the data: printed by status and run
 
     def __iter__(self):
@@ -129,18 +119,6 @@ def frames_changed(old_m, new_m) -> str:
     return "frames changed: " + (", ".join(parts) if parts else "order changed")
 
 
-def file_digest(path: Optional[str]) -> Optional[str]:
-    """sha256 of a weights file, memoised by (inode, size, mtime) like frame fingerprints."""
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return f"missing:{p}"
-    from pipeline.store.fingerprint import sha256_file_memo
-
-    return sha256_file_memo(p)
-
-
 def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
     from pipeline.data.build import build_manifest
 
@@ -154,64 +132,19 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                             f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
     m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
     stages: dict[str, StagePlan] = {}
-
-    def add(stage: str, semantic: dict, upstream: dict, fingerprint: Optional[str], resolved: dict, *,
-            entry: Optional[str] = None, entry_cfg: Optional[C.ExperimentConfig] = None) -> StagePlan:
-        key = artifact_key(stage, semantic, upstream, fingerprint)
-        sp = StagePlan(stage, key, key_inputs(stage, semantic, upstream, fingerprint), resolved, cfg=entry_cfg)
-        stages[entry or stage] = sp
-        return sp
-
     from pipeline.data import reads
 
     synthetic = reads.synthetic_block(m.root)
-    mdesc = {"dataset": cfg.data.manifest, "description_sha256": m.description_sha256}
-    add("manifest", mdesc, {}, reads.manifest_fingerprint(m), C.to_dict(cfg.data))
-    # depth reads the frames only: its upstream is the identity of the frames (the manifest key of schema
-    # 1, before annotations and splits entered the manifest's key), so editing annotations never reruns MiDaS
-    # and caches built before that change keep their keys.
-    frames_key = artifact_key("manifest", mdesc, {}, reads.frames_identity(m))
-
-    d_sem = C.semantic_dict(cfg.depth)
-    if cfg.depth.provider != "midas" or cfg.depth.preprocess == "cpu":
-        d_sem.pop("preprocess")  # the run.py-identical default: keys from before the option stay valid
-    if cfg.depth.provider == "midas":
-        d_sem["weights_sha256"] = file_digest(cfg.depth.weights)
-        d_fp = reads.frames_identity(m)
-    else:
-        d_sem.pop("model_type", None)
-        d_sem.pop("precision", None)
-        d_sem["depth_options"] = m.depth_options
-        d_sem["decode"] = DEPTH_FILE_RULE
-        d_fp = m.depth_fingerprint
-    add("depth", d_sem, {"manifest": frames_key}, d_fp, C.to_dict(cfg.depth))
-
-    def train_sem(section: C.TrainConfig) -> dict:
-        s = C.semantic_dict(section)
-        s["hflip"] = m.hflip if section.hflip is None else section.hflip
-        if section.recon_loss == "perceptual":
-            s["vgg_sha256"] = file_digest(section.vgg_weights) if section.vgg_weights else "torchvision-default"
-        return s
-
-    teach_fp, distill_fp = reads.teach_fingerprint(m, synthetic), reads.distill_fingerprint(m)
-    e_fp = reads.eval_fingerprint(m, synthetic)
-    if m.apply_masks:
-        # human36m_wobg: every model input is multiplied by its frame's mask, so the masks' content is read
-        teach_fp["masks"] = distill_fp["masks"] = e_fp["masks_applied"] = m.mask_fingerprint
-    add("teach", train_sem(cfg.teach), {"depth": stages["depth"].key}, teach_fp, C.to_dict(cfg.teach))
-    distill_up = {"teach": stages["teach"].key, "depth": stages["depth"].key}
-    add("distill", train_sem(cfg.distill), distill_up, distill_fp, C.to_dict(cfg.distill))
-    eval_up = {"distill": stages["distill"].key, "teach": stages["teach"].key, "depth": stages["depth"].key}
-    if cfg.eval.baseline:
-        bcfg = baseline_config(cfg)
-        eval_up["baseline"] = add("distill", train_sem(bcfg.distill), distill_up, distill_fp, C.to_dict(bcfg.distill),
-                                  entry="baseline", entry_cfg=bcfg).key
-    e_sem = C.semantic_dict(cfg.eval)
-    if e_sem.get("protocol") == "auto":
-        e_sem["protocol"] = m.protocol
-    if e_sem.get("flip_pairs") == "dataset":  # eval reads the pairs from ROOT/dataset.yaml: key them
-        e_sem["left_right_pairs"] = m.left_right_pairs
-    add("eval", e_sem, eval_up, e_fp, C.to_dict(cfg.eval))
+    keys: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    for entry, stage, entry_cfg in registry.plan_entries(cfg):
+        s = stage.settings(entry_cfg, m)
+        parts = stage.key(s, registry.KeyEnv(manifest=m, synthetic=synthetic, keys=keys, settings=settings))
+        key = artifact_key(stage.name, parts.config, parts.upstream, parts.fingerprint)
+        stages[entry] = StagePlan(stage.name, key, key_inputs(stage.name, parts.config, parts.upstream, parts.fingerprint),
+                                  C.to_dict(getattr(entry_cfg, stage.section)), settings=s,
+                                  cfg=entry_cfg if entry_cfg is not cfg else None)
+        keys[entry], settings[entry] = key, s
 
     # states and reasons
     last = store.last_built(cfg.name)
@@ -219,13 +152,14 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     for name, sp in stages.items():
         st = store.state(sp.stage, sp.key)
         sp.path = st.path
+        stage = registry.stage(sp.stage)
         if st.state == "fresh":
             sp.state = "fresh"
-            if sp.stage == "depth":
-                sp.progress = depth_notes(st.record or {})
+            if stage.notes is not None:
+                sp.progress = stage.notes(st.record or {})
         elif st.state == "in_progress":
             sp.state = "in_progress"
-            sp.progress = progress_of(sp.stage, st.path)
+            sp.progress = progress_of(stage, st.path)
             if st.locked_by:
                 sp.why.append(f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
             else:
@@ -263,40 +197,18 @@ def preflight(plan: Plan, stages, console=None) -> None:
             raise DkpError(problem)
 
 
-def depth_notes(record: dict) -> Optional[str]:
-    """What a finished depth cache lacks: frames skipped with --skip-bad-frames, frames with holes."""
-    notes = []
-    skipped = record.get("skipped_frames")
-    if skipped:  # built with --skip-bad-frames: say which frames have no depth
-        ids = [str(s.get("frame")) for s in skipped[:3]]
-        notes.append(f"{len(skipped)} unreadable frame(s) skipped (invalid in the cache): "
-                     + ", ".join(ids) + (" …" if len(skipped) > 3 else ""))
-    holes = (record.get("compute") or {}).get("frames_with_holes")
-    if holes:
-        notes.append(f"{holes} frame(s) with depth holes (no reading; ignored by the teacher's normalisation)")
-    return "; ".join(notes) or None
-
-
-def progress_of(stage: str, path: Path) -> Optional[str]:
-    """'frames 1024/6000' or 'step 300/20001' for an interrupted artifact, read from its files."""
+def progress_of(stage: registry.Stage, path: Path) -> Optional[str]:
+    """'frames 1024/6000' or 'step 300/20001' for an interrupted artifact, read from its files (None: unknown)."""
+    if stage.progress is None:
+        return None
     try:
-        if stage == "depth":
-            from pipeline.depth_cache import progress
-
-            done, total = progress(path)
-            return f"frames {done}/{total}"
-        if stage in ("teach", "distill"):
-            from pipeline.stages.common import train_progress
-
-            done, total = train_progress(path)
-            return f"step {done}/{total}"
+        return stage.progress(path)
     except Exception:
         return None
-    return None
 
 
 def digest_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_text(text)
 
 
 def plan_as_json(plan: Plan) -> list[dict]:

@@ -124,7 +124,7 @@ def predict_command(student: str, images: Sequence[str], output: str, device: st
     """Write OUT/keypoints.json and OUT/overlays/<stem>.png for every image; returns the JSON document."""
     from pipeline.store.io import write_json_atomic
     from pipeline.stages.common import load_trained
-    from pipeline.train import resolve_device
+    from pipeline.training import resolve_device
     from pipeline.viz import draw_keypoints, save_png
 
     files = collect_images(images)

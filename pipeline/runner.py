@@ -1,12 +1,12 @@
 """Walk the stage graph: reuse fresh artifacts, resume interrupted ones, build the rest.
 
-Each stage module in :mod:`pipeline.stages` exposes ``run(ctx: StageContext) -> dict`` which writes its
-files into ``ctx.path`` (resuming from whatever an interrupted run left there) and returns extra fields for
-artifact.json; publishing (artifact.json, then COMPLETE) is done here, once, for every stage.
+Each stage of :mod:`pipeline.stages.registry` has a ``run(ctx: StageContext) -> dict`` which writes its files
+into ``ctx.path`` (resuming from whatever an interrupted run left there) and returns extra fields for
+artifact.json; publishing (artifact.json, then COMPLETE) is done here, once, for every stage but the
+``managed`` one (depth), which publishes itself when its last part is done.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,13 +17,7 @@ from pipeline import config as C
 from pipeline.store.artifacts import Store
 from pipeline.errors import DkpError
 from pipeline.graph import Plan, StagePlan, build_plan, preflight
-
-STAGE_MODULES = {
-    "depth": "pipeline.stages.depth",
-    "teach": "pipeline.stages.teach",
-    "distill": "pipeline.stages.distill",
-    "eval": "pipeline.stages.evaluate",
-}
+from pipeline.stages import registry
 
 
 @dataclass
@@ -35,6 +29,11 @@ class StageContext:
     path: Path  # the artifact directory being written
     console: Any
     options: dict = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Any:
+        """The typed settings this stage runs with (its registry ``settings``: e.g. hflip and protocol resolved)."""
+        return self.stage.settings
 
     def upstream_path(self, entry: str) -> Path:
         """Directory of the plan entry ``entry`` (a stage name, or "baseline")."""
@@ -72,12 +71,6 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
                         clip_length=cfg.data.synth_clip_length, progress=pending)
     except DkpError as e:
         raise type(e)(f"{e} (data.root = {root}; the config's data.synth_* values must match the data there)") from None
-
-
-def _publish_manifest(plan: Plan, sp: StagePlan, store: Store, console) -> None:
-    with store.open_for_write("manifest", sp.key, inputs=sp.inputs, config=sp.config) as w:
-        plan.manifest.save(w.path / "manifest.json")
-        w.publish(n_frames=len(plan.manifest.frame_ids), fingerprint=plan.manifest.fingerprint)
 
 
 def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: bool = False, until: str = "eval",
@@ -128,10 +121,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         t0 = time.time()
         reason = "; ".join(([sp.progress] if sp.progress else []) + sp.why) or sp.state
         console.print(f"[yellow]→[/] {name:8s} {sp.state}  {sp.key[:16]}  ({reason})", markup=True)
-        if name == "manifest":
-            if not _follower_rank():  # under torchrun, rank 0 publishes the manifest
-                _publish_manifest(plan, sp, store, console)
-        elif not _run_stage(sp.stage, sp.cfg or cfg, plan, sp, store, console, stage_options or {}):
+        if not _run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, stage_options or {}):
             _sync_ranks()
             built.append(f"{name} (this process's part)")
             continue  # only this process's part was written (depth --shard / torchrun rank > 0)
@@ -165,32 +155,28 @@ def _sync_ranks() -> None:
         dist.barrier()
 
 
-def _run_stage(name: str, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> bool:
+def _run_stage(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> bool:
     """Run one stage; False when the stage wrote only this process's part and another process publishes."""
-    try:
-        mod = importlib.import_module(STAGE_MODULES[name])
-    except ModuleNotFoundError as e:
-        if e.name == STAGE_MODULES[name]:
-            raise DkpError(f"stage {name} is not built yet in this version of distill-dkp") from None
-        raise
-    if hasattr(mod, "run_managed"):
+    name = stage.name
+    if stage.managed:
         # Stages with their own multi-process writing protocol (depth under torchrun / --shard).
-        return mod.run_managed(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options)) is not False
+        return stage.run(StageContext(cfg, plan, sp, store, store.path(name, sp.key), console, options)) is not False
     if _follower_rank():
         # torchrun rank > 0: trains in the same directory as rank 0 (which holds the lock, checkpoints and
-        # publishes); evaluation is not distributed, so followers skip it.
-        if name == "eval":
-            return False
+        # publishes); the manifest and evaluation are rank 0's alone (the manifest is not even reported as
+        # this process's part: it is written before any stage runs).
+        if not stage.followers_join:
+            return stage is registry.MANIFEST
         path = store.path(name, sp.key)
         path.mkdir(parents=True, exist_ok=True)
-        mod.run(StageContext(cfg, plan, sp, store, path, console, options))
+        stage.run(StageContext(cfg, plan, sp, store, path, console, options))
         return False
     path = store.path(name, sp.key)
     fresh_dir = not path.exists()
     try:
         with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
             ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
-            extra = mod.run(ctx) or {}
+            extra = stage.run(ctx) or {}
             w.publish(**extra)
     except DkpError:
         # A stage refused before doing any work (missing VGG weights, bad option): leave no empty

@@ -10,7 +10,7 @@ grid of every eval step (``keypoints``).
 Event files are outside every artifact key (nothing reads them back) and are flushed after each write, so a
 run killed at any instant leaves them readable up to the last line logged. A resumed run appends to the same
 run directory and tells TensorBoard to drop the events the killed run had logged after the checkpoint it
-resumes from (``purge_step``), as :func:`pipeline.train._truncate_metrics` does for metrics.jsonl.
+resumes from (``purge_step``), as :func:`pipeline.training.log.truncate_metrics` does for metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _tag(name: str) -> str:
 
 
 class TensorBoardLog:
-    """A :class:`pipeline.train.TrainLog` writing TensorBoard events; the writer opens at :meth:`start` (rank 0
+    """A :class:`pipeline.training.TrainLog` writing TensorBoard events; the writer opens at :meth:`start` (rank 0
     only: the trainer calls it there), so creating one on every rank costs nothing."""
 
     def __init__(self, log_dir: Path):

@@ -493,7 +493,7 @@ def test_checkpoint_from_another_config(built):
     import torch
 
     from pipeline.store.checkpoint import save_atomic
-    from pipeline.train import CHECKPOINT_FORMAT
+    from pipeline.training import CHECKPOINT_FORMAT
 
     ck = _teach_checkpoint_dir(built) / "step-00000002.pt"
     save_atomic({"format": CHECKPOINT_FORMAT, "step": 2, "config_hash": "f" * 64, "model": {"w": torch.zeros(1)}},

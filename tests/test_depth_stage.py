@@ -397,7 +397,7 @@ def _run_fake(tmp_path, monkeypatch, fake, *, sizes, model_type="dpt_beit_base_3
 
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
-    from pipeline.stages import depth as D
+    from pipeline.stages.depth import compute as D
 
     root = tmp_path / "data"
     if not root.exists():

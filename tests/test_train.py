@@ -1,4 +1,4 @@
-"""The trainer (pipeline/train.py) and checkpoint files (pipeline/store/checkpoint.py), on a tiny CPU model.
+"""The trainer (pipeline/training/) and checkpoint files (pipeline/store/checkpoint.py), on a tiny CPU model.
 
 Kill -9 / resume equivalence across processes lives in tests/faults/test_train_kill.py; here
 everything runs in-process except the 2-rank DDP comparison (a torchrun subprocess).
@@ -21,17 +21,17 @@ import torch
 from pipeline.store import checkpoint as ckpt_mod
 from pipeline.store.checkpoint import check_plain, latest_checkpoint, load_safe, save_atomic
 from pipeline.errors import CheckpointError, ConfigError, DkpError
-from pipeline.train import (
+from pipeline.training import (
     NonFiniteLossError,
     StepBatchSampler,
     TrainingInterrupted,
     TrainSettings,
-    _truncate_metrics,
     derive_seed,
     resolve_amp,
     sample_generator,
     train,
 )
+from pipeline.training.log import truncate_metrics as _truncate_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_PATH = REPO / "tests" / "faults" / "train_toy.py"
@@ -376,7 +376,7 @@ def test_log_lines_when_not_a_terminal(tmp_path, caplog):
 
 
 def test_progress_bar_renders_step_loss_rate_and_eta(capsys):
-    from pipeline.train import _Progress
+    from pipeline.training.log import Progress as _Progress
 
     bar = _Progress(total=10, start=2, bar=True, log_lines=True)
     for done in range(3, 6):
@@ -387,7 +387,7 @@ def test_progress_bar_renders_step_loss_rate_and_eta(capsys):
 
 
 def test_lr_factor_warmup_then_cosine_to_zero():
-    from pipeline.train import TrainSettings, lr_factor
+    from pipeline.training import TrainSettings, lr_factor
 
     s = TrainSettings(steps=10, warmup_steps=2, lr_schedule="cosine")
     assert [lr_factor(s, i) for i in (0, 1)] == [0.5, 1.0]

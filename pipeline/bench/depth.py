@@ -1,7 +1,7 @@
 """The depth cases: a MiDaS 3.1 model with random weights in the official layout, on generated frames.
 
 ``bench depth`` (:func:`case_depth_abc`) times (a) the stage's own model bundle and inference call
-(:func:`~pipeline.stages.depth.load_model`, :func:`~pipeline.stages.depth.infer`) on batches preprocessed
+(:func:`~pipeline.stages.depth.compute.load_model`, :func:`~pipeline.stages.depth.compute.infer`) on batches preprocessed
 beforehand, (b) the whole ``depth`` stage through ``run_pipeline``, (c) MiDaS run.py's per-frame loop; ``bench
 gpu`` reuses the pieces (weights, frames, stage run, run.py loop). The random checkpoint is
 :func:`dkp_core.midas.official_layout_state_dict` of a fresh model with a calibrated head, so the stage loads it
@@ -144,7 +144,7 @@ def case_depth_abc(p: dict) -> dict:
     """The three depth cases on the same generated frames, in one process, in the order
     a1 c1 b c2 a2 (a, c: first and second half of the frames), so that a and c bracket b in time.
 
-    (a) ``bare_model``: the stage's own inference call (:func:`~pipeline.stages.depth.infer`: same precision,
+    (a) ``bare_model``: the stage's own inference call (:func:`~pipeline.stages.depth.compute.infer`: same precision,
         memory format, device) on batches preprocessed beforehand and already on the device;
     (b) ``stage``: ``run_pipeline(only="depth")`` with provider midas on a folder manifest of the frames
         (DataLoader workers decode and preprocess, the background writer fills the HDF5 cache); rate from
@@ -160,7 +160,7 @@ def case_depth_abc(p: dict) -> dict:
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import preprocess
     from pipeline.weights.midas import load_midas
-    from pipeline.stages import depth as D
+    from pipeline.stages.depth import compute as D
 
     device = bench_device(p["device"])
     mt, n, size, batch = p["model_type"], p["frames"], p["size"], p["batch"]

@@ -42,7 +42,7 @@ def case_gpu_model(p: dict) -> dict:
     from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
-    from pipeline.stages.depth import device_batch
+    from pipeline.stages.depth.frames import device_batch
 
     budget = _Budget(p["deadline"], p.get("progress"))
     if time.time() >= p["deadline"]:  # no time left for this part: not even its setup

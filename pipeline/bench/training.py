@@ -46,7 +46,7 @@ def _optimiser_step(model, step_fn, batch: dict, p: dict, device):
     import torch
 
     from pipeline.config import DistillConfig
-    from pipeline.train import StepContext
+    from pipeline.training import StepContext
 
     defaults = DistillConfig()
     opt = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)

@@ -1,7 +1,7 @@
 """Training/evaluation datasets over a manifest (RGB) and a depth cache (teacher input).
 
 Every item is a pure function of (index, epoch): the horizontal flip is drawn from
-:func:`pipeline.train.sample_generator` seeded by (seed, epoch, index), and RGB and depth of the
+:func:`pipeline.training.sample_generator` seeded by (seed, epoch, index), and RGB and depth of the
 same frame get the same flip, so the student and the frozen teacher see aligned inputs.
 
 For a dataset whose description says ``apply_masks: true`` (Human3.6M without background), every input
@@ -73,7 +73,7 @@ class FrameDataset:
     def _flip(self, i: int, epoch: int) -> bool:
         if not self.hflip:
             return False
-        from pipeline.train import sample_generator
+        from pipeline.training import sample_generator
 
         return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
 

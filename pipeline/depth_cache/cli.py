@@ -152,7 +152,7 @@ def import_command(file, store, console, cfg=None) -> None:
     st = Store.from_option(store)
     expected_spec, expected_hashes = None, None
     if cfg is not None:
-        from pipeline.stages.depth import expected_spec as spec_for
+        from pipeline.stages.depth.identity import expected_spec as spec_for
 
         plan, sp = _depth_artifact(cfg, store)
         want = spec_for(cfg, plan.manifest)

@@ -231,7 +231,7 @@ class ExperimentPage:
     def depth(self) -> str:
         if self.plan is None or self.state("depth") != "fresh":
             return self.not_built("depth")
-        from pipeline.stages.depth import PREVIEW
+        from pipeline.stages.depth.stage import PREVIEW
 
         rec = self.records.get("depth") or {}
         spec = rec.get("cache_spec") or {}

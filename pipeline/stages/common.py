@@ -5,8 +5,6 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
-
 import numpy as np
 
 from pipeline import config as C
@@ -27,14 +25,9 @@ def build_model(args: dict):
 
 
 def train_settings(section: C.TrainConfig):
-    from pipeline.train import TrainSettings
+    from pipeline.training import TrainSettings
 
-    return TrainSettings(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
-                         weight_decay=section.weight_decay, seed=section.seed, amp=section.amp,
-                         checkpoint_every=section.checkpoint_every, log_every=section.log_every,
-                         eval_every=section.eval_every, num_workers=section.num_workers, device=section.device,
-                         lr_schedule=section.lr_schedule, warmup_steps=section.warmup_steps,
-                         channels_last=section.channels_last)
+    return TrainSettings.from_config(section)
 
 
 def reconstruction_loss(section: C.TrainConfig):
@@ -51,13 +44,13 @@ def reconstruction_loss(section: C.TrainConfig):
 def training_progress():
     """Let the trainer's INFO lines reach stderr while a stage trains.
 
-    ``pipeline.train`` shows a rich bar (steps done/total, loss, steps/s, ETA) on an interactive
+    ``pipeline.training`` shows a rich bar (steps done/total, loss, steps/s, ETA) on an interactive
     stderr and otherwise *logs* ``step N/TOTAL  loss L  R steps/s  ETA H:MM:SS`` at each metrics line;
     the CLI configures no logging, so without this those lines (and "resuming from ...") would be
     dropped under Slurm, CI or a pipe. If the application already configured logging, only the
     level is raised, so nothing is printed twice.
     """
-    logger = logging.getLogger("pipeline.train")
+    logger = logging.getLogger("pipeline.train")  # the trainer's logger (pipeline.training.log)
     old_level = logger.level
     handler = None
     if not logging.getLogger().handlers and not logger.handlers:

@@ -74,7 +74,7 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
     """Run the teacher once over every training frame (and its mirror when flips are on)."""
     import h5py
 
-    from pipeline.store.io import fsync_dir
+    from pipeline.store.io import fsync_path, replace_durably
 
     if path.exists():
         return
@@ -101,10 +101,8 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
             emb[s:s + len(items)] = e
         f.attrs["layer"] = layer
         f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(tmp)
+    replace_durably(tmp, path, strict_dir=False)
     console.print(f"teacher embeddings cached: {len(ds)} frames x {n_flip} flip(s) -> {path.name}")
 
 
@@ -130,14 +128,13 @@ def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool):
 
 
 def run(ctx) -> dict:
-    from pipeline.train import resolve_device, train
+    from pipeline.training import resolve_device, train
 
     cfg, m = ctx.cfg, ctx.plan.manifest
-    sec = cfg.distill
+    sec = ctx.settings  # distill's section (gamma 0 for the baseline), hflip resolved (registry)
     device = resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0)))
     reader = open_depth(ctx)
-    hflip = ctx.stage.inputs["config"]["hflip"]
-    gamma, layer = sec.gamma, sec.layer
+    hflip, gamma, layer = sec.hflip, sec.gamma, sec.layer
     teacher, _ = common.load_trained(ctx.upstream_path("teach"))
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,6 @@ the metric functions get (they rescale to the paper's reporting size where the p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ def gt_in_model_frame(manifest, indices, size: int) -> np.ndarray:
 
 def dataset_flip_pairs(manifest) -> list[tuple[int, int]]:
     """(left, right) GT joint pairs from ROOT/dataset.yaml: ``left_right_pairs`` (your own folder dataset) or
-    ``synthetic.left_right_pairs`` (what `synth` writes), via :attr:`pipeline.manifest.Manifest.left_right_pairs`."""
+    ``synthetic.left_right_pairs`` (what `synth` writes), via :attr:`pipeline.data.manifest.Manifest.left_right_pairs`."""
     path = Path(manifest.root) / manifest.spec.files.get("options_file", "dataset.yaml")
     fix = (f"add 'left_right_pairs: [[left, right], ...]' (GT joint indices) to {path}, or set eval.flip_pairs: none "
            f"(the built-in synthetic data gets them from `dkp-pipeline synth`)")
@@ -52,7 +51,7 @@ def dataset_flip_pairs(manifest) -> list[tuple[int, int]]:
 
 def protocol_options(ctx, protocol: str) -> dict:
     """Keyword options for :func:`dkp_core.metrics.evaluate` from the eval config."""
-    flip = ctx.stage.inputs["config"].get("flip_pairs", "none")
+    flip = ctx.settings.flip_pairs
     if flip == "none":
         return {}
     if protocol not in ("l2", "normalised_l2"):
@@ -75,7 +74,7 @@ def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.nda
 
 
 def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -> dict | None:
-    """Share of the detector's heatmap mass on the figure (pipeline.foreground), when masks are known.
+    """Share of the detector's heatmap mass on the figure (pipeline.data.foreground), when masks are known.
 
     Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
     fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).
@@ -105,7 +104,7 @@ def beats(value: float, reference: float, higher_is_better: bool) -> bool:
 def run(ctx) -> dict:
     from dkp_core.metrics import evaluate, mean_pose_floor
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.train import resolve_device
+    from pipeline.training import resolve_device
     from pipeline.viz import draw_keypoints, grid, save_png
 
     from pipeline.data.reads import eval_data_problem
@@ -114,8 +113,9 @@ def run(ctx) -> dict:
     problem = eval_data_problem(m)
     if problem:
         raise DkpError(problem)
-    protocol = ctx.stage.inputs["config"]["protocol"]
-    device = resolve_device(ctx.cfg.eval.device)
+    settings = ctx.settings  # eval's section, protocol resolved (registry)
+    protocol = settings.protocol
+    device = resolve_device(settings.device)
     fit, test = m.split("regress"), m.split("test")
     options = protocol_options(ctx, protocol)
     reader = DepthCacheReader(ctx.upstream_path("depth"))
@@ -131,7 +131,7 @@ def run(ctx) -> dict:
                 idx = idx[ok]
             ds = FrameDataset(manifest=m, indices=idx, image_size=S, use_rgb=key == "rgb", use_depth=key == "depth",
                               depth_reader=reader)
-            sets[split] = (idx, detect(model, ds, key, device, ctx.cfg.eval.batch_size_inference),
+            sets[split] = (idx, detect(model, ds, key, device, settings.batch_size_inference),
                            gt_in_model_frame(m, idx, S))
         arrays_in = dict(det_fit=sets["fit"][1], gt_fit=sets["fit"][2], det_test=sets["test"][1],
                          gt_test=sets["test"][2], image_size=S)

@@ -73,13 +73,11 @@ def figure_heatmap_mass(model, manifest, reader, indices, image_size: int, max_f
 
 
 def run(ctx) -> dict:
-    cfg, m = ctx.cfg, ctx.plan.manifest
-    sec = cfg.teach
+    m, sec = ctx.plan.manifest, ctx.settings  # teach's section, hflip resolved (registry)
     reader = open_depth(ctx)
-    hflip = ctx.stage.inputs["config"]["hflip"]
     train_idx = valid_train_indices(m, reader, "train")
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=False, use_depth=True,
-                      depth_reader=reader, hflip=hflip, seed=sec.seed, depth_norm=sec.depth_norm)
+                      depth_reader=reader, hflip=sec.hflip, seed=sec.seed, depth_norm=sec.depth_norm)
     args = common.model_args(sec)
     torch.manual_seed(sec.seed)  # initial weights are part of the run's identity
     model = common.build_model(args)
@@ -103,7 +101,7 @@ def run(ctx) -> dict:
 
     import os
 
-    from pipeline.train import resolve_device, train
+    from pipeline.training import resolve_device, train
 
     recon.to(resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0))))
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.store import checkpoint as ckpt_mod  # noqa: E402
 from pipeline.errors import DkpError  # noqa: E402
-from pipeline.train import StepContext, TrainSettings, sample_generator, train  # noqa: E402
+from pipeline.training import StepContext, TrainSettings, sample_generator, train  # noqa: E402
 
 IMAGE = 8
 

@@ -1,0 +1,119 @@
+"""What determines the depth output, in one function: :func:`depth_identity` gives both the artifact key's
+inputs (semantic config + fingerprint) and the cache spec (stored in the cache, checked on reuse and import).
+
+Import-light (the stage registry derives keys from here for ``status``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import config as C
+from pipeline.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class DepthIdentity:
+    key_config: dict  # the key's semantic config
+    fingerprint: Any  # the key's input fingerprint: the frames (midas) or the depth files (files)
+    spec: Optional[dict]  # the cache spec; None for an unknown MiDaS model type (the stage refuses it first)
+
+
+def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthIdentity:
+    """The identity of the depth cache of ``d`` over manifest ``m``; ``weights_digest`` is
+    ``"sha256:<hex>"`` of ``d.weights`` (:func:`pipeline.stages.registry.file_digest`; midas only).
+
+    Where key and spec differ, it is on purpose: the key holds the weights digest as planned (``"missing:..."``
+    for an absent file, so `status` still works) and the frames' identity; the spec holds the numbers a reader
+    of the cache needs (input size, resize rule, mean/std), which follow from the model type, and the
+    manifest's fingerprint, against which a cache is checked on import.
+    """
+    from pipeline.data import reads
+    from pipeline.data.images import DEPTH_FILE_RULE
+
+    key = C.semantic_dict(d)
+    spec: Optional[dict] = {"provider": d.provider, "manifest_fingerprint": m.fingerprint,
+                            "storage_dtype": d.storage_dtype}
+    # preprocess changes values only on the device path: absent for the run.py-identical default (and for the
+    # files provider, which never reads it), so keys and caches from before the option stay valid
+    preprocess = d.preprocess if d.provider == "midas" and d.preprocess != "cpu" else None
+    if preprocess is None:
+        key.pop("preprocess")
+    if d.provider == "midas":
+        key["weights_sha256"] = weights_digest
+        fingerprint = reads.frames_identity(m)
+        ms = _known_spec(d.model_type)
+        if ms is None:
+            spec = None
+        else:
+            spec.update(model_type=d.model_type, weights_sha256=(weights_digest or "").split(":", 1)[-1] or None,
+                        precision=d.precision, net_w=ms.net_w, net_h=ms.net_h, resize_mode=ms.resize_mode,
+                        ensure_multiple_of=ms.ensure_multiple_of, interpolation=ms.interpolation,
+                        mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
+            if preprocess is not None:
+                spec["preprocess"] = preprocess
+    else:
+        key.pop("model_type", None)
+        key.pop("precision", None)
+        key["depth_options"] = m.depth_options
+        key["decode"] = DEPTH_FILE_RULE
+        fingerprint = m.depth_fingerprint
+        opts = m.depth_options or {}
+        spec.update(depth_fingerprint=m.depth_fingerprint, **{f"depth_options.{k}": v for k, v in sorted(opts.items())})
+    return DepthIdentity(key, fingerprint, spec)
+
+
+@dataclass(frozen=True)
+class DepthSettings:
+    """The depth stage's typed settings: its config section, the weights digest planned, the identity."""
+
+    config: C.DepthConfig
+    weights_digest: Optional[str]  # "sha256:<hex>" of config.weights when planned (midas), else None
+    identity: DepthIdentity
+
+    @classmethod
+    def resolve(cls, d: C.DepthConfig, m, weights_digest: Optional[str]) -> "DepthSettings":
+        return cls(d, weights_digest, depth_identity(d, m, weights_digest))
+
+    @property
+    def weights_sha256(self) -> Optional[str]:
+        """The planned weights' hex sha256 (what the loaded file must have), or None."""
+        return (self.weights_digest or "").split(":", 1)[-1] or None
+
+
+def _known_spec(model_type: str):
+    from dkp_core.midas import get_spec
+
+    try:
+        return get_spec(model_type)
+    except ValueError:
+        return None
+
+
+def expected_spec(cfg: C.ExperimentConfig, manifest) -> dict:
+    """The spec a cache for ``cfg`` over ``manifest`` must have (weights hashed from the file named in cfg)."""
+    digest = None
+    if cfg.depth.provider == "midas":
+        check_midas_config(cfg.depth)
+        from pipeline.stages.registry import file_digest
+
+        digest = file_digest(cfg.depth.weights)
+    return depth_identity(cfg.depth, manifest, digest).spec
+
+
+def check_midas_config(d: C.DepthConfig) -> None:
+    """Model type known, weights named and present: all checked before anything is written."""
+    from dkp_core.midas import get_spec, list_models
+
+    try:
+        ms = get_spec(d.model_type)
+    except ValueError:
+        raise ConfigError(f"depth.model_type {d.model_type!r} is not a MiDaS 3.1 model; valid: "
+                          f"{', '.join(list_models())}") from None
+    where = f"the official checkpoint {ms.weights_file!r} (download: {ms.weights_url})"
+    if not d.weights:
+        raise ConfigError(f"depth.weights is not set: pass {where} with --set depth.weights=/path/to/{ms.weights_file}")
+    if not Path(d.weights).expanduser().is_file():
+        raise CheckpointError(f"depth.weights: MiDaS weights for {d.model_type} not found at {d.weights!r}; "
+                              f"expected {where}")

@@ -1,0 +1,280 @@
+"""The training loop: :func:`train`, read top to bottom.
+
+Setup (device, SyncBatchNorm, optimiser), resume from the newest checkpoint, then one iteration per
+optimiser step: seed, forward under autocast, one collective for loss + metrics + "stop?", backward,
+metrics line, eval, checkpoint. The pieces it calls live beside it: :mod:`.settings`, :mod:`.sampling`,
+:mod:`.rng`, :mod:`.runtime`, :mod:`.log`, :mod:`.resume`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.store.checkpoint import CHECKPOINT_DIRNAME, check_plain, checkpoint_name, remove_stale_temporaries
+from pipeline.training.log import METRICS_FILENAME, Accumulator, Progress, append_metrics, log, read_metric_lines, \
+    truncate_metrics
+from pipeline.training.resume import MODEL_FILENAME, RunState, config_digest, resume, save_checkpoint, save_model
+from pipeline.training.rng import seed_global_rngs
+from pipeline.training.runtime import (Dist, NonFiniteLossError, StopSignals, TrainingInterrupted, amp_name,
+                                       destroy_at_exit, resolve_amp, setup_distributed, to_device)
+from pipeline.training.sampling import TAG_STEP_GENERATOR, ByEpochIndex, StepBatchSampler, derive_seed, worker_init
+from pipeline.training.settings import (EpochDataset, StepContext, StepFn, TrainLog, TrainResult, TrainSettings,
+                                        lr_factor)
+
+
+def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,
+          config: Mapping[str, Any], on_eval: Callable[[int, nn.Module], None] | None = None,
+          params: Iterable[nn.Parameter] | None = None, config_hash: str | None = None,
+          model_args: Mapping[str, Any] | None = None,
+          collate_fn: Callable[[list[Any]], Any] | None = None, train_log: TrainLog | None = None) -> TrainResult:
+    """Train ``model`` with AdamW for ``settings.steps`` steps, resuming from ``run_dir`` if possible.
+
+    Args:
+        run_dir: where ``checkpoints/``, ``metrics.jsonl`` and ``model.pt`` go; must be private to
+            this run (hold the artifact lock) and, for multi-node DDP, shared by all nodes.
+        model: trained in place (moved to the device; BatchNorm → SyncBatchNorm under DDP on CUDA).
+        dataset: an :class:`EpochDataset`.
+        step_fn: ``(model, batch, ctx) -> (loss, metrics)``: a scalar loss tensor to minimise and a
+            dict of floats to log (same keys every step). Runs under autocast when AMP is on.
+        settings: :class:`TrainSettings`.
+        config: the resolved config; stored in every checkpoint and in ``model.pt`` (plain values only).
+        on_eval: called on rank 0 as ``on_eval(step, model)`` every ``eval_every`` steps and at the
+            end, with the unwrapped model in ``eval()`` mode under ``no_grad``.
+        params: the parameters to optimise (default: every ``model`` parameter with
+            ``requires_grad``); they must belong to ``model`` so checkpoints hold them.
+        config_hash: identity of the semantic config (the artifact key); a checkpoint written
+            under another hash is refused. Default: :func:`config_digest` of ``config``.
+        model_args: constructor arguments of the model, stored in ``model.pt`` so it can be rebuilt.
+        collate_fn: DataLoader collate function (default: torch's ``default_collate``).
+        train_log: a :class:`TrainLog` that also receives every metrics line (TensorBoard); rank 0 only.
+
+    Returns:
+        :class:`TrainResult`. Raises :class:`TrainingInterrupted` after checkpointing on
+        SIGTERM/SIGINT, :class:`NonFiniteLossError` on a NaN/Inf loss, and
+        :class:`~pipeline.errors.CheckpointError` for a checkpoint that does not fit this run.
+    """
+    if not (hasattr(dataset, "get") and hasattr(dataset, "__len__")):
+        raise TypeError(f"dataset {type(dataset).__name__} must implement __len__() and get(index, epoch)")
+    check_plain(dict(config), "config")
+    if model_args is not None:
+        check_plain(dict(model_args), "model_args")
+    dist_env, device = setup_distributed(settings.device)
+    try:
+        return _train(run_dir=Path(run_dir), model=model, dataset=dataset, step_fn=step_fn, settings=settings,
+                      config=dict(config), on_eval=on_eval, params=params,
+                      config_hash=config_hash or config_digest(config),
+                      model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device,
+                      train_log=train_log if dist_env.is_main else None)
+    finally:
+        # The group lives as long as the process: `dkp-pipeline run` under torchrun trains teach and then
+        # distill in one process, and re-initialising a destroyed group there hangs on the rendezvous.
+        if dist_env.initialised_here and dist.is_initialized():
+            destroy_at_exit()
+
+
+def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,
+           config: dict[str, Any], on_eval: Callable[[int, nn.Module], None] | None,
+           params: Iterable[nn.Parameter] | None, config_hash: str, model_args: dict[str, Any],
+           collate_fn: Callable[[list[Any]], Any] | None, dist_env: Dist, device: torch.device,
+           train_log: TrainLog | None = None) -> TrainResult:
+    rank, world, is_main = dist_env.rank, dist_env.world_size, dist_env.is_main
+    ckpt_dir = run_dir / CHECKPOINT_DIRNAME
+    metrics_path = run_dir / METRICS_FILENAME
+    model_path = run_dir / MODEL_FILENAME
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(run_dir) + remove_stale_temporaries(ckpt_dir):
+            log.info("removed %s left by an interrupted run", stale)
+
+    # ---- setup -----------------------------------------------------------------------------------
+    amp_dtype = resolve_amp(settings.amp, device)
+    sampler = StepBatchSampler(dataset_len=len(dataset), batch_size=settings.batch_size, seed=settings.seed,
+                               start_step=0, end_step=settings.steps, rank=rank, world_size=world)
+    model = _place(model, settings, device, world, is_main, sampler.local_batch)
+    optimizer = torch.optim.AdamW(_trainable(model, params), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = RunState(model=model, optimizer=optimizer, scaler=scaler, acc=Accumulator(), sampler=sampler,
+                     settings=settings, config=config, config_hash=config_hash, amp_dtype=amp_dtype, world=world)
+    acc = state.acc
+
+    # ---- resume ----------------------------------------------------------------------------------
+    start_step, last_ckpt = resume(state, ckpt_dir, device, is_main)
+    if is_main:
+        truncate_metrics(metrics_path, start_step)
+    wrapped: nn.Module = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler.start_step = start_step
+    loader_iter: Iterator[Any] = iter(())
+    if start_step < settings.steps:
+        loader = DataLoader(ByEpochIndex(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
+                            collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                            worker_init_fn=worker_init if settings.num_workers > 0 else None)
+        loader_iter = iter(loader)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    stop = StopSignals()
+    stop.install()
+    progress = Progress(total=settings.steps, start=start_step, bar=is_main and sys.stderr.isatty(), log_lines=is_main)
+    last_record: dict[str, Any] | None = None
+    t_loop = time.perf_counter()
+    done = start_step
+    if train_log is not None:
+        train_log.start(start_step)
+    try:
+        for step in range(start_step, settings.steps):
+            batch = next(loader_iter)
+            epoch = step // sampler.steps_per_epoch
+            seed_global_rngs(settings.seed, step, rank)  # dropout & co: a function of (seed, step, rank)
+            generator = torch.Generator(device=device).manual_seed(
+                derive_seed(TAG_STEP_GENERATOR, settings.seed, step, rank))
+            ctx = StepContext(step=step, epoch=epoch, rank=rank, world_size=world, device=device,
+                              generator=generator, module=model, amp_dtype=amp_dtype)
+            batch = to_device(batch, device)
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * lr_factor(settings, step)
+            optimizer.zero_grad(set_to_none=True)
+            autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
+                loss, metrics = step_fn(wrapped, batch, ctx)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise TypeError(f"step_fn must return a scalar loss tensor first, got {type(loss).__name__} "
+                                f"{tuple(getattr(loss, 'shape', ()))}")
+            loss_value, step_metrics, stop_after_this_step = _reduce_over_ranks(loss, metrics, stop, world)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(_nonfinite_message(loss_value, step, settings, sampler, run_dir, last_ckpt))
+
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            done = step + 1
+            acc.add(loss_value, step_metrics)
+            progress.step(done, loss_value)
+
+            # Order matters for resume: the metrics line for `done` is written before the checkpoint
+            # of `done`, so a checkpoint never exists without the lines up to it.
+            if done % settings.log_every == 0 or done == settings.steps:
+                record = {"step": done, "epoch": epoch, **acc.means()}
+                if scaler.is_enabled():
+                    record["loss_scale"] = float(scaler.get_scale())
+                acc.reset()
+                last_record = record
+                if is_main:
+                    append_metrics(metrics_path, record)
+                    progress.logged(done, record["loss"])
+                    if train_log is not None:
+                        train_log.scalars(done, {k: v for k, v in record.items() if k not in ("step", "epoch")}
+                                          | {"lr": optimizer.param_groups[0]["lr"]})
+            if on_eval is not None and is_main and (
+                    (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps):
+                _run_eval(on_eval, done, model)
+            if (done % settings.checkpoint_every == 0 or done == settings.steps
+                    or (stop_after_this_step and done < settings.steps)):
+                last_ckpt = save_checkpoint(state, ckpt_dir, done) if is_main else ckpt_dir / checkpoint_name(done)
+            if stop_after_this_step and done < settings.steps:
+                stop_signum = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
+                if world > 1:
+                    dist.barrier()  # let rank 0 finish writing before torchrun sees the others exit
+                raise TrainingInterrupted(
+                    f"training stopped by {signal.Signals(stop_signum).name} after step {done}/{settings.steps}; "
+                    f"checkpoint {last_ckpt} saved. Re-run the same command to continue from it.", stop_signum)
+    finally:
+        progress.close()
+        stop.restore()
+        if train_log is not None:
+            train_log.close()
+
+    # ---- the end ---------------------------------------------------------------------------------
+    loop_s = time.perf_counter() - t_loop
+    if last_record is None and is_main:
+        lines = read_metric_lines(metrics_path)
+        last_record = json.loads(lines[-1][1]) if lines else None
+    if is_main:
+        save_model(state, model_path, model_args)
+    if world > 1:
+        dist.barrier()
+    ran = done - start_step
+    return TrainResult(steps=settings.steps, resumed_from=start_step,
+                       final_loss=float(last_record["loss"]) if last_record else float("nan"),
+                       model_path=model_path, metrics_path=metrics_path, checkpoint_path=last_ckpt,
+                       steps_per_s=ran / loop_s if ran and loop_s > 0 else 0.0, amp_dtype=amp_name(amp_dtype),
+                       world_size=world, device=str(device))
+
+
+def _place(model: nn.Module, settings: TrainSettings, device: torch.device, world: int, is_main: bool,
+           local_batch: int) -> nn.Module:
+    """``model`` on ``device`` (NHWC if ``channels_last``), with SyncBatchNorm under DDP on CUDA."""
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D parameters only; convolutions then run NHWC
+    if world > 1 and settings.sync_batchnorm:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            log.warning("SyncBatchNorm needs CUDA; on CPU each rank normalises over its own %d samples", local_batch)
+    return model
+
+
+def _trainable(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
+    owned = {id(p) for p in model.parameters()}
+    trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: pass params= or set requires_grad on the model's parameters")
+    if any(id(p) not in owned for p in trainable):
+        raise ValueError("params must be parameters of `model`, otherwise checkpoints would not contain them")
+    return trainable
+
+
+def _reduce_over_ranks(loss: torch.Tensor, metrics: Mapping[str, float], stop: StopSignals,
+                       world: int) -> tuple[float, dict[str, float], bool]:
+    """(loss, metrics) averaged over the ranks, and whether any rank has been signalled to stop.
+
+    One small collective per step carries the loss, the metrics and "has any rank been signalled".
+    Means over ranks are thus taken every step, so rank 0's running sums are the run's (checkpointing
+    them alone resumes exactly), and every rank finishes this step and then stops (or raises) at the
+    same step. The step is completed rather than discarded because its forward pass already moved
+    BatchNorm's running statistics."""
+    keys = sorted(metrics)
+    packed = torch.cat([loss.detach().double().reshape(1),
+                        torch.tensor([1.0 if stop.signum else 0.0, *(float(metrics[k]) for k in keys)],
+                                     dtype=torch.float64, device=loss.device)])  # (2 + len(keys),)
+    if world > 1:
+        dist.all_reduce(packed)
+    values = packed.tolist()
+    return values[0] / world, {k: v / world for k, v in zip(keys, values[2:])}, values[1] > 0
+
+
+def _run_eval(on_eval: Callable[[int, nn.Module], None], step: int, model: nn.Module) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            on_eval(step, model)
+    finally:
+        model.train(was_training)
+
+
+def _nonfinite_message(value: float, step: int, settings: TrainSettings, sampler: StepBatchSampler,
+                       run_dir: Path, last_ckpt: Path | None) -> str:
+    indices = sampler.global_batch(step).tolist()
+    shown = ", ".join(map(str, indices[:8])) + (", …" if len(indices) > 8 else "")
+    where = (f"last good checkpoint: {last_ckpt}" if last_ckpt is not None
+             else "no checkpoint was written before it")
+    return (f"training diverged: the loss is {value} at step {step + 1}/{settings.steps} in {run_dir} "
+            f"(epoch {step // sampler.steps_per_epoch}, samples {shown}); {where}. Re-running resumes there and "
+            f"meets the same step again with the same settings: lower lr (now {settings.lr}), set amp to 'off' "
+            f"(now {settings.amp!r}), or check those samples for NaN/Inf.")
