@@ -111,7 +111,7 @@ def case_gpu_model(p: dict) -> dict:
             else:  # the timed shape: a compiled model would recompile for another
                 y = forward(x).float()
             return {"frames_per_s": fps, "s_per_batch": r["median_s"], "s_per_batch_min": r["min_s"],
-                    "s_per_batch_max": r["max_s"], "tflops_per_s": round(flops * fps / 1e12, 3), "batch": b,
+                    "s_per_batch_max": r["max_s"], "tflops_per_s": float(f"{flops * fps / 1e12:.4g}"), "batch": b,
                     "precision": prec, "memory_format": "channels_last" if memory_format == torch.channels_last
                     else "nchw", "compile": variant == "compile", "finite": bool(torch.isfinite(y).all()), **res}
 

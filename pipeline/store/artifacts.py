@@ -29,21 +29,15 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pipeline.errors import DkpError, LockError
+from pipeline.stages.registry import SCHEMA_VERSIONS
 from pipeline.store.io import json_digest, remove_temporaries_of, write_atomic, write_json_atomic
 
-# Bumped by hand when the meaning of a stage's output changes (never derived from the git SHA).
+# SCHEMA_VERSIONS (declared once per stage in pipeline/stages/registry.py) are bumped by hand when the meaning of a
+# stage's output changes (never derived from the git SHA). History:
 # manifest: its key is also the frames identity that depth's key hangs on (graph.build_plan), so bumping
 #   it rebuilds every depth cache; manifest keys changed without a bump when annotations and splits
 #   entered them (the fingerprint became a dict of parts, so no old key can be met again).
 # teach, distill, eval 2: their keys cover the splits, annotations and frames they read (issue 13).
-SCHEMA_VERSIONS: dict[str, int] = {
-    "manifest": 1,
-    "depth": 1,
-    "teach": 2,
-    "distill": 2,
-    "teacher_embeddings": 1,
-    "eval": 2,  # 2: the floor, ratios and the optional baseline in metrics.json; the GT/splits it reads in the key
-}
 
 COMPLETE = "COMPLETE"
 LOCK = "LOCK"
