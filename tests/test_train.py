@@ -415,3 +415,18 @@ def test_cosine_schedule_resumes_exactly_and_changes_the_run(tmp_path):
     _assert_same_weights(model.state_dict(), ref)
     const, _ = _run(tmp_path / "const", settings=toy.toy_settings(steps=STEPS))
     assert any(not torch.equal(ref[k], v) for k, v in const.state_dict().items())
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, caplog):
+    """The synthetic preset asks for bf16 (fast on AMX / AVX-512 BF16 CPUs); elsewhere it is slow: say so."""
+    import torch
+
+    from pipeline.training import runtime
+
+    caplog.set_level("WARNING", logger="pipeline.train")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert not caplog.records
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert "without bf16 instructions" in caplog.text and "teach.amp=off" in caplog.text

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import ConfigError, DkpError
+from pipeline.training.log import log
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,21 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
     if amp == "bf16":
+        if device.type == "cpu" and not cpu_has_bf16():
+            log.warning("amp: bf16 on a CPU without bf16 instructions (AMX / AVX-512 BF16) is slower than fp32; "
+                        "--set teach.amp=off --set distill.amp=off trains in fp32 (other artifacts: amp is in the key)")
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
     if device.type == "cuda":  # "auto"
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None  # "auto" on CPU: autocast there is slower than fp32 for convs on most CPUs
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast speeds training up."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p() for p in probes if p is not None)
 
 
 def amp_name(dtype: torch.dtype | None) -> str:
