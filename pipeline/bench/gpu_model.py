@@ -65,7 +65,7 @@ def case_gpu_model(p: dict) -> dict:
         weights = root / f"{mt}.pt"
         base = random_midas_weights(mt, xs, weights, device=device)  # = what load_midas(weights) builds
         setup_s = time.perf_counter() - t0
-        # the stage's memory format (channels_last on CUDA, as stages/depth.py) and the other one (lazily)
+        # the stage's memory format (channels_last on CUDA, as stages/depth/compute.py) and the other one (lazily)
         fmt = {"default": torch.channels_last if cuda else torch.contiguous_format}
         fmt["other"] = torch.contiguous_format if cuda else torch.channels_last
         models: dict[str, Any] = {"default": base.to(memory_format=fmt["default"])}

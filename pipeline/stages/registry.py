@@ -27,7 +27,7 @@ class KeyParts:
 
     config: dict  # the semantic settings: every field that changes the output (config.NON_SEMANTIC removed)
     upstream: dict  # plan entry -> key of the artifact read
-    fingerprint: Any  # "xxh3:..." or a dict of named parts (pipeline/reads.py): the data read
+    fingerprint: Any  # "xxh3:..." or a dict of named parts (pipeline/data/reads.py): the data read
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ function), :mod:`.stage` (``run_managed``: parts, locks, merge and publish), :mo
 preprocessing in DataLoader workers, or on the device), :mod:`.compute` (the model and the batching loop),
 :mod:`.writer` (the background HDF5 writer thread).
 
-The artifact directory *is* the cache directory (pipeline/depth_cache.py). A shard is the unit of
+The artifact directory *is* the cache directory (pipeline/depth_cache/). A shard is the unit of
 work and atomicity: a crash loses at most the shard being written. Distributed: under torchrun each
 rank writes the shards it owns (index % world == rank) and rank 0 merges after a barrier; with
 ``--shard i/n`` a scheduler array does the same across machines, and the last part to finish (or a
