@@ -46,8 +46,10 @@ name: tiny
 # data with them match (the preset's 1 is checked against data.root by `run`)
 data: {{root: {root}, synth_frames: 48, synth_seed: 0, synth_image_size: 32, synth_clip_length: 32}}
 depth: {{shard_size: 16}}
+# fp32 and the manifest's flips (none), not the preset's bf16 + distill flips: tests that want them ask for them
 teach:
   model: {{n_keypoints: 4, image_size: 32, heatmap_size: 8, width: 8}}
+  amp: auto
   steps: 6
   batch_size: 4
   checkpoint_every: 2
@@ -55,6 +57,8 @@ teach:
   eval_every: 3
 distill:
   model: {{n_keypoints: 4, image_size: 32, heatmap_size: 8, width: 8}}
+  amp: auto
+  hflip: null
   steps: 6
   batch_size: 4
   checkpoint_every: 2

@@ -146,7 +146,7 @@ def test_stage_table_pictures_and_provenance(tiny):
     # provenance: the config against the preset it starts from, the command line, the git SHA
     assert page.tables["config-diff"][0] == ["field", "preset synthetic", "this experiment"]
     diff = {r[0]: (r[1], r[2]) for r in page.rows("config-diff")}
-    assert diff["data.synth_frames"] == ("2000", "48") and diff["data.synth_clip_length"] == ("1", "32")
+    assert diff["data.synth_frames"] == ("4000", "48") and diff["data.synth_clip_length"] == ("1", "32")
     assert diff["distill.gamma"] == ("1.0", "0.4") and "eval.baseline" not in diff  # baseline: as the preset
     rec = json.loads((plan.store.path("teach", plan.stages["teach"].key) / "artifact.json").read_text())
     assert rec["git_sha"] is None or rec["git_sha"] in text

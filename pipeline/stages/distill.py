@@ -20,10 +20,11 @@ from pipeline.stages.teach import _finish, fixed_batch, open_depth
 
 
 def teacher_embedding(teacher, depth: torch.Tensor, layer: str) -> torch.Tensor:
-    """The frozen teacher's ``layer`` tensor for depth input (B, 3, S, S)."""
+    """The frozen teacher's ``layer`` tensor for depth input (B, 3, S, S), always in fp32: the live target (inside
+    the trainer's autocast) is then the one the embedding cache holds, so ``teacher_cache`` changes only speed."""
     assert not teacher.training, "the teacher must stay in eval() during distillation"
-    with torch.no_grad():
-        out = teacher.detector(depth, return_features=(layer,))
+    with torch.no_grad(), torch.autocast(depth.device.type, enabled=False):
+        out = teacher.detector(depth.float(), return_features=(layer,))
     return out.features[layer].float()
 
 
