@@ -16,7 +16,6 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline.store.artifacts import Store, artifact_key, key_inputs
 from pipeline.stages import registry
-from pipeline.store.io import sha256_text
 
 
 @dataclass
@@ -205,10 +204,6 @@ def progress_of(stage: registry.Stage, path: Path) -> Optional[str]:
         return stage.progress(path)
     except Exception:
         return None
-
-
-def digest_text(text: str) -> str:
-    return sha256_text(text)
 
 
 def plan_as_json(plan: Plan) -> list[dict]:
