@@ -17,6 +17,9 @@ from pipeline.stages import registry  # no torch
 
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
+JOBS_HELP = ("Trainings that do not read each other (the student and the baseline) run side by side, this many "
+             "processes at once; default: one per training on a CPU (with torch's threads shared out), one after "
+             "the other on a GPU or with OMP_NUM_THREADS=1. --jobs 1: always one after the other.")
 
 
 def _config_options(f):
@@ -97,7 +100,8 @@ def status(config, overrides, store, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the plan; run nothing.")
 @click.option("--until", type=click.Choice(registry.stage_names()), default="eval",
               show_default=True, help="Stop after this stage.")
-def run(config, overrides, store, dry_run, until):
+@click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
+def run(config, overrides, store, dry_run, until, jobs):
     """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
 
     Fresh stages are reused; a second run does nothing and says so. Ends with the path of the
@@ -106,7 +110,7 @@ def run(config, overrides, store, dry_run, until):
 
     cfg = _load(config, overrides)
     console = _console()
-    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console)
+    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
@@ -315,7 +319,8 @@ def predict(student, images, output, device):
 @click.option("--dry-run", is_flag=True, help="List the runs and which of their stages are fresh; run nothing.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
-def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
+@click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -330,7 +335,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
     if not vary and not seeds:
         raise click.UsageError("give at least one --vary axis or --seeds")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
-    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output)
+    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs)
     if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
@@ -339,8 +344,8 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss",
-                                           "gpu"]))
+@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache",
+                                           "recon-loss", "gpu"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import config as C
+from pipeline import jobs as jobs_mod
 from pipeline.store.artifacts import Store
 from pipeline.errors import DkpError
 from pipeline.graph import Plan, StagePlan, build_plan, preflight
@@ -74,7 +75,11 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
 
 
 def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: bool = False, until: str = "eval",
-                 only: Optional[str] = None, console=None, stage_options: Optional[dict] = None) -> Plan:
+                 only: Optional[str] = None, console=None, stage_options: Optional[dict] = None,
+                 jobs: Optional[int] = None) -> Plan:
+    """Build the plan's stale entries up to ``until`` (or only ``only``). Entries that do not read each other
+    (the student and the baseline) are built side by side, ``jobs`` processes at once (None: one per entry on
+    a CPU with the threads to spare, :func:`pipeline.jobs.choose_jobs`; 1: one after the other)."""
     from rich.console import Console
 
     console = console or Console()
@@ -110,17 +115,31 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     walk = wanted if only is None else ["manifest", only]
     preflight(plan, walk, console)
     built = []
-    for name in walk:
+    i = 0
+    while i < len(walk):
+        name = walk[i]
         sp = plan.stages[name]
         if sp.state == "fresh":
             if name in wanted:
                 console.print(f"[green]✓[/] {name:8s} fresh  {sp.key[:16]}  (reused)", markup=True)
             if not _follower_rank():
                 store.remember(cfg.name, name, sp.key)
+            i += 1
+            continue
+        group = jobs_mod.independent_group(plan, walk, i)
+        n_jobs = jobs_mod.choose_jobs(plan, group, jobs)
+        for entry in group:
+            esp = plan.stages[entry]
+            reason = "; ".join(([esp.progress] if esp.progress else []) + esp.why) or esp.state
+            console.print(f"[yellow]→[/] {entry:8s} {esp.state}  {esp.key[:16]}  ({reason})", markup=True)
+            if n_jobs == 1:
+                break
+        if n_jobs > 1:
+            built += jobs_mod.run_side_by_side(cfg, plan, group, store, console, stage_options or {}, n_jobs)
+            i += len(group)
             continue
         t0 = time.time()
-        reason = "; ".join(([sp.progress] if sp.progress else []) + sp.why) or sp.state
-        console.print(f"[yellow]→[/] {name:8s} {sp.state}  {sp.key[:16]}  ({reason})", markup=True)
+        i += 1
         if not _run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, stage_options or {}):
             _sync_ranks()
             built.append(f"{name} (this process's part)")

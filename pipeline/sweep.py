@@ -197,7 +197,8 @@ def resolve_runs(config: str, overrides: tuple[str, ...], axes: list[Axis], seed
 
 
 def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: Optional[tuple[int, ...]],
-              store_dir: Optional[str], console, *, dry_run: bool = False, output: Optional[str] = None) -> dict:
+              store_dir: Optional[str], console, *, dry_run: bool = False, output: Optional[str] = None,
+              jobs: Optional[int] = None) -> dict:
     """Run (or, with ``dry_run``, only list) every grid point and seed; return and optionally write the table.
 
     Stops at the first run that fails (its message says which run and how to continue); runs already
@@ -229,7 +230,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
     for i, (r, cfg) in enumerate(zip(runs, cfgs), 1):
         console.print(f"[bold]sweep run {i}/{len(runs)}: {r.name}[/]", markup=True)
         try:
-            plan = run_pipeline(cfg, store_dir, console=console)
+            plan = run_pipeline(cfg, store_dir, console=console, jobs=jobs)
         except DkpError as e:
             raise DkpError(f"sweep run {i}/{len(runs)} ({r.name}) failed: {e}\n{i - 1} runs are finished and kept "
                            "in the store; fix the cause and run the same sweep command again to continue") from None

@@ -97,6 +97,24 @@ def test_bench_train_step():
         c["channels_last"]["interleaved"]["steps_per_s"] / c["nchw"]["interleaved"]["steps_per_s"], rel=1e-2)
 
 
+def test_bench_side_by_side():
+    """One process on 2 threads against 2 processes of 1 thread, timed over a common window, alternated; the
+    ratio is of the medians of the rounds' total rates."""
+    from pipeline.bench import bench_command
+    from pipeline.bench.benches import ROUNDS
+    from tests.conftest import torch_threads
+
+    with torch_threads(2):
+        rec = bench_command("side-by-side", batch=2, size=16, steps=2, device="cpu", output=None, console=_console())
+    _check_record(rec, "side-by-side", {"one_process", "side_by_side"}, {"steps_per_s side_by_side/one_process"})
+    one, two = rec["cases"]["one_process"], rec["cases"]["side_by_side"]
+    assert (one["processes"], one["threads_each"], two["processes"], two["threads_each"]) == (1, 2, 2, 1)
+    assert len(one["rounds_steps_per_s"]) == len(two["rounds_steps_per_s"]) == ROUNDS
+    assert rec["ratios"]["steps_per_s side_by_side/one_process"] == pytest.approx(
+        two["steps_per_s"] / one["steps_per_s"], rel=1e-3)
+    assert rec["setup"]["amp"] == "bf16" and rec["setup"]["width"] == 16
+
+
 def test_bench_recon_loss():
     """Every reconstruction loss in one training step; the perceptual case really runs VGG16 (random weights)."""
     from pipeline.bench import RECON_LOSSES, bench_command
@@ -209,7 +227,8 @@ def test_bench_cache():
     ({"what": "teach", "batch": 0}, "--batch 0"),
     ({"what": "teacher-cache", "batch": 1, "size": 16}, "use --batch 2 or --size 32"),
     ({"what": "cache", "device": "tpu"}, "--device 'tpu'"),
-    ({"what": "nope"}, "valid: teach, train-step, depth, cache, teacher-cache, recon-loss"),
+    ({"what": "nope"}, "valid: teach, train-step, side-by-side, depth, cache, teacher-cache, recon-loss"),
+    ({"what": "side-by-side", "batch": 2}, "torch has 1 thread here"),  # the autouse fixture's one thread
     ({"what": "depth", "model": "dpt_tiny"}, "--model 'dpt_tiny': not a MiDaS 3.1 model; valid: "),
     ({"what": "depth", "batch": 4, "frames": 7}, "--frames 7: must be an integer >= 2 x --batch"),
 ])

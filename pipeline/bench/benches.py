@@ -19,7 +19,8 @@ from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_cas
 from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "depth", "cache", "teacher-cache", "recon-loss", "gpu")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu")
+ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
 def bench_teach(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
@@ -58,6 +59,58 @@ def bench_train_step(*, batch: int, size: int, steps: int, device, isolate: bool
     return {"baseline": "nchw", "cases": cases, "ratios": ratios,
             "setup": {"width": BASELINE_WIDTH, "n_keypoints": PRESET_KEYPOINTS, "heatmap_size": size // 4,
                       "recon_loss": "l1ssim", "optimizer": "AdamW"}}
+
+
+def bench_side_by_side(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
+    """What `run` does with the student and the baseline on a CPU: the synthetic preset's step (width 16, K = 10,
+    channels_last, bf16 autocast) in one process on all of torch's N threads (the baseline, ``one_process``)
+    against N processes of one thread each, started together (``side_by_side``): steps per second in all, over
+    the processes' common window. The two alternate ``ROUNDS`` times so both see the same load; the ratio is
+    that of the medians. Always in fresh processes (``isolate`` is ignored: the point is several of them)."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    if device.type != "cpu":
+        raise ConfigError("bench side-by-side measures CPU processes sharing the cores; use --device cpu")
+    n = torch.get_num_threads()
+    if n < 2:
+        raise ConfigError(f"bench side-by-side: torch has {n} thread here (OMP_NUM_THREADS?); it needs 2 or more")
+    params = {"device": "cpu", "batch": batch, "size": size, "steps": steps, "width": BASELINE_WIDTH,
+              "n_keypoints": PRESET_KEYPOINTS, "channels_last": True, "amp": "bf16"}
+
+    def window(threads: list[int]) -> dict:
+        with tempfile.TemporaryDirectory(prefix="dkp-bench-") as tmp, ThreadPoolExecutor(len(threads)) as pool:
+            go = Path(tmp) / "go"
+            ready = [Path(tmp) / f"ready-{i}" for i in range(len(threads))]
+            futures = [pool.submit(run_case, "train_window", {"params": params, "threads": t, "ready": str(r),
+                                                              "go": str(go)}) for t, r in zip(threads, ready)]
+            while not all(r.exists() for r in ready):
+                if any(f.done() for f in futures):
+                    break  # a process failed before its warm-up ended: its error is raised below
+                time.sleep(0.01)
+            go.touch()
+            res = [f.result() for f in futures]
+        wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+        return {"steps_per_s": sum(r["steps"] for r in res) / wall, "wall_s": round(wall, 3),
+                "processes": len(threads), "threads_each": threads[0]}
+
+    rounds: dict[str, list[dict]] = {"one_process": [], "side_by_side": []}
+    for _ in range(ROUNDS):
+        rounds["one_process"].append(window([n]))
+        rounds["side_by_side"].append(window([1] * n))
+    cases = {}
+    for name, rs in rounds.items():
+        cases[name] = {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
+                       "rounds_steps_per_s": [round(r["steps_per_s"], 3) for r in rs],
+                       "processes": rs[0]["processes"], "threads_each": rs[0]["threads_each"]}
+    return {"baseline": "one_process", "cases": cases,
+            "ratios": {"steps_per_s side_by_side/one_process": ratio(cases["side_by_side"]["steps_per_s"],
+                                                                     cases["one_process"]["steps_per_s"])},
+            "setup": {"width": BASELINE_WIDTH, "n_keypoints": PRESET_KEYPOINTS, "heatmap_size": size // 4,
+                      "recon_loss": "l1ssim", "optimizer": "AdamW", "channels_last": True, "amp": "bf16",
+                      "rounds": ROUNDS}}
 
 
 RECON_LOSSES = ("l1ssim", "l1", "mse", "perceptual")
@@ -188,6 +241,7 @@ def bench_cache(*, batch: int, size: int, steps: int, device=None, isolate: bool
 BENCHES: dict[str, Callable[..., dict]] = {
     "teach": bench_teach,
     "train-step": bench_train_step,
+    "side-by-side": bench_side_by_side,
     "teacher-cache": bench_teacher_cache,
     "recon-loss": bench_recon_loss,
     "depth": bench_depth,
@@ -208,7 +262,7 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    training = ("teach", "train-step", "teacher-cache", "recon-loss", "gpu")  # AutoLink steps at --batch, --size
+    training = ("teach", "train-step", "side-by-side", "teacher-cache", "recon-loss", "gpu")  # AutoLink steps at --batch, --size
     if what in training and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
     if what in training and batch == 1 and size == 16:

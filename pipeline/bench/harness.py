@@ -30,6 +30,7 @@ CASES = {  # name -> "module:function" (params dict -> JSON-able dict)
     "depth_abc": "depth:case_depth_abc",
     "gpu_model": "gpu_model:case_gpu_model",  # bench gpu
     "gpu_train": "gpu:case_gpu_train",
+    "train_window": "training:case_train_window",  # bench side-by-side
 }
 BUILDERS = {  # name -> "module:function" (params dict -> Case)
     "autolink_step": "training:build_autolink_step",

@@ -184,3 +184,28 @@ def build_distill_step(p: dict) -> Case:
                                                     "amp": amp_name(amp),
                                                     "channels_last": bool(p.get("channels_last"))},
                 cleanup=cleanup)
+
+
+def case_train_window(p: dict) -> dict:
+    """The AutoLink step of ``p["params"]`` on ``p["threads"]`` torch threads, in a process of its own: after the
+    warm-up it writes ``p["ready"]``, waits for ``p["go"]`` (so that processes started together are timed over
+    the same window) and times ``steps`` steps. Returns the window's absolute start and end (``time.time()``)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(p["threads"]))
+    params = p["params"]
+    case = build_autolink_step(params)
+    for _ in range(WARMUP):
+        case.step()
+    Path(p["ready"]).touch()
+    deadline = time.time() + 600
+    while not os.path.exists(p["go"]):
+        if time.time() > deadline:
+            raise TimeoutError("no go signal within 600 s")
+        time.sleep(0.01)
+    t0 = time.time()
+    for _ in range(params["steps"]):
+        case.step()
+    return {"start": t0, "end": time.time(), "steps": params["steps"], "threads": torch.get_num_threads()}

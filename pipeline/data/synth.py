@@ -19,15 +19,19 @@ leaves only complete files (plus temporary files, removed by the next run). A ma
 ``OUT/.synth-in-progress.yaml`` holding the parameters is written first; a re-run with the same
 parameters skips frames whose files exist, a re-run with other parameters is refused. ``dataset.yaml``
 is written last and marks the dataset complete.
+
+Frames are rendered in chunks of ``CHUNK`` on one process per CPU (joblib) for datasets of 800 frames or
+more: 4000 frames of the synthetic preset took ~35 s on one of the development VM's 2 cores.
 """
 from __future__ import annotations
 
 import csv
 import io
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import yaml
@@ -38,6 +42,7 @@ from pipeline.store.io import write_atomic
 GENERATOR_VERSION = 1  # bump when the same parameters would produce different files
 _MARKER = ".synth-in-progress.yaml"
 _TMP_TAG = ".tmp-"
+CHUNK = 100  # frames per task when rendering on several processes
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -119,15 +124,17 @@ def write_synthetic(
     progress: bool = True,
     n_joints: int = 16,
     clip_length: int = 32,
+    workers: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Render ``n`` synthetic frames into ``out_dir`` in the folder layout (module docstring).
+    """Render ``n`` synthetic frames into ``out_dir`` in the folder layout (module docstring), on ``workers``
+    processes (None: :func:`default_workers`; the files do not depend on it).
 
     Returns a summary dict: ``out_dir`` (str), ``n_train``, ``n_test``, ``written`` (frames rendered
     by this call), ``skipped`` (frames already on disk), ``image_size``, ``n_joints``, ``seed``,
     ``complete`` (True). Raises :class:`ConfigError` for bad arguments and :class:`ManifestError`
     when ``out_dir`` holds something else.
     """
-    from dkp_core.synthetic import SyntheticConfig, frame_keypoints, joint_names, left_right_pairs, render_frame
+    from dkp_core.synthetic import SyntheticConfig, joint_names, left_right_pairs
 
     _check_args(n, seed, image_size, test_fraction)
     out_dir = Path(out_dir)
@@ -155,36 +162,26 @@ def write_synthetic(
     _atomic_write(out_dir / _MARKER, yaml.safe_dump(params, sort_keys=True).encode())
     _remove_stale_tmp(out_dir, images, depth)
 
-    import cv2
-
     width = max(6, len(str(test[-1])))
     jobs = [(i, "train") for i in train] + [(i, "test") for i in test]
+    chunks = [jobs[k:k + CHUNK] for k in range(0, len(jobs), CHUNK)]
+    n_workers = max(1, min(workers if workers is not None else default_workers(n), len(chunks)))
     rows = []
     bar = _progress(progress, len(jobs))
     try:
-        for index, split in jobs:
-            fid = _frame_id(index, width)
-            png, npy = images / f"{fid}.png", depth / f"{fid}.npy"
-            if png.is_file() and npy.is_file():
-                kp, visible = frame_keypoints(cfg, seed, index)
-                summary["skipped"] += 1
-            else:
-                fr = render_frame(cfg, seed, index)
-                kp, visible = fr.keypoints, fr.visible
-                ok, enc = cv2.imencode(".png", cv2.cvtColor(fr.rgb, cv2.COLOR_RGB2BGR))
-                if not ok:
-                    raise RuntimeError(f"OpenCV could not encode frame {fid} as PNG")
-                _atomic_write(png, enc.tobytes())
-                buf = io.BytesIO()
-                np.save(buf, fr.depth.astype(np.float32), allow_pickle=False)
-                _atomic_write(npy, buf.getvalue())
-                summary["written"] += 1
-            cells = []
-            for (x, y), v in zip(kp, visible):
-                cells += [f"{x:.3f}", f"{y:.3f}"] if v else ["", ""]
-            rows.append([fid, split] + cells)
+        if n_workers == 1:
+            done = (_render_chunk(cfg, seed, chunk, images, depth, width) for chunk in chunks)
+        else:  # every frame is a pure function of (config, seed, index): the same files with any worker count
+            from joblib import Parallel, delayed
+
+            done = Parallel(n_jobs=n_workers, return_as="generator")(
+                delayed(_render_chunk)(cfg, seed, chunk, images, depth, width) for chunk in chunks)
+        for chunk_rows, written in done:  # in chunk order
+            rows += chunk_rows
+            summary["written"] += written
+            summary["skipped"] += len(chunk_rows) - written
             if bar is not None:
-                bar[0].advance(bar[1])
+                bar[0].advance(bar[1], len(chunk_rows))
     finally:
         if bar is not None:
             bar[0].stop()
@@ -216,6 +213,48 @@ def write_synthetic(
     _atomic_write(out_dir / "dataset.yaml", yaml.safe_dump(description, sort_keys=False).encode())
     (out_dir / _MARKER).unlink(missing_ok=True)
     return summary
+
+
+def default_workers(n: int) -> int:
+    """One process per CPU (at most 8) for a dataset big enough to pay for starting them, else 1."""
+    if n < 8 * CHUNK:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _render_chunk(cfg, seed: int, chunk: list[tuple[int, str]], images: Path, depth: Path,
+                  width: int) -> tuple[list[list[str]], int]:
+    """Render and write the frames of ``chunk`` that are not on disk yet; (keypoints.csv rows, frames written)."""
+    import cv2
+
+    from dkp_core.synthetic import frame_keypoints, render_frame
+
+    rows, written = [], 0
+    for index, split in chunk:
+        fid = _frame_id(index, width)
+        png, npy = images / f"{fid}.png", depth / f"{fid}.npy"
+        if png.is_file() and npy.is_file():
+            kp, visible = frame_keypoints(cfg, seed, index)
+        else:
+            fr = render_frame(cfg, seed, index)
+            kp, visible = fr.keypoints, fr.visible
+            ok, enc = cv2.imencode(".png", cv2.cvtColor(fr.rgb, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise RuntimeError(f"OpenCV could not encode frame {fid} as PNG")
+            _atomic_write(png, enc.tobytes())
+            buf = io.BytesIO()
+            np.save(buf, fr.depth.astype(np.float32), allow_pickle=False)
+            _atomic_write(npy, buf.getvalue())
+            written += 1
+        cells = []
+        for (x, y), v in zip(kp, visible):
+            cells += [f"{x:.3f}", f"{y:.3f}"] if v else ["", ""]
+        rows.append([fid, split] + cells)
+    return rows, written
 
 
 def _progress(enabled: bool, total: int):

@@ -58,6 +58,9 @@ class Stage:
     followers_join: bool = True  # torchrun ranks > 0 run it too (in rank 0's directory); False: rank 0 only
     progress: Optional[Callable[[Path], Optional[str]]] = None  # "step 300/20001" of an interrupted artifact
     notes: Optional[Callable[[dict], Optional[str]]] = None  # what a finished artifact lacks, from its record
+    # True: entries of it that do not read each other may be built side by side, one process each
+    # (pipeline.jobs: a training's small convolutions use a CPU's cores better so than with all threads in one).
+    side_by_side: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,11 +251,11 @@ DEPTH = Stage(
 # teach, distill, eval 2: their keys cover the splits, annotations and frames they read (issue 13).
 TEACH = Stage(
     name="teach", schema=2, upstream=("depth",), section="teach", settings=_train_settings("teach"),
-    key=_teach_key, run=_run_teach, progress=_train_progress,
+    key=_teach_key, run=_run_teach, progress=_train_progress, side_by_side=True,
     help="""Stage 2: train the AutoLink teacher on the cached depth maps (resumes from its last checkpoint).""")
 DISTILL = Stage(
     name="distill", schema=2, upstream=("teach", "depth"), section="distill", settings=_train_settings("distill"),
-    key=_distill_key, run=_run_distill, progress=_train_progress,
+    key=_distill_key, run=_run_distill, progress=_train_progress, side_by_side=True,
     help="""Stage 3: train the RGB student with the frozen teacher: recon + gamma * (1 - cos).""")
 EVAL = Stage(  # 2: the floor, ratios and the optional baseline in metrics.json; the GT/splits it reads in the key
     name="eval", schema=2, upstream=("distill", "teach", "depth", "baseline"), section="eval",
