@@ -10,9 +10,10 @@ output appended to ``STORE/logs/<entry>-<key16>.log``. The parent shows each ent
 metrics.jsonl) and, when one fails, re-raises its error once every entry has stopped; what the others
 finished is published.
 
-Signals: Ctrl-C reaches every process of the terminal's group, SIGTERM sent to ``run`` is forwarded; each
-trainer checkpoints and stops as it does alone. On Linux a child dies with its parent (PR_SET_PDEATHSIG),
-so a ``kill -9`` of ``run`` loses, as ever, only the steps since each entry's last checkpoint.
+Signals: on SIGINT or SIGTERM the parent sends each child one SIGTERM (Ctrl-C reached them too, as one
+process group); each trainer checkpoints and stops as it does alone, and `run` exits with 130 / 143. On Linux
+a child dies with its parent (PR_SET_PDEATHSIG), so a ``kill -9`` of ``run`` loses, as ever, only the steps
+since each entry's last checkpoint.
 """
 from __future__ import annotations
 
@@ -103,20 +104,29 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
     console.print(f"building {', '.join(group)} side by side ({jobs} processes x {threads} thread"
                   f"{'s' * (threads != 1)}; logs in {store.root / 'logs'})", markup=False)
     (store.root / "logs").mkdir(parents=True, exist_ok=True)
-    previous_term = signal.getsignal(signal.SIGTERM)
+    stop = {"signalled": 0}
 
     def forward(signum, _frame):
+        # Ctrl-C reached the children too (one process group); SIGTERM sent to `run` alone did not. Either way
+        # each child gets one SIGTERM: a trainer treats it, after a SIGINT, as the same request to checkpoint
+        # and stop (a second SIGINT, only, means "abort without saving": the terminal sends that to them itself).
+        if stop["signalled"]:
+            return
+        stop["signalled"] = signum
+        console.print(f"{signal.Signals(signum).name}: the side-by-side trainings save a checkpoint and stop",
+                      markup=False)
         for proc, _, _ in running.values():
             if proc.is_alive():
-                os.kill(proc.pid, signum)
+                os.kill(proc.pid, signal.SIGTERM)
 
     in_main = _in_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, forward)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    for s in previous:
+        signal.signal(s, forward)
     display = _Display(console, plan, group)
     try:
         while pending or running:
-            while pending and len(running) < jobs and not failures:
+            while pending and len(running) < jobs and not failures and not stop["signalled"]:
                 name = pending.pop(0)
                 sp = plan.stages[name]
                 receive, send = ctx.Pipe(duplex=False)
@@ -126,8 +136,8 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
                 proc.start()
                 send.close()
                 running[name] = (proc, receive, time.time())
-            if failures:
-                pending.clear()  # start nothing new after a failure; let the running ones finish
+            if failures or stop["signalled"]:
+                pending.clear()  # start nothing new after a failure or a signal; let the running ones finish
             for name in list(running):
                 proc, receive, started = running[name]
                 if proc.is_alive():
@@ -149,25 +159,24 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
             display.update({n: store.path(plan.stages[n].stage, plan.stages[n].key) for n in running})
             if running:
                 time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        # The children got the terminal's SIGINT too: wait for their checkpoints, then stop.
-        console.print("interrupted: waiting for the side-by-side trainings to save a checkpoint", markup=False)
-        for proc, _, _ in running.values():
-            proc.join()
-        raise
     finally:
         display.close()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if failures:
         failures.sort(key=lambda f: group.index(f[0]))
         name, message, code, log = failures[0]
         parts = [f"{name}: {message} (its output: {log})"]
-        for other, m, _, other_log in failures[1:]:
-            parts.append(f"{other} failed too" + (" with the same error" if m == message else f": {m}")
-                         + f" ({other_log})")
+        for other, m, other_code, other_log in failures[1:]:
+            verb = "stopped too" if other_code in (130, 143) else "failed too"
+            parts.append(f"{other} {verb}" + (" with the same error" if m == message else f": {m}") + f" ({other_log})")
         err = DkpError("; ".join(parts) + "; what finished is kept: run the same command again to continue")
         err.exit_code = code
+        raise err
+    if stop["signalled"]:  # every entry finished before it saw the signal: still, stop here as asked
+        err = DkpError(f"stopped by {signal.Signals(stop['signalled']).name} after {', '.join(finished)} finished; "
+                       "run the same command again to continue")
+        err.exit_code = 128 + stop["signalled"]
         raise err
     return finished
 
@@ -199,9 +208,14 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
 def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, options: dict, parent_pid: int,
            send) -> None:
     _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, _interrupt)  # until the trainer installs its own: stop cleanly, say so
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -233,7 +247,7 @@ def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, op
         print(f"error: {e}", file=sys.stderr)
         send.send(("error", str(e), getattr(e, "exit_code", 2)))
     except KeyboardInterrupt:
-        send.send(("error", "interrupted (Ctrl-C) before its first checkpoint", 130))
+        send.send(("error", "interrupted before training started (nothing to resume from yet)", 130))
     except BaseException as e:  # noqa: BLE001 - a bug: the parent shows where, the traceback is in the log
         traceback.print_exc()
         send.send(("crash", f"{type(e).__name__}: {e}", 1))

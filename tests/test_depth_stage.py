@@ -99,6 +99,8 @@ def test_files_provider_stores_inverse_depth(tiny_experiment):
     rec = json.loads((cache / "artifact.json").read_text())
     assert rec["status"] == "complete" and rec["skipped_frames"] == [] and rec["n_valid"] == 48
     assert rec["cache_spec"]["provider"] == "files" and rec["cache_spec"]["depth_options.kind"] == "depth"
+    # the record's wall time covers the frames' computation, not only the merge that published it
+    assert rec["timings"]["seconds_this_run"] >= rec["compute"]["seconds"] > 0
     frames = _frames(cache)
     assert len(frames) == 48
     for fid, valid, inv in frames:

@@ -155,35 +155,77 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _checkpoints(store: Path) -> dict[str, int]:
+    """Newest checkpoint step of each distill artifact in ``store``."""
+    from pipeline.store.checkpoint import list_checkpoints
+
+    out = {}
+    for d in (store / "distill").glob("*/checkpoints") if (store / "distill").is_dir() else []:
+        cks = list_checkpoints(d)
+        if cks:
+            out[d.parent.name] = cks[-1][0]
+    return out
+
+
+def _wait_for(p, store: Path, done: dict[str, int], what: str) -> None:
+    """Until both trainings have a checkpoint newer than ``done``'s."""
+    deadline = time.time() + 240
+    while True:
+        assert p.poll() is None, f"run ended before {what}"
+        assert time.time() < deadline, f"no {what} in time"
+        now = _checkpoints(store)
+        if len(now) == 2 and all(step > done.get(k, 0) for k, step in now.items()):
+            return
+        time.sleep(0.1)
+
+
+def _wait_dead(pids: list[int]) -> bool:
+    deadline = time.time() + 30
+    while any(_alive(q) for q in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(q) for q in pids)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_kill_9_of_run_takes_the_side_by_side_trainings_along(folder, tmp_path):
-    """kill -9 of `run` while the student and the baseline train: both children die too (no orphan keeps
-    writing), and the next `run` resumes them from their checkpoints and finishes."""
+def test_sigterm_and_kill_9_of_run_reach_the_side_by_side_trainings(folder, tmp_path):
+    """SIGTERM to `run` alone: both trainings checkpoint and stop, `run` exits 143 naming the signal. kill -9 of
+    the next `run`: both children die with it (no orphan keeps writing). The third `run` resumes both from
+    their checkpoints and finishes."""
     store = tmp_path / "store"
-    slow = ["--set", "distill.steps=400", "--set", "distill.checkpoint_every=5", "--set", "distill.eval_every=0"]
+    slow = ["--set", "distill.steps=300", "--set", "distill.checkpoint_every=5", "--set", "distill.eval_every=0"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200",
                OMP_NUM_THREADS="2", DKP_JOBS="2")
-    base = [sys.executable, "-m", "pipeline.cli", "run", str(folder / "tiny.yaml"), "--store", str(store), *slow]
-    p = subprocess.Popen(base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(folder / "tiny.yaml"), "--store", str(store), *slow]
+
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert p.poll() is None, "run ended before the trainings checkpointed"
-            assert time.time() < deadline, "no checkpoints from both trainings in time"
-            dirs = list((store / "distill").glob("*/checkpoints")) if (store / "distill").is_dir() else []
-            if len(dirs) == 2 and all(any(d.iterdir()) for d in dirs):
-                break
-            time.sleep(0.2)
+        _wait_for(p, store, {}, "checkpoints from both trainings")
+        pids = _pids_in_logs(store / "logs")
+        assert len(pids) == 2 and all(_alive(q) for q in pids)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "SIGTERM" in out + err and "run the same command again" in err, (out, err)
+    assert _wait_dead(pids)
+    stopped = _checkpoints(store)
+    assert len(stopped) == 2 and all(step < 300 for step in stopped.values())
+
+    for f in (store / "logs").glob("*.log"):
+        f.write_text("")  # the next run's children write their pids afresh
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(p, store, stopped, "new checkpoints after the resume")
         pids = _pids_in_logs(store / "logs")
         assert len(pids) == 2 and all(_alive(q) for q in pids)
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    deadline = time.time() + 30
-    while any(_alive(q) for q in pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(q) for q in pids), "a side-by-side training outlived its parent"
-    r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600)
+    assert _wait_dead(pids), "a side-by-side training outlived its parent"
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "resuming" in " ".join(f.read_text() for f in (store / "logs").glob("*.log"))
     assert "eval     built" in r.stdout

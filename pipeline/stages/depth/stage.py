@@ -3,12 +3,13 @@ merge and publish by whichever process finishes last."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from pipeline.store.artifacts import LOCK, ArtifactWriter, Lock
+from pipeline.store.artifacts import LOCK, ArtifactWriter, Lock, cpu_seconds
 from pipeline.errors import ConfigError, LockError, ManifestError
 from pipeline.stages.depth import compute
 from pipeline.stages.depth.identity import check_midas_config
@@ -36,6 +37,7 @@ def run_managed(ctx) -> bool:
     """
     from pipeline.depth_cache import CacheWriter
 
+    started = (time.time(), cpu_seconds())  # the published record's wall and CPU time count from here
     s, m, sp = ctx.settings, ctx.plan.manifest, ctx.stage
     d = s.config
     shard_i, shard_n = _parse_shard(ctx.options.get("shard"))
@@ -81,10 +83,10 @@ def run_managed(ctx) -> bool:
             from pipeline.training.runtime import destroy_at_exit
 
             destroy_at_exit()
-    return _merge_and_publish(ctx, spec, part, parts)
+    return _merge_and_publish(ctx, spec, part, parts, started)
 
 
-def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
+def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[float, float]) -> bool:
     from pipeline.depth_cache import finalize, progress
 
     path, sp, m = ctx.path, ctx.stage, ctx.plan.manifest
@@ -106,7 +108,8 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int) -> bool:
         _write_preview(path, m)
         skipped = _skipped_frames(path)
         stats = read_part_files(path, "stats.part*.json")
-        w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config)
+        w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config,
+                           started=started[0], cpu_started=started[1])
         w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
                   n_valid=sum(e["n_valid"] for e in index["shards"]), compute=_sum_stats(stats))
     finally:
