@@ -334,17 +334,23 @@ def _coerce(value: Any, tp, dotted: str) -> Any:
         if ok:
             value = float(value)
     elif tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means the choice "off"
+            value = {False: "off", True: "on"}[value] if {False: "off", True: "on"}[value] in _choices(dotted) else value
         ok = isinstance(value, str)
     if not ok:
         name = getattr(tp, "__name__", str(tp))
-        raise ConfigError(f"config field {dotted}: expected {name}, got {value!r} ({type(value).__name__})")
+        hint = " (YAML reads off/on/yes/no as booleans: quote the word)" if isinstance(value, bool) and tp is str else ""
+        raise ConfigError(f"config field {dotted}: expected {name}, got {value!r} ({type(value).__name__}){hint}")
     return value
 
 
+def _choices(dotted: str) -> tuple:
+    return CHOICES.get(dotted) or CHOICES.get(dotted.split(".")[-1]) or ()
+
+
 def _check_choice(dotted: str, value: Any) -> None:
-    leaf = dotted.split(".")[-1]
-    choices = CHOICES.get(dotted) or CHOICES.get(leaf)
-    if choices is not None and value not in choices:
+    choices = _choices(dotted)
+    if choices and value not in choices:
         raise ConfigError(f"config field {dotted}: {value!r} is not one of {', '.join(choices)}")
 
 

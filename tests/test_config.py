@@ -32,6 +32,18 @@ def test_paper_presets_pin_autolinks_fp16_and_the_default_stays_auto(name):
     assert synthetic.teach.amp == synthetic.distill.amp == "bf16"
 
 
+def test_amp_off_as_the_docs_write_it(tmp_path):
+    """`--set teach.amp=off` (README, the synthetic preset's comment) and `amp: off` in a YAML file: YAML 1.1
+    reads the word as False, which is the choice "off" for a field that has it; elsewhere a named error."""
+    cfg = load_config("synthetic", ["teach.amp=off", "distill.amp=off"])
+    assert cfg.teach.amp == cfg.distill.amp == "off"
+    y = tmp_path / "e.yaml"
+    y.write_text("base: synthetic\nteach: {amp: off}\n")
+    assert load_config(str(y)).teach.amp == "off"
+    with pytest.raises(ConfigError, match=r"teach.recon_loss: expected str, got True .*quote the word"):
+        load_config("synthetic", ["teach.recon_loss=yes"])
+
+
 def test_the_background_removed_preset_reads_the_masked_variant():
     wobg, plain = load_config("human36m_wobg"), load_config("human36m")
     assert wobg.data.manifest == "human36m_wobg" and plain.data.manifest == "human36m"
