@@ -101,15 +101,15 @@ def test_bench_side_by_side():
     """One process on 2 threads against 2 processes of 1 thread, timed over a common window, alternated; the
     ratio is of the medians of the rounds' total rates."""
     from pipeline.bench import bench_command
-    from pipeline.bench.benches import ROUNDS
     from tests.conftest import torch_threads
 
-    with torch_threads(2):
-        rec = bench_command("side-by-side", batch=2, size=16, steps=2, device="cpu", output=None, console=_console())
+    with torch_threads(2):  # one round here (the CLI's default: 2), each a fresh process per case
+        rec = bench_command("side-by-side", batch=2, size=16, steps=2, device="cpu", output=None, console=_console(),
+                            rounds=1)
     _check_record(rec, "side-by-side", {"one_process", "side_by_side"}, {"steps_per_s side_by_side/one_process"})
     one, two = rec["cases"]["one_process"], rec["cases"]["side_by_side"]
     assert (one["processes"], one["threads_each"], two["processes"], two["threads_each"]) == (1, 2, 2, 1)
-    assert len(one["rounds_steps_per_s"]) == len(two["rounds_steps_per_s"]) == ROUNDS
+    assert len(one["rounds_steps_per_s"]) == len(two["rounds_steps_per_s"]) == rec["setup"]["rounds"] == 1
     assert rec["ratios"]["steps_per_s side_by_side/one_process"] == pytest.approx(
         two["steps_per_s"] / one["steps_per_s"], rel=1e-3)
     assert rec["setup"]["amp"] == "bf16" and rec["setup"]["width"] == 16

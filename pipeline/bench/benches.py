@@ -61,11 +61,11 @@ def bench_train_step(*, batch: int, size: int, steps: int, device, isolate: bool
                       "recon_loss": "l1ssim", "optimizer": "AdamW"}}
 
 
-def bench_side_by_side(*, batch: int, size: int, steps: int, device, isolate: bool = True) -> dict:
+def bench_side_by_side(*, batch: int, size: int, steps: int, device, isolate: bool = True, rounds: int = ROUNDS) -> dict:
     """What `run` does with the student and the baseline on a CPU: the synthetic preset's step (width 16, K = 10,
     channels_last, bf16 autocast) in one process on all of torch's N threads (the baseline, ``one_process``)
     against N processes of one thread each, started together (``side_by_side``): steps per second in all, over
-    the processes' common window. The two alternate ``ROUNDS`` times so both see the same load; the ratio is
+    the processes' common window. The two alternate ``rounds`` times so both see the same load; the ratio is
     that of the medians. Always in fresh processes (``isolate`` is ignored: the point is several of them)."""
     import statistics
     from concurrent.futures import ThreadPoolExecutor
@@ -96,12 +96,12 @@ def bench_side_by_side(*, batch: int, size: int, steps: int, device, isolate: bo
         return {"steps_per_s": sum(r["steps"] for r in res) / wall, "wall_s": round(wall, 3),
                 "processes": len(threads), "threads_each": threads[0]}
 
-    rounds: dict[str, list[dict]] = {"one_process": [], "side_by_side": []}
-    for _ in range(ROUNDS):
-        rounds["one_process"].append(window([n]))
-        rounds["side_by_side"].append(window([1] * n))
+    results: dict[str, list[dict]] = {"one_process": [], "side_by_side": []}
+    for _ in range(rounds):
+        results["one_process"].append(window([n]))
+        results["side_by_side"].append(window([1] * n))
     cases = {}
-    for name, rs in rounds.items():
+    for name, rs in results.items():
         cases[name] = {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
                        "rounds_steps_per_s": [round(r["steps_per_s"], 3) for r in rs],
                        "processes": rs[0]["processes"], "threads_each": rs[0]["threads_each"]}
@@ -110,7 +110,7 @@ def bench_side_by_side(*, batch: int, size: int, steps: int, device, isolate: bo
                                                                      cases["one_process"]["steps_per_s"])},
             "setup": {"width": BASELINE_WIDTH, "n_keypoints": PRESET_KEYPOINTS, "heatmap_size": size // 4,
                       "recon_loss": "l1ssim", "optimizer": "AdamW", "channels_last": True, "amp": "bf16",
-                      "rounds": ROUNDS}}
+                      "rounds": rounds}}
 
 
 RECON_LOSSES = ("l1ssim", "l1", "mse", "perceptual")
