@@ -1,8 +1,8 @@
 """Build independent plan entries side by side, one process each.
 
 On a CPU two small trainings in two processes of one thread each get more steps done than one process
-with two threads (measured on the 2-core development VM: 3.0 + 3.1 steps/s against 3.6 steps/s for the
-synthetic preset's student; docs/benchmarks.md). The runner hands over a group of entries none of which
+with two threads (`bench side-by-side` on the 2-core development VM: 7.11 against 4.88 steps/s of the
+synthetic preset's step, 1.46 x; docs/benchmarks.md). The runner hands over a group of entries none of which
 reads another's artifact (the distilled student and the gamma = 0 baseline: both read teach and depth
 only). Each entry runs in its own spawned process through the runner's own ``_run_stage`` (the lock,
 the resume from the last checkpoint, the publish), with ``threads // n`` torch threads, its console
@@ -32,13 +32,6 @@ POLL_S = 0.5
 LINE_EVERY_S = 30.0  # a progress line at most this often when the console is not a terminal
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def independent_group(plan, walk: list[str], start: int) -> list[str]:
     """The entries from ``walk[start]`` on that could be built side by side: consecutive, not fresh, of a stage
     that allows it (``Stage.side_by_side``), none reading another's artifact. Always at least ``walk[start]``."""
@@ -57,15 +50,14 @@ def independent_group(plan, walk: list[str], start: int) -> list[str]:
 
 
 def choose_jobs(plan, group: list[str], requested: Optional[int]) -> int:
-    """How many of ``group`` to run at once: ``requested`` (``--jobs``), else one per entry on a CPU while each
-    keeps at least one of torch's threads (``OMP_NUM_THREADS=1`` therefore means one at a time), one under
-    torchrun or where a training would use CUDA (one GPU, kept by one process)."""
-    if len(group) < 2:
+    """How many of ``group`` to run at once: one under torchrun (every rank trains the same entry together);
+    else ``requested`` (``--jobs``), else one per entry on a CPU while each keeps at least one of torch's
+    threads (``OMP_NUM_THREADS=1`` therefore means one at a time), one where a training would use CUDA (one
+    GPU, kept by one process)."""
+    if len(group) < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 1
     if requested is not None:
         return max(1, min(int(requested), len(group)))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return 1
     import torch
 
     for name in group:

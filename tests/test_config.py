@@ -30,6 +30,7 @@ def test_paper_presets_pin_autolinks_fp16_and_the_default_stays_auto(name):
     assert ExperimentConfig().teach.amp == ExperimentConfig().distill.amp == "auto"
     synthetic = load_config("synthetic")  # the CPU demo's validated recipe trains under bf16 (docs/results.md)
     assert synthetic.teach.amp == synthetic.distill.amp == "bf16"
+    assert (synthetic.distill.layer, synthetic.distill.flatten) == ("heatmaps", "keypoint")  # validated likewise
 
 
 def test_amp_off_as_the_docs_write_it(tmp_path):

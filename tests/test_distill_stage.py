@@ -138,6 +138,7 @@ def test_embedding_cache_equals_live_teacher(tiny):
 @pytest.mark.parametrize("layer,flatten,cache,shape", [
     ("down2", "location", "true", (16, 8, 8)),  # width 8: down2 has 2w channels at S/4
     ("heatmaps", "keypoint", "false", None),
+    ("heatmaps", "keypoint", "true", (4, 8, 8)),  # the synthetic preset's choice, through the embedding cache
 ])
 def test_layer_and_flatten_options(tiny, layer, flatten, cache, shape):
     import h5py

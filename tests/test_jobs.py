@@ -63,8 +63,8 @@ def test_how_many_at_once(folder, tmp_path, monkeypatch):
         assert choose_jobs(plan, group, None) == 1
     with torch_threads(2):
         assert choose_jobs(plan, group, None) == 2
-        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank trains the same entry
-        assert choose_jobs(plan, group, None) == 1
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank trains the same entry, --jobs or not
+        assert choose_jobs(plan, group, None) == choose_jobs(plan, group, 2) == 1
         monkeypatch.delenv("WORLD_SIZE")
         sp = plan.stages["baseline"]
         sp.settings = dataclasses.replace(sp.settings, device="cuda")  # one GPU: one process keeps it
