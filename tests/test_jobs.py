@@ -74,8 +74,6 @@ def test_how_many_at_once(folder, tmp_path, monkeypatch):
 
 
 def _state(path: Path) -> dict:
-    import torch
-
     from pipeline.stages.common import load_trained
 
     return load_trained(path)[0].state_dict()
