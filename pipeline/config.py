@@ -334,8 +334,9 @@ def _coerce(value: Any, tp, dotted: str) -> Any:
         if ok:
             value = float(value)
     elif tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means the choice "off"
-            value = {False: "off", True: "on"}[value] if {False: "off", True: "on"}[value] in _choices(dotted) else value
+        word = "on" if value is True else "off" if value is False else None
+        if word in _choices(dotted):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means the choice "off"
+            value = word
         ok = isinstance(value, str)
     if not ok:
         name = getattr(tp, "__name__", str(tp))

@@ -140,12 +140,11 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
                 del running[name]
                 sp = plan.stages[name]
                 if result[0] == "ok":
+                    from pipeline.runner import record_built  # the runner imports this module
+
                     display.done(name)
-                    store.remember(cfg.name, name, sp.key)
-                    sp.state = "fresh"
+                    record_built(cfg, store, console, name, sp, time.time() - started)
                     finished.append(name)
-                    console.print(f"[green]✓[/] {name:8s} built  {sp.key[:16]}  in {time.time() - started:.1f}s -> "
-                                  f"{store.path(sp.stage, sp.key)}", markup=True)
                 else:
                     failures.append((name, result[1], int(result[2]), log_path(store, name, sp.key)))
             display.update({n: store.path(plan.stages[n].stage, plan.stages[n].key) for n in running})

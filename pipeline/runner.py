@@ -147,14 +147,19 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         _sync_ranks()
         if _follower_rank():
             continue
-        store.remember(cfg.name, name, sp.key)
-        sp.state = "fresh"
+        record_built(cfg, store, console, name, sp, time.time() - t0)
         built.append(name)
-        console.print(f"[green]✓[/] {name:8s} built  {sp.key[:16]}  in {time.time() - t0:.1f}s -> "
-                      f"{store.path(sp.stage, sp.key)}", markup=True)
     if not built:
         console.print("nothing to do: every stage is fresh")
     return plan
+
+
+def record_built(cfg: C.ExperimentConfig, store: Store, console, name: str, sp: StagePlan, seconds: float) -> None:
+    """A plan entry was published: remember it as the experiment's, mark it fresh, say so (alone or side by side)."""
+    store.remember(cfg.name, name, sp.key)
+    sp.state = "fresh"
+    console.print(f"[green]✓[/] {name:8s} built  {sp.key[:16]}  in {seconds:.1f}s -> {store.path(sp.stage, sp.key)}",
+                  markup=True)
 
 
 def _follower_rank() -> bool:
