@@ -123,6 +123,10 @@ class DistillConfig(TrainConfig):
     layer: str = "logits"  # detector tensor distilled: logits (pre-softmax output layer) | heatmaps | down1..4 | up1..2
     flatten: str = "sample"  # cosine over: sample (whole tensor) | keypoint (per map) | location (per pixel)
     teacher_cache: bool = True  # precompute teacher embeddings once when the teacher input is deterministic
+    # the student's starting weights: scratch (random, the paper) | teacher_detector (the trained teacher's detector,
+    # decoder and links random) | teacher (the whole trained teacher). Needs distill.model = teach.model; the
+    # gamma = 0 baseline always starts from scratch (it must not see depth).
+    init: str = "scratch"
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine"),
     "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),
     "flatten": ("sample", "keypoint", "location"),
+    "init": ("scratch", "teacher_detector", "teacher"),
     "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),
     "eval.flip_pairs": ("none", "dataset"),
 }

@@ -174,3 +174,52 @@ def test_teacher_and_student_shapes_must_match(tiny):
         distill(tiny, "distill.gamma=0.4", "distill.model.n_keypoints=5")
     # gamma = 0 needs no teacher tensor, so any student shape is fine
     assert (distill(tiny, "distill.gamma=0", "distill.model.n_keypoints=5") / "model.pt").is_file()
+
+
+def test_init_from_teacher_copies_its_weights(tiny):
+    """distill.init: teacher_detector starts the student's detector at the teacher's (links and decoder random),
+    teacher the whole model; a student of another width is refused with the field named."""
+    from pipeline.errors import ConfigError
+    from pipeline.stages.common import build_model, load_trained
+    from pipeline.stages.distill import init_from_teacher
+
+    teacher, payload = load_trained(_teach_dir(tiny))
+    args = payload["model_args"]
+
+    def same(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    torch.manual_seed(1)
+    s = build_model(args)
+    assert not same(s.detector, teacher.detector)
+    init_from_teacher(s, teacher, "teacher_detector")
+    assert same(s.detector, teacher.detector) and not same(s.decoder, teacher.decoder)
+    init_from_teacher(s, teacher, "teacher")
+    assert same(s.decoder, teacher.decoder) and same(s.links, teacher.links)
+    s.detector.state_dict()[next(iter(s.detector.state_dict()))].add_(1.0)  # a copy, not the teacher's tensors
+    assert not same(s.detector, teacher.detector)
+    with pytest.raises(ConfigError, match="distill.init=teacher_detector: the teacher's detector does not fit"):
+        init_from_teacher(build_model({**args, "width": args["width"] * 2}), teacher, "teacher_detector")
+
+
+def test_init_teacher_trains_another_student_and_leaves_the_baseline_alone(tiny):
+    from pipeline.config import load_config
+    from pipeline.graph import build_plan
+    from pipeline.stages.common import load_trained
+    from pipeline.store.artifacts import Store
+
+    d = distill(tiny, "distill.gamma=0.4", "distill.init=teacher_detector", "distill.steps=1")
+    assert d != distill(tiny, "distill.gamma=0.4", "distill.steps=1")
+    assert json.loads((d / "artifact.json").read_text())["config"]["init"] == "teacher_detector"
+    # scratch is keyed as before the option existed (no "init" in the key), any other value is in it
+    def plan_of(*overrides):
+        return build_plan(load_config(tiny["yaml"], ["eval.baseline=true", *overrides]), Store(Path(tiny["store"])),
+                          progress=False)
+
+    plan = plan_of("distill.init=teacher")
+    assert plan.stages["distill"].inputs["config"]["init"] == "teacher"
+    assert "init" not in plan.stages["baseline"].inputs["config"]  # the gamma = 0 baseline starts from scratch
+    assert plan.stages["baseline"].key == plan_of().stages["baseline"].key
+    assert "init" not in plan_of().stages["distill"].inputs["config"]
+    load_trained(d)  # a complete student model

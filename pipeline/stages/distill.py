@@ -45,6 +45,23 @@ def check_embedding_shapes(teacher, student_args: dict, layer: str) -> None:
             "teach.model, or set distill.gamma: 0")
 
 
+def init_from_teacher(student, teacher, init: str) -> None:
+    """Copy the trained teacher's weights into the fresh student: ``teacher_detector`` the detector only (links
+    and decoder stay random), ``teacher`` all of it. The student's RGB input has the teacher's depth input's
+    shape (B, 3, S, S), so the same architecture takes either."""
+    from pipeline.errors import ConfigError
+
+    parts = ("detector",) if init == "teacher_detector" else ("detector", "links", "decoder")
+    for name in parts:
+        src, dst = getattr(teacher, name).state_dict(), getattr(student, name).state_dict()
+        bad = sorted(k for k in dst if k not in src or src[k].shape != dst[k].shape)
+        if bad:
+            raise ConfigError(
+                f"distill.init={init}: the teacher's {name} does not fit the student's ({len(bad)} tensors differ, "
+                f"first {bad[0]}); make distill.model match teach.model, or set distill.init: scratch")
+        getattr(student, name).load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in src.items()})
+
+
 class EmbeddingCache:
     """Teacher embeddings per (frame, flip), float32, in one HDF5 file written atomically."""
 
@@ -159,6 +176,8 @@ def run(ctx) -> dict:
     args = common.model_args(sec)
     torch.manual_seed(sec.seed)
     model = common.build_model(args)
+    if sec.init != "scratch":
+        init_from_teacher(model, teacher, sec.init)
     recon = common.reconstruction_loss(sec).to(device)
 
     if cache is not None:

@@ -182,7 +182,10 @@ def _teach_key(s: C.TrainConfig, env: KeyEnv) -> KeyParts:
 def _distill_key(s: C.TrainConfig, env: KeyEnv) -> KeyParts:
     from pipeline.data import reads
 
-    return KeyParts(_train_config(s), env.upstream(DISTILL.upstream),
+    sem = _train_config(s)
+    if sem.get("init") == "scratch":  # the only behaviour before the field existed: students built then keep keys
+        del sem["init"]
+    return KeyParts(sem, env.upstream(DISTILL.upstream),
                     _masked(env, reads.distill_fingerprint(env.manifest), "masks"))
 
 
@@ -207,8 +210,9 @@ def _run_distill(ctx) -> dict:
 
 def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach
-    (the same key a ``--set distill.gamma=0`` run has)."""
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0),
+    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch, as a baseline must not start from the
+    depth teacher)."""
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0, init="scratch"),
                                eval=dataclasses.replace(cfg.eval, baseline=False))
 
 
