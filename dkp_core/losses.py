@@ -196,6 +196,14 @@ def distillation_loss(student: Tensor, teacher: Tensor, *, flatten: str = "sampl
     return (1 - cos).mean()
 
 
+def keypoint_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over batch and keypoints of the squared distance between ``(B, K, 2)`` keypoints (the teacher's
+    detached): the coordinate term ``distill.keypoint_weight`` adds to the cosine. Returns a scalar tensor."""
+    if student.shape != teacher.shape or student.ndim != 3 or student.shape[-1] != 2:
+        raise ValueError(f"keypoints must both be (B, K, 2), got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    return (student.float() - teacher.detach().float()).pow(2).sum(-1).mean()
+
+
 RECONSTRUCTION_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "perceptual": PerceptualLoss,
     "l1ssim": MultiScaleL1SSIM,

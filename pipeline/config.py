@@ -127,6 +127,10 @@ class DistillConfig(TrainConfig):
     # decoder and links random) | teacher (the whole trained teacher). Needs distill.model = teach.model; the
     # gamma = 0 baseline always starts from scratch (it must not see depth).
     init: str = "scratch"
+    # + keypoint_weight * mean squared distance between the student's and the teacher's soft-argmax keypoints
+    # (normalised [-1, 1] units), beside the gamma term and only with it (layer logits or heatmaps: the teacher's
+    # keypoints are computed from that tensor). 0 = the paper's loss.
+    keypoint_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,7 @@ RANGES: dict[str, Range] = {
     "eval_every": Range(0, why="0 = only at the end"),
     "warmup_steps": Range(0),
     "gamma": Range(0, why="0 = the AutoLink baseline"),
+    "keypoint_weight": Range(0, why="0 = the paper's loss"),
 }
 
 # Experiment names become file names in the store (experiments/<name>.json): a safe character set only.
@@ -271,6 +276,10 @@ def validate(cfg: "ExperimentConfig") -> "ExperimentConfig":
         if m.heatmap_size != m.image_size // 4:
             raise ConfigError(f"config field {section}.model.heatmap_size: {m.heatmap_size} does not fit "
                               f"{section}.model.image_size={m.image_size}; valid: image_size / 4 = {m.image_size // 4}")
+        if section == "distill" and cfg.distill.keypoint_weight > 0 and cfg.distill.layer not in ("logits", "heatmaps"):
+            raise ConfigError(f"config field distill.keypoint_weight: {cfg.distill.keypoint_weight} needs the "
+                              f"teacher's keypoints, computed from distill.layer logits or heatmaps (got "
+                              f"{cfg.distill.layer}); set distill.layer: heatmaps or distill.keypoint_weight: 0")
         if m.mask_blocks > m.image_size:
             raise ConfigError(f"config field {section}.model.mask_blocks: {m.mask_blocks} is out of range; valid: "
                               f"1 to image_size ({m.image_size})")

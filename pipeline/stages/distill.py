@@ -124,11 +124,24 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
     console.print(f"teacher embeddings cached: {len(ds)} frames x {n_flip} flip(s) -> {path.name}")
 
 
-def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool):
+def target_keypoints(t: torch.Tensor, layer: str) -> torch.Tensor:
+    """The teacher's soft-argmax keypoints (B, K, 2) from its ``layer`` tensor (logits or heatmaps)."""
+    from dkp_core.keypoints.detector import coordinate_grid, soft_argmax
+
+    if layer == "logits":
+        return soft_argmax(t.float())[0]
+    if layer != "heatmaps":
+        raise ValueError(f"the teacher's keypoints come from logits or heatmaps, not {layer!r}")
+    b, k, h, w = t.shape
+    return t.float().reshape(b, k, h * w) @ coordinate_grid(h, device=t.device).reshape(h * w, 2)
+
+
+def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool, keypoint_weight: float = 0.0):
     """The trainer's ``step_fn`` of this stage: reconstruction of ``batch["rgb"]`` + gamma * (1 - cos) between the
-    student's ``layer`` tensor and ``target(batch)``, the frozen teacher's (live, or from the embedding cache).
+    student's ``layer`` tensor and ``target(batch)``, the frozen teacher's (live, or from the embedding cache),
+    + ``keypoint_weight`` * the squared distance of the two soft-argmax keypoints.
     ``gamma <= 0`` never calls ``target``: plain AutoLink."""
-    from dkp_core.losses import distillation_loss
+    from dkp_core.losses import distillation_loss, keypoint_distillation_loss
 
     def step_fn(model, batch, sctx):
         x = batch["rgb"]
@@ -140,7 +153,12 @@ def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool):
         t = target(batch).to(x.device)
         kd = distillation_loss(out.detector_output.features[layer].float(), t, flatten=flatten)
         logs["kd_loss"] = float(kd.detach())
-        return rec + gamma * kd, logs
+        loss = rec + gamma * kd
+        if keypoint_weight > 0:
+            kp = keypoint_distillation_loss(out.detector_output.keypoints, target_keypoints(t, layer))
+            logs["kp_loss"] = float(kp.detach())
+            loss = loss + keypoint_weight * kp
+        return loss, logs
 
     return step_fn
 
@@ -186,7 +204,8 @@ def run(ctx) -> dict:
     else:
         def target(batch):
             return teacher_embedding(teacher, batch["depth"], layer)
-    step_fn = distill_step(recon, target, gamma=gamma, layer=layer, flatten=sec.flatten)
+    step_fn = distill_step(recon, target, gamma=gamma, layer=layer, flatten=sec.flatten,
+                           keypoint_weight=sec.keypoint_weight)
 
     vis_idx = m.split("test")[:16] if len(m.split("test")) else train_idx[:16]
     vis = fixed_batch(FrameDataset(manifest=m, indices=vis_idx, image_size=sec.model.image_size, use_rgb=True,

@@ -183,8 +183,10 @@ def _distill_key(s: C.TrainConfig, env: KeyEnv) -> KeyParts:
     from pipeline.data import reads
 
     sem = _train_config(s)
-    if sem.get("init") == "scratch":  # the only behaviour before the field existed: students built then keep keys
-        del sem["init"]
+    # fields added later, at the value that was the only behaviour before them: students built then keep keys
+    for name, before in (("init", "scratch"), ("keypoint_weight", 0.0)):
+        if sem.get(name) == before:
+            del sem[name]
     return KeyParts(sem, env.upstream(DISTILL.upstream),
                     _masked(env, reads.distill_fingerprint(env.manifest), "masks"))
 
@@ -210,9 +212,10 @@ def _run_distill(ctx) -> dict:
 
 def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach
-    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch, as a baseline must not start from the
-    depth teacher)."""
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0, init="scratch"),
+    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch and no keypoint term, as a baseline must
+    not learn from the depth teacher)."""
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0, init="scratch",
+                                                                        keypoint_weight=0.0),
                                eval=dataclasses.replace(cfg.eval, baseline=False))
 
 
