@@ -221,5 +221,22 @@ def test_init_teacher_trains_another_student_and_leaves_the_baseline_alone(tiny)
     assert plan.stages["distill"].inputs["config"]["init"] == "teacher"
     assert "init" not in plan.stages["baseline"].inputs["config"]  # the gamma = 0 baseline starts from scratch
     assert plan.stages["baseline"].key == plan_of().stages["baseline"].key
+    assert plan_of("distill.keypoint_weight=5", "distill.layer=heatmaps").stages["baseline"].key == \
+        plan_of().stages["baseline"].key  # nor the keypoint term
     assert "init" not in plan_of().stages["distill"].inputs["config"]
     load_trained(d)  # a complete student model
+
+
+def test_keypoint_term_is_logged_keyed_and_checked(tiny):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    d = distill(tiny, "distill.gamma=0.4", "distill.layer=heatmaps", "distill.flatten=keypoint",
+                "distill.keypoint_weight=5", "distill.steps=2")
+    r = rows(d)
+    assert len(r) == 2 and all(x["kp_loss"] > 0 for x in r)
+    assert d != distill(tiny, "distill.gamma=0.4", "distill.layer=heatmaps", "distill.flatten=keypoint",
+                        "distill.steps=2")
+    assert "kp_loss" not in rows(distill(tiny, "distill.gamma=0.4", "distill.steps=2"))[0]
+    with pytest.raises(ConfigError, match="distill.keypoint_weight: 5.0 needs the teacher's keypoints"):
+        load_config(tiny["yaml"], ["distill.keypoint_weight=5", "distill.layer=down2"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dkp_core.losses import (MultiScaleL1SSIM, PerceptualLoss, _vgg16_features, distillation_loss,
-                             make_reconstruction_loss)
+                             keypoint_distillation_loss, make_reconstruction_loss)
 from pipeline.errors import CheckpointError
 from pipeline.weights.vgg import load_vgg16_state_dict
 
@@ -61,6 +61,32 @@ def test_distillation_gradient_reaches_student_only_and_errors():
     # Keypoints (B, K, 2) work with every flattening.
     kp = torch.randn(2, 5, 2)
     assert distillation_loss(kp, kp, flatten="keypoint").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_keypoint_term_hand_computed():
+    # B=1, K=2: distances (0.3, 0.4) -> 0.25 and 0 -> mean 0.125; the teacher gets no gradient
+    s = torch.tensor([[[0.3, 0.4], [0.5, -0.5]]], requires_grad=True)
+    t = torch.tensor([[[0.0, 0.0], [0.5, -0.5]]], requires_grad=True)
+    loss = keypoint_distillation_loss(s, t)
+    assert loss.item() == pytest.approx(0.125, abs=1e-7)
+    loss.backward()
+    torch.testing.assert_close(s.grad, torch.tensor([[[0.3, 0.4], [0.0, 0.0]]]))  # d/ds mean = 2 (s - t) / K
+    assert t.grad is None
+    with pytest.raises(ValueError, match=r"\(B, K, 2\)"):
+        keypoint_distillation_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+
+
+def test_teacher_keypoints_from_heatmaps_equal_soft_argmax():
+    from dkp_core.keypoints.detector import soft_argmax
+    from pipeline.stages.distill import target_keypoints
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6) * 3
+    kp, heat = soft_argmax(logits)
+    torch.testing.assert_close(target_keypoints(heat, "heatmaps"), kp)
+    torch.testing.assert_close(target_keypoints(logits, "logits"), kp)
+    with pytest.raises(ValueError, match="logits or heatmaps"):
+        target_keypoints(logits, "up2")
 
 
 # ---------------------------------------------------------------- perceptual
