@@ -253,45 +253,20 @@ def _png_header(head: bytes) -> Optional[tuple[int, int, int]]:
     return None
 
 
-def _jpeg_size(head: bytes) -> Optional[tuple[int, int]]:
-    """(W, H) from the first SOF segment of a JPEG, or None."""
-    if head[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    n = len(head)
-    while i + 4 <= n:
-        if head[i] != 0xFF:
-            return None
-        marker = head[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD9:  # standalone markers carry no length
-            i += 2
-            continue
-        seg_len = struct.unpack(">H", head[i + 2:i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
-                return None
-            h, w = struct.unpack(">HH", head[i + 5:i + 9])
-            return w, h
-        i += 2 + seg_len
-    return None
-
-
 def probe_image(head: bytes, path: str | os.PathLike) -> dict:
     """``{"wh": [W, H], "orientation": 1..8}`` of an image from its header, as viewers show it: a JPEG's EXIF
     orientation 5..8 swaps W and H (pipeline.data.images.read_rgb applies the tag). Decodes with OpenCV, from
     the bytes, only for other formats."""
-    from pipeline.data.images import exif_orientation
+    from pipeline.data.images import exif_orientation, jpeg_header
 
     png = _png_header(head)
     if png is not None:
         return {"wh": [png[0], png[1]], "orientation": 1}
-    jpg = _jpeg_size(head)
+    jpg = jpeg_header(head)  # (H, W, components, bits): the marker walk the depth stage's reader uses too
     if jpg is not None and jpg[0] > 0 and jpg[1] > 0:
         o = exif_orientation(head)
-        return {"wh": [jpg[1], jpg[0]] if o >= 5 else [jpg[0], jpg[1]], "orientation": o}
+        h, w = jpg[0], jpg[1]
+        return {"wh": [h, w] if o >= 5 else [w, h], "orientation": o}
     import cv2
     import numpy as np
 
