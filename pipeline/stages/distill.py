@@ -54,7 +54,7 @@ def init_from_teacher(student, teacher, init: str) -> None:
     parts = ("detector",) if init == "teacher_detector" else ("detector", "links", "decoder")
     for name in parts:
         src, dst = getattr(teacher, name).state_dict(), getattr(student, name).state_dict()
-        bad = sorted(k for k in dst if k not in src or src[k].shape != dst[k].shape)
+        bad = sorted(k for k in dst.keys() | src.keys() if k not in src or k not in dst or src[k].shape != dst[k].shape)
         if bad:
             raise ConfigError(
                 f"distill.init={init}: the teacher's {name} does not fit the student's ({len(bad)} tensors differ, "
