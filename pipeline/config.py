@@ -276,13 +276,14 @@ def validate(cfg: "ExperimentConfig") -> "ExperimentConfig":
         if m.heatmap_size != m.image_size // 4:
             raise ConfigError(f"config field {section}.model.heatmap_size: {m.heatmap_size} does not fit "
                               f"{section}.model.image_size={m.image_size}; valid: image_size / 4 = {m.image_size // 4}")
-        if section == "distill" and cfg.distill.keypoint_weight > 0 and cfg.distill.layer not in ("logits", "heatmaps"):
-            raise ConfigError(f"config field distill.keypoint_weight: {cfg.distill.keypoint_weight} needs the "
-                              f"teacher's keypoints, computed from distill.layer logits or heatmaps (got "
-                              f"{cfg.distill.layer}); set distill.layer: heatmaps or distill.keypoint_weight: 0")
         if m.mask_blocks > m.image_size:
             raise ConfigError(f"config field {section}.model.mask_blocks: {m.mask_blocks} is out of range; valid: "
                               f"1 to image_size ({m.image_size})")
+    d = cfg.distill
+    if d.keypoint_weight > 0 and d.layer not in ("logits", "heatmaps"):
+        raise ConfigError(f"config field distill.keypoint_weight: {d.keypoint_weight} needs the teacher's keypoints, "
+                          f"computed from distill.layer logits or heatmaps (got {d.layer}); set distill.layer: "
+                          "heatmaps or distill.keypoint_weight: 0")
     return cfg
 
 

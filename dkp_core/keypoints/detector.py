@@ -55,12 +55,19 @@ def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     b, k, h, w = logits.shape
     if h != w:
         raise ValueError(f"soft_argmax expects square heatmaps, got {h}x{w}")
-    # float32 even under autocast: a fp16/bf16 matmul would round keypoints to ~1/4 px at 128.
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        probs = F.softmax(logits.float().reshape(b, k, h * w), dim=-1)  # (B, K, h*w)
-        grid = coordinate_grid(h, device=logits.device, dtype=probs.dtype).reshape(h * w, 2)  # (h*w, 2)
-        keypoints = probs @ grid  # (B, K, 2)
-    return keypoints, probs.reshape(b, k, h, w)
+        heatmaps = F.softmax(logits.float().reshape(b, k, h * w), dim=-1).reshape(b, k, h, w)
+    return expected_coordinates(heatmaps), heatmaps
+
+
+def expected_coordinates(heatmaps: Tensor) -> Tensor:
+    """The expected (x, y) of each map of ``heatmaps`` ``(B, K, h, h)`` (non-negative, each summing to 1) on
+    :func:`coordinate_grid`: ``(B, K, 2)`` in [-1, 1]."""
+    b, k, h, w = heatmaps.shape
+    # float32 even under autocast: a fp16/bf16 matmul would round keypoints to ~1/4 px at 128.
+    with torch.autocast(device_type=heatmaps.device.type, enabled=False):
+        grid = coordinate_grid(h, device=heatmaps.device).reshape(h * w, 2)  # (h*w, 2)
+        return heatmaps.float().reshape(b, k, h * w) @ grid  # (B, K, 2)
 
 
 class ResDownBlock(nn.Module):

@@ -126,14 +126,13 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
 
 def target_keypoints(t: torch.Tensor, layer: str) -> torch.Tensor:
     """The teacher's soft-argmax keypoints (B, K, 2) from its ``layer`` tensor (logits or heatmaps)."""
-    from dkp_core.keypoints.detector import coordinate_grid, soft_argmax
+    from dkp_core.keypoints.detector import expected_coordinates, soft_argmax
 
     if layer == "logits":
-        return soft_argmax(t.float())[0]
+        return soft_argmax(t)[0]
     if layer != "heatmaps":
         raise ValueError(f"the teacher's keypoints come from logits or heatmaps, not {layer!r}")
-    b, k, h, w = t.shape
-    return t.float().reshape(b, k, h * w) @ coordinate_grid(h, device=t.device).reshape(h * w, 2)
+    return expected_coordinates(t)
 
 
 def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool, keypoint_weight: float = 0.0):
