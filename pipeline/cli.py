@@ -199,13 +199,15 @@ def manifest():
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Dataset root directory.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the manifest (default: <root>/<name>.manifest.json).")
-def manifest_build(name, root, output):
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos (folder layout's videos/): keep every k-th frame of each (data.frame_stride).")
+def manifest_build(name, root, output, frame_stride):
     """Walk dataset NAME (see data_manifests/) under --root, fingerprint every frame, write a manifest."""
     from pathlib import Path
 
     from pipeline.data.build import build_manifest
 
-    m = build_manifest(name, root, progress=True)
+    m = build_manifest(name, root, progress=True, frame_stride=frame_stride)
     out = Path(output) if output else Path(root) / f"{name}.manifest.json"
     m.save(out)
     _console().print(f"{len(m.frame_ids)} frames, fingerprint {m.fingerprint} -> {out}")

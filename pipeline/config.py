@@ -57,6 +57,9 @@ class DataConfig:
     synth_image_size: int = 128
     # Consecutive frames sharing figure, clothes and walls (a "video clip"; 1 = every frame a new scene).
     synth_clip_length: int = 32
+    # Videos (the folder layout's videos/): keep frames 0, k, 2k, ... of each video. Not in any key by itself: the
+    # frames it keeps are (their ids and fingerprints), so a changed stride rebuilds exactly what reads frames.
+    frame_stride: int = 1
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ RANGES: dict[str, Range] = {
     "data.synth_seed": Range(0),
     "data.synth_image_size": Range(16),
     "data.synth_clip_length": Range(1, why="1 = every frame a new scene"),
+    "data.frame_stride": Range(1, why="1 = every frame of each video"),
     "shard_size": Range(1),
     "batch_size_inference": Range(1),
     "num_workers": Range(0),

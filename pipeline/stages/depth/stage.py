@@ -130,7 +130,8 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
     import cv2
 
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.data.images import read_rgb, resize_square
+    from pipeline.data.images import resize_square
+    from pipeline.data.video import read_frame
     from pipeline.viz import grid, save_png
 
     with DepthCacheReader(path) as r:
@@ -144,7 +145,7 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
             g = np.zeros(d.shape, np.uint8) if hi <= lo else np.nan_to_num((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
             heat = cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1]  # (H, W, 3) RGB
             try:
-                rgb = read_rgb(m.path_of(int(i)))
+                rgb = read_frame(m, int(i))
             except ManifestError:  # the frame changed since; show the depth beside a blank
                 rgb = np.zeros_like(heat)
             tiles += [resize_square(rgb, size), resize_square(np.ascontiguousarray(heat), size)]
