@@ -250,8 +250,8 @@ ENCODINGS = {
     "ffv1": ("ffv1", "bgr0", {}),
     "x264rgb-lossless": ("libx264rgb", "rgb24", {"qp": "0"}),
     "x264": ("libx264", "yuv420p", {"crf": "18"}),
-    "x264-bframes": ("libx264", "yuv420p", {"x264-params": "bframes=2:b-adapt=0:keyint=10:scenecut=0"}),
-    "mpeg4": ("mpeg4", "yuv420p", {"qscale": "2"}),
+    "x264-bframes": ("libx264", "yuv420p", {"crf": "18", "x264-params": "bframes=2:b-adapt=0:keyint=10:scenecut=0"}),
+    "mpeg4": ("mpeg4", "yuv420p", {"qmax": "3"}),
 }
 
 
@@ -272,6 +272,7 @@ class VideoWriter:
             raise ConfigError(f"video encoding {encoding!r} unknown; valid: {', '.join(ENCODINGS)}")
         self.codec, self.pix_fmt, self.options = ENCODINGS[encoding]
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._av, self._c, self._s = av, av.open(str(path), "w"), None
         self.fps = Fraction(fps).limit_denominator(1001)
         self.time_base = Fraction(time_base).limit_denominator(1_000_000) if time_base is not None else 1 / self.fps
@@ -328,7 +329,7 @@ def write_video(path: str | os.PathLike, frames, *, fps: float = 25, encoding: s
 def moving_figure(n: int, height: int = 48, width: int = 64, seed: int = 0) -> list[np.ndarray]:
     """``n`` frames (H, W, 3) uint8 of a figure walking across a textured background: test and benchmark videos.
 
-    The top-left 4x4 block holds ``8 * k mod 256`` in frame k, so a frame's identity survives a lossy codec."""
+    The top-left 8x8 block holds ``16 * k mod 256`` in frame k, so a frame's identity survives a lossy codec."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     base = np.stack([(xx * 4) % 256, (yy * 5) % 256, rng.integers(0, 64, (height, width))], -1).astype(np.uint8)
@@ -341,6 +342,6 @@ def moving_figure(n: int, height: int = 48, width: int = 64, seed: int = 0) -> l
         head = (xx - cx) ** 2 + (yy - (cy - height / 3.2)) ** 2 < (height / 12) ** 2
         img[body] = (230, 180, 40)
         img[head] = (250, 220, 190)
-        img[:4, :4] = (8 * k) % 256
+        img[:8, :8] = (16 * k) % 256
         out.append(img)
     return out
