@@ -296,16 +296,38 @@ def cache_import(file, store, config, overrides):
 
 @main.command()
 @click.argument("student", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--device", default="auto", show_default=True)
-def predict(student, images, output, device):
-    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on RGB IMAGES or folders.
+@click.option("--overlay", is_flag=True, help="Videos: also write <stem>.overlay.mp4 with the keypoints drawn.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Frames per forward pass.")
+def predict(student, inputs, output, device, overlay, batch):
+    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on images, videos or folders.
 
-    Writes keypoints.json (pixels, (x, y)) and one overlay PNG per image."""
+    \b
+    Images: keypoints.json (pixels, (x, y)) and one overlay PNG per image.
+    Videos (.mp4 .mkv .mov .avi): <stem>.csv (frame, x0, y0, x1, y1, ... in pixels of the
+    original frame), <stem>.coco.json (COCO keypoints) and, with --overlay, <stem>.overlay.mp4."""
     from pipeline.predict import predict_command
 
-    predict_command(student, images, output, device, _console())
+    predict_command(student, inputs, output, device, _console(), overlay=overlay, batch=batch)
+
+
+@main.command()
+@click.argument("student", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch comparison on random images.")
+def export(student, output, opset, no_check):
+    """Write the trained STUDENT's detector as ONE ONNX file (dynamic batch) with its conventions in the metadata.
+
+    \b
+    Input `image` (batch, 3, S, S) float32 RGB in [-1, 1] (shorter side to S, centre crop);
+    outputs `keypoints` (batch, K, 2) (x, y) in [-1, 1] and `heatmaps`. Needs the onnx extra:
+    pip install -e '.[onnx]'. See docs/conventions.md "Exported detector"."""
+    from pipeline.export import export_onnx
+
+    export_onnx(student, output, opset=opset, check=not no_check, console=_console())
 
 
 @main.command()
