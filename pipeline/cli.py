@@ -36,6 +36,25 @@ def _load(config: str, overrides):
     return load_config(config, overrides)
 
 
+def _cluster_options(f):
+    """Options of commands that can submit their work as submitit jobs (pipeline/cluster.py, the slurm extra)."""
+    for opt in reversed((
+        click.option("--executor", type=click.Choice(["slurm", "local"]), default=None,
+                     help="Submit the work as jobs through submitit: slurm (sbatch) or local (processes on this "
+                          "machine). Default: run here, in this process."),
+        click.option("--partition", default=None, help="Slurm partition of each job."),
+        click.option("--time", "time", default=60, show_default=True, type=click.IntRange(min=1),
+                     help="Time limit of each job, minutes."),
+        click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0), help="GPUs per job."),
+        click.option("--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="CPUs per job."),
+        click.option("--mem-gb", default=None, type=click.IntRange(min=1), help="Memory per job, GB."),
+        click.option("--jobs-folder", default=None, type=click.Path(file_okay=False),
+                     help="submitit's logs and pickles (default STORE/jobs; on shared storage)."),
+    )):
+        f = opt(f)
+    return f
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -160,6 +179,16 @@ def _stage_command(name: str, doc: str):
     def cmd(config, overrides, store, dry_run, **opts):
         from pipeline.runner import run_pipeline
 
+        if opts.get("executor"):  # depth --executor slurm --shards N: an array of shard jobs
+            from pipeline.cluster import job_options, submit_depth_shards
+
+            if dry_run or opts.get("shard"):
+                raise click.UsageError("--executor submits every shard itself: drop --dry-run / --shard")
+            submit_depth_shards(config, overrides, store, opts.get("shards") or 1, job_options(opts),
+                                bool(opts.get("skip_bad_frames")), _console())
+            return
+        opts = {k: v for k, v in opts.items() if k not in ("executor", "partition", "time", "gpus", "cpus", "mem_gb",
+                                                             "jobs_folder", "shards")}
         cfg = _load(config, overrides)
         run_pipeline(cfg, store, dry_run=dry_run, until=name, only=name, console=_console(), stage_options=opts)
 
@@ -174,6 +203,9 @@ STAGE_OPTIONS = {
                      help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it."),
         click.option("--skip-bad-frames", is_flag=True,
                      help="Mark unreadable frames invalid in the cache instead of failing."),
+        click.option("--shards", default=None, type=click.IntRange(min=1),
+                     help="With --executor: submit this many shard jobs (an array), each `--shard i/N`."),
+        _cluster_options,
     ),
 }
 
@@ -344,7 +376,8 @@ def export(student, output, opset, no_check):
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
-def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs):
+@_cluster_options
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs, **cluster):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -359,7 +392,13 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
     if not vary and not seeds:
         raise click.UsageError("give at least one --vary axis or --seeds")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
-    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs)
+    executor = None
+    if cluster.get("executor"):  # each run a submitit job; the table when they have ended
+        from pipeline.cluster import job_options
+
+        executor = job_options(cluster)
+    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs,
+              executor=executor)
     if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
