@@ -19,7 +19,7 @@ from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_cas
 from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu", "video")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -247,6 +247,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "depth": bench_depth,
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
+    "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26
 }
 
 
