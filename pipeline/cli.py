@@ -407,8 +407,8 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache",
-                                           "recon-loss", "gpu", "video"]))
+@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap", "cache",
+                                           "teacher-cache", "recon-loss", "gpu", "video"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -438,6 +438,8 @@ def bench(ctx, what, batch, size, steps, device, output, model, frames, models, 
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
     kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "video" else {}
+    if what == "depth-overlap":  # stand-ins: 8-frame batches, 30 of them per case unless given
+        batch, steps = (batch if given("batch") else 8), (steps if given("steps") else 30)
     if what == "gpu":
         batch = batch if given("batch") else TRAIN_BATCH
         kw = {"models": models, "batches": batches, "frame_size": frame_size, "budget_s": budget_s,

@@ -67,16 +67,25 @@ class DepthConfig:
     provider: str = "midas"  # midas: run MiDaS 3.1 | files: import depth maps named by the manifest
     model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
     weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
-    # cpu: decode + resize + normalise in the DataLoader workers, run.py-identical (float64 cv2) | device: decode
-    # JPEGs on the model's device (nvJPEG on CUDA; other formats on the CPU), resize + normalise there in float32
-    # torch ops. device changes the values slightly (docs/midas.md), so it is in the key; cpu is not (as before).
-    preprocess: str = "cpu"
+    # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on a CPU | fp32 | bf16 | fp16 (autocast). In the key:
+    # auto is resolved first (pipeline/stages/depth/identity.py), so a CPU run keys as fp32, as before auto existed.
+    precision: str = "auto"
+    # auto: device on CUDA where nvJPEG decodes, cpu otherwise | cpu: decode + resize + normalise in the DataLoader
+    # workers, run.py-identical (float64 cv2) | device: decode JPEGs on the model's device (nvJPEG on CUDA; other
+    # formats on the CPU), resize + normalise there in float32 torch ops. device changes the values slightly
+    # (docs/midas.md), so it is in the key; cpu is not (as before).
+    preprocess: str = "auto"
     storage_dtype: str = "float16"  # float16 (+ per-frame scale) | float32
     shard_size: int = 1024  # frames per HDF5 shard: the unit of atomic writes and resume
-    batch_size_inference: int = 8
-    num_workers: int = 2
+    # frames per forward; None = auto: chosen from the GPU's free memory (at most 64) on CUDA, 8 on a CPU
+    batch_size_inference: Optional[int] = None
+    # DataLoader workers that read, decode and batch frames; None = auto: the cores but one (at most 16) on CUDA,
+    # 2 on a CPU (whose cores the model needs)
+    num_workers: Optional[int] = None
     compile: bool = False
+    # fp32 on CUDA only: TF32 matmuls (torch.backends.cuda.matmul.allow_tf32; cuDNN convolutions use TF32 by
+    # default). Faster on Ampere+, ~1e-3 relative error per matmul: in the key when true (midas, fp32).
+    tf32: bool = False
     device: str = "auto"
 
 
@@ -163,8 +172,8 @@ class ExperimentConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "depth.provider": ("midas", "files"),
-    "depth.precision": ("fp32", "bf16", "fp16"),
-    "depth.preprocess": ("cpu", "device"),
+    "depth.precision": ("auto", "fp32", "bf16", "fp16"),
+    "depth.preprocess": ("auto", "cpu", "device"),
     "depth.storage_dtype": ("float16", "float32"),
     "recon_loss": ("perceptual", "l1ssim", "l1", "mse"),
     "depth_norm": ("minmax",),

@@ -16,10 +16,12 @@ from pipeline.bench.depth import DEPTH_FRAMES, DEPTH_GOALS, DEPTH_MODEL
 from pipeline.bench.gpu import bench_gpu
 from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
+from pipeline.bench.overlap import bench_depth_overlap
 from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu", "video")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "cache", "teacher-cache", "recon-loss", "gpu",
+         "video")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -245,6 +247,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "teacher-cache": bench_teacher_cache,
     "recon-loss": bench_recon_loss,
     "depth": bench_depth,
+    "depth-overlap": bench_depth_overlap,  # the depth stage's pipelining with stand-ins (overlap.py, issue 22)
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
     "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26
@@ -315,8 +318,8 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():
-        console.print(f"  goal {k} >= {g['goal']}: {'met' if g['met'] else 'NOT met'} ({_fmt(g['value'])})",
-                      markup=False, soft_wrap=True)
+        console.print(f"  goal {k} {'<=' if g.get('max') else '>='} {g['goal']}: {'met' if g['met'] else 'NOT met'} "
+                      f"({_fmt(g['value'])})", markup=False, soft_wrap=True)
     if output:
         p = Path(output)
         p.parent.mkdir(parents=True, exist_ok=True)

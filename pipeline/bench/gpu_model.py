@@ -39,7 +39,7 @@ def case_gpu_model(p: dict) -> dict:
     import torch
 
     from dkp_core.midas import get_spec
-    from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
+    from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
     from pipeline.stages.depth.frames import device_batch
@@ -152,20 +152,19 @@ def case_gpu_model(p: dict) -> dict:
             finally:
                 cv2.setNumThreads(old_threads)
             exact = all(np.array_equal(a, b) for a, b in zip(old, new))
-            items = [{"i": j, "jpeg": torch.from_numpy(r), "hw": im.shape[:2], "path": str(q),
-                      "key": (3, *target_size(*im.shape[:2], spec))} for j, (q, r, im) in enumerate(zip(frames, raws,
-                                                                                                        imgs))]
+            items = [{"jpeg": torch.from_numpy(r), "path": str(q)} for q, r in zip(frames, raws)]
+            hws = [im.shape[:2] for im in imgs]
 
-            def no_bad(i, message):
-                raise BenchError(f"bench gpu: frame {i} failed on the device path: {message}")
+            def device_path(j):
+                x, kept, bad = device_batch(items[j:j + b_stage], hws[j:j + b_stage], spec, device)
+                if bad:
+                    raise BenchError(f"bench gpu: frame {frames[j + bad[0][0]]} failed on the device path: {bad[0][1]}")
+                return x
 
-            def device_path(chunk):
-                return device_batch(chunk, spec, device, no_bad)[0]
-
-            device_path(items[:b_stage])  # warm-up (decoder initialisation)
+            device_path(0)  # warm-up (decoder initialisation)
             sync(device)
             t = time.perf_counter()
-            x_dev = torch.cat([device_path(items[j:j + b_stage]) for j in range(0, k, b_stage)])  # (k, 3, h, w)
+            x_dev = torch.cat([device_path(j) for j in range(0, k, b_stage)])  # (k, 3, h, w)
             sync(device)
             t_dev = time.perf_counter() - t
             # depth of the two paths, fp32 model, first frames (what the device path changes, without the cache's

@@ -28,6 +28,7 @@ CASES = {  # name -> "module:function" (params dict -> JSON-able dict)
     "alone": "harness:case_alone",
     "interleaved": "harness:case_interleaved",
     "depth_abc": "depth:case_depth_abc",
+    "depth_overlap": "overlap:case_depth_overlap",  # bench depth-overlap
     "gpu_model": "gpu_model:case_gpu_model",  # bench gpu
     "gpu_train": "gpu:case_gpu_train",
     "train_window": "training:case_train_window",  # bench side-by-side

@@ -57,7 +57,7 @@ def run_managed(ctx) -> bool:
         model = None
         if d.provider == "midas" and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
-            model = compute.load_model(ctx.cfg, weights_sha)
+            model = compute.load_model(d, weights_sha)
         path.mkdir(parents=True, exist_ok=True)
         lock_name = LOCK if parts == 1 else f"{LOCK}.part{part}of{parts}"
         with Lock(path / lock_name):
@@ -69,8 +69,8 @@ def run_managed(ctx) -> bool:
             todo = cw.shards_todo(part, parts)
             if todo:
                 if model is None and d.provider == "midas":
-                    model = compute.load_model(ctx.cfg, weights_sha)  # resuming: only when this part has shards left
-                stats = compute._compute(ctx, cw, todo, skip_bad, model, part)
+                    model = compute.load_model(d, weights_sha)  # resuming: only when this part has shards left
+                stats = compute._compute(ctx, cw, todo, skip_bad, model, part, lane_kind=ctx.options.get("lane"))
                 append_part_file(path, f"stats.part{part}.json", [stats])
         if world > 1:
             import torch.distributed as dist
@@ -193,9 +193,16 @@ def _skipped_frames(path: Path) -> list[dict]:
 
 
 def _sum_stats(stats: list[dict]) -> dict:
-    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks",
-            "frames_with_holes")
-    out = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
+    """The parts' (and resumed runs') compute stats as one: times and counts summed, settings (batch, workers,
+    lane, what limited the run) as their one value, or the list of values where runs differed."""
+    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_data", "seconds_waiting_for_device",
+            "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks", "frames_with_holes", "batches",
+            "fetches", "frames_after_first_batch", "seconds_after_first_batch")
+    out: dict = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
+    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit"):
+        values = list(dict.fromkeys(s[k] for s in stats if k in s))
+        if values:
+            out[k] = values[0] if len(values) == 1 else values
     out["runs"] = len(stats)
     return out
 
