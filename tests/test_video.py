@@ -229,15 +229,24 @@ def test_video_dataset_trains_like_the_same_frames_as_images(tmp_path):
 
     vroot = tmp_path / "video" / "data"
     frames = synthetic_as_videos(vroot)
-    iroot = tmp_path / "image" / "data"  # the same frames, annotations and depth as image files
-    shutil.copytree(vroot, iroot, ignore=shutil.ignore_patterns("videos"))
+    iroot = tmp_path / "image" / "data"  # the same frames, annotations and depth as image files, in the same
+    shutil.copytree(vroot, iroot, ignore=shutil.ignore_patterns("videos", "depth"))  # order: a.mkv/005.png
     import cv2
 
+    def padded(fid: str) -> str:
+        v, _, k = fid.rpartition("/")
+        return f"{v}/{int(k):03d}"
+
     for fid, img in frames.items():
-        p = iroot / "images" / f"{fid}.png"
+        p = iroot / "images" / f"{padded(fid)}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(p), img[:, :, ::-1])
         np.testing.assert_array_equal(read_rgb(p), img)
+        (iroot / "depth" / padded(fid)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(vroot / "depth" / f"{fid}.npy", iroot / "depth" / f"{padded(fid)}.npy")
+    lines = (vroot / "keypoints.csv").read_text().splitlines()
+    (iroot / "keypoints.csv").write_text("\n".join([lines[0]] + [padded(ln.split(",", 1)[0]) + "," + ln.split(",", 1)[1]
+                                                                 for ln in lines[1:]]) + "\n")
     runs = {}
     with torch_threads(1):
         for name, root in (("video", vroot), ("image", iroot)):
@@ -246,7 +255,7 @@ def test_video_dataset_trains_like_the_same_frames_as_images(tmp_path):
             runs[name] = run_pipeline(load_config(str(y), ["data.manifest=folder"]), str(tmp_path / name / "store"),
                                       console=quiet_console())
     v, i = runs["video"], runs["image"]
-    assert v.manifest.frame_ids == i.manifest.frame_ids and v.manifest.video_frames is not None
+    assert [padded(f) for f in v.manifest.frame_ids] == i.manifest.frame_ids and v.manifest.video_frames is not None
     for stage in ("teach", "distill"):
         assert _losses(v.stages[stage].path) == _losses(i.stages[stage].path), stage
     mv = json.loads((v.stages["eval"].path / "metrics.json").read_text())

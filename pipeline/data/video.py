@@ -182,6 +182,7 @@ class VideoReader:
 
 _READERS: "OrderedDict[str, VideoReader]" = OrderedDict()
 _READERS_PID = [os.getpid()]
+_INHERITED: list = []
 
 
 def reader(path: str | os.PathLike) -> VideoReader:
@@ -189,7 +190,10 @@ def reader(path: str | os.PathLike) -> VideoReader:
 
     A forked DataLoader worker starts with its own readers: a container's decoder state cannot be shared."""
     if _READERS_PID[0] != os.getpid():
-        _READERS.clear()  # the parent's containers: dropped, not closed (closing is the parent's business)
+        # A forked worker: the parent's containers are kept referenced and never touched. Closing (or freeing) a
+        # copy of FFmpeg state made mid-flight by fork can block on a lock some parent thread held at that moment.
+        _INHERITED.extend(_READERS.values())
+        _READERS.clear()
         _READERS_PID[0] = os.getpid()
     key = str(path)
     r = _READERS.pop(key, None) or VideoReader(path)
