@@ -64,9 +64,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DepthConfig:
-    provider: str = "midas"  # midas: run MiDaS 3.1 | files: import depth maps named by the manifest
+    # midas: run MiDaS 3.1 | files: import depth maps named by the manifest | transformers: a local Hugging Face
+    # depth-estimation folder in depth.weights (DPT, Depth Anything; the hf extra; pipeline/stages/depth/hf.py)
+    provider: str = "midas"
     model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
-    weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
+    weights: Optional[str] = None  # midas: the official .pt checkpoint for model_type; transformers: the model folder
     # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on a CPU | fp32 | bf16 | fp16 (autocast). In the key:
     # auto is resolved first (pipeline/stages/depth/identity.py), so a CPU run keys as fp32, as before auto existed.
     precision: str = "auto"
@@ -171,7 +173,7 @@ class ExperimentConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "depth.provider": ("midas", "files"),
+    "depth.provider": ("midas", "files", "transformers"),
     "depth.precision": ("auto", "fp32", "bf16", "fp16"),
     "depth.preprocess": ("auto", "cpu", "device"),
     "depth.storage_dtype": ("float16", "float32"),

@@ -153,6 +153,9 @@ class BatchedFrames:
 
         from dkp_core.midas.transforms import preprocess_u8, target_size
 
+        if hasattr(self.midas_spec, "preprocess"):  # depth.provider: transformers: the folder's processor (hf.py)
+            x = self.midas_spec.preprocess(img)  # (3, h, w) float32 pixel_values
+            return {"key": tuple(x.shape), "x": x, "hw": tuple(img.shape[:2])}
         if self.on_device:
             item = {"jpeg": torch.from_numpy(raw)} if img is None else {"rgb": torch.from_numpy(img)}
             return {"key": (3, *target_size(*hw, self.midas_spec)), "hw": tuple(hw), "path": str(path), **item}

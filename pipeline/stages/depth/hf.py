@@ -129,7 +129,7 @@ def folder_identity(weights: Optional[str]) -> dict:
         meaning = output_meaning(cfg, str(weights))
     except ConfigError:
         pass
-    return {"weights_sha256": json_digest(digests), "config": cfg, "processor": proc, "output_meaning": meaning,
+    return {"weights_sha256": "sha256:" + json_digest(digests), "config": cfg, "processor": proc, "output_meaning": meaning,
             "processor_backend": PROCESSOR_BACKEND}
 
 
@@ -184,7 +184,7 @@ def load_model(d, weights_digest: Optional[str], device):
 
     folder = check_folder(d.weights)
     ident = folder_identity(d.weights)
-    if weights_digest and ident["weights_sha256"] != weights_digest:
+    if weights_digest and ident["weights_sha256"].split(":")[-1] != weights_digest.split(":")[-1]:
         raise CheckpointError(f"depth.weights {d.weights!r} changed since the plan (weights {ident['weights_sha256']}"
                               f", planned {weights_digest}); re-run")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach the Hub
