@@ -357,9 +357,11 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
               help="depth only: MiDaS 3.1 model type (random weights).")
 @click.option("--frames", default=256, show_default=True,
               help="depth: frames generated (--size px squares) and run through each case; gpu: JPEG frames "
-                   "(--frame-size px) through the stage (512 when not given).")
+                   "of each --frame-sizes side through the stage (512 when not given); depth-precision: frames "
+                   "(4 when not given).")
 @click.option("--models", default=",".join(GPU_MODELS), show_default=True,
-              help="gpu only: comma-separated MiDaS 3.1 model types.")
+              help="gpu, depth-precision: comma-separated MiDaS 3.1 model types (depth-precision: the three "
+                   "small ones when not given).")
 @click.option("--batches", default=",".join(map(str, GPU_BATCHES)), show_default=True,
               help="gpu only: comma-separated inference batch sizes (a batch that runs out of memory ends its row).")
 @click.option("--frame-sizes", default=",".join(map(str, FRAME_SIZES)), show_default=True,
