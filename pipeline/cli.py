@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from pipeline.bench.gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
+from pipeline.bench.gpu import BUDGET_S, FRAME_SIZES, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
 from pipeline.stages import registry  # no torch
 
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
@@ -407,8 +407,8 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap", "cache",
-                                           "teacher-cache", "recon-loss", "gpu", "video"]))
+@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
+                                           "depth-precision", "cache", "teacher-cache", "recon-loss", "gpu", "video"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -420,17 +420,20 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
               help="depth only: MiDaS 3.1 model type (random weights).")
 @click.option("--frames", default=256, show_default=True,
               help="depth: frames generated (--size px squares) and run through each case; gpu: JPEG frames "
-                   "(--frame-size px) through the stage (512 when not given).")
+                   "of each --frame-sizes side through the stage (512 when not given); depth-precision: frames "
+                   "(4 when not given).")
 @click.option("--models", default=",".join(GPU_MODELS), show_default=True,
-              help="gpu only: comma-separated MiDaS 3.1 model types.")
+              help="gpu, depth-precision: comma-separated MiDaS 3.1 model types (depth-precision: the three "
+                   "small ones when not given).")
 @click.option("--batches", default=",".join(map(str, GPU_BATCHES)), show_default=True,
               help="gpu only: comma-separated inference batch sizes (a batch that runs out of memory ends its row).")
-@click.option("--frame-size", default=FRAME_SIZE, show_default=True,
-              help="gpu only: side of the generated JPEG frames (Human3.6M: 1000).")
+@click.option("--frame-sizes", default=",".join(map(str, FRAME_SIZES)), show_default=True,
+              help="gpu only: comma-separated sides of the generated JPEG frames (128: AutoLink's size, 256: Taichi, "
+                   "1000: Human3.6M); the stage, its data side and its writer run at each.")
 @click.option("--budget-s", default=BUDGET_S, show_default=True,
               help="gpu only: time budget; cases whose estimate would overrun it are skipped (and recorded).")
 @click.pass_context
-def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_size, budget_s):
+def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_sizes, budget_s):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
 
@@ -440,9 +443,12 @@ def bench(ctx, what, batch, size, steps, device, output, model, frames, models, 
     kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "video" else {}
     if what == "depth-overlap":  # stand-ins: 8-frame batches, 30 of them per case unless given
         batch, steps = (batch if given("batch") else 8), (steps if given("steps") else 30)
+    if what == "depth-precision":  # --models (default: the three small models), --frames (default 4) at --size
+        kw = {"models": models if given("models") else "dpt_levit_224,dpt_swin2_tiny_256,dpt_beit_base_384",
+              "frames": frames if given("frames") else 4}
     if what == "gpu":
         batch = batch if given("batch") else TRAIN_BATCH
-        kw = {"models": models, "batches": batches, "frame_size": frame_size, "budget_s": budget_s,
+        kw = {"models": models, "batches": batches, "frame_sizes": frame_sizes, "budget_s": budget_s,
               "frames": frames if given("frames") else GPU_FRAMES}
     bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console(), **kw)
 

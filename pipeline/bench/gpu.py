@@ -13,23 +13,33 @@ what this part has measured so far (per-frame model time, data-side rates; the f
 estimate and runs while time is left) and the case is skipped, and recorded as skipped with its estimate, when
 it would end past the deadline. Every case records its estimate beside the time it took.
 
-Per model (random weights in the official checkpoint layout, frames: ``--frames`` JPEGs of ``--frame-size``²):
+Per model (random weights in the official checkpoint layout; frames: ``--frames`` JPEGs of each of
+``--frame-sizes``², default 128² (AutoLink's size), 256² (Taichi) and 1000² (Human3.6M)):
 
-==================  ==============================================================================================
-case                what it measures
-==================  ==============================================================================================
-``bare/P/bB``       the model alone, precision P (fp32 | bf16 | fp16 autocast), batch B, on inputs already on the
-                    device in the stage's memory format (channels_last on CUDA): frames/s, TFLOP/s, peak memory,
-                    and for P != fp32 the depth's max / mean relative difference against fp32 on the same frames
-``data_side``       one worker's work on one core (``cv2.setNumThreads(1)``): read + decode, the old and the new
-                    (bit-identical) CPU preprocessing; the device path (decode on the device + torch resize) at
-                    the stage's batch; depth of the two paths (fp32 model) as max / mean relative difference
-``stage/cpu``       the whole ``depth`` stage (``run_pipeline``), ``depth.preprocess: cpu``, W workers
-``stage/device``    the same with ``depth.preprocess: device``; depth difference of the two caches
-``run_py_loop``     MiDaS run.py's loop (batch 1, fp32, NCHW, per-frame ``np.save``)
-``bare/P/bB/nchw``  the other memory format (NCHW on CUDA, channels_last on CPU) at the stage's P and B
-``bare/P/bB/compile``  ``torch.compile`` (default inductor) at the stage's P and B; ``compile_s`` = first call
-==================  ==============================================================================================
+=========================  =======================================================================================
+case                       what it measures
+=========================  =======================================================================================
+``bare/P/bB``              the model alone, precision P (fp32 | bf16 | fp16 autocast), batch B, on inputs already on
+                           the device in the stage's memory format (channels_last on CUDA): frames/s, TFLOP/s, peak
+                           memory, and for P != fp32 the depth's max / mean relative difference against fp32
+``data_side/S``            one worker's work on one core (``cv2.setNumThreads(1)``) at frame size S: read + decode,
+                           the old and the new (bit-identical) CPU preprocessing; the device path (decode on the
+                           device + torch resize) at the stage's batch; depth of the two paths (fp32 model)
+``loader/S``               the data side's ceiling: the stage's own DataLoader (its planned batches, W workers,
+                           pinned on CUDA; device preprocessing on CUDA) with no model: frames/s it delivers
+``writer/S``               the writer's ceiling: frames/s the background HDF5 writer stores (float16 + scale, gzip,
+                           checksums) of S² maps, nothing else running
+``stage/S/best``           the whole ``depth`` stage (``run_pipeline``) at its best settings: the suite's stage
+                           precision and batch, W workers, device preprocessing on CUDA; its steady rate, what its
+                           record says held it back, host waits per batch, GPU utilisation (NVML, sampled)
+``stage/S/defaults``       the same with nothing set: what a user gets (auto precision, preprocessing, batch, workers)
+``run_py_loop``            MiDaS run.py's loop (batch 1, fp32, NCHW, per-frame ``np.save``) at the largest size
+``bare/P/bB/nchw``         the other memory format (NCHW on CUDA, channels_last on CPU) at the stage's P and B
+``bare/P/bB/compile``      ``torch.compile`` (default inductor) at the stage's P and B; ``compile_s`` = first call
+=========================  =======================================================================================
+
+The record's ``limits`` name, per model and frame size, the lowest of the ceilings (bare model, data side, writer,
+and on CUDA the device decode) beside what the stage's own record says held it back.
 
 Training (AutoLink's setting: width 64, K = 16, l1ssim, AdamW, channels_last as the trainer; ``--size`` px,
 ``--batch``): ``teach/fp32`` vs ``teach/amp`` and ``distill/{live,cached}/{fp32,amp}`` (a live frozen teacher vs
@@ -55,7 +65,7 @@ from pipeline.errors import ConfigError
 GPU_MODELS = ("dpt_levit_224", "dpt_swin2_tiny_256", "dpt_beit_base_384", "dpt_beit_large_512")
 GPU_BATCHES = (1, 8, 32, 64)
 GPU_FRAMES = 512
-FRAME_SIZE = 1000  # Human3.6M's frames: 1000 x 1000 JPEGs
+FRAME_SIZES = (128, 256, 1000)  # AutoLink's training size, Taichi's frames, Human3.6M's raw 1000 x 1000 JPEGs
 BUDGET_S = 300.0
 TRAIN_BATCH = 64  # AutoLink's batch (the CLI's --batch when it is not given)
 JPEG_NOISE = 32  # amplitude of the frames' noise channel: JPEGs of ~natural size, not worst-case noise
@@ -211,7 +221,8 @@ def _parse_list(text, what: str, cast) -> tuple:
 
 
 def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precisions, steps: int, frames: int,
-                         run_py_frames: int, stage_precision: str, stage_batch: int, compile: bool) -> float:
+                         run_py_frames: int, stage_precision: str, stage_batch: int, compile: bool,
+                         n_sizes: int = 1) -> float:
     """Seconds the suite needs at least: every model case's FLOPs at the measured matmul rate of its precision,
     plus the priors (``PART_PRIOR_S`` per part, ``COMPILE_PRIOR_S`` per compile). Real models reach a fraction
     of the matmul rate, so the run takes longer; the budget, not this number, bounds it."""
@@ -219,7 +230,7 @@ def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precision
     for m in models:
         f = flops[m]
         total += sum((WARMUP + steps) * b * f / rates[p] for p in precisions for b in batches)
-        total += (2 * frames + (WARMUP + steps) * stage_batch) * f / rates[stage_precision]  # stages, other format
+        total += (2 * frames * n_sizes + (WARMUP + steps) * stage_batch) * f / rates[stage_precision]  # stages
         total += (run_py_frames + 1) * f / rates["fp32"]
         if compile:
             total += COMPILE_PRIOR_S + (WARMUP + steps) * stage_batch * f / rates[stage_precision]
@@ -227,7 +238,7 @@ def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precision
 
 
 def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True, models=GPU_MODELS,
-              batches=GPU_BATCHES, frames: int = GPU_FRAMES, frame_size: int = FRAME_SIZE, budget_s: float = BUDGET_S,
+              batches=GPU_BATCHES, frames: int = GPU_FRAMES, frame_sizes=FRAME_SIZES, budget_s: float = BUDGET_S,
               precisions: Optional[tuple] = None, compile: Optional[bool] = None, workers: Optional[int] = None,
               train_width: int = WIDTH, console=None) -> dict:
     """The suite (module docstring). ``batch``/``size``: the training steps'; ``steps``: timed steps per case.
@@ -240,12 +251,13 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
 
     models = _parse_list(models, "models", str)
     batches = tuple(sorted(set(_parse_list(batches, "batches", int))))
+    frame_sizes = tuple(sorted(set(_parse_list(frame_sizes, "frame-sizes", int))))
     bad = [m for m in models if m not in list_models()]
     if bad:
         raise ConfigError(f"bench gpu --models: {bad[0]!r} is not a MiDaS 3.1 model; valid: {', '.join(list_models())}")
     if batches[0] < 1:
         raise ConfigError(f"bench gpu --batches {','.join(map(str, batches))}: batch sizes must be >= 1")
-    for name, v, lo in (("frames", frames, 2), ("frame-size", frame_size, 16)):
+    for name, v, lo in (("frames", frames, 2), *(("frame-sizes", fs, 16) for fs in frame_sizes)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench gpu --{name} {v!r}: must be an integer >= {lo}")
     if not isinstance(budget_s, (int, float)) or budget_s <= 0:
@@ -266,22 +278,26 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
     run_py_frames = max(2, min(64, frames // 8))
     common = {"device": str(device), "steps": steps}
     with tempfile.TemporaryDirectory(prefix="dkp-bench-gpu-") as tmp:
-        data_root = Path(tmp) / "data"
+        data_roots = {str(fs): str(Path(tmp) / f"data-{fs}") for fs in frame_sizes}
         t0 = time.perf_counter()
-        write_frames(data_root / "images", frames, frame_size, ext=".jpg", noise=JPEG_NOISE)
+        for fs in frame_sizes:
+            write_frames(Path(data_roots[str(fs)]) / "images", frames, fs, ext=".jpg", noise=JPEG_NOISE)
         frames_s = time.perf_counter() - t0
         flops = {m: flops_per_frame(m) for m in models}
         rates = _matmul_rates(device, set(precisions) | {"fp32", p_stage})
         estimate = estimate_lower_bound(models=models, flops=flops, rates=rates, batches=batches, precisions=precisions,
                                         steps=steps, frames=frames, run_py_frames=run_py_frames,
-                                        stage_precision=p_stage, stage_batch=stage_batch, compile=compile)
+                                        stage_precision=p_stage, stage_batch=stage_batch, compile=compile,
+                                        n_sizes=len(frame_sizes))
         say(f"bench gpu: {len(models)} model(s) x batches {list(batches)} x {list(precisions)}, {frames} frames of "
-            f"{frame_size}^2, training at batch {batch}, {size} px; estimated >= {estimate:.0f} s (FLOPs at the "
+            f"each of {', '.join(f'{fs}^2' for fs in frame_sizes)}, training at batch {batch}, {size} px; estimated "
+            f">= {estimate:.0f} s (FLOPs at the "
             f"measured matmul rate + priors), budget {budget_s:.0f} s: cases that would overrun are skipped")
         parts: list[tuple[str, str, dict]] = [("train", "gpu_train", common | {"batch": batch, "size": size,
                                                                                 "width": train_width})]
         parts += [(m, "gpu_model", common | {
-            "model_type": m, "data_root": str(data_root), "batches": list(batches), "precisions": list(precisions),
+            "model_type": m, "data_roots": data_roots, "frame_sizes": list(frame_sizes), "batches": list(batches),
+            "precisions": list(precisions),
             "stage_precision": p_stage, "stage_batch": stage_batch, "workers": workers, "compile": compile,
             "flops_per_frame": flops[m], "data_frames": min(frames, 64), "run_py_frames": run_py_frames})
             for m in models]
@@ -305,15 +321,15 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
                 + (f", {n_skip} skipped (budget)" if n_skip else "")
                 + (f", errors: {[r['case'] for r in res['log'] if 'error' in r]}" if any('error' in r for r in
                                                                                         res["log"]) else ""))
-    ratios, goals = ratios_and_goals(cases, models, device, p_stage, stage_batch)
+    ratios, goals, limits = ratios_and_goals(cases, models, device, p_stage, stage_batch, frame_sizes)
     return {"baseline": f"bare model ({p_stage}, batch {stage_batch}), run.py loop, fp32",
-            "cases": cases, "ratios": ratios, "goals": goals,
+            "cases": cases, "ratios": ratios, "goals": goals, "limits": limits,
             "budget": {"budget_s": budget_s, "estimate_lower_bound_s": round(estimate, 1),
                        "actual_s": round(time.time() - t_start, 1), "frames_write_s": round(frames_s, 2),
                        "skipped": [f"{r['part']}: {r['case']}" for r in log if "skipped" in r], "log": log},
             "setup": {"models": list(models), "batches": list(batches), "precisions": list(precisions),
                       "stage_precision": p_stage, "stage_batch": stage_batch, "num_workers": workers,
-                      "compile": compile, "frames": frames, "frame_size": [frame_size, frame_size],
+                      "compile": compile, "frames": frames, "frame_sizes": list(frame_sizes),
                       "frame_format": f"JPEG (OpenCV quality 95, noise amplitude {JPEG_NOISE})",
                       "run_py_frames": run_py_frames, "flops_per_frame": flops,
                       "matmul_flops_per_s": {k: float(f"{v:.4g}") for k, v in rates.items()},

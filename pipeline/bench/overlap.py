@@ -10,10 +10,12 @@ case                what runs
 ==================  ==============================================================================================
 ``serial``          the baseline: no workers (the main thread reads each batch), the model on the host lane:
                     nothing overlaps, so a batch costs T + H
-``host``            W workers, the model in the main thread (a CPU run's shape): data overlaps the model
+``host``            W workers (CPU preprocessing in them, as a CPU run does), the model in the main thread: data
+                    overlaps the model, the main thread's own work adds to T
 ``gpu_stand_in``    W workers, the model on the stand-in GPU lane (``lanes.ThreadLane``: copy-in, compute and
-                    copy-out each a FIFO thread, ordered like CUDA streams by events): the host only launches
-                    and fetches, one wait per batch
+                    copy-out each a FIFO thread, ordered like CUDA streams by events), device preprocessing (the
+                    GPU default: the resize runs on the copy-in lane): the host only launches and fetches, one
+                    wait per batch
 ==================  ==============================================================================================
 
 The rate is the stage's own steady rate (``frames_after_first_batch / seconds_after_first_batch`` in its
@@ -116,7 +118,7 @@ def write_tiny_frames(folder: Path, n: int, size: int = 16) -> None:
 
 
 def run_overlap_case(root: Path, data_root: Path, *, name: str, model_ms: float, data_ms: float, workers: int,
-                     lane: Optional[str], batch: int, shard_size: int) -> dict:
+                     lane: Optional[str], batch: int, shard_size: int, preprocess: str) -> dict:
     """One stage run with the stand-ins; its rate, what held it back, and the host waits it made."""
     from rich.console import Console
 
@@ -128,7 +130,7 @@ def run_overlap_case(root: Path, data_root: Path, *, name: str, model_ms: float,
     exp = root / f"{name}.yaml"
     exp.write_text(json.dumps({"name": name, "data": {"manifest": "folder", "root": str(data_root)},
                                "depth": {"provider": "midas", "model_type": MODEL_TYPE, "weights": str(weights),
-                                         "device": "cpu", "precision": "fp32", "preprocess": "device",
+                                         "device": "cpu", "precision": "fp32", "preprocess": preprocess,
                                          "batch_size_inference": batch, "num_workers": workers,
                                          "shard_size": shard_size, "storage_dtype": "float32"}}))
     store = root / f"store-{name}"
@@ -167,17 +169,18 @@ def case_depth_overlap(p: dict) -> dict:
         n = p["batches"] * p["batch"]
         write_tiny_frames(root / "data" / "images", n)
         for t, h in p["pairs"]:
-            for case, workers, lane in (("serial", 0, None), ("host", p["workers"], None),
-                                        ("gpu_stand_in", p["workers"], "threads")):
+            # the CPU's shape with its defaults (resize in the workers) and the GPU's (resize on the device lane)
+            for case, workers, lane, pre in (("serial", 0, None, "cpu"), ("host", p["workers"], None, "cpu"),
+                                             ("gpu_stand_in", p["workers"], "threads", "device")):
                 name = f"T{t:g}_H{h:g}/{case}"
                 cases[name] = run_overlap_case(root, root / "data", name=name.replace("/", "-"), model_ms=t,
                                                data_ms=h, workers=workers, lane=lane, batch=p["batch"],
-                                               shard_size=p["shard_size"])
+                                               shard_size=p["shard_size"], preprocess=pre)
     return {"cases": cases}
 
 
 def bench_depth_overlap(*, batch: int, size: int, steps: int, device, isolate: bool = True,
-                        pairs=((40, 40), (40, 20), (20, 40)), workers: int = 2, shard_size: int = 64) -> dict:
+                        pairs=((100, 100), (100, 50), (50, 100)), workers: int = 2, shard_size: int = 64) -> dict:
     """The bench (module docstring). ``batch``: frames per batch; ``steps``: batches per case (>= 20 recommended:
     the first batch is excluded from the rate); ``size`` is unused (the frames are 16 px: the stand-ins set the
     pace)."""

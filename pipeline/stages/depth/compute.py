@@ -62,7 +62,23 @@ def load_model(d, weights_sha: Optional[str]):
         # LeViT/Swin always see one shape.
         model = torch.compile(model)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.precision]
+    if device.type == "cpu" and amp is not None:
+        warn_cpu_precision(d.precision)
     return model, device, amp
+
+
+def warn_cpu_precision(precision: str) -> None:
+    """fp16 autocast on a CPU is emulated (issue 23 measured a training step 22x slower than fp32), bf16 is
+    fast only with bf16 units: say so rather than crawl in silence."""
+    import logging
+
+    from pipeline.training.runtime import cpu_has_bf16
+
+    if precision == "fp16" or not cpu_has_bf16():
+        logging.getLogger("pipeline.depth").warning(
+            f"depth.precision {precision} runs emulated on this CPU (no {precision} units): expect it many times "
+            f"slower than fp32; --set depth.precision=fp32 (with depth.preprocess=cpu: the exact run.py path, "
+            f"another cache key) is the CPU's fast setting")
 
 
 def forward(bundle, x, amp):
