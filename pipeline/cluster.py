@@ -197,8 +197,10 @@ def submit_depth_shards(config: str, overrides: tuple[str, ...], store_dir: Opti
     jobs = []
     with ex.batch():
         for i in range(shards):
+            # max_wait_s=0: a part's lock can only be a previous job of the same part, alive (then this one is a
+            # duplicate) or dead on another node (its lock must be removed by hand): waiting helps neither
             jobs.append(ex.submit(run_job, config, list(overrides), store_dir, "depth", "depth",
-                                  {"shard": f"{i}/{shards}", "skip_bad_frames": skip_bad_frames}))
+                                  {"shard": f"{i}/{shards}", "skip_bad_frames": skip_bad_frames}, 0))
     console.print(f"depth: {shards} shard jobs submitted ({', '.join(str(j.job_id) for j in jobs)})", markup=False,
                   soft_wrap=True)
     errors = wait_all(jobs, [f"shard {i}/{shards}" for i in range(shards)], console)

@@ -92,3 +92,20 @@ def test_slurm_parameters_and_no_slurm_here(tmp_path, monkeypatch):
     assert p["partition"] == "gpu" and p["time"] == 90 and p["gpus_per_node"] == 2 and p["cpus_per_task"] == 8
     assert p["job_name"] == "dkp-sweep" and p["mem"] == "32GB"
     assert (tmp_path / "jobs").is_dir()
+
+
+def test_cli_wiring_and_no_slurm_exit_2(tiny, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no srun: not a Slurm login node
+    r = CliRunner().invoke(main, ["depth", tiny["yaml"], "--store", tiny["store"], "--executor", "slurm",
+                                  "--shards", "4", "--partition", "gpu", "--gpus", "1"])
+    assert r.exit_code == 2 and "--executor local" in r.output + (r.stderr or ""), r.output
+    r = CliRunner().invoke(main, ["depth", tiny["yaml"], "--store", tiny["store"], "--executor", "local",
+                                  "--shard", "0/2"])
+    assert r.exit_code == 2 and "drop --dry-run / --shard" in r.output
+    r = CliRunner().invoke(main, ["sweep", tiny["yaml"], "--store", tiny["store"], "--seeds", "0", "--executor",
+                                  "slurm"])
+    assert r.exit_code == 2 and "srun" in r.output + (r.stderr or "")
