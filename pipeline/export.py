@@ -65,7 +65,8 @@ def metadata(model, source: Path, payload: dict) -> dict[str, str]:
                                  "cv2.INTER_LINEAR when enlarging)", "S": S,
                        "normalise": "x / 127.5 - 1 on 8-bit RGB (mean 0.5, std 0.5 on [0, 1])"},
         "outputs": {"keypoints": {"shape": ["batch", K, 2], "order": "(x, y)"},
-                    "heatmaps": {"shape": ["batch", K, S // 4, S // 4], "meaning": "spatial softmax, each map sums to 1"}},
+                    "heatmaps": {"shape": ["batch", K, S // 4, S // 4],
+                                 "meaning": "spatial softmax, each map sums to 1"}},
         "keypoint_order": [f"k{j}" for j in range(K)],
         "coordinates": ("normalised: u in [-1, 1], -1 and +1 at the centres of the first and last pixel of the S x S "
                         "input; pixels of the input x = (u + 1) / 2 * (S - 1), y likewise; back to the original "

@@ -156,7 +156,8 @@ def test_video_csv_coco_and_overlay(student, tmp_path):
         np.testing.assert_allclose(np.array(rows[k + 1][1:], float).reshape(4, 2), _kp_of(model, src[k]), atol=2e-3)
     coco = json.loads((out / "walk.coco.json").read_text())
     assert len(coco["images"]) == len(coco["annotations"]) == 20
-    assert coco["images"][5]["file_name"] == "walk.mkv/5" and coco["images"][5]["time_s"] == pytest.approx(pts[5] / 1000)
+    assert coco["images"][5]["file_name"] == "walk.mkv/5"
+    assert coco["images"][5]["time_s"] == pytest.approx(pts[5] / 1000)
     ann = coco["annotations"][7]
     assert ann["image_id"] == coco["images"][7]["id"] and ann["num_keypoints"] == 4
     np.testing.assert_allclose(np.array(ann["keypoints"]).reshape(4, 3)[:, :2], _kp_of(model, src[7]), atol=2e-3)

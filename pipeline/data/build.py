@@ -72,7 +72,8 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     if frame_stride != 1 and spec.layout != "folder":
         raise fail(spec, f"data.frame_stride {frame_stride} takes every k-th frame of videos, which only the folder "
                          f"layout reads (this is {spec.layout}); remove the setting")
-    L = WALKERS[spec.layout](spec, root_p, memo, progress, **({"frame_stride": frame_stride} if frame_stride != 1 else {}))
+    stride = {"frame_stride": frame_stride} if frame_stride != 1 else {}  # only the folder walker takes it
+    L = WALKERS[spec.layout](spec, root_p, memo, progress, **stride)
 
     first: dict[str, int] = {}
     for i, fid in enumerate(L.ids):

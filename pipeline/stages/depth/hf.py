@@ -129,8 +129,8 @@ def folder_identity(weights: Optional[str]) -> dict:
         meaning = output_meaning(cfg, str(weights))
     except ConfigError:
         pass
-    return {"weights_sha256": "sha256:" + json_digest(digests), "config": cfg, "processor": proc, "output_meaning": meaning,
-            "processor_backend": PROCESSOR_BACKEND}
+    return {"weights_sha256": "sha256:" + json_digest(digests), "config": cfg, "processor": proc,
+            "output_meaning": meaning, "processor_backend": PROCESSOR_BACKEND}
 
 
 def load_processor(folder: str | os.PathLike):
