@@ -1,7 +1,8 @@
 """The folder layout, for a dataset of your own (and what :mod:`pipeline.data.synth` writes): frames under
 ``images/`` and/or videos under ``videos/`` (every frame of each, or every ``data.frame_stride``-th; frame id
 ``<video path under videos/>/<k>``, :mod:`pipeline.data.video`), optional ``keypoints.csv`` (pixels and a
-train/test split column; unlisted frames are unlabelled training frames), optional ``depth/`` files that replace MiDaS, options in ``ROOT/dataset.yaml``."""
+train/test split column; unlisted frames are unlabelled training frames), optional ``depth/`` files that replace
+MiDaS, options in ``ROOT/dataset.yaml``."""
 from __future__ import annotations
 
 import csv
