@@ -179,6 +179,11 @@ def expected_spec(cfg: C.ExperimentConfig, manifest) -> dict:
         from pipeline.stages.registry import file_digest
 
         digest = file_digest(cfg.depth.weights)
+    elif cfg.depth.provider == "transformers":
+        from pipeline.stages.depth.hf import folder_identity
+
+        check_transformers_config(cfg.depth)
+        digest = folder_identity(cfg.depth.weights)["weights_sha256"]
     return depth_identity(cfg.depth, manifest, digest).spec
 
 
