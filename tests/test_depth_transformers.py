@@ -116,9 +116,19 @@ def _run(y: str, store: Path):
 
 @pytest.mark.parametrize("make", [_dpt, _depth_anything], ids=["dpt-beit", "depth-anything-v2"])
 def test_cache_equals_transformers_pipeline(tmp_path, make):
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.stages.depth.identity import expected_spec
+
     folder = make(tmp_path / make.__name__.strip("_"))
     imgs = _frames(tmp_path / "data")
-    plan = _run(_yaml(tmp_path, tmp_path / "data", folder, num_workers=2), tmp_path / "store")
+    y = _yaml(tmp_path, tmp_path / "data", folder, num_workers=2)
+    plan = _run(y, tmp_path / "store")
+    spec = json.loads((plan.stages["depth"].path / "artifact.json").read_text())["cache_spec"]
+    assert spec == expected_spec(load_config(y), plan.manifest)  # what `cache import --config` checks
+    assert spec["provider"] == "transformers" and spec["output_meaning"] == "relative_inverse_depth"
+    assert spec["processor_backend"] == "pil" and "ensure_multiple_of" in spec["processor_json"]
     got, ref = _cache(plan), _reference(folder, imgs)
     assert len(got) == 7
     for k, (a, b) in enumerate(zip(got, ref)):
