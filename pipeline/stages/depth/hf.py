@@ -96,8 +96,8 @@ def output_meaning(cfg: dict, where: str = "") -> str:
     if t in ("depth_anything", "prompt_depth_anything"):
         return "metric_depth" if cfg.get("depth_estimation_type") == "metric" else "relative_inverse_depth"
     if t == "dpt":
-        backbone = (cfg.get("backbone_config") or {}).get("model_type")
-        return "metric_depth" if backbone == "dinov2" else "relative_inverse_depth"
+        encoder = (cfg.get("backbone_config") or {}).get("model_type")  # DPT-DINOv2: the KITTI/NYU metric heads
+        return "metric_depth" if encoder == "dinov2" else "relative_inverse_depth"
     if t in METRIC_TYPES:
         return "metric_depth"
     raise ConfigError(f"depth.weights {where!r}: model type {t!r} loads, but what its output means (relative inverse "
