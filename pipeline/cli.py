@@ -52,12 +52,13 @@ class DkpGroup(click.Group):
         try:
             try:
                 return super().invoke(ctx)
-            except OSError as e:
-                from pipeline.store.io import is_storage_error, storage_error
+            except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's, raised over a failed write
+                from pipeline.store.io import storage_cause, storage_error
 
-                if not is_storage_error(e) or isinstance(e, DkpError):
+                cause = storage_cause(e)
+                if cause is None or isinstance(e, DkpError):
                     raise
-                raise storage_error(e) from None
+                raise storage_error(cause) from None
         except DkpError as e:
             from pipeline.errors import printable  # a file name's undecodable bytes would not print
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline import jobs as jobs_mod
 from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store, damage_text
-from pipeline.store.io import is_storage_error, remove_temporaries_of, storage_error
+from pipeline.store.io import is_storage_error, remove_temporaries_of, storage_cause, storage_error
 from pipeline.errors import DkpError
 from pipeline.graph import Plan, StagePlan, build_plan, preflight
 from pipeline.stages import registry
@@ -227,15 +227,18 @@ def _run_stage(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Sto
     path = store.path(stage.name, sp.key)
     try:
         return _run_stage_here(stage, cfg, plan, sp, store, console, options)
-    except OSError as e:
-        if not is_storage_error(e):
+    except Exception as e:
+        cause = storage_cause(e)
+        if cause is None:
             raise
         try:
             remove_temporaries_of(path, os.getpid())
         except OSError:
             pass
         entry = next((n for n, s in plan.stages.items() if s is sp), stage.name)
-        raise storage_error(e, artifact=f"the {entry} artifact {sp.key[:16]} ({path})") from None
+        unnamed = cause.filename is None and getattr(cause, "filename2", None) is None  # a bare write(): say where
+        raise storage_error(cause, path if unnamed else None, what="a file in this directory" if unnamed else "",
+                            artifact=f"the {entry} artifact {sp.key[:16]} ({path})") from None
 
 
 def _run_stage_here(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Store, console,

@@ -417,7 +417,8 @@ def test_cache_truncated_file(built):
     others = {n: (shard.parent / n).stat().st_mtime_ns for n in ("shard-00000.h5", "shard-00002.h5")}
     shard.write_bytes(raw[: len(raw) // 3])
     p = built.cli("teach")
-    assert_user_error(p, "depth, which is damaged", "shard-00001.h5", "truncated", "dkp-pipeline run tiny --until depth")
+    assert_user_error(p, "depth, which is damaged", "shard-00001.h5", "truncated",
+                      "dkp-pipeline run tiny --until depth")
     p = built.cli("depth")
     assert p.returncode == 0, p.stderr
     assert shard.read_bytes() == raw

@@ -358,8 +358,9 @@ class ShardWriter:
         if self._guard is not None and self._guard.error is not None and not is_storage_error(exc):
             exc = self._guard.error  # the write that failed, not what HDF5 made of it
         if is_storage_error(exc):
-            raise storage_error(exc, self._final, what=f"depth cache shard, frames {self.plan.start}..{self.plan.stop - 1}",
-                                needed=self._needed(), cls=CacheStorageError) from None
+            frames = f"{self.plan.start}..{self.plan.stop - 1}"
+            raise storage_error(exc, self._final, what=f"depth cache shard, frames {frames}", needed=self._needed(),
+                                cls=CacheStorageError) from None
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise CacheError(f"writing depth cache shard {self._final} failed ({exc}); free disk space (or fix the "
                              f"file system) and re-run `dkp-pipeline depth`: finished shards are kept and it "

@@ -135,8 +135,9 @@ def atomic_file(path: Path, tmp: Optional[Path] = None, *, durable: bool = True,
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if is_storage_error(e):
-            raise storage_error(e, path, what=what, needed=needed) from e
+        cause = storage_cause(e)
+        if cause is not None:
+            raise storage_error(cause, path, what=what, needed=needed) from e
         raise
     if durable:
         fsync_dir(path.parent)
@@ -191,6 +192,20 @@ def is_storage_error(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in STORAGE_ERRNOS
 
 
+def storage_cause(e: BaseException) -> Optional[OSError]:
+    """The storage error behind ``e``: ``e`` itself, or one it was raised from or while handling. A library may
+    turn a failed write into its own error: ``torch.save`` onto a full disk ends in ``RuntimeError: [enforce
+    fail at inline_container.cc] unexpected pos``, raised while handling the OSError."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if is_storage_error(cur):
+            return cur  # type: ignore[return-value]
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def storage_error(e: OSError, path: Optional[str | os.PathLike] = None, *, what: str = "",
                   needed: Optional[int | str] = None, artifact: str = "",
                   cls: type[StorageError] = StorageError) -> StorageError:
@@ -204,7 +219,8 @@ def storage_error(e: OSError, path: Optional[str | os.PathLike] = None, *, what:
         e.what = e.what or what
         e.needed = e.needed if e.needed is not None else needed
         return e
-    target = path if path is not None else (e.filename if e.filename is not None else "?")
+    # a copy (shutil) names its source as filename and the file it was writing as filename2
+    target = next((t for t in (path, getattr(e, "filename2", None), e.filename) if t is not None), "?")
     return cls(e.errno, os.strerror(e.errno), os.fsdecode(target), what=what, needed=needed, artifact=artifact)
 
 
