@@ -164,8 +164,10 @@ def test_resume_state_and_logs_are_not_outputs(exp, reference):
     shutil.rmtree(teach / "tensorboard")
     assert status(d)["teach"]["state"] == "fresh"
     (teach / "model.pt").unlink()
+    assert status(d)["teach"]["damaged_files"] == ["model.pt"]
     p = cli(d, "run")
     assert p.returncode == 0, p.stderr
+    assert (teach / "model.pt").is_file() and (teach / "checkpoints").is_dir()  # retrained
     same_as_reference(d, reference)
 
 

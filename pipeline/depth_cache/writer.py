@@ -373,7 +373,7 @@ class ShardWriter:
             return None
         h, w = self._max_shape or (int(self._shape[:, 0].max()), int(self._shape[:, 1].max()))
         raw = self.plan.n * h * w * np.dtype(self._writer.storage_dtype).itemsize
-        return f"up to {human_bytes(raw)} (its {self.plan.n} frames uncompressed)"
+        return f"up to {human_bytes(raw)} for its {self.plan.n} frames before compression, plus the file's metadata"
 
 
 def forget_damaged(cache_dir: str | os.PathLike, files: Sequence[str]) -> None:
