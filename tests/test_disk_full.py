@@ -532,3 +532,17 @@ def test_side_by_side_logs_are_best_effort(tmp_path):
     full.flush()
     assert ok.getvalue() == "step 2/6\n" and ok.failed is None
     assert full.failed == "No space left on device"
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """Creating LOCK needs no space, writing its owner does: on a full disk the empty file used to stay and hold
+    the next run for 5 s (a torn lock); it is removed, and the error is the storage error."""
+    from pipeline.store import artifacts
+
+    def full(*_a, **_k):
+        raise OSError(ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts.json, "dump", full)
+    with pytest.raises(OSError, match="No space left"):
+        artifacts.Lock(tmp_path / "LOCK").acquire()
+    assert not (tmp_path / "LOCK").exists()
