@@ -161,7 +161,7 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             sp.why = [f"{d['file']} {d['problem']}" for d in st.damage[:5]]
             if len(st.damage) > 5:
                 sp.why.append(f"and {len(st.damage) - 5} more damaged file(s)")
-            sp.why.append("`run` rebuilds it")
+            sp.why.append("`run --verify` rebuilds it" if verify else "`run` rebuilds it")  # what found it
         elif st.state == "fresh":
             sp.state = "fresh"
             if stage.notes is not None:

@@ -121,6 +121,7 @@ def test_verify_finds_changed_content_and_run_verify_rebuilds_it(exp, reference)
     st = status(d, "--verify")
     assert st["distill"]["state"] == "damaged" and "content differs from its recorded sha256" in st["distill"]["why"][0]
     assert st["depth"]["state"] == "damaged" and st["depth"]["damaged_files"] == ["shards/shard-00002.h5"], st["depth"]
+    assert st["depth"]["why"][-1] == "`run --verify` rebuilds it"
     assert st["teach"]["state"] == "fresh"
     p = cli(d, "run", "--verify")
     assert p.returncode == 0, p.stderr
