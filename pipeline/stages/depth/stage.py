@@ -88,6 +88,7 @@ def run_managed(ctx) -> bool:
 
 def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[float, float]) -> bool:
     from pipeline.depth_cache import finalize, progress
+    from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX
 
     path, sp, m = ctx.path, ctx.stage, ctx.plan.manifest
     done, total = progress(path)
@@ -109,7 +110,7 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[fl
         skipped = _skipped_frames(path)
         stats = read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config,
-                           started=started[0], cpu_started=started[1])
+                           started=started[0], cpu_started=started[1], unhashed=CHECKSUMMED_IN_INDEX)
         w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
                   n_valid=sum(e["n_valid"] for e in index["shards"]), compute=_sum_stats(stats))
     finally:
