@@ -236,47 +236,39 @@ class ShardWriter:
             shuffle=COMPRESSION["shuffle"], fletcher32=COMPRESSION["fletcher32"], track_times=False)
 
     def add(self, frame_index: int, *, frame_id: str, frame_hash: str, depth: np.ndarray | None,
-            valid: bool = True) -> None:
-        """Add manifest frame ``frame_index`` (float (h, w) relative inverse depth; ignored when not valid)."""
+            valid: bool = True, prepared: "PreparedFrame | None" = None) -> None:
+        """Add manifest frame ``frame_index`` (float (h, w) relative inverse depth; ignored when not valid).
+
+        ``prepared``: the frame already converted (and its chunk encoded) by :func:`prepare_frame`, on another
+        thread; ``depth`` is then not read."""
         row = frame_index - self.plan.start
         if not 0 <= row < self.plan.n:
             raise ValueError(f"frame {frame_index} is not in {self.plan.name} [{self.plan.start}, {self.plan.stop})")
         if self._filled[row]:
             raise ValueError(f"frame {frame_index} was already added to {self.plan.name}")
-        stored = np.zeros((0, 0), dtype=self._writer.storage_dtype)
-        scale = 1.0
-        if valid:
-            if depth is None or np.ndim(depth) != 2 or 0 in np.shape(depth):
-                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) must be a non-empty (h, w) array, "
-                                 f"got shape {None if depth is None else np.shape(depth)}; mark the frame invalid "
-                                 f"or fix the depth provider")
-            d = np.asarray(depth, dtype=np.float32)
-            # NaN = a pixel with no reading (depth files' holes); Inf, or nothing but holes, is a broken map.
-            if np.isinf(d).any() or np.isnan(d).all():
-                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int(np.isinf(d).sum())} Inf "
-                                 f"values and {int(np.isnan(d).sum())} of {d.size} pixels NaN; fix the depth source "
-                                 f"(or mark the frame invalid)")
-            if self._writer.storage_dtype == "float16":
-                scale = pow2_scale(d)
-                stored = (d / np.float32(scale)).astype(np.float16)
-            else:
-                stored = d
-        h, w = stored.shape
+        if prepared is None:
+            prepared = prepare_frame(depth, valid=valid, storage_dtype=self._writer.storage_dtype,
+                                     frame_index=frame_index, frame_id=frame_id,
+                                     chunk_shape=self._max_shape if self._depth is not None else None)
+        h, w = prepared.shape
         if self._max_shape is not None and (h > self._max_shape[0] or w > self._max_shape[1]):
             raise ValueError(f"frame {frame_index} has shape {(h, w)}, larger than max_shape {self._max_shape}")
         self._frame_id[row] = printable(str(frame_id))  # HDF5 strings are UTF-8; ids are for people
         self._frame_hash[row] = str(frame_hash)
         self._shape[row] = (h, w)
-        self._scale[row] = scale
+        self._scale[row] = prepared.scale
         self._valid[row] = bool(valid)
-        self._checksum[row] = frame_checksum(stored, scale)
+        self._checksum[row] = prepared.checksum
         self._filled[row] = True
         if h and w:
             if self._depth is not None:
-                self._depth[row, :h, :w] = stored
+                if prepared.chunk is not None and prepared.chunk_shape == self._max_shape:
+                    self._depth.id.write_direct_chunk((row, 0, 0), prepared.chunk)  # encoded already: no filter work
+                else:
+                    self._depth[row, :h, :w] = prepared.stored
                 self._guard.check()  # a full disk stops the shard now, not at its commit
             else:
-                self._buffer[row] = stored
+                self._buffer[row] = prepared.stored
 
     def commit(self) -> dict:
         """Publish the shard: flush, fsync, close, rename into place, then write its entry. Returns the entry."""
@@ -374,6 +366,57 @@ class ShardWriter:
         h, w = self._max_shape or (int(self._shape[:, 0].max()), int(self._shape[:, 1].max()))
         raw = self.plan.n * h * w * np.dtype(self._writer.storage_dtype).itemsize
         return f"up to {human_bytes(raw)} for its {self.plan.n} frames before compression, plus the file's metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedFrame:
+    """A frame as a shard stores it: (h, w), scale, checksum, and either the stored values or, where the chunk
+    shape was known, the whole chunk encoded as HDF5 would (``chunks.encode_chunk``)."""
+
+    shape: tuple[int, int]
+    scale: float
+    checksum: str
+    stored: np.ndarray | None  # (h, w) storage dtype; None once encoded into ``chunk``
+    chunk: bytes | None = None
+    chunk_shape: tuple[int, int] | None = None
+
+
+# the chunk encoder reproduces exactly this filter pipeline; any other COMPRESSION falls back to HDF5's filters
+_DIRECT_CHUNKS = (COMPRESSION["filter"] == "gzip" and COMPRESSION["shuffle"] and COMPRESSION["fletcher32"])
+
+
+def prepare_frame(depth: np.ndarray | None, *, valid: bool, storage_dtype: str, frame_index: int, frame_id: str,
+                  chunk_shape: tuple[int, int] | None = None) -> PreparedFrame:
+    """Everything a shard does to a frame before HDF5 sees it, pure (so any thread may run it): check it, store
+    float16 with a power-of-two scale (or float32), checksum it, and with ``chunk_shape`` (the shard's (H, W))
+    encode its zero-padded chunk. The CPU-heavy part of writing the cache; the depth stage runs it on a pool."""
+    stored = np.zeros((0, 0), dtype=storage_dtype)
+    scale = 1.0
+    if valid:
+        if depth is None or np.ndim(depth) != 2 or 0 in np.shape(depth):
+            raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) must be a non-empty (h, w) array, "
+                             f"got shape {None if depth is None else np.shape(depth)}; mark the frame invalid "
+                             f"or fix the depth provider")
+        d = np.asarray(depth, dtype=np.float32)
+        # NaN = a pixel with no reading (depth files' holes); Inf, or nothing but holes, is a broken map.
+        if np.isinf(d).any() or np.isnan(d).all():
+            raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int(np.isinf(d).sum())} Inf "
+                             f"values and {int(np.isnan(d).sum())} of {d.size} pixels NaN; fix the depth source "
+                             f"(or mark the frame invalid)")
+        if storage_dtype == "float16":
+            scale = pow2_scale(d)
+            stored = (d / np.float32(scale)).astype(np.float16)
+        else:
+            stored = d
+    h, w = stored.shape
+    checksum = frame_checksum(stored, scale)
+    if not (_DIRECT_CHUNKS and chunk_shape is not None and h and w and h <= chunk_shape[0] and w <= chunk_shape[1]):
+        return PreparedFrame((h, w), scale, checksum, stored)
+    from pipeline.depth_cache.chunks import encode_chunk
+
+    chunk = np.zeros((1, *chunk_shape), dtype=stored.dtype)  # the dataset's fill value outside the frame
+    chunk[0, :h, :w] = stored
+    return PreparedFrame((h, w), scale, checksum, None, encode_chunk(chunk, COMPRESSION["level"]), tuple(chunk_shape))
 
 
 def forget_damaged(cache_dir: str | os.PathLike, files: Sequence[str]) -> None:

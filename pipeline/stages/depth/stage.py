@@ -197,9 +197,9 @@ def _sum_stats(stats: list[dict]) -> dict:
     lane, what limited the run) as their one value, or the list of values where runs differed."""
     keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_data", "seconds_waiting_for_device",
             "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks", "frames_with_holes", "batches",
-            "fetches", "frames_after_first_batch", "seconds_after_first_batch")
+            "fetches", "frames_after_first_batch", "seconds_after_first_batch", "seconds_encoding")
     out: dict = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
-    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit"):
+    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit", "encode_threads"):
         values = list(dict.fromkeys(s[k] for s in stats if k in s))
         if values:
             out[k] = values[0] if len(values) == 1 else values
