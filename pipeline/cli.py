@@ -62,13 +62,22 @@ def _console(stderr: bool = False):
 
 
 class DkpGroup(click.Group):
-    """Turns DkpError into a one-line message and exit code 2."""
+    """Turns DkpError into a one-line message and exit code 2; so too a write the file system refused (full,
+    over quota, read-only, I/O error) wherever it happened, with the file, the space and the fix (issue 24)."""
 
     def invoke(self, ctx):
         from pipeline.errors import DkpError
 
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's, raised over a failed write
+                from pipeline.store.io import storage_cause, storage_error
+
+                cause = storage_cause(e)
+                if cause is None or isinstance(e, DkpError):
+                    raise
+                raise storage_error(cause) from None
         except DkpError as e:
             from pipeline.errors import printable  # a file name's undecodable bytes would not print
 
@@ -96,16 +105,24 @@ def main() -> None:
 # status / run
 
 
+VERIFY_HELP = ("Also re-hash every file of each finished artifact against its record (depth: every shard and frame "
+               "checksum), not only its size; reads everything once.")
+
+
 @main.command()
 @_config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config, overrides, store, as_json):
-    """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress, with its key."""
+@click.option("--verify", is_flag=True, help=VERIFY_HELP)
+def status(config, overrides, store, as_json, verify):
+    """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress / damaged, with its key.
+
+    A finished artifact whose files are not all there with their recorded sizes is damaged (the file named);
+    `run` rebuilds it."""
     from pipeline.store.artifacts import Store
     from pipeline.graph import build_plan, dumps, print_plan
 
     cfg = _load(config, overrides)
-    plan = build_plan(cfg, Store.from_option(store), progress=not as_json)
+    plan = build_plan(cfg, Store.from_option(store), progress=not as_json, verify=verify)
     if as_json:
         click.echo(dumps(plan))
         for w in plan.warnings:  # stdout stays one JSON document
@@ -120,22 +137,30 @@ def status(config, overrides, store, as_json):
 @click.option("--until", type=click.Choice(registry.stage_names()), default="eval",
               show_default=True, help="Stop after this stage.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
-def run(config, overrides, store, dry_run, until, jobs):
-    """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
+@click.option("--verify", is_flag=True, help=VERIFY_HELP + " Damaged artifacts are rebuilt.")
+def run(config, overrides, store, dry_run, until, jobs, verify):
+    """Build whatever is stale, missing or damaged for CONFIG (manifest -> depth -> teach -> distill -> eval).
 
     Fresh stages are reused; a second run does nothing and says so. Ends with the path of the
     experiment's HTML page (see `report`)."""
+    import errno
+
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
     console = _console()
-    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs)
+    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs, verify=verify)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
         try:
             path = write_experiment_report(cfg, store, source=config, overrides=overrides)
-        except OSError as e:  # a read-only store: the run itself succeeded (or had nothing to do)
+        except OSError as e:
+            from pipeline.store.io import is_storage_error
+
+            if is_storage_error(e) and e.errno != errno.EROFS:
+                raise  # a full disk: the one error message, exit 2; the same command then writes it
+            # a read-only store: the run itself succeeded (or had nothing to do)
             console.print(f"report not written ({e.strerror or e}: {e.filename}); `dkp-pipeline report {config} -o "
                           "FILE` writes it elsewhere", markup=False, soft_wrap=True)
         else:
@@ -408,7 +433,8 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
-                                           "depth-precision", "cache", "teacher-cache", "recon-loss", "gpu", "video"]))
+                                           "depth-precision", "depth-writer", "cache", "teacher-cache", "recon-loss",
+                                           "gpu", "video"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)

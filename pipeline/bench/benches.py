@@ -18,11 +18,12 @@ from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
 from pipeline.bench.overlap import bench_depth_overlap
 from pipeline.bench.precision import bench_depth_precision
+from pipeline.bench.writer import bench_depth_writer
 from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "depth-precision", "cache", "teacher-cache",
-         "recon-loss", "gpu", "video")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "depth-precision", "depth-writer", "cache",
+         "teacher-cache", "recon-loss", "gpu", "video")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -250,6 +251,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "depth": bench_depth,
     "depth-overlap": bench_depth_overlap,  # the depth stage's pipelining with stand-ins (overlap.py, issue 22)
     "depth-precision": bench_depth_precision,  # depth values under bf16/fp16 against fp32 (precision.py)
+    "depth-writer": bench_depth_writer,  # the writer: HDF5's filters on one thread vs chunks encoded on a pool
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
     "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26

@@ -50,7 +50,8 @@ def fletcher32(buf: bytes) -> int:
     blk[:n_full] = np.frombuffer(buf, dtype=">u2", count=n_full)
     blk = blk.reshape(nb, _BLOCK)  # (blocks, 360) words, the last block zero-padded
     sw = blk.sum(1)  # (blocks,) Σ words
-    sj = blk @ np.arange(_BLOCK, dtype=np.float64)  # (blocks,) Σ j·w_j, j the position in the block
+    # (blocks,) Σ j·w_j, j the position in the block (einsum, not a BLAS matvec: no thread pool of its own)
+    sj = np.einsum("ij,j->i", blk, np.arange(_BLOCK, dtype=np.float64))
     t = np.full(nb, _BLOCK, np.float64)
     t[-1] = n_full - (nb - 1) * _BLOCK
     sp = t * sw - sj  # Σ of the block's running sums: word j is in (t - j) of them

@@ -90,9 +90,7 @@ class EmbeddingCache:
 
 def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hflip: bool, device, console) -> None:
     """Run the teacher once over every training frame (and its mirror when flips are on)."""
-    import h5py
-
-    from pipeline.store.io import fsync_path, replace_durably
+    from pipeline.store.io import h5_written
 
     if path.exists():
         return
@@ -100,7 +98,8 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
     n_total = int(ds.manifest.split("all").shape[0])
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     teacher = teacher.to(device)
-    with h5py.File(tmp, "w") as f:
+    # Through h5_written: a full disk is one StorageError naming the file, and the temporary is removed.
+    with h5_written(path, tmp, what="the teacher-embedding cache", strict_dir=False) as (f, guard):
         position = np.full(n_total, -1, np.int64)
         position[ds.indices] = np.arange(len(ds))
         f.create_dataset("position", data=position)
@@ -117,10 +116,8 @@ def build_embedding_cache(path: Path, teacher, ds: FrameDataset, layer: str, hfl
                 emb = f.create_dataset("embedding", shape=(len(ds), n_flip, *e.shape[2:]), dtype="float32",
                                        chunks=(1, n_flip, *e.shape[2:]))
             emb[s:s + len(items)] = e
+            guard.check()  # disk full: stop now rather than run the teacher over the rest
         f.attrs["layer"] = layer
-        f.flush()
-    fsync_path(tmp)
-    replace_durably(tmp, path, strict_dir=False)
     console.print(f"teacher embeddings cached: {len(ds)} frames x {n_flip} flip(s) -> {path.name}")
 
 

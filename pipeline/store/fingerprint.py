@@ -147,7 +147,7 @@ class FingerprintMemo:
                                                separators=(",", ":")))
             self._dirty = False
         except OSError as e:
-            log.warning("could not write fingerprint memo %s (%s); next run hashes again", self.path, e)
+            log.warning("could not write fingerprint memo %s (%s); next run hashes again", self.path, e.strerror or e)
 
 
 @dataclass(frozen=True)

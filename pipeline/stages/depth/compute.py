@@ -382,7 +382,8 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
     stats["fetches"] = lane.fetches if lane else 0
     t_end = time.perf_counter()
     stats.update(seconds=t_end - t0, seconds_waiting_for_writer=writer.seconds_blocked,
-                 seconds_writing=writer.seconds_writing)
+                 seconds_writing=writer.seconds_writing, seconds_encoding=writer.seconds_encoding,
+                 encode_threads=writer.threads)
     if stats["batches"] > 1:  # workers started, the first batch read: what the stage sustains after that
         stats.update(frames_after_first_batch=n_frames - first_frames, seconds_after_first_batch=t_end - t_first)
     stats["limit"] = limit_of(stats)

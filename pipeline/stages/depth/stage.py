@@ -90,6 +90,7 @@ def run_managed(ctx) -> bool:
 
 def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[float, float]) -> bool:
     from pipeline.depth_cache import finalize, progress
+    from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX
 
     path, sp, m = ctx.path, ctx.stage, ctx.plan.manifest
     done, total = progress(path)
@@ -111,7 +112,7 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[fl
         skipped = _skipped_frames(path)
         stats = read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config,
-                           started=started[0], cpu_started=started[1])
+                           started=started[0], cpu_started=started[1], unhashed=CHECKSUMMED_IN_INDEX)
         w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
                   n_valid=sum(e["n_valid"] for e in index["shards"]), compute=_sum_stats(stats))
     finally:
@@ -199,9 +200,9 @@ def _sum_stats(stats: list[dict]) -> dict:
     lane, what limited the run) as their one value, or the list of values where runs differed."""
     keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_data", "seconds_waiting_for_device",
             "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks", "frames_with_holes", "batches",
-            "fetches", "frames_after_first_batch", "seconds_after_first_batch")
+            "fetches", "frames_after_first_batch", "seconds_after_first_batch", "seconds_encoding")
     out: dict = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
-    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit"):
+    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit", "encode_threads"):
         values = list(dict.fromkeys(s[k] for s in stats if k in s))
         if values:
             out[k] = values[0] if len(values) == 1 else values
