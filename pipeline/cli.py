@@ -36,6 +36,25 @@ def _load(config: str, overrides):
     return load_config(config, overrides)
 
 
+def _cluster_options(f):
+    """Options of commands that can submit their work as submitit jobs (pipeline/cluster.py, the slurm extra)."""
+    for opt in reversed((
+        click.option("--executor", type=click.Choice(["slurm", "local"]), default=None,
+                     help="Submit the work as jobs through submitit: slurm (sbatch) or local (processes on this "
+                          "machine). Default: run here, in this process."),
+        click.option("--partition", default=None, help="Slurm partition of each job."),
+        click.option("--time", "time", default=60, show_default=True, type=click.IntRange(min=1),
+                     help="Time limit of each job, minutes."),
+        click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0), help="GPUs per job."),
+        click.option("--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="CPUs per job."),
+        click.option("--mem-gb", default=None, type=click.IntRange(min=1), help="Memory per job, GB."),
+        click.option("--jobs-folder", default=None, type=click.Path(file_okay=False),
+                     help="submitit's logs and pickles (default STORE/jobs; on shared storage)."),
+    )):
+        f = opt(f)
+    return f
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -185,6 +204,16 @@ def _stage_command(name: str, doc: str):
     def cmd(config, overrides, store, dry_run, **opts):
         from pipeline.runner import run_pipeline
 
+        if opts.get("executor"):  # depth --executor slurm --shards N: an array of shard jobs
+            from pipeline.cluster import job_options, submit_depth_shards
+
+            if dry_run or opts.get("shard"):
+                raise click.UsageError("--executor submits every shard itself: drop --dry-run / --shard")
+            submit_depth_shards(config, overrides, store, opts.get("shards") or 1, job_options(opts),
+                                bool(opts.get("skip_bad_frames")), _console())
+            return
+        opts = {k: v for k, v in opts.items() if k not in ("executor", "partition", "time", "gpus", "cpus", "mem_gb",
+                                                             "jobs_folder", "shards")}
         cfg = _load(config, overrides)
         run_pipeline(cfg, store, dry_run=dry_run, until=name, only=name, console=_console(), stage_options=opts)
 
@@ -199,6 +228,9 @@ STAGE_OPTIONS = {
                      help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it."),
         click.option("--skip-bad-frames", is_flag=True,
                      help="Mark unreadable frames invalid in the cache instead of failing."),
+        click.option("--shards", default=None, type=click.IntRange(min=1),
+                     help="With --executor: submit this many shard jobs (an array), each `--shard i/N`."),
+        _cluster_options,
     ),
 }
 
@@ -224,13 +256,15 @@ def manifest():
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Dataset root directory.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the manifest (default: <root>/<name>.manifest.json).")
-def manifest_build(name, root, output):
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos (folder layout's videos/): keep every k-th frame of each (data.frame_stride).")
+def manifest_build(name, root, output, frame_stride):
     """Walk dataset NAME (see data_manifests/) under --root, fingerprint every frame, write a manifest."""
     from pathlib import Path
 
     from pipeline.data.build import build_manifest
 
-    m = build_manifest(name, root, progress=True)
+    m = build_manifest(name, root, progress=True, frame_stride=frame_stride)
     out = Path(output) if output else Path(root) / f"{name}.manifest.json"
     m.save(out)
     _console().print(f"{len(m.frame_ids)} frames, fingerprint {m.fingerprint} -> {out}")
@@ -319,16 +353,38 @@ def cache_import(file, store, config, overrides):
 
 @main.command()
 @click.argument("student", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--device", default="auto", show_default=True)
-def predict(student, images, output, device):
-    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on RGB IMAGES or folders.
+@click.option("--overlay", is_flag=True, help="Videos: also write <stem>.overlay.mp4 with the keypoints drawn.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Frames per forward pass.")
+def predict(student, inputs, output, device, overlay, batch):
+    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on images, videos or folders.
 
-    Writes keypoints.json (pixels, (x, y)) and one overlay PNG per image."""
+    \b
+    Images: keypoints.json (pixels, (x, y)) and one overlay PNG per image.
+    Videos (.mp4 .mkv .mov .avi): <stem>.csv (frame, x0, y0, x1, y1, ... in pixels of the
+    original frame), <stem>.coco.json (COCO keypoints) and, with --overlay, <stem>.overlay.mp4."""
     from pipeline.predict import predict_command
 
-    predict_command(student, images, output, device, _console())
+    predict_command(student, inputs, output, device, _console(), overlay=overlay, batch=batch)
+
+
+@main.command()
+@click.argument("student", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch comparison on random images.")
+def export(student, output, opset, no_check):
+    """Write the trained STUDENT's detector as ONE ONNX file (dynamic batch) with its conventions in the metadata.
+
+    \b
+    Input `image` (batch, 3, S, S) float32 RGB in [-1, 1] (shorter side to S, centre crop);
+    outputs `keypoints` (batch, K, 2) (x, y) in [-1, 1] and `heatmaps`. Needs the onnx extra:
+    pip install -e '.[onnx]'. See docs/conventions.md "Exported detector"."""
+    from pipeline.export import export_onnx
+
+    export_onnx(student, output, opset=opset, check=not no_check, console=_console())
 
 
 @main.command()
@@ -345,7 +401,8 @@ def predict(student, images, output, device):
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
-def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs):
+@_cluster_options
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs, **cluster):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -360,7 +417,13 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
     if not vary and not seeds:
         raise click.UsageError("give at least one --vary axis or --seeds")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
-    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs)
+    executor = None
+    if cluster.get("executor"):  # each run a submitit job; the table when they have ended
+        from pipeline.cluster import job_options
+
+        executor = job_options(cluster)
+    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs,
+              executor=executor)
     if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
@@ -371,7 +434,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
                                            "depth-precision", "depth-writer", "cache", "teacher-cache", "recon-loss",
-                                           "gpu"]))
+                                           "gpu", "video"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -403,7 +466,7 @@ def bench(ctx, what, batch, size, steps, device, output, model, frames, models, 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
-    kw = {"model": model, "frames": frames} if what == "depth" else {}
+    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "video" else {}
     if what == "depth-overlap":  # stand-ins: 8-frame batches, 30 of them per case unless given
         batch, steps = (batch if given("batch") else 8), (steps if given("steps") else 30)
     if what == "depth-precision":  # --models (default: the three small models), --frames (default 4) at --size

@@ -57,13 +57,18 @@ class DataConfig:
     synth_image_size: int = 128
     # Consecutive frames sharing figure, clothes and walls (a "video clip"; 1 = every frame a new scene).
     synth_clip_length: int = 32
+    # Videos (the folder layout's videos/): keep frames 0, k, 2k, ... of each video. Not in any key by itself: the
+    # frames it keeps are (their ids and fingerprints), so a changed stride rebuilds exactly what reads frames.
+    frame_stride: int = 1
 
 
 @dataclass(frozen=True)
 class DepthConfig:
-    provider: str = "midas"  # midas: run MiDaS 3.1 | files: import depth maps named by the manifest
+    # midas: run MiDaS 3.1 | files: import depth maps named by the manifest | transformers: a local Hugging Face
+    # depth-estimation folder in depth.weights (DPT, Depth Anything; the hf extra; pipeline/stages/depth/hf.py)
+    provider: str = "midas"
     model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
-    weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
+    weights: Optional[str] = None  # midas: the official .pt checkpoint for model_type; transformers: the model folder
     # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on a CPU | fp32 | bf16 | fp16 (autocast). In the key:
     # auto is resolved first (pipeline/stages/depth/identity.py), so a CPU run keys as fp32, as before auto existed.
     precision: str = "auto"
@@ -168,7 +173,7 @@ class ExperimentConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "depth.provider": ("midas", "files"),
+    "depth.provider": ("midas", "files", "transformers"),
     "depth.precision": ("auto", "fp32", "bf16", "fp16"),
     "depth.preprocess": ("auto", "cpu", "device"),
     "depth.storage_dtype": ("float16", "float32"),
@@ -221,6 +226,7 @@ RANGES: dict[str, Range] = {
     "data.synth_seed": Range(0),
     "data.synth_image_size": Range(16),
     "data.synth_clip_length": Range(1, why="1 = every frame a new scene"),
+    "data.frame_stride": Range(1, why="1 = every frame of each video"),
     "shard_size": Range(1),
     "batch_size_inference": Range(1),
     "num_workers": Range(0),

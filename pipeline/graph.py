@@ -133,7 +133,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                                 f"`dkp-pipeline run {cfg.name}` generates it with the preset's data.synth_* settings")
         raise ManifestError(f"dataset {cfg.data.manifest}: root {cfg.data.root} is not a directory; point the "
                             f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
-    m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
+    m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress,
+                                                                     frame_stride=cfg.data.frame_stride)
     stages: dict[str, StagePlan] = {}
     from pipeline.data import reads
 

@@ -23,7 +23,7 @@ from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINT
 from pipeline.errors import ConfigError
 
 WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "depth-precision", "depth-writer", "cache",
-         "teacher-cache", "recon-loss", "gpu")
+         "teacher-cache", "recon-loss", "gpu", "video")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -254,6 +254,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "depth-writer": bench_depth_writer,  # the writer: HDF5's filters on one thread vs chunks encoded on a pool
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
+    "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26
 }
 
 

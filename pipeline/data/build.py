@@ -54,13 +54,13 @@ def _check_range(spec: DatasetSpec, kp: np.ndarray, sizes: np.ndarray, L: Listin
 
 
 def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *,
-                   memo: Optional[FingerprintMemo] = None, progress: bool = True) -> Manifest:
+                   memo: Optional[FingerprintMemo] = None, progress: bool = True, frame_stride: int = 1) -> Manifest:
     """Walk dataset ``name_or_yaml_path`` (a ``data_manifests`` name or a YAML path) under ``root``.
 
     Reads annotations into docs/conventions.md, fingerprints every frame (and mask/depth file),
     reads each frame's size from its header while hashing it. ``memo`` defaults to the per-root memo
     in ``$DKP_CACHE_DIR/fingerprints``; unchanged files are not read again. Raises ManifestError for
-    anything the user must fix.
+    anything the user must fix. ``frame_stride``: every k-th frame of each video (the folder layout's videos/).
     """
     root_p = Path(root).expanduser()
     spec = load_spec(name_or_yaml_path, root_p)
@@ -69,7 +69,11 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     root_p = Path(os.path.abspath(root_p))
     if memo is None:
         memo = FingerprintMemo.for_root(root_p)
-    L = WALKERS[spec.layout](spec, root_p, memo, progress)
+    if frame_stride != 1 and spec.layout != "folder":
+        raise fail(spec, f"data.frame_stride {frame_stride} takes every k-th frame of videos, which only the folder "
+                         f"layout reads (this is {spec.layout}); remove the setting")
+    stride = {"frame_stride": frame_stride} if frame_stride != 1 else {}  # only the folder walker takes it
+    L = WALKERS[spec.layout](spec, root_p, memo, progress, **stride)
 
     first: dict[str, int] = {}
     for i, fid in enumerate(L.ids):
@@ -86,7 +90,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     for rel in L.depths or []:
         inside.check(rel, "depth file")
 
-    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames")
+    infos = _frame_infos(spec, root_p, L, memo, progress)
     sizes = np.asarray([fi.extra["wh"] for fi in infos], dtype=np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
     kp = _to_pixels(L, sizes)
     if kp is not None:
@@ -118,7 +122,29 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
                     fingerprints=[fi.fingerprint for fi in infos], sizes=sizes, keypoints=kp,
                     mask_paths=L.masks, mask_fingerprints=mask_fps, depth_paths=L.depths,
                     depth_fingerprints=depth_fps,
-                    orientations=_orientations([fi.extra["orientation"] for fi in infos]))
+                    orientations=_orientations([fi.extra["orientation"] for fi in infos]),
+                    video_frames=L.video_frames)
+
+
+def _frame_infos(spec: DatasetSpec, root: Path, L: Listing, memo, progress: bool) -> list:
+    """Per frame: fingerprint and ``{"wh", "orientation"}``. Image files are scanned here; a video frame's come from
+    its video's scan (the walker's), its fingerprint from the video's bytes, the frame and the decode settings."""
+    vf = L.video_frames
+    if vf is None:
+        return _scan(spec, root, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames")
+    from pipeline.data.video import frame_fingerprint
+    from pipeline.store.fingerprint import FileInfo
+
+    images = [i for i, v in enumerate(vf) if v is None]
+    infos: list = [None] * len(vf)
+    for i, fi in zip(images, _scan(spec, root, [L.paths[i] for i in images], memo, progress, probe_image,
+                                   ("wh", "orientation"), "frames")):
+        infos[i] = fi
+    for i, v in enumerate(vf):
+        if v is not None:
+            video = L.videos[L.paths[i]]
+            infos[i] = FileInfo(frame_fingerprint(video.fingerprint, v[0]), {"wh": video.extra["wh"], "orientation": 1})
+    return infos
 
 
 def _orientations(values: list[int]) -> Optional[list[int]]:

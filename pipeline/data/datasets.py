@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.images import read_mask, read_rgb, resize_square
+from pipeline.data.images import read_mask, resize_square
+from pipeline.data.video import read_frame  # an image file, or a frame of a video
 
 
 def normalise_inverse_depth(inv: np.ndarray, method: str = "minmax") -> np.ndarray:
@@ -91,7 +92,7 @@ class FrameDataset:
         item: dict = {"index": torch.tensor(m), "flip": torch.tensor(flip)}
         inputs = {}
         if self.use_rgb:
-            inputs["rgb"] = rgb_to_tensor(resize_square(read_rgb(self.manifest.path_of(m)), self.image_size))
+            inputs["rgb"] = rgb_to_tensor(resize_square(read_frame(self.manifest, m), self.image_size))
         if self.use_depth:
             d = resize_square(self.reader.read(m), self.image_size)
             inputs["depth"] = depth_to_tensor(normalise_inverse_depth(d, self.depth_norm))

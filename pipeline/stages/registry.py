@@ -113,7 +113,14 @@ def _run_manifest(ctx) -> dict:
 def _depth_settings(cfg: C.ExperimentConfig, m):
     from pipeline.stages.depth.identity import DepthSettings
 
-    return DepthSettings.resolve(cfg.depth, m, file_digest(cfg.depth.weights) if cfg.depth.provider == "midas" else None)
+    digest = None
+    if cfg.depth.provider == "midas":
+        digest = file_digest(cfg.depth.weights)
+    elif cfg.depth.provider == "transformers":  # a folder: the digest of its weight files (stages/depth/hf.py)
+        from pipeline.stages.depth.hf import folder_identity
+
+        digest = folder_identity(cfg.depth.weights)["weights_sha256"]
+    return DepthSettings.resolve(cfg.depth, m, digest)
 
 
 def _depth_key(s, env: KeyEnv) -> KeyParts:

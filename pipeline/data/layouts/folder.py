@@ -1,6 +1,8 @@
 """The folder layout, for a dataset of your own (and what :mod:`pipeline.data.synth` writes): frames under
-``images/``, optional ``keypoints.csv`` (pixels and a train/test split column; unlisted frames are unlabelled
-training frames), optional ``depth/`` files that replace MiDaS, options in ``ROOT/dataset.yaml``."""
+``images/`` and/or videos under ``videos/`` (every frame of each, or every ``data.frame_stride``-th; frame id
+``<video path under videos/>/<k>``, :mod:`pipeline.data.video`), optional ``keypoints.csv`` (pixels and a
+train/test split column; unlisted frames are unlabelled training frames), optional ``depth/`` files that replace
+MiDaS, options in ``ROOT/dataset.yaml``."""
 from __future__ import annotations
 
 import csv
@@ -12,17 +14,25 @@ import numpy as np
 from pipeline.data.layouts.listing import Listing
 from pipeline.data.paths import fail, require_dir, strip_ext, walk_images
 from pipeline.data.spec import FOLDER_SPLITS, DatasetSpec
+from pipeline.data.video import VIDEOS_DIR
 from pipeline.store.fingerprint import FingerprintMemo
 
 
-def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progress: bool) -> Listing:
-    """The listing of this layout under ``root`` (``memo``/``progress``: unused, the walkers' common signature)."""
+def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progress: bool,
+         frame_stride: int = 1) -> Listing:
+    """The listing of this layout under ``root``; ``memo``/``progress`` serve the videos' scan (their frame lists),
+    ``frame_stride`` keeps every k-th frame of each video."""
     f = spec.files
     L = Listing(kp_units="pixels_xy")
-    idir = require_dir(spec, root, f["images_dir"], f"put your frames in {root}/{f['images_dir']}/")
-    images = walk_images(spec, root, idir, f["image_exts"])
-    if not images:
-        raise fail(spec, f"no images ({', '.join(f['image_exts'])}) in {idir}")
+    vdir = root / f.get("videos_dir", VIDEOS_DIR)
+    if vdir.is_dir() and not (root / f["images_dir"]).is_dir():
+        images = []  # a dataset of videos only
+    else:
+        idir = require_dir(spec, root, f["images_dir"], f"put your frames in {root}/{f['images_dir']}/ or your "
+                                                         f"videos in {vdir}/")
+        images = walk_images(spec, root, idir, f["image_exts"])
+        if not images and not vdir.is_dir():
+            raise fail(spec, f"no images ({', '.join(f['image_exts'])}) in {idir}")
     prefix = f["images_dir"].rstrip("/") + "/"
     index: dict[str, int] = {}
     by_name: dict[str, int] = {}
@@ -37,9 +47,14 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
         L.paths.append(rel)
         L.splits.append("train")  # frames not in keypoints.csv are unlabelled training frames
         L.kp_sources.append("")
+    if vdir.is_dir():
+        _add_videos(spec, root, vdir, memo, progress, frame_stride, index, L)
+    elif frame_stride != 1:
+        raise fail(spec, f"data.frame_stride {frame_stride} takes every k-th frame of each video, but there is no "
+                         f"{vdir.name}/ under {root} (image files are always all listed); remove the setting")
     csv_rel = f["keypoints_csv"]
     if (root / csv_rel).is_file():
-        L.kp = _read_folder_csv(spec, root, csv_rel, index, by_name, L)
+        L.kp = _read_folder_csv(spec, root, csv_rel, index, by_name, L, frame_stride)
     elif spec.n_joints:
         L.kp = np.full((len(L.ids), spec.n_joints, 2), np.nan)
     ddir = root / f["depth_dir"]
@@ -56,6 +71,8 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
             did = strip_ext(rel[len(dprefix):])
             if did in found:
                 raise fail(spec, f"two depth files for frame {did!r}: {found[did]!r} and {rel!r}; keep one")
+            if did not in index and _not_listed(spec, did, L, frame_stride) is None:
+                continue  # the depth of a video frame the stride leaves out
             if did not in index:
                 raise fail(spec, f"depth file {rel!r} has no frame {did!r} in {f['images_dir']}/; remove it or "
                                  f"add the frame")
@@ -69,8 +86,62 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
     return L
 
 
+def _add_videos(spec: DatasetSpec, root: Path, vdir: Path, memo: Optional[FingerprintMemo], progress: bool,
+                stride: int, index: dict[str, int], L: Listing) -> None:
+    """Append the frames of every video under ``vdir`` (sorted by path; frames k = 0, stride, 2 stride, ...)."""
+    from pipeline.data.paths import Inside
+    from pipeline.data.video import VIDEO_EXTS, probe_video
+    from pipeline.store.fingerprint import scan_files
+
+    rels = walk_images(spec, root, vdir, VIDEO_EXTS)  # the same walk, for video extensions
+    if not rels and not L.ids:
+        raise fail(spec, f"no videos ({', '.join(VIDEO_EXTS)}) in {vdir} and no images; put your frames or videos "
+                         f"there")
+    if not rels:
+        return
+    inside = Inside(spec, root)
+    for rel in rels:  # before anything is read: a symlink out of the root is refused, not scanned
+        inside.check(rel, "video")
+    try:
+        infos = scan_files(root, rels, memo, probe=probe_video, probe_keys=("wh", "pts", "rotation"),
+                           progress=progress, desc="videos")
+    except (OSError, ValueError) as e:
+        raise fail(spec, f"video unreadable: {e}; replace or remove it") from None
+    prefix = vdir.relative_to(root).as_posix().rstrip("/") + "/"
+    L.video_frames = [None] * len(L.ids)
+    L.videos = {}
+    for rel, fi in zip(rels, infos):
+        L.videos[rel] = fi
+        pts = fi.extra["pts"]
+        for k in range(0, len(pts), stride):
+            fid = f"{rel[len(prefix):]}/{k}"
+            if fid in index:
+                raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[index[fid]]!r} and frame {k} of {rel!r}; "
+                                 f"rename one")
+            index[fid] = len(L.ids)
+            L.ids.append(fid)
+            L.paths.append(rel)
+            L.splits.append("train")
+            L.kp_sources.append("")
+            L.video_frames.append([k, int(pts[k])])
+
+
+def _not_listed(spec: DatasetSpec, name: str, L: Listing, stride: int) -> Optional[str]:
+    """Why keypoints.csv's frame ``name`` has no frame (None: a video frame the stride leaves out, whose row is
+    skipped: annotations of every frame stay valid whatever data.frame_stride is)."""
+    video, _, k = name.rpartition("/")
+    if L.videos and k.isdigit():
+        for rel, fi in L.videos.items():
+            if rel.endswith("/" + video):
+                n = len(fi.extra["pts"])
+                if int(k) >= n:
+                    return f"is past the end of video {rel!r} ({n} frames: 0 to {n - 1})"
+                return None if int(k) % stride else f"is not a frame of {rel!r}"
+    return f"has no image in {spec.files['images_dir']}/ (remove the row or add the image)"
+
+
 def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[str, int], by_name: dict[str, int],
-                     L: Listing) -> np.ndarray:
+                     L: Listing, stride: int = 1) -> np.ndarray:
     try:
         with open(root / csv_rel, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
             rows = list(csv.reader(fh))
@@ -98,8 +169,10 @@ def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[st
         name, split = row[0].strip(), row[1].strip()
         i = index.get(name, by_name.get(name))
         if i is None:
-            raise fail(spec, f"{csv_rel} line {n}: frame {name!r} has no image in {spec.files['images_dir']}/ "
-                             f"(remove the row or add the image)")
+            why = _not_listed(spec, name, L, stride)
+            if why is None:
+                continue
+            raise fail(spec, f"{csv_rel} line {n}: frame {name!r} {why}")
         if i in seen:
             raise fail(spec, f"{csv_rel} line {n}: duplicate frame id {name!r} (first on line {seen[i]})")
         seen[i] = n

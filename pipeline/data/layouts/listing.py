@@ -19,3 +19,8 @@ class Listing:
     kp_sources: list[str] = field(default_factory=list)  # per frame: annotation file (for messages)
     masks: Optional[list[Optional[str]]] = None
     depths: Optional[list[str]] = None
+    # Frames of videos (folder layout): per frame [k, pts] or None for an image file (Manifest.video_frames), and
+    # per video path what its scan found (fingerprint, probe: "wh", "pts", "rotation"); build.py fingerprints only
+    # the image files and takes these for the rest.
+    video_frames: Optional[list] = None
+    videos: Optional[dict] = None

@@ -47,6 +47,10 @@ def load_model(d, weights_sha: Optional[str]):
     from pipeline.weights.midas import load_midas
 
     device = depth_device(d)
+    if d.provider == "transformers":  # a Hugging Face folder (hf.py): same bundle, same loop
+        from pipeline.stages.depth.hf import load_model as load_hf
+
+        return load_hf(d, weights_sha, device)
     model, sha = load_midas(d.model_type, d.weights, device=device)
     if weights_sha and sha != weights_sha:
         raise CheckpointError(f"depth.weights {d.weights!r} changed while the stage started (sha256 {sha[:12]}…, "
@@ -172,18 +176,25 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
     from dkp_core.midas.transforms import postprocess, target_size
 
     m, d = ctx.plan.manifest, ctx.settings.config
-    midas = d.provider == "midas"
+    midas = d.provider in ("midas", "transformers")  # a model on a lane (the transformers provider too)
+    invert = bool(getattr(model[0], "dkp_metric", False)) if midas else False  # metric depth: stored as 1 / d
     device = model[1] if midas else torch.device("cpu")
     cuda = device.type == "cuda"
     lane = lane_for(device, lane_kind) if midas else None
     workers = d.num_workers if d.num_workers is not None else auto_workers(cuda)
-    if midas:
+    if midas and d.provider == "transformers":
+        from pipeline.stages.depth.hf import HFDepthSpec
+
+        spec = HFDepthSpec(d.weights)
+        key_of = spec.key
+    elif midas:
         from dkp_core.midas import get_spec
 
         spec = get_spec(d.model_type)
 
         def key_of(h, w):
             return (3, *target_size(h, w, spec))
+    if midas:
 
         batch = d.batch_size_inference or CPU_BATCH
         if d.batch_size_inference is None and cuda:
@@ -192,7 +203,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
             batch = auto_batch(model, max(shapes, key=lambda s: s[1] * s[2]), model[2])
         batches = plan_batches(m, todo, batch, key_of)
         ds = BatchedFrames(m, batches, midas_spec=spec, preprocess=d.preprocess)
-        desc = f"depth ({d.model_type})"
+        desc = f"depth ({d.model_type if d.provider == 'midas' else d.weights})"
     else:
         opts = m.depth_options or {}
         kind = {"depth": "depth", "inverse_depth": "inverse", "inverse": "inverse"}.get(opts.get("kind"),
@@ -265,7 +276,10 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
                 b = a
                 while b < len(kept) and hws[b] == hws[a]:
                     b += 1
-                outs.append((a, b, postprocess(y[a:b], hws[a])))  # (b - a, H, W) at the frames' size
+                o = postprocess(y[a:b], hws[a])  # (b - a, H, W) at the frames' size
+                if invert:  # metric depth (transformers provider): inverse depth, holes where d <= 0
+                    o = torch.where(o > 0, 1.0 / o.clamp_min(1e-12), torch.full_like(o, float("nan")))
+                outs.append((a, b, o))
                 a = b
             return outs, ok
 

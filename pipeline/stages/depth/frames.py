@@ -124,18 +124,20 @@ class BatchedFrames:
         from pipeline.store.fingerprint import CHUNK
         from pipeline.data.images import (check_not_truncated, decode_rgb, exif_orientation, jpeg_header,
                                           read_depth_file, read_frame_bytes)
+        from pipeline.data.video import is_video_frame, read_frame
 
         m = self.m
         path = m.path_of(i)
-        raw = read_frame_bytes(path)
-        header = jpeg_header(raw) if self.on_device else None
+        video = is_video_frame(m, i)  # a frame of a video: decoded here on the CPU, by pipeline.data.video
+        raw = None if video else read_frame_bytes(path)
+        header = jpeg_header(raw) if self.on_device and not video else None
         # 8-bit colour JPEG shown as stored: the device decodes it (an EXIF-rotated one goes through decode_rgb,
         # which applies the orientation as read_rgb does everywhere else)
         if header is not None and header[2:] == (3, 8) and exif_orientation(raw[:CHUNK].tobytes()) == 1:
             check_not_truncated(path, raw)
             img, hw = None, header[:2]
         else:
-            img = decode_rgb(path, raw)
+            img = read_frame(m, i) if video else decode_rgb(path, raw)
             hw = img.shape[:2]
         w, h = (int(v) for v in m.sizes[i])  # manifest sizes are (W, H)
         if w > 0 and h > 0 and tuple(hw) != (h, w):
@@ -151,6 +153,9 @@ class BatchedFrames:
 
         from dkp_core.midas.transforms import preprocess_u8, target_size
 
+        if hasattr(self.midas_spec, "preprocess"):  # depth.provider: transformers: the folder's processor (hf.py)
+            x = self.midas_spec.preprocess(img)  # (3, h, w) float32 pixel_values
+            return {"key": tuple(x.shape), "x": x, "hw": tuple(img.shape[:2])}
         if self.on_device:
             item = {"jpeg": torch.from_numpy(raw)} if img is None else {"rgb": torch.from_numpy(img)}
             return {"key": (3, *target_size(*hw, self.midas_spec)), "hw": tuple(hw), "path": str(path), **item}

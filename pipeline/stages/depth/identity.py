@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -60,6 +61,21 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
                 spec["preprocess"] = preprocess
             if "tf32" in key:
                 spec["tf32"] = True
+    elif d.provider == "transformers":  # a Hugging Face folder: its weights, config and processor (hf.py)
+        from pipeline.stages.depth.hf import folder_identity
+
+        hf = folder_identity(d.weights)
+        key.pop("model_type", None)
+        key["weights_sha256"] = weights_digest
+        key["transformers"] = {k: v for k, v in hf.items() if k != "weights_sha256"}
+        fingerprint = reads.frames_identity(m)
+        proc = hf.get("processor") or {}
+        spec.update(model_type=(hf.get("config") or {}).get("model_type"), weights_sha256=weights_digest,
+                    precision=d.precision, output_meaning=hf.get("output_meaning"),
+                    stored_as="relative inverse depth" if hf.get("output_meaning") != "metric_depth"
+                    else "1 / metric depth (1/m), holes where depth <= 0",
+                    processor_backend=hf.get("processor_backend"), processor_json=json.dumps(proc, sort_keys=True),
+                    output_resize="bicubic to frame size (align_corners=False)")
     else:
         key.pop("model_type", None)
         key.pop("precision", None)
@@ -107,12 +123,12 @@ def resolve_auto(d: C.DepthConfig) -> C.DepthConfig:
     reads neither: fp32 / cpu, without asking torch."""
     if d.precision != "auto" and d.preprocess != "auto":
         return d
-    cuda = d.provider == "midas" and runs_on_cuda(d)
+    cuda = d.provider in ("midas", "transformers") and runs_on_cuda(d)
     precision, preprocess = d.precision, d.preprocess
     if precision == "auto":
         precision = gpu_amp_name() if cuda else "fp32"
-    if preprocess == "auto":
-        preprocess = "device" if cuda and nvjpeg_works() else "cpu"
+    if preprocess == "auto":  # transformers: its image processor, in the workers (cpu)
+        preprocess = "device" if cuda and d.provider == "midas" and nvjpeg_works() else "cpu"
     return dataclasses.replace(d, precision=precision, preprocess=preprocess)
 
 
@@ -163,7 +179,22 @@ def expected_spec(cfg: C.ExperimentConfig, manifest) -> dict:
         from pipeline.stages.registry import file_digest
 
         digest = file_digest(cfg.depth.weights)
+    elif cfg.depth.provider == "transformers":
+        from pipeline.stages.depth.hf import folder_identity
+
+        check_transformers_config(cfg.depth)
+        digest = folder_identity(cfg.depth.weights)["weights_sha256"]
     return depth_identity(cfg.depth, manifest, digest).spec
+
+
+def check_transformers_config(d: C.DepthConfig) -> None:
+    """The folder depth.weights names is a loadable depth-estimation model (hf.py); checked before anything is written."""
+    from pipeline.stages.depth.hf import check_folder
+
+    if d.preprocess == "device":
+        raise ConfigError("depth.preprocess: device is for provider midas; the transformers provider runs the folder's "
+                          "own image processor in the DataLoader workers: set depth.preprocess: auto or cpu")
+    check_folder(d.weights)
 
 
 def check_midas_config(d: C.DepthConfig) -> None:

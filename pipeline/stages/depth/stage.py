@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.store.artifacts import LOCK, ArtifactWriter, Lock, cpu_seconds
 from pipeline.errors import ConfigError, LockError, ManifestError
 from pipeline.stages.depth import compute
-from pipeline.stages.depth.identity import check_midas_config
+from pipeline.stages.depth.identity import check_midas_config, check_transformers_config
 from pipeline.stages.depth.writer import append_part_file, read_part_files
 
 
@@ -50,12 +50,14 @@ def run_managed(ctx) -> bool:
 
     if d.provider == "midas":
         check_midas_config(d)
+    elif d.provider == "transformers":
+        check_transformers_config(d)
     weights_sha, spec = s.weights_sha256, s.identity.spec
 
     dist_here = _init_distributed(world)
     try:
         model = None
-        if d.provider == "midas" and not (path / "layout.json").exists():
+        if d.provider in ("midas", "transformers") and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
             model = compute.load_model(d, weights_sha)
         path.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def run_managed(ctx) -> bool:
             cw = CacheWriter(path, spec=spec, n_frames=len(m), shard_size=d.shard_size, storage_dtype=d.storage_dtype)
             todo = cw.shards_todo(part, parts)
             if todo:
-                if model is None and d.provider == "midas":
+                if model is None and d.provider in ("midas", "transformers"):
                     model = compute.load_model(d, weights_sha)  # resuming: only when this part has shards left
                 stats = compute._compute(ctx, cw, todo, skip_bad, model, part, lane_kind=ctx.options.get("lane"))
                 append_part_file(path, f"stats.part{part}.json", [stats])
@@ -131,7 +133,8 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
     import cv2
 
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.data.images import read_rgb, resize_square
+    from pipeline.data.images import resize_square
+    from pipeline.data.video import read_frame
     from pipeline.viz import grid, save_png
 
     with DepthCacheReader(path) as r:
@@ -145,7 +148,7 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
             g = np.zeros(d.shape, np.uint8) if hi <= lo else np.nan_to_num((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
             heat = cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1]  # (H, W, 3) RGB
             try:
-                rgb = read_rgb(m.path_of(int(i)))
+                rgb = read_frame(m, int(i))
             except ManifestError:  # the frame changed since; show the depth beside a blank
                 rgb = np.zeros_like(heat)
             tiles += [resize_square(rgb, size), resize_square(np.ascontiguousarray(heat), size)]
