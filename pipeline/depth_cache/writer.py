@@ -265,10 +265,25 @@ class ShardWriter:
                 if prepared.chunk is not None and prepared.chunk_shape == self._max_shape:
                     self._depth.id.write_direct_chunk((row, 0, 0), prepared.chunk)  # encoded already: no filter work
                 else:
-                    self._depth[row, :h, :w] = prepared.stored
+                    self._write(row, prepared.stored)
                 self._guard.check()  # a full disk stops the shard now, not at its commit
             else:
                 self._buffer[row] = prepared.stored
+
+    def _write(self, row: int, stored: np.ndarray) -> None:
+        """Frame ``row``'s stored (h, w) values into its chunk. Encoded here and written as a finished chunk, as
+        the pool's frames are: HDF5 places a chunk it compresses itself only when its chunk cache flushes, so
+        mixing the two ways would give the same frames at other offsets, and a shard's bytes must not depend on
+        how its frames arrived."""
+        h, w = stored.shape
+        if not _DIRECT_CHUNKS:
+            self._depth[row, :h, :w] = stored
+            return
+        from pipeline.depth_cache.chunks import encode_chunk
+
+        chunk = np.zeros((1, *self._depth.chunks[1:]), dtype=stored.dtype)
+        chunk[0, :h, :w] = stored
+        self._depth.id.write_direct_chunk((row, 0, 0), encode_chunk(chunk, COMPRESSION["level"]))
 
     def commit(self) -> dict:
         """Publish the shard: flush, fsync, close, rename into place, then write its entry. Returns the entry."""
@@ -282,8 +297,7 @@ class ShardWriter:
             shapes = self._shape[self._valid]  # (n_valid, 2)
             self._create_file((max(1, int(shapes[:, 0].max(initial=0))), max(1, int(shapes[:, 1].max(initial=0)))))
             for row in sorted(self._buffer):
-                h, w = self._shape[row]
-                self._depth[row, :h, :w] = self._buffer.pop(row)
+                self._write(row, self._buffer.pop(row))
         f = self._file
         str_dt = h5py.string_dtype("utf-8")
         f.create_dataset("frame_index", data=np.arange(self.plan.start, self.plan.stop, dtype=np.int64),
