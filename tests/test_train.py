@@ -114,10 +114,24 @@ def test_settings_are_validated_with_the_field_named():
     assert "num_workers" in TrainSettings.NON_SEMANTIC and "lr" not in TrainSettings.NON_SEMANTIC
 
 
-def test_amp_resolution():
+def test_amp_resolution(monkeypatch):
+    from pipeline.training import runtime
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
     assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
-    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    # fp16 autocast is emulated on a CPU (many times slower than fp32): refused, naming the fixes ...
+    with pytest.raises(ConfigError, match=r"training setting 'amp': 'fp16' on cpu would train many times slower "
+                                          r"than fp32: fp16 autocast on a CPU is emulated.*amp='off' \(or 'bf16'"):
+        resolve_amp("fp16", cpu)
+    with pytest.raises(ConfigError, match=r"config field teach.amp: .*--set teach.amp=off --set distill.amp=off "
+                                          r"\(or =bf16, which this CPU.*another artifact key.*DKP_ALLOW_SLOW_AMP=1"):
+        resolve_amp("fp16", cpu, section="teach")
+    # ... unless asked for on purpose (tests, a GPU recipe's numerics on a laptop)
+    assert resolve_amp("fp16", cpu, allow_slow=True) is torch.float16
+    monkeypatch.setenv("DKP_ALLOW_SLOW_AMP", "1")
+    assert resolve_amp("fp16", cpu) is torch.float16
 
 
 # ---- resume ------------------------------------------------------------------------------------
@@ -232,7 +246,9 @@ def test_autocast_on_cpu_runs(tmp_path, amp, dtype):
         dtypes.append((ctx.amp_dtype, model(batch["image"]).dtype))
         return loss, metrics
 
-    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp=amp, log_every=1))
+    # allow_slow_amp: fp16 (and bf16 on a CPU without bf16 units) are refused on a CPU otherwise
+    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp=amp, log_every=1,
+                                                                       allow_slow_amp=True))
     assert result.amp_dtype == amp and dtypes[0] == (dtype, dtype)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # fp16 trains through a GradScaler, whose scale is logged and checkpointed; bf16 needs none.
@@ -417,16 +433,20 @@ def test_cosine_schedule_resumes_exactly_and_changes_the_run(tmp_path):
     assert any(not torch.equal(ref[k], v) for k, v in const.state_dict().items())
 
 
-def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, caplog):
-    """The synthetic preset asks for bf16 (fast on AMX / AVX-512 BF16 CPUs); elsewhere it is slow: say so."""
+def test_bf16_on_a_cpu_without_bf16_units_is_refused(monkeypatch, caplog):
+    """The synthetic preset asks for bf16 (fast on AVX-512 BF16 / AMX CPUs); elsewhere it is emulated, ~9x slower
+    than fp32 (docs/benchmarks.md): refused with the override named, or a warning when allowed on purpose."""
     import torch
 
     from pipeline.training import runtime
 
     caplog.set_level("WARNING", logger="pipeline.train")
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert runtime.resolve_amp("bf16", torch.device("cpu"), section="teach") is torch.bfloat16
     assert not caplog.records
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
-    assert "without bf16 instructions" in caplog.text and "teach.amp=off" in caplog.text
+    with pytest.raises(ConfigError, match=r"config field teach.amp: 'bf16' on cpu .*no bf16 units.*"
+                                          r"--set teach.amp=off --set distill.amp=off \(another artifact key"):
+        runtime.resolve_amp("bf16", torch.device("cpu"), section="teach")
+    assert runtime.resolve_amp("bf16", torch.device("cpu"), allow_slow=True) is torch.bfloat16
+    assert "no bf16 units" in caplog.text
