@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -119,6 +120,9 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
         check_training_group(dist_env.group, device)  # never DDP over a gloo-only group on CUDA
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, process_group=dist_env.group)
+        if is_main:
+            log.info("DDP over %d ranks on %s, process group backend %s", world, device.type,
+                     dist.get_backend(dist_env.group))
     sampler.start_step = start_step
     loader_iter: Iterator[Any] = iter(())
     if start_step < settings.steps:
