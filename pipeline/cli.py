@@ -345,7 +345,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache",
-                                           "recon-loss", "gpu"]))
+                                           "recon-loss", "gpu", "precision"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)

@@ -16,10 +16,10 @@ from pipeline.bench.depth import DEPTH_FRAMES, DEPTH_GOALS, DEPTH_MODEL
 from pipeline.bench.gpu import bench_gpu
 from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
-from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
+from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH, bench_precision
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu", "precision")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -247,6 +247,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "depth": bench_depth,
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
+    "precision": bench_precision,  # each preset's precision vs fp32 on this device (issue 23, training.py)
 }
 
 
@@ -262,7 +263,7 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    training = ("teach", "train-step", "side-by-side", "teacher-cache", "recon-loss", "gpu")  # AutoLink steps at --batch, --size
+    training = ("teach", "train-step", "side-by-side", "teacher-cache", "recon-loss", "gpu", "precision")  # AutoLink steps at --batch, --size
     if what in training and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
     if what in training and batch == 1 and size == 16:
@@ -314,8 +315,8 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():
-        console.print(f"  goal {k} >= {g['goal']}: {'met' if g['met'] else 'NOT met'} ({_fmt(g['value'])})",
-                      markup=False, soft_wrap=True)
+        console.print(f"  goal {k} {g.get('op', '>=')} {g['goal']}: {'met' if g['met'] else 'NOT met'} "
+                      f"({_fmt(g['value'])}{', ' + g['via'] if g.get('via') else ''})", markup=False, soft_wrap=True)
     if output:
         p = Path(output)
         p.parent.mkdir(parents=True, exist_ok=True)
