@@ -242,6 +242,7 @@ def build_distill_step(p: dict) -> Case:
     rgb = torch.rand(n, 3, S, S) * 2 - 1  # (N, 3, S, S) on the CPU, as a dataset gives them
     depth = torch.rand(n, 3, S, S) * 2 - 1
     tmp, cache, collate = None, None, None
+    target_times: list[float] = []  # the live teacher's forward, or the cached targets' read
     if p["mode"] == "live":
         frames = _RandomFrames(rgb, depth)
 
@@ -255,17 +256,27 @@ def build_distill_step(p: dict) -> Case:
         del teacher
         cache = EmbeddingCache(path)
         frames, collate = _RandomFrames(rgb), WithTargets(cache)
+        real_lookup = cache.lookup
+
+        def timed_lookup(index, flip):  # target_s of the cached case: the collate's read of the batch
+            t0 = time.perf_counter()
+            out = real_lookup(index, flip)
+            target_times.append(time.perf_counter() - t0)
+            return out
+
+        cache.lookup = timed_lookup
 
         def target(b):
             return b["target"]
 
-    workers = int(p.get("workers", 0))
+    workers = int(p.get("workers", 0))  # 0: the lookup runs in this process, so target_s sees it
     settings = TrainSettings(batch_size=B, num_workers=workers)
     sampler = StepBatchSampler(dataset_len=n, batch_size=B, seed=0, start_step=0, end_step=10 ** 9)
     batches = iter(make_loader(frames, sampler, settings, device, collate))
-    target_times: list[float] = []
 
     def timed_target(b):
+        if cache is not None:
+            return target(b)
         t0 = time.perf_counter()
         t = target(b)
         sync(device)
