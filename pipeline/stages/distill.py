@@ -326,7 +326,7 @@ def run(ctx) -> dict:
                         collate_fn=WithTargets(cache) if cache is not None else None)
     finally:
         if cache is not None:
-            cache.close()  # h5py keeps files open until closed; later readers in this process need it shut
+            cache.close()  # drop its memory maps
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     _finish(ctx, res, f"student (RGB), gamma={gamma}")
     return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
