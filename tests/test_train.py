@@ -227,6 +227,25 @@ def test_nonfinite_loss_stops_naming_step_and_last_checkpoint(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000005.pt"]
 
 
+def test_nonfinite_loss_is_found_before_the_checkpoint_that_would_hold_it(tmp_path):
+    """The loss is read once per sync point; every checkpoint is one, so a NaN in the very step a checkpoint
+    follows (step 10: a checkpoint, not a metrics line with log_every 3) stops the run before that checkpoint, and
+    a NaN inside an interval (step 8) stops it at the next sync point having written nothing of steps 8 and 9."""
+    def nan_at(step):
+        def step_fn(model, batch, ctx):
+            loss, metrics = toy.toy_step(model, batch, ctx)
+            return (loss * float("nan") if ctx.step == step else loss), metrics
+        return step_fn
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 10/12"):
+        _run(tmp_path / "a", step_fn=nan_at(9))
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-00000005.pt"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [3, 6, 9]
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 8/12"):
+        _run(tmp_path / "b", step_fn=nan_at(7))
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+
+
 def test_on_eval_runs_at_interval_and_end_in_eval_mode(tmp_path):
     seen = []
 
