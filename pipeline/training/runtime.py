@@ -73,7 +73,8 @@ def slow_amp_reason(amp: str, device: torch.device) -> str | None:
     dtype, or None. Measured on the development VM (docs/benchmarks.md, `bench precision`)."""
     if device.type == "cpu":
         if amp == "fp16":
-            return "fp16 autocast on a CPU is emulated (measured 11-22x slower than fp32 for AutoLink's step)"
+            return ("fp16 autocast on a CPU is emulated (measured 16x slower than fp32 for the paper presets' "
+                    "step)")
         if amp == "bf16" and not cpu_has_bf16():
             return ("this CPU has no bf16 units (AVX-512 BF16 or AMX), so bf16 autocast is emulated (measured 9x "
                     "slower than fp32 for the synthetic preset's step on a CPU limited to AVX2)")
