@@ -172,6 +172,11 @@ _RANK_SCRIPT = textwrap.dedent("""
            "world": env.world_size, "sum": t.item(), "expected_s": TRAIN_TIMEOUT.total_seconds()}}
     with open(os.path.join({out!r}, f"rank{{env.rank}}.json"), "w") as f:
         json.dump(out, f)
+    # torch's documented shutdown: all ranks done, then destroy. Without it this script's rank 1 twice died at
+    # exit with SIGABRT ("terminate called without an active exception") on a heavily loaded machine (2 of ~70
+    # runs; 0 of 80 when tried again): the same exit path as `run` under torchrun, which destroys at exit too.
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
