@@ -1,7 +1,7 @@
 """The benches of `dkp-pipeline bench` (``BENCHES``), ``run_bench`` (one JSON record) and ``bench_command`` (the CLI).
 
 Each bench runs its cases through the harness (alone, then interleaved) and derives its ratios; the cases
-themselves are in ``training.py`` and ``depth.py``, the GPU suite in ``gpu.py``.
+themselves are in ``training.py`` and ``depth.py``, the GPU suite in ``gpu.py``, ``precision`` in ``precision.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pipeline.bench.depth import DEPTH_FRAMES, DEPTH_GOALS, DEPTH_MODEL
 from pipeline.bench.gpu import bench_gpu
 from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
-from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH, bench_precision
+from pipeline.bench.precision import bench_precision
+from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
 WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu", "precision")
@@ -247,7 +248,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "depth": bench_depth,
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
-    "precision": bench_precision,  # each preset's precision vs fp32 on this device (issue 23, training.py)
+    "precision": bench_precision,  # each preset's precision vs fp32 on this device (issue 23, precision.py)
 }
 
 
