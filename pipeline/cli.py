@@ -434,7 +434,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
                                            "depth-precision", "depth-writer", "cache", "teacher-cache", "recon-loss",
-                                           "gpu", "video"]))
+                                           "gpu", "precision", "video"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)

@@ -17,13 +17,13 @@ from tests.test_bench import ENV, _check_record, _console, _one_thread  # noqa: 
 
 
 TINY = dict(batch=2, size=16, steps=1, device="cpu", models="dpt_levit_224", batches="1,2", frames=4, frame_sizes="32,40",
-            workers=1, train_width=16)
+            workers=1, train_width=16, train_workers=1, vgg_size=32, data_frames=12)
 SIZES = (32, 40)
 PER_SIZE = {"data_side", "writer", "loader", "stage/{}/best", "stage/{}/defaults"}
 MODEL_CASES = {"bare/fp32/b1", "bare/fp32/b2", "run_py_loop", "bare/fp32/b2/channels_last", "bare/fp32/b2/compile"} | {
     (c.format(fs) if "{}" in c else f"{c}/{fs}") for c in PER_SIZE for fs in SIZES}
-TRAIN_CASES = {"teach/fp32", "teach/amp", "distill/live/fp32", "distill/live/amp", "distill/cached/fp32",
-               "distill/cached/amp"}
+TRAIN_CASES = {"teach/fp32", "teach/amp", "paper/fp32", "paper/fp16", "distill/live/fp32", "distill/live/amp",
+               "distill/cached/fp32", "distill/cached/amp"}
 
 
 def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
@@ -47,9 +47,11 @@ def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
         "stage_best/bare_model", "stage_defaults/bare_model", "stage_defaults/stage_best", "data_side/bare_model",
         "writer/bare_model")}
     ratios |= {f"{m}/40 frames_per_s stage_best/run_py_loop", f"{m} workers needed for the bare model",
-               "teach steps_per_s amp/fp32", "distill live steps_per_s amp/fp32", "distill cached steps_per_s amp/fp32",
-               "distill fp32 steps_per_s cached/live", "distill amp steps_per_s cached/live"}
-    _check_record(rec, "gpu", {f"{m}/{c}" for c in MODEL_CASES} | TRAIN_CASES, ratios)
+               "teach steps_per_s amp/fp32", "paper steps_per_s fp16/fp32", "distill live steps_per_s amp/fp32",
+               "distill cached steps_per_s amp/fp32", "distill fp32 steps_per_s cached/live",
+               "distill amp steps_per_s cached/live", "data samples_per_s / paper fp16 samples_per_s",
+               "trainer host reads per log interval (project code)"}
+    _check_record(rec, "gpu", {f"{m}/{c}" for c in MODEL_CASES} | TRAIN_CASES | {"syncs", "data"}, ratios)
     assert compiled == ["MidasDpt"] and rec["budget"]["skipped"] == []
     c = rec["cases"]
     for name in MODEL_CASES - {f"data_side/{fs}" for fs in SIZES}:
@@ -83,20 +85,32 @@ def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
         assert lim["lowest"] in lim["ceilings_frames_per_s"] and lim["stage_best_says"] == sb["limit"]
     assert c[f"{m}/run_py_loop"]["batch"] == 1 and c[f"{m}/run_py_loop"]["frames"] == 2
     assert c[f"{m}/run_py_loop"]["frame_size"] == 40
-    # training (at width 16 here for time; the CLI always runs AutoLink's 64); AMP on CPU = bf16 autocast
+    # training (at width 16 here for time; the CLI always runs AutoLink's 64); AMP on CPU = bf16 autocast, the
+    # paper's step fp16 + GradScaler (emulated on a CPU, hence VGG at 32 px here instead of 224)
     for name in TRAIN_CASES:
         t = c[name]
         assert t["interleaved"]["steps_per_s"] > 0 and t["channels_last"] is True
-        assert t["amp"] == ("bf16" if name.endswith("amp") else "off"), name
+        want = "fp16" if name == "paper/fp16" else "bf16" if name.endswith("amp") else "off"
+        assert t["amp"] == want, name
+        assert t["host_reads_project"] == 0, name  # the stages' step functions read nothing back
+    assert c["paper/fp16"]["recon_loss"] == "perceptual" and 7 < c["paper/fp16"]["loss_params_m"] < 8  # VGG16 to relu4_3
     assert 1 < c["teach/fp32"]["params_m"] < 2 and rec["setup"]["train"]["width"] == 16
     assert all(c[f"distill/{mode}/fp32"]["target_s"] > 0 for mode in ("live", "cached"))
-    # goals on CPU: the depth ratios of issue 4, met or not
+    assert c["distill/cached/fp32"]["workers"] == 0
+    # the trainer's loop: one host read per log interval; the data side through the trainer's DataLoader
+    sy = c["syncs"]
+    assert sy["steps"] == 8 and sy["log_every"] == 4 and sy["host_reads_project"] == 2
+    assert sy["host_reads_project_per_step"] == {"3": 1, "7": 1} and sy["host_reads_per_log_interval"] == 1.0
+    assert c["data"]["samples_per_s"] > 0 and c["data"]["workers"] == 1 and c["data"]["batch"] == 2
+    assert rec["ratios"]["data samples_per_s / paper fp16 samples_per_s"] > 0
+    # goals on CPU: the depth ratios of issue 4 and the trainer's host reads (issue 23), met or not
     assert set(rec["goals"]) == {f"{m}/{fs} frames_per_s stage/bare_model" for fs in SIZES} | {
-        f"{m}/40 frames_per_s stage/run_py_loop"}
+        f"{m}/40 frames_per_s stage/run_py_loop", "trainer host reads per log interval (project code)"}
+    assert rec["goals"]["trainer host reads per log interval (project code)"]["met"] is True
     # the budget log: every case with its estimate (None for a part's first case of a kind) and its time
     log = rec["budget"]["log"]
-    assert {(r["part"], r["case"]) for r in log} == {(m, n) for n in MODEL_CASES} | {("train", "teach"),
-                                                                                      ("train", "distill")}
+    assert {(r["part"], r["case"]) for r in log} == {(m, n) for n in MODEL_CASES} | {
+        ("train", n) for n in ("teach", "paper", "distill", "syncs", "data")}
     assert all(r["actual_s"] >= 0 for r in log) and any(r["estimate_s"] for r in log)
     assert 0 < rec["budget"]["estimate_lower_bound_s"] and rec["budget"]["actual_s"] <= rec["wall_s"] + 1
     # one JSON line, and the tables beside it
@@ -107,6 +121,7 @@ def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
                   "ratios and goals", "budget: estimate vs actual"):
         assert title in md, title
     assert "| bare/fp32/b2/compile | fp32 | 2 |" in md and "| teach/amp | bf16 |" in md
+    assert "| paper/fp16 | fp16 | perceptual |" in md and "the trainer's loop and its data side" in md
     text = console.file.getvalue()
     assert "bench gpu: 1 model(s)" in text and "estimated >= " in text and "tables written to" in text
 
@@ -153,7 +168,8 @@ def test_tiny_budget_skips_the_parts_and_says_so():
 
     rec = run_bench("gpu", isolate=True, budget_s=0.01, **TINY)
     assert rec["cases"] == {} and rec["ratios"]["teach steps_per_s amp/fp32"] is None
-    assert rec["budget"]["skipped"] == ["train: teach", "train: distill", "dpt_levit_224: (all cases)"]
+    assert rec["budget"]["skipped"] == ["train: teach", "train: paper", "train: distill", "train: syncs", "train: data",
+                                        "dpt_levit_224: (all cases)"]
     assert all(not g["met"] for g in rec["goals"].values())
 
 

@@ -287,13 +287,14 @@ def test_checkpoint_message_names_the_space_needed(exp):
 
 
 def test_distill_embedding_cache_and_eval_write_paths(exp, reference):
-    """The teacher-embedding cache (HDF5), then eval's detections, pictures and metrics.json, then the report that
-    `run` writes last: each a clear error, and the same result afterwards."""
+    """The teacher-embedding cache (a part file of its folder), then eval's detections, pictures and metrics.json,
+    then the report that `run` writes last: each a clear error, and the same result afterwards."""
     d = exp(keep=("manifest", "depth", "teach"))
     cache_on = ("--set", "distill.teacher_cache=true")
     run_chain(d, ("run", "--until", "distill", *cache_on),
-              [("distill/*/teacher_embeddings.h5.tmp-*", ENOSPC, 1, "write", "teacher_embeddings.h5")], "distill")
-    assert (Path(status(d, *cache_on)["distill"]["path"]) / "teacher_embeddings.h5").is_file()
+              [("distill/*/teacher_embeddings/part-*.npy.tmp-*", ENOSPC, 1, "write", "part-00000-of-00001.npy")],
+              "distill")
+    assert (Path(status(d, *cache_on)["distill"]["path"]) / "teacher_embeddings" / "index.json").is_file()
     chain = [
         ("eval/*/.detections.npz.tmp-*", ENOSPC, 1, "write", "detections.npz"),
         ("eval/*/.student_test.png.tmp-*", EIO, 1, "write", "student_test.png"),

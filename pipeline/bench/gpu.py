@@ -41,9 +41,14 @@ case                       what it measures
 The record's ``limits`` name, per model and frame size, the lowest of the ceilings (bare model, data side, writer,
 and on CUDA the device decode) beside what the stage's own record says held it back.
 
-Training (AutoLink's setting: width 64, K = 16, l1ssim, AdamW, channels_last as the trainer; ``--size`` px,
-``--batch``): ``teach/fp32`` vs ``teach/amp`` and ``distill/{live,cached}/{fp32,amp}`` (a live frozen teacher vs
-the teacher-embedding cache), through ``compare`` (alone, then interleaved; ratios from the interleaved rates).
+Training (AutoLink's setting: width 64, K = 16, AdamW as the trainer makes it (fused on CUDA), channels_last;
+``--size`` px, ``--batch``): ``teach/fp32`` vs ``teach/amp`` (l1ssim), ``paper/fp32`` vs ``paper/fp16`` (the
+paper presets' step: perceptual VGG16 loss, fp16 with a GradScaler) and ``distill/{live,cached}/{fp32,amp}`` (a
+live frozen teacher vs the teacher-embedding cache read by the trainer's DataLoader and ``to_device``), through
+``compare`` (alone, then interleaved; ratios from the interleaved rates), each with the host reads (and on CUDA
+the syncs) of one step; ``syncs``: the trainer's own loop, host reads per step; ``data``: samples/s the
+trainer's DataLoader delivers from the teach stage's dataset with the configured workers, against the GPU's
+demand (the paper step's samples/s).
 """
 from __future__ import annotations
 
@@ -74,6 +79,7 @@ JPEG_NOISE = 32  # amplitude of the frames' noise channel: JPEGs of ~natural siz
 COMPILE_PRIOR_S = 60.0
 PART_PRIOR_S = 10.0
 GRACE_S = 60.0  # how far past its deadline a part may run (its last case) before it is killed
+SYNC_LOG_EVERY = 4  # the trainer's loop in the syncs case: 2 metrics intervals of this many steps
 _AMP = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -183,26 +189,51 @@ def _matmul_rates(device, precisions) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------------------- training
 def case_gpu_train(p: dict) -> dict:
-    """teach fp32 vs AMP, distill {live, cached} x {fp32, AMP}, each group through ``_compare`` in this process."""
+    """The training part, in priority order: teach fp32 vs AMP (l1ssim), the paper's step fp32 vs fp16 (perceptual
+    VGG16, random weights, GradScaler), distill {live, cached} x {fp32, AMP} (each group through ``compare`` in
+    this process), the trainer's loop with its host reads counted (``syncs``, fp16 on CUDA), and the data side's
+    ceiling: what the trainer's DataLoader delivers with the configured workers (``data``)."""
+    from pipeline.config import TrainConfig
+
     device = bench_device(p["device"])
-    amp = True if device.type == "cuda" else "bf16"  # the device's AMP dtype; CPU autocast: bf16
+    cuda = device.type == "cuda"
+    amp = True if cuda else "bf16"  # the device's AMP dtype; CPU autocast: bf16
     base = {"device": p["device"], "batch": p["batch"], "size": p["size"], "steps": p["steps"], "width": p["width"],
             "channels_last": True}
+    paper = base | {"recon_loss": "perceptual"} | ({"vgg_size": p["vgg_size"]} if p.get("vgg_size") else {})
     groups = {"teach": {"fp32": ("autolink_step", base), "amp": ("autolink_step", base | {"amp": amp})},
+              "paper": {"fp32": ("autolink_step", paper), "fp16": ("autolink_step", paper | {"amp": "fp16"})},
               "distill": {f"{mode}/{a}": ("distill_step", base | {"mode": mode} | ({"amp": amp} if a == "amp" else {}))
                           for mode in ("live", "cached") for a in ("fp32", "amp")}}
+    # How much longer than teach's a case of the group takes (the estimate's prior): VGG16 at 224 px per image
+    # (and emulated fp16 on a CPU) for the paper's step; a teacher forward or a lookup beside the student's step.
+    weight = {"teach": 1.0, "paper": 3.0 if cuda else 10.0, "distill": 1.5}
     budget = _Budget(p["deadline"], p.get("progress"))
-    per_case = None  # seconds one case took in the last group (alone + its share of the interleaved run)
+    per_case = None  # seconds one teach case took (alone + its share of the interleaved run)
     for group, specs in groups.items():
-        est = None if per_case is None else per_case * len(specs) * (1.5 if group == "distill" else 1)
+        est = None if per_case is None else per_case * len(specs) * weight[group]
         res = budget.run(group, est, lambda specs=specs: compare(specs, steps=p["steps"], isolate=False))
         if res is None:
             continue
         if "error" in res:
             budget.keep({group: res})
             continue
-        per_case = budget.log[-1]["actual_s"] / len(specs)
+        if per_case is None:
+            per_case = budget.log[-1]["actual_s"] / len(specs)
         budget.keep({f"{group}/{name}": c for name, c in res.items()})
+    syncs = {"device": p["device"], "batch": p["batch"], "size": p["size"], "width": p["width"],
+             "amp": "fp16" if cuda else None, "log_every": SYNC_LOG_EVERY}
+    res = budget.run("syncs", None if per_case is None else per_case * 2 * SYNC_LOG_EVERY / max(1, p["steps"]),
+                     lambda: run_case("trainer_syncs", syncs, isolate=False))
+    if res is not None:
+        budget.keep({"syncs": res})
+    workers = p.get("train_workers")
+    data = {"device": p["device"], "batch": p["batch"], "size": p["size"], "steps": p.get("data_batches", 20),
+            "workers": TrainConfig().num_workers if workers is None else workers,
+            "frames": p.get("data_frames", 2 * p["batch"]), "frame_size": p.get("data_frame_size", 2 * p["size"])}
+    res = budget.run("data", None, lambda: run_case("data_loader", data, isolate=False))
+    if res is not None:
+        budget.keep({"data": res})
     return budget.result()
 
 
@@ -240,12 +271,15 @@ def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precision
 def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True, models=GPU_MODELS,
               batches=GPU_BATCHES, frames: int = GPU_FRAMES, frame_sizes=FRAME_SIZES, budget_s: float = BUDGET_S,
               precisions: Optional[tuple] = None, compile: Optional[bool] = None, workers: Optional[int] = None,
-              train_width: int = WIDTH, console=None) -> dict:
+              train_width: int = WIDTH, train_workers: Optional[int] = None, vgg_size: Optional[int] = None,
+              data_frames: Optional[int] = None, console=None) -> dict:
     """The suite (module docstring). ``batch``/``size``: the training steps'; ``steps``: timed steps per case.
 
     ``precisions`` (default: the stage's AMP dtype, fp32, the other half type on CUDA; fp32 on CPU), ``compile``
     (default: on CUDA only; inductor compiles take minutes on a CPU), ``workers`` (the stage's DataLoader
-    workers; default: CPUs - 1, at most 16) and ``train_width`` (default AutoLink's 64) are for tests and
+    workers; default: CPUs - 1, at most 16), ``train_width`` (default AutoLink's 64), ``train_workers`` (the
+    training DataLoader's, default the config's ``num_workers``), ``vgg_size`` (the perceptual loss's input side,
+    default AutoLink's 224) and ``data_frames`` (frames of the data-side case, default 4 x batch) are for tests and
     experiments."""
     from dkp_core.midas import list_models
 
@@ -293,8 +327,10 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
             f"each of {', '.join(f'{fs}^2' for fs in frame_sizes)}, training at batch {batch}, {size} px; estimated "
             f">= {estimate:.0f} s (FLOPs at the "
             f"measured matmul rate + priors), budget {budget_s:.0f} s: cases that would overrun are skipped")
-        parts: list[tuple[str, str, dict]] = [("train", "gpu_train", common | {"batch": batch, "size": size,
-                                                                                "width": train_width})]
+        train = {"batch": batch, "size": size, "width": train_width, "train_workers": train_workers,
+                 "data_frames": data_frames or 4 * batch, "data_frame_size": 2 * size}
+        train |= {"vgg_size": vgg_size} if vgg_size else {}
+        parts: list[tuple[str, str, dict]] = [("train", "gpu_train", common | train)]
         parts += [(m, "gpu_model", common | {
             "model_type": m, "data_roots": data_roots, "frame_sizes": list(frame_sizes), "batches": list(batches),
             "precisions": list(precisions),
@@ -334,7 +370,9 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
                       "run_py_frames": run_py_frames, "flops_per_frame": flops,
                       "matmul_flops_per_s": {k: float(f"{v:.4g}") for k, v in rates.items()},
                       "train": {"width": train_width, "n_keypoints": N_KEYPOINTS, "batch": batch, "size": size,
-                                "recon_loss": "l1ssim", "channels_last": True},
+                                "recon_loss": "l1ssim (teach, distill); perceptual, VGG16 at "
+                                              f"{vgg_size or 224} px (paper)", "channels_last": True,
+                                "data_frames": data_frames or 4 * batch, "data_frame_size": 2 * size},
                       "weights": "random init, official layout", "tf32": _tf32_flags()}}
 
 

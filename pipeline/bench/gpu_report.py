@@ -9,6 +9,8 @@ from pipeline.bench.harness import ratio, speed
 GOALS_CUDA = {"frames_per_s stage/bare_model": 0.95, "frames_per_s stage/run_py_loop": 4.0}
 BEIT_L_GOAL_FPS = 300.0  # dpt_beit_large_512, bf16, one H200
 AMP_GOAL = 1.5  # training steps/s AMP / fp32
+DATA_GOAL = 3.0  # samples/s the trainer's DataLoader delivers / samples/s the paper's fp16 step consumes (issue 23)
+SYNC_GOAL = 1.0  # host reads (CUDA syncs) of the trainer's loop per log_every steps, at most (issue 23)
 
 
 def ratios_and_goals(cases: dict, models, device, p_stage: str, b_stage: int,
@@ -66,7 +68,8 @@ def ratios_and_goals(cases: dict, models, device, p_stage: str, b_stage: int,
             v = fps(f"{m}/stage/{fs}/best")
             goals[f"{m}/{fs} stage frames_per_s ({p_stage})"] = {"goal": BEIT_L_GOAL_FPS, "value": v,
                                                                 "met": v is not None and v >= BEIT_L_GOAL_FPS}
-    pairs = [("teach steps_per_s amp/fp32", "teach/amp", "teach/fp32")]
+    pairs = [("teach steps_per_s amp/fp32", "teach/amp", "teach/fp32"),
+             ("paper steps_per_s fp16/fp32", "paper/fp16", "paper/fp32")]
     pairs += [(f"distill {mode} steps_per_s amp/fp32", f"distill/{mode}/amp", f"distill/{mode}/fp32")
               for mode in ("live", "cached")]
     pairs += [(f"distill {a} steps_per_s cached/live", f"distill/cached/{a}", f"distill/live/{a}")
@@ -74,9 +77,25 @@ def ratios_and_goals(cases: dict, models, device, p_stage: str, b_stage: int,
     for key, a, b in pairs:
         ca, cb = cases.get(a) or {}, cases.get(b) or {}
         ratios[key] = ratio(speed(ca), speed(cb)) if "interleaved" in ca and "interleaved" in cb else None
-        if device.type == "cuda" and "amp/fp32" in key:
+        if device.type == "cuda" and ("amp/fp32" in key or "fp16/fp32" in key):
             goals[key] = {"goal": AMP_GOAL, "value": ratios[key], "met": ratios[key] is not None
                           and ratios[key] >= AMP_GOAL}
+    # the data side against the GPU's demand: samples/s the DataLoader delivers / samples/s the paper's step uses
+    data, demand = cases.get("data") or {}, cases.get("paper/fp16") or {}
+    key = "data samples_per_s / paper fp16 samples_per_s"
+    ratios[key] = (ratio(data["samples_per_s"], speed(demand) * data["batch"])
+                   if "samples_per_s" in data and "interleaved" in demand else None)
+    if device.type == "cuda":
+        goals[key] = {"goal": DATA_GOAL, "value": ratios[key], "met": ratios[key] is not None
+                      and ratios[key] >= DATA_GOAL, "via": f"{data.get('workers')} workers"}
+    syncs = cases.get("syncs") or {}
+    for key, field in (("trainer host reads per log interval (project code)", "host_reads_per_log_interval"),
+                       ("trainer CUDA syncs per log interval", "cuda_syncs_per_log_interval")):
+        if field == "cuda_syncs_per_log_interval" and device.type != "cuda":
+            continue
+        v = syncs.get(field)
+        ratios[key] = v
+        goals[key] = {"goal": SYNC_GOAL, "op": "<=", "value": v, "met": v is not None and v <= SYNC_GOAL}
     return ratios, goals, limits
 
 
@@ -157,14 +176,24 @@ def gpu_markdown(rec: dict) -> str:
     out += _table(["model", "frame", "read ms", "decode ms", "preprocess old ms", "preprocess ms", "bit-identical",
                    "old frames/s/worker", "frames/s/worker", "device frames/s", "depth max rel (device vs cpu)",
                    "depth mean rel"], rows) + [""]
-    rows = [[n, c.get("amp"), speed(c) if "interleaved" in c else None, c.get("peak_mem_mib"), c.get("error")]
-            for n, c in cases.items() if n.split("/")[0] in ("teach", "distill")]
+    rows = [[n, c.get("amp"), c.get("recon_loss"), speed(c) if "interleaved" in c else None, c.get("peak_mem_mib"),
+             c.get("host_reads_project"), c.get("cuda_syncs"), c.get("error")]
+            for n, c in cases.items() if n.split("/")[0] in ("teach", "paper", "distill")]
     out += [f"### training steps/s (width {st['train']['width']}, {st['train']['size']} px, batch "
-            f"{st['train']['batch']}; interleaved)", ""]
-    out += _table(["case", "amp", "steps/s", "peak MiB", "error"], rows) + [""]
+            f"{st['train']['batch']}; interleaved; host reads / CUDA syncs of one step)", ""]
+    out += _table(["case", "amp", "loss", "steps/s", "peak MiB", "host reads", "CUDA syncs", "error"], rows) + [""]
+    sy, da = cases.get("syncs") or {}, cases.get("data") or {}
+    out += ["### the trainer's loop and its data side", ""]
+    out += _table(["case", "what", "value"], [
+        ["syncs", f"host reads (project) in {sy.get('steps')} steps, log_every {sy.get('log_every')}",
+         sy.get("host_reads_project")],
+        ["syncs", "CUDA syncs per log interval", sy.get("cuda_syncs_per_log_interval")],
+        ["syncs", "trainer steps/s", sy.get("steps_per_s")],
+        ["data", f"samples/s, {da.get('workers')} workers, batch {da.get('batch')}", da.get("samples_per_s")],
+        ["data", "samples/s per worker", da.get("samples_per_s_per_worker")]]) + [""]
     out += ["### ratios and goals", ""]
     out += _table(["ratio", "value"], [[k, v] for k, v in rec["ratios"].items() if v is not None]) + [""]
-    out += _table(["goal", "target", "value", "met"], [[k, g["goal"], g["value"], g["met"]]
+    out += _table(["goal", "target", "value", "met"], [[k, f"{g.get('op', '>=')} {g['goal']}", g["value"], g["met"]]
                                                        for k, g in rec.get("goals", {}).items()]) + [""]
     log = rec["budget"]["log"]
     out += ["### budget: estimate vs actual per case", ""]

@@ -29,10 +29,12 @@ CASES = {  # name -> "module:function" (params dict -> JSON-able dict)
     "interleaved": "harness:case_interleaved",
     "depth_abc": "depth:case_depth_abc",
     "depth_overlap": "overlap:case_depth_overlap",  # bench depth-overlap
-    "depth_precision": "precision:case_depth_precision",  # bench depth-precision
+    "depth_precision": "depth_precision:case_depth_precision",  # bench depth-precision
     "gpu_model": "gpu_model:case_gpu_model",  # bench gpu
     "gpu_train": "gpu:case_gpu_train",
     "train_window": "training:case_train_window",  # bench side-by-side
+    "data_loader": "training:case_data_loader",  # bench gpu: the trainer's DataLoader ceiling
+    "trainer_syncs": "training:case_trainer_syncs",  # bench gpu: host reads of the trainer's loop
 }
 BUILDERS = {  # name -> "module:function" (params dict -> Case)
     "autolink_step": "training:build_autolink_step",

@@ -205,7 +205,7 @@ def bench_depth_overlap(*, batch: int, size: int, steps: int, device, isolate: b
         g = cases[f"{pre}/gpu_stand_in"]
         goals[f"{pre} gpu_stand_in host waits per batch beyond the fetch"] = {
             "goal": 0, "value": g["fetches_per_batch"] - 1 + g["host_syncs_in_stage_code"] / max(1, g["batches"]),
-            "met": g["fetches_per_batch"] <= 1 and g["host_syncs_in_stage_code"] == 0, "max": True}
+            "met": g["fetches_per_batch"] <= 1 and g["host_syncs_in_stage_code"] == 0, "op": "<="}
     return {"baseline": "serial (no workers, model on the host: T + H a batch)", "cases": cases, "ratios": ratios,
             "goals": goals, "setup": {"model_type": MODEL_TYPE, "frame_size": 16, "batch": batch,
                                       "batches": params["batches"], "workers": workers, "shard_size": shard_size,

@@ -1,79 +1,78 @@
-"""`dkp-pipeline bench depth-precision`: what bf16 (and fp16) autocast costs in depth values against fp32.
+"""`dkp-pipeline bench precision`: each preset's training precision against fp32 on this device (issue 23).
 
-Per model (random weights in the official layout with a calibrated head, as every depth bench: see
-:func:`pipeline.bench.depth.random_midas_weights`), the same preprocessed frames (``--frames`` generated
-``--size``-px JPEG-like frames) through the stage's own forward at fp32 and under autocast, then resized back
-to the frame size as the stage stores them. Reported per precision:
-
-- ``max_rel`` / ``mean_rel``: max |a - b| / max |b| and mean |a - b| / mean |b| of the stored depth (b: fp32);
-- ``teacher_input_max_abs`` / ``teacher_input_mean_abs``: the same two maps after the teacher's per-frame
-  min-max normalisation to [-1, 1] (``data.datasets.normalise_inverse_depth``), i.e. what the teacher trains on,
-  in its units (the [-1, 1] range is 2 wide);
-- ``finite``: whether every value under autocast was finite (the stage redoes a non-finite batch in fp32).
-
-Random weights are not the released ones: their activations' ranges differ, so these numbers bound the
-rounding of the architecture, not the released checkpoints' exact behaviour (docs/benchmarks.md says which
-was run). On a CPU, bf16 autocast uses the CPU's bf16 kernels; fp16 is emulated (slow) and off by default.
+Built from the AutoLink step case of ``training.py`` and the trainer's rule for emulated dtypes
+(:func:`pipeline.training.runtime.slow_amp_reason`).
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import contextlib
+from typing import Optional
 
-MODELS = ("dpt_levit_224", "dpt_swin2_tiny_256", "dpt_beit_base_384")
+from pipeline.bench.harness import EnvVar, amp_name, compare, ratio, speed
 
-
-def case_depth_precision(p: dict) -> dict:
-    import numpy as np
-    import torch
-
-    from dkp_core.midas import get_spec
-    from dkp_core.midas.transforms import postprocess, preprocess_u8
-    from pipeline.bench.depth import random_midas_weights, write_frames
-    from pipeline.bench.harness import bench_device
-    from pipeline.data.datasets import normalise_inverse_depth
-    from pipeline.data.images import read_rgb
-    from pipeline.stages.depth.compute import forward
-
-    device = bench_device(p["device"])
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="dkp-bench-precision-") as tmp:
-        frames = write_frames(Path(tmp) / "images", p["frames"], p["size"], ext=".jpg", noise=32)
-        imgs = [read_rgb(f) for f in frames]
-        for mt in p["models"]:
-            spec = get_spec(mt)
-            x = torch.from_numpy(np.stack([preprocess_u8(im, spec) for im in imgs])).to(device)  # (n, 3, h, w)
-            model = random_midas_weights(mt, x[:2].cpu(), Path(tmp) / f"{mt}.pt", device=device).eval()
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            bundle = (model, device, None)
-            ref = postprocess(forward(bundle, x, None), imgs[0].shape[:2]).cpu()  # (n, H, W) float32
-            for prec in p["precisions"]:
-                got = postprocess(forward(bundle, x, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[prec])),
-                                  imgs[0].shape[:2]).cpu()
-                d = (got - ref).abs()
-                na = np.stack([normalise_inverse_depth(a) for a in got.numpy()])
-                nb = np.stack([normalise_inverse_depth(b) for b in ref.numpy()])
-                out[f"{mt}/{prec}"] = {
-                    "max_rel": float(d.max() / ref.abs().max().clamp_min(1e-12)),
-                    "mean_rel": float(d.mean() / ref.abs().mean().clamp_min(1e-12)),
-                    "teacher_input_max_abs": float(np.abs(na - nb).max()),
-                    "teacher_input_mean_abs": float(np.abs(na - nb).mean()),
-                    "finite": bool(torch.isfinite(got).all()), "frames": len(imgs), "frame_size": p["size"]}
-            del model
-    return {"cases": out}
+# The ISA limits that make this CPU compute bf16 the way a CPU without bf16 units does (oneDNN's kernels and
+# ATen's vectorised ones both capped at AVX2): how `bench precision` measures what the synthetic preset's bf16
+# would cost on such a CPU. Effective only in a fresh process (isolate), read when torch loads.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-def bench_depth_precision(*, batch: int, size: int, steps: int, device, isolate: bool = True, models=MODELS,
-                          frames: int = 4, precisions=None) -> dict:
-    """The bench (module docstring); ``size``: the frames' side; ``batch``/``steps`` are unused."""
-    from pipeline.bench.gpu import _parse_list
-    from pipeline.bench.harness import run_case
+def bench_precision(*, batch: int, size: int, steps: int, device, isolate: bool = True,
+                    presets: Optional[tuple] = None, vgg_size: Optional[int] = None) -> dict:
+    """Each preset's training precision on this device against fp32 (issue 23's target: no CPU run of a preset
+    slower than its fp32 step). Presets that share a step (width, reconstruction loss, amp) are timed once, at the
+    preset's own batch and model size (at most ``batch`` and ``size``): the step in fp32 and in the preset's dtype,
+    interleaved. What the trainer does with the preset here (:func:`pipeline.training.runtime.slow_amp_reason`):
+    run it, or refuse it before any work; a refused dtype is still timed, at batch 2 at most (it is slow), to show
+    what the refusal avoids. On a CPU with isolated cases the bf16
+    steps are also timed with the ISA capped at AVX2 (:data:`AVX2_ONLY`), the cost on a CPU without bf16
+    units, where the trainer refuses bf16. ``vgg_size``: the perceptual loss's input side (tests only)."""
+    from pipeline.config import list_presets, load_config
+    from pipeline.training.runtime import cpu_has_bf16, resolve_amp, slow_amp_reason
 
-    models = _parse_list(models, "models", str)
-    precisions = list(precisions or (("bf16", "fp16") if device.type == "cuda" else ("bf16",)))
-    res = run_case("depth_precision", {"device": str(device), "models": list(models), "frames": frames,
-                                       "size": size, "precisions": precisions}, isolate=isolate, timeout=3600)
-    return {"baseline": "fp32 forward of the same frames and weights", "cases": res["cases"], "ratios": {},
-            "setup": {"models": list(models), "precisions": precisions, "frames": frames, "frame_size": size,
-                      "weights": "random init, official layout, calibrated head (not the released checkpoints)"}}
+    groups: dict[tuple, dict] = {}
+    verdicts: dict[str, dict] = {}
+    for name in presets or tuple(list_presets()):
+        t = load_config(name).teach
+        amp = t.amp if t.amp != "auto" else amp_name(resolve_amp("auto", device))
+        amp = {"off": "fp32"}.get(amp, amp)
+        key = (t.model.width, t.recon_loss, amp)
+        reason = slow_amp_reason(amp, device) if amp in ("bf16", "fp16") else None
+        b, sz = min(batch, t.batch_size), min(size, t.model.image_size)
+        g = groups.setdefault(key, {"label": f"w{t.model.width}-{t.recon_loss}", "presets": [], "amp": amp,
+                                    "n_keypoints": t.model.n_keypoints, "batch": min(b, 2) if reason else b,
+                                    "size": sz})
+        g["presets"].append(name)
+        verdicts[name] = {"amp": amp, "group": g["label"], "runs": "refused" if reason else amp,
+                          **({"reason": reason} if reason else {})}
+    cases: dict[str, dict] = {}
+    ratios: dict[str, Optional[float]] = {}
+    for (width, loss, amp), g in groups.items():
+        base = {"device": str(device), "batch": g["batch"], "size": g["size"], "steps": steps, "width": width,
+                "n_keypoints": g["n_keypoints"], "recon_loss": loss, "channels_last": True,
+                **({"vgg_size": vgg_size} if vgg_size else {})}
+        specs = {f"{g['label']}/fp32": ("autolink_step", base)}
+        if amp != "fp32":
+            specs[f"{g['label']}/{amp}"] = ("autolink_step", base | {"amp": amp})
+        cases.update(compare(specs, steps=steps, isolate=isolate))
+        if amp != "fp32":
+            ratios[f"{g['label']} steps_per_s {amp}/fp32"] = ratio(speed(cases[f"{g['label']}/{amp}"]),
+                                                                   speed(cases[f"{g['label']}/fp32"]))
+        if device.type == "cpu" and amp == "bf16" and isolate:
+            with contextlib.ExitStack() as env:
+                for k, v in AVX2_ONLY.items():
+                    env.enter_context(EnvVar(k, v))
+                avx2 = compare({f"{n}/avx2": s for n, s in specs.items()}, steps=steps, isolate=True)
+            cases.update(avx2)
+            ratios[f"{g['label']} steps_per_s bf16/fp32 (ISA capped at AVX2)"] = ratio(
+                speed(avx2[f"{g['label']}/bf16/avx2"]), speed(avx2[f"{g['label']}/fp32/avx2"]))
+    goals = {}
+    for name, v in verdicts.items():
+        r = 1.0 if v["amp"] == "fp32" else ratios.get(f"{v['group']} steps_per_s {v['amp']}/fp32")
+        value = None if v["runs"] == "refused" else r
+        goals[f"{name}: the step this device runs / its fp32 step"] = {
+            "goal": 1.0, "value": value, "met": v["runs"] == "refused" or (value is not None and value >= 1.0),
+            "via": ("refused before training: " + v["reason"]) if v["runs"] == "refused" else f"runs {v['runs']}"}
+    return {"baseline": "the same step in fp32", "cases": cases, "ratios": ratios, "goals": goals,
+            "setup": {"presets": verdicts, "groups": {g.pop("label"): g for g in groups.values()},
+                      "cpu_has_bf16": cpu_has_bf16(), "channels_last": True, "vgg_size": vgg_size or 224,
+                      "avx2_env": AVX2_ONLY if device.type == "cpu" and isolate else None}}

@@ -151,7 +151,7 @@ def train_progress(path: Path) -> tuple[int, int]:
 
 # Files the end of a training writes again from its final checkpoint (the weights, the loss curve from metrics.jsonl,
 # the last picture copied from samples/, the teacher-embedding cache rebuilt before training when absent).
-_REMADE_AT_THE_END = ("model.pt", "loss.png", "keypoints.png", "teacher_embeddings.h5")
+_REMADE_AT_THE_END = ("model.pt", "loss.png", "keypoints.png", "teacher_embeddings")
 
 
 def repair_training(path: Path, damaged: list[str]) -> None:
@@ -171,7 +171,7 @@ def repair_training(path: Path, damaged: list[str]) -> None:
     resume_at = ckpts[-1][0] if ckpts else 0  # the newest step from which nothing damaged was written yet
     for rel in damaged:
         picture = re.fullmatch(r"samples/step_(\d+)\.png", rel)
-        if rel in _REMADE_AT_THE_END:
+        if rel in _REMADE_AT_THE_END or rel.split("/", 1)[0] in _REMADE_AT_THE_END:
             continue
         if picture:  # drawn after step N: resume from a checkpoint before N
             resume_at = min(resume_at, int(picture.group(1)) - 1)
@@ -185,6 +185,8 @@ def repair_training(path: Path, damaged: list[str]) -> None:
     for rel in damaged:
         if rel != METRICS_FILENAME:  # its intact lines are kept: the trainer cuts it at the checkpoint it resumes
             (path / rel).unlink(missing_ok=True)
+        if "/" in rel and rel.split("/", 1)[0] == "teacher_embeddings":  # its index last: the intact parts are kept
+            (path / "teacher_embeddings" / "index.json").unlink(missing_ok=True)  # and the missing ones rebuilt
 
 
 def _intact_metrics_step(path: Path) -> int:

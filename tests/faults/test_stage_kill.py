@@ -339,7 +339,8 @@ def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
     kept = tmp_path / "stats.part0.json"
     (tmp_path / "samples").mkdir()
     picture = tmp_path / "samples" / f".step_000009.png.tmp-{dead.pid}"  # also seen in the 20-kill run
-    embeddings = tmp_path / f"teacher_embeddings.h5.tmp-{dead.pid}"
+    (tmp_path / "teacher_embeddings").mkdir()
+    embeddings = tmp_path / "teacher_embeddings" / f"part-00000-of-00001.npy.tmp-{dead.pid}"
     for f in (mine, theirs, kept, picture, embeddings):
         f.write_text("{}")
     with Lock(tmp_path / "LOCK"):

@@ -54,7 +54,7 @@ def run_managed(ctx) -> bool:
         check_transformers_config(d)
     weights_sha, spec = s.weights_sha256, s.identity.spec
 
-    dist_here = _init_distributed(world)
+    barrier_group = _init_distributed(world)
     try:
         model = None
         if d.provider in ("midas", "transformers") and not (path / "layout.json").exists():
@@ -77,14 +77,14 @@ def run_managed(ctx) -> bool:
         if world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=barrier_group)
             if rank != 0:
                 return False
     finally:
-        if dist_here:  # kept for the rest of the process (a later training stage reuses it)
-            from pipeline.training.runtime import destroy_at_exit
+        if barrier_group is not None:  # only the barrier's group; the process's group stays for training
+            import torch.distributed as dist
 
-            destroy_at_exit()
+            dist.destroy_process_group(barrier_group)
     return _merge_and_publish(ctx, spec, part, parts, started)
 
 
@@ -155,19 +155,22 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
     save_png(path / PREVIEW, grid(tiles, cols=8))
 
 
-def _init_distributed(world: int) -> bool:
-    """Join torchrun's process group (gloo: only a barrier is needed). True if initialised here."""
+def _init_distributed(world: int):
+    """Under torchrun: join the process's group (training's later: NCCL for CUDA tensors, an ordinary timeout;
+    :func:`pipeline.training.runtime.init_default_group`) and return a gloo group of every rank with a 48-hour
+    timeout, for the one barrier before the merge. None for one process. The caller destroys that group after
+    the barrier, so training never runs over it."""
     if world <= 1:
-        return False
+        return None
     import datetime
 
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return False
+    from pipeline.training.runtime import init_default_group
+
+    init_default_group()
     # Ranks finish their shards at different times; the barrier before the merge must outwait the slowest.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return True
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=48))
 
 
 def _refuse_concurrent_parts(path: Path, parts: int) -> None:
