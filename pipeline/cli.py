@@ -110,12 +110,13 @@ def run(config, overrides, store, dry_run, until, jobs):
 
     cfg = _load(config, overrides)
     console = _console()
-    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs)
+    plan = run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
-        try:
-            path = write_experiment_report(cfg, store, source=config, overrides=overrides)
+        try:  # the plan again (states changed), over the manifest this run built: the dataset is not walked twice
+            path = write_experiment_report(cfg, store, source=config, overrides=overrides,
+                                           manifest=plan.manifest if plan is not None else None)
         except OSError as e:  # a read-only store: the run itself succeeded (or had nothing to do)
             console.print(f"report not written ({e.strerror or e}: {e.filename}); `dkp-pipeline report {config} -o "
                           "FILE` writes it elsewhere", markup=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from pipeline.data.layouts.listing import Listing
 from pipeline.data.manifest import Manifest
 from pipeline.data.paths import Inside, fail
 from pipeline.data.spec import DatasetSpec, load_spec
-from pipeline.store.fingerprint import FingerprintMemo, probe_depth, probe_image, scan_files
+from pipeline.store.fingerprint import FingerprintMemo, Scan, Stats, probe_depth, probe_image, scan_files, stat_files
 
 
 def _to_pixels(L: Listing, sizes: np.ndarray) -> Optional[np.ndarray]:
@@ -46,7 +46,7 @@ def _check_range(spec: DatasetSpec, kp: np.ndarray, sizes: np.ndarray, L: Listin
     if bad.any():
         i, j, c = (int(v) for v in np.argwhere(bad)[0])
         W, H = (int(v) for v in sizes[i])
-        src = L.kp_sources[i] or "annotations"
+        src = L.source(i) or "annotations"
         raise fail(spec, f"joint {j} of frame {L.paths[i]!r} (from {src}) is at (x, y) = "
                          f"({kp[i, j, 0]:.2f}, {kp[i, j, 1]:.2f}) px, outside the {W}x{H} frame "
                          f"(margin {m:g} of the side; {int(bad.any(axis=(1, 2)).sum())} frames affected). "
@@ -71,23 +71,23 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
         memo = FingerprintMemo.for_root(root_p)
     L = WALKERS[spec.layout](spec, root_p, memo, progress)
 
-    first: dict[str, int] = {}
-    for i, fid in enumerate(L.ids):
-        j = first.setdefault(fid, i)
-        if j != i:
-            raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and {L.paths[i]!r} "
-                             f"(listed twice in the annotations?)")
+    if len(set(L.ids)) != len(L.ids):  # one set: a per-frame loop costs seconds at a million frames
+        first: dict[str, int] = {}
+        for i, fid in enumerate(L.ids):
+            j = first.setdefault(fid, i)
+            if j != i:
+                raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and {L.paths[i]!r} "
+                                 f"(listed twice in the annotations?)")
+    # Every file is stat'ed once, before anything is read: the stat says what is a symlink (checked to stay in
+    # the root), and the memo compares it with what it recorded (a rebuild reads nothing).
     inside = Inside(spec, root_p)
-    for rel in L.paths:
-        inside.check(rel, "frame")
-    for rel in L.masks or []:
-        if rel is not None:
-            inside.check(rel, "mask")
-    for rel in L.depths or []:
-        inside.check(rel, "depth file")
+    mask_rels = [r for r in L.masks or [] if r is not None]
+    frame_st = _stat(spec, inside, L.paths, "frame", L.stats.get("paths"))
+    mask_st = _stat(spec, inside, mask_rels, "mask") if L.masks is not None else None
+    depth_st = _stat(spec, inside, L.depths, "depth file", L.stats.get("depths")) if L.depths is not None else None
 
-    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames")
-    sizes = np.asarray([fi.extra["wh"] for fi in infos], dtype=np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
+    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames", frame_st)
+    sizes = infos.column("wh").astype(np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
     kp = _to_pixels(L, sizes)
     if kp is not None:
         _check_range(spec, kp, sizes, L)
@@ -98,37 +98,54 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
                          f"drop apply_masks")
     if L.masks is not None:
         present = [i for i, m in enumerate(L.masks) if m is not None]
-        minfos = _scan(spec, root_p, [L.masks[i] for i in present], memo, progress, probe_image, ("wh",), "masks")
+        minfos = _scan(spec, root_p, mask_rels, memo, progress, probe_image, ("wh",), "masks", mask_st)
         if spec.apply_masks:  # the mask multiplies the frame pixel by pixel: same size or nothing lines up
-            for i, fi in zip(present, minfos):
-                if list(fi.extra["wh"]) != list(sizes[i]):
-                    raise fail(spec, f"mask {L.masks[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its frame "
-                                     f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
-        fps = iter(fi.fingerprint for fi in minfos)
+            mwh = minfos.column("wh").reshape(-1, 2)
+            bad = np.flatnonzero((mwh != sizes[present]).any(axis=1))
+            if len(bad):
+                k, i = int(bad[0]), present[int(bad[0])]
+                raise fail(spec, f"mask {L.masks[i]!r} is {mwh[k][0]}x{mwh[k][1]} but its frame "
+                                 f"{L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; a mask must match its frame")
+        fps = iter(minfos.fingerprints)
         mask_fps = [next(fps) if m is not None else None for m in L.masks]
     depth_fps = None
     if L.depths is not None:
-        dinfos = _scan(spec, root_p, L.depths, memo, progress, probe_depth, ("wh", "depth_format"), "depth")
-        for i, fi in enumerate(dinfos):
-            if list(fi.extra["wh"]) != list(sizes[i]):
-                raise fail(spec, f"depth file {L.depths[i]!r} is {fi.extra['wh'][0]}x{fi.extra['wh'][1]} but its "
-                                 f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
-        depth_fps = [fi.fingerprint for fi in dinfos]
+        dinfos = _scan(spec, root_p, L.depths, memo, progress, probe_depth, ("wh", "depth_format"), "depth", depth_st)
+        dwh = dinfos.column("wh").reshape(-1, 2)
+        bad = np.flatnonzero((dwh != sizes).any(axis=1))
+        if len(bad):
+            i = int(bad[0])
+            raise fail(spec, f"depth file {L.depths[i]!r} is {dwh[i][0]}x{dwh[i][1]} but its "
+                             f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
+        depth_fps = dinfos.fingerprints
+    orient = infos.column("orientation")
     return Manifest(spec=spec, root=root_p, frame_ids=L.ids, paths=L.paths, splits=L.splits,
-                    fingerprints=[fi.fingerprint for fi in infos], sizes=sizes, keypoints=kp,
+                    fingerprints=infos.fingerprints, sizes=sizes, keypoints=kp,
                     mask_paths=L.masks, mask_fingerprints=mask_fps, depth_paths=L.depths,
                     depth_fingerprints=depth_fps,
-                    orientations=_orientations([fi.extra["orientation"] for fi in infos]))
+                    orientations=None if (orient == 1).all() else orient.astype(int).tolist())
 
 
-def _orientations(values: list[int]) -> Optional[list[int]]:
-    return None if all(v == 1 for v in values) else values
+def _stat(spec: DatasetSpec, inside: Inside, rels: list[str], what: str, known: Optional[Stats] = None) -> Stats:
+    """One ``lstat`` per file (:func:`stat_files`; ``known``: what the walker already stat'ed); missing files and
+    symlinks leaving the root are named errors."""
+    try:
+        st = known if known is not None and len(known.ino) == len(rels) else stat_files(inside.root, rels)
+    except FileNotFoundError as e:
+        root = str(inside.root).rstrip(os.sep) + os.sep
+        rel = str(e.filename)[len(root):] if str(e.filename).startswith(root) else e.filename
+        raise fail(spec, f"{what} {rel!r} not found under root {inside.root} "
+                         f"(did you pass the right --root?)") from None
+    except OSError as e:
+        raise fail(spec, f"{what} file {e.filename} unreadable: {e}; replace or remove it") from None
+    inside.check_all(rels, st.link, what)
+    return st
 
 
 def _scan(spec: DatasetSpec, root: Path, rels: list[str], memo: Optional[FingerprintMemo], progress: bool,
-          probe: Any, keys: tuple, desc: str) -> list:
+          probe: Any, keys: tuple, desc: str, stats: Optional[Stats] = None) -> Scan:
     try:
-        return scan_files(root, rels, memo, probe=probe, probe_keys=keys, progress=progress, desc=desc)
+        return scan_files(root, rels, memo, probe=probe, probe_keys=keys, progress=progress, desc=desc, stats=stats)
     except FileNotFoundError as e:
         raise fail(spec, f"file {e.filename} not found (was it removed while the manifest was built?)") from None
     except (OSError, ValueError) as e:

@@ -54,10 +54,16 @@ class FrameDataset:
     ``get(i, epoch)`` returns a dict with ``index`` (manifest index), ``flip`` (bool tensor) and
     ``rgb`` (3, S, S) and/or ``depth`` (3, S, S), both in [-1, 1] (times the mask when the manifest's
     ``apply_masks`` is set).
+
+    With ``cache`` (a :class:`pipeline.data.framecache.FrameCache`, see :func:`pipeline.data.framecache.attach`)
+    the resized frame, normalised depth and mask factor of each item are rows read from the training-frame cache
+    instead of being decoded; everything after them (tensor conversion, mask product, flip) is the same code, so
+    an item is bit-identical either way.
     """
 
     def __init__(self, *, manifest, indices: Sequence[int], image_size: int, use_rgb: bool, use_depth: bool,
-                 depth_reader=None, hflip: bool = False, seed: int = 0, depth_norm: str = "minmax") -> None:
+                 depth_reader=None, hflip: bool = False, seed: int = 0, depth_norm: str = "minmax",
+                 cache=None) -> None:
         if use_depth and depth_reader is None:
             raise ValueError("use_depth needs a depth_reader")
         self.manifest = manifest
@@ -66,6 +72,7 @@ class FrameDataset:
         self.use_rgb, self.use_depth = use_rgb, use_depth
         self.reader = depth_reader
         self.hflip, self.seed, self.depth_norm = hflip, seed, depth_norm
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -77,29 +84,60 @@ class FrameDataset:
 
         return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
 
+    # ---- the three things an item is made of (what the frame cache stores, row i = item i)
+    def rgb_u8(self, i: int) -> np.ndarray:
+        """Item ``i``'s frame at the model size: (S, S, 3) uint8 RGB (shorter side to S, centre crop)."""
+        if self.cache is not None and self.cache.has("rgb"):
+            return self.cache.row("rgb", i)
+        return resize_square(read_rgb(self.manifest.path_of(int(self.indices[i]))), self.image_size)
+
+    def depth_map(self, i: int) -> np.ndarray:
+        """Item ``i``'s teacher input before replication: (S, S) float32 in [-1, 1] (resized, then normalised)."""
+        if self.cache is not None and self.cache.has("depth"):
+            return self.cache.row("depth", i)
+        d = resize_square(self.reader.read(int(self.indices[i])), self.image_size)
+        return normalise_inverse_depth(d, self.depth_norm)
+
+    def mask_factor(self, i: int) -> Optional[np.ndarray]:
+        """Item ``i``'s foreground factor at the model size, (S, S, C) float32 in [0, 1] (C = 1 or 3), or None
+        when the dataset is not masked."""
+        if not self.manifest.apply_masks:
+            return None
+        if self.cache is not None and self.cache.has("mask"):
+            return self.cache.row("mask", i)
+        return self._mask_of(int(self.indices[i]))
+
+    def _mask_of(self, m: int) -> np.ndarray:
+        factor = read_mask(Path(self.manifest.root) / self.manifest.mask_paths[m])  # (H, W, C)
+        c = factor.shape[2]
+        return resize_square(factor, self.image_size).reshape(self.image_size, self.image_size, c)
+
     def mask(self, m: int) -> Optional[torch.Tensor]:
         """(1 or 3, S, S) float32 factor in [0, 1] for manifest frame ``m``, or None if the dataset is not masked."""
         if not self.manifest.apply_masks:
             return None
-        factor = read_mask(Path(self.manifest.root) / self.manifest.mask_paths[m])  # (H, W, C)
-        c = factor.shape[2]
-        factor = resize_square(factor, self.image_size).reshape(self.image_size, self.image_size, c)
-        return torch.from_numpy(np.ascontiguousarray(factor.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(self._mask_of(m).transpose(2, 0, 1)))
 
     def load(self, i: int, flip: bool = False) -> dict:
         m = int(self.indices[i])
         item: dict = {"index": torch.tensor(m), "flip": torch.tensor(flip)}
-        inputs = {}
+        if not (self.use_rgb or self.use_depth):
+            return item
+        # The flip is taken on the (S, S, ...) arrays as a view, before the one copy each conversion makes: the
+        # same values as flipping the product afterwards (an elementwise product commutes with a permutation of
+        # pixels), without a third copy per input.
+        factor = self.mask_factor(i)  # (S, S, C) or None
+        mask = None
+        if factor is not None:
+            mask = torch.from_numpy(np.ascontiguousarray((factor[:, ::-1] if flip else factor).transpose(2, 0, 1)))
         if self.use_rgb:
-            inputs["rgb"] = rgb_to_tensor(resize_square(read_rgb(self.manifest.path_of(m)), self.image_size))
+            img = self.rgb_u8(i)
+            x = rgb_to_tensor(img[:, ::-1] if flip else img)  # (3, S, S) in [-1, 1]
+            item["rgb"] = x * mask if mask is not None else x  # (3, S, S) * (1 or 3, S, S): the background becomes 0
         if self.use_depth:
-            d = resize_square(self.reader.read(m), self.image_size)
-            inputs["depth"] = depth_to_tensor(normalise_inverse_depth(d, self.depth_norm))
-        mask = self.mask(m) if inputs else None
-        for key, x in inputs.items():  # (3, S, S) in [-1, 1]
-            if mask is not None:
-                x = x * mask  # (3, S, S) * (1 or 3, S, S): the background becomes 0
-            item[key] = x.flip(-1) if flip else x
+            d = self.depth_map(i)
+            x = depth_to_tensor(d[:, ::-1] if flip else d)  # (3, S, S) in [-1, 1]
+            item["depth"] = x * mask if mask is not None else x
         return item
 
     def get(self, i: int, epoch: int) -> dict:

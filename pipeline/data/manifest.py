@@ -170,10 +170,23 @@ class Manifest:
         if name not in self.spec.roles:
             raise ManifestError(f"unknown split {name!r} for dataset {self.name}; valid: "
                                 f"{', '.join(list(self.spec.roles) + ['all'])}")
-        mask = np.isin(np.asarray(self.splits, dtype=object), list(self.spec.roles[name]))
+        labels, codes = self._split_codes()
+        mask = np.isin(codes, [k for k, label in enumerate(labels) if label in self.spec.roles[name]])
         if name != "train":
             mask &= self.has_gt
         return np.flatnonzero(mask).astype(np.int64)
+
+    def _split_codes(self) -> tuple[list[str], np.ndarray]:
+        """(distinct partition labels, (N,) int index of each frame's label): split() is then integer
+        comparisons, not a million string hashes per call. Recomputed if ``splits`` is replaced."""
+        cached = getattr(self, "_codes_cache", None)
+        if cached is None or cached[0] is not self.splits or len(cached[2]) != len(self.splits):
+            table: dict[str, int] = {}
+            codes = np.fromiter((table.setdefault(s, len(table)) for s in self.splits), dtype=np.int64,
+                                count=len(self.splits))
+            cached = (self.splits, list(table), codes)
+            self._codes_cache = cached
+        return cached[1], cached[2]
 
     def path_of(self, i: int) -> Path:
         return self.root / self.paths[i]

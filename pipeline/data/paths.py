@@ -3,13 +3,18 @@ and the image walk every layout shares. Each refusal is a :class:`~pipeline.erro
 dataset, the path and the fix."""
 from __future__ import annotations
 
+import array
+import itertools
 import os
 import stat as _stat
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
+import numpy as np
+
 from pipeline.data.spec import DatasetSpec
 from pipeline.errors import ManifestError
+from pipeline.store.fingerprint import Stats
 
 
 def fail(spec: DatasetSpec, msg: str) -> ManifestError:
@@ -53,6 +58,27 @@ class Inside:
                                   f"{self.root} (a symlink leaving the dataset); copy the file into the root "
                                   f"or point --root at a directory that contains it")
 
+    def check_all(self, rels: Sequence[str], link, what: str) -> None:
+        """:meth:`check` for many files whose ``lstat`` is known (``link``: (N,) bool, which are symlinks): one
+        ``realpath`` per directory and per symlink, no system call per plain file."""
+        for parent in sorted({r.rpartition("/")[0] for r in rels}):
+            full = os.path.join(self.root, parent) if parent else str(self.root)
+            ok = self._dirs.get(full)
+            if ok is None:
+                ok = self._dirs[full] = self._ok(os.path.realpath(full))
+            if not ok:
+                rel = next(r for r in rels if r.rpartition("/")[0] == parent)
+                self._refuse(rel, what)
+        for i in np.flatnonzero(link).tolist():
+            if not self._ok(os.path.realpath(os.path.join(self.root, rels[i]))):
+                self._refuse(rels[i], what)
+
+    def _refuse(self, rel: str, what: str) -> None:
+        full = os.path.join(self.root, rel)
+        raise fail(self.spec, f"{what} {rel!r} resolves to {os.path.realpath(full)}, outside the root "
+                              f"{self.root} (a symlink leaving the dataset); copy the file into the root "
+                              f"or point --root at a directory that contains it")
+
 
 def require_dir(spec: DatasetSpec, root: Path, rel: str, hint: str) -> Path:
     p = root / rel
@@ -63,21 +89,76 @@ def require_dir(spec: DatasetSpec, root: Path, rel: str, hint: str) -> Path:
 
 def walk_images(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[str]) -> list[str]:
     """Sorted POSIX paths (relative to ``root``) of image files below ``top``, following in-root symlinks."""
+    return walk_images_stat(spec, root, top, exts)[0]
+
+
+def walk_images_stat(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[str]) -> tuple[list[str], Stats]:
+    """:func:`walk_images` and the ``lstat`` of every file it lists (a symlink's target's for links), aligned
+    with the list: the stat comes from the directory walk itself (one ``fstatat`` per entry), so the
+    fingerprint memo's change detection costs no second pass over a million paths.
+
+    Like ``os.walk(top, followlinks=True)``: symbolic links to folders are followed (a folder met twice, a
+    symlink loop, is walked once), unreadable folders are skipped; hidden entries (:func:`hidden`) are not
+    listed. A dangling symlink is listed with the stat of the link itself (the scan then names it missing).
+    """
     exts = tuple(e.lower() for e in exts)
+    root_s, top_s = os.path.abspath(root), os.path.abspath(top)
+    rel_top = Path(os.path.relpath(top_s, root_s)).as_posix()
     out: list[str] = []
+    # stat fields straight into packed arrays: a million os.stat_result objects would hold ~200 MB
+    ino, size, mtime = array.array("Q"), array.array("q"), array.array("q")
+    links: list[int] = []  # positions in `out` of symbolic links (checked to stay inside the root)
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
+    stack = [(top_s, "" if rel_top == "." else rel_top + "/")]
+    islnk = _stat.S_ISLNK
+    while stack:
+        d, pre = stack.pop()
+        real = os.path.realpath(d)
         if real in seen:  # a symlink loop inside the root
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
-        rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()  # string joins below: pathlib is slow per file
-        pre = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [d for d in dirnames if not hidden(d)]
-        out.extend(pre + fn for fn in filenames if fn.lower().endswith(exts) and not hidden(fn))
-    return sorted(out)
+        files, dirs = [], []
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    name = e.name
+                    if name[0] == "." or name == "__MACOSX":  # hidden(), inlined: ~0.3 s a million calls
+                        continue
+                    try:
+                        is_dir = e.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        dirs.append(name)
+                    elif name.lower().endswith(exts):
+                        files.append(e)
+        except OSError:
+            continue  # os.walk's default: an unreadable folder is skipped
+        files.sort(key=lambda e: e.name)
+        for e in files:
+            st = e.stat(follow_symlinks=False)
+            if islnk(st.st_mode):
+                links.append(len(out))
+                try:
+                    st = os.stat(e.path)
+                except OSError:
+                    pass
+            out.append(pre + e.name)
+            ino.append(st.st_ino)
+            size.append(st.st_size)
+            mtime.append(st.st_mtime_ns)
+        stack.extend((os.path.join(d, name), pre + name + "/") for name in sorted(dirs, reverse=True))
+    n = len(out)
+    stats = Stats(ino=np.frombuffer(ino, dtype=np.uint64).copy(), size=np.frombuffer(size, dtype=np.int64).copy(),
+                  mtime=np.frombuffer(mtime, dtype=np.int64).copy(), link=np.zeros(n, dtype=bool))
+    stats.link[links] = True
+    if n and not all(a < b for a, b in zip(out, itertools.islice(out, 1, None))):
+        # The walk's order is not the sorted one (a folder holding both files and sub-folders, names with
+        # characters below "/"): sort, and the stats with it.
+        order = np.array(sorted(range(n), key=out.__getitem__), dtype=np.int64)
+        out = [out[i] for i in order.tolist()]
+        stats = Stats(stats.ino[order], stats.size[order], stats.mtime[order], stats.link[order])
+    return out, stats
 
 
 def hidden(name: str) -> bool:

@@ -182,10 +182,12 @@ def run(ctx) -> dict:
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=True,
                       use_depth=(gamma > 0 and not use_cache), depth_reader=reader, hflip=hflip, seed=sec.seed,
                       depth_norm=sec.depth_norm)
+    common.attach_frame_cache(ctx, sec, ds)
     cache = None
     if use_cache:
         depth_ds = FrameDataset(manifest=m, indices=train_idx, image_size=cfg.teach.model.image_size,
                                 use_rgb=False, use_depth=True, depth_reader=reader, depth_norm=cfg.teach.depth_norm)
+        common.attach_frame_cache(ctx, sec, depth_ds, build=False)  # one pass: only the teacher's, if teach built it
         cache_path = ctx.path / "teacher_embeddings.h5"
         build_embedding_cache(cache_path, teacher, depth_ds, layer, hflip, device, ctx.console)
         cache = EmbeddingCache(cache_path)

@@ -78,6 +78,7 @@ def run(ctx) -> dict:
     train_idx = valid_train_indices(m, reader, "train")
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=False, use_depth=True,
                       depth_reader=reader, hflip=sec.hflip, seed=sec.seed, depth_norm=sec.depth_norm)
+    common.attach_frame_cache(ctx, sec, ds)
     args = common.model_args(sec)
     torch.manual_seed(sec.seed)  # initial weights are part of the run's identity
     model = common.build_model(args)

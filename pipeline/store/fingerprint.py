@@ -10,21 +10,26 @@ default ``~/.cache/dkp/fingerprints``), never the source of truth (research/pipe
 - a file whose mtime is within :data:`RACY_WINDOW_NS` of the scan is hashed but not memoised, since
   a second write inside the same mtime tick would keep size and mtime and go unnoticed ("racy git").
 
+A rebuild costs one ``lstat`` per file and array comparisons (the memo is columnar: see
+:class:`FingerprintMemo`): a million unchanged frames are checked in about a second, and nothing is read.
 All file content is read by :func:`_read_and_digest`; tests spy on it to prove that a rebuild over
 unchanged files reads nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import stat as stat_mod
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import xxhash
 
 from pipeline.store.io import HASH_CHUNK, stream_file, write_atomic
@@ -32,7 +37,8 @@ from pipeline.store.io import HASH_CHUNK, stream_file, write_atomic
 log = logging.getLogger(__name__)
 
 PREFIX = "xxh3:"
-MEMO_SCHEMA = "dkp.fingerprint-memo/1"
+MEMO_SCHEMA = "dkp.fingerprint-memo/2"  # columnar .npz (FingerprintMemo)
+LEGACY_SCHEMA = "dkp.fingerprint-memo/1"  # one JSON object per file: still read, never written
 CHUNK = HASH_CHUNK  # read size (stream_file's); the first chunk is also what probes see (image headers live there)
 RACY_WINDOW_NS = 2_000_000_000  # files modified this recently are not memoised (see module docstring)
 
@@ -72,55 +78,154 @@ def combine(fingerprints: Sequence[str]) -> str:
     """Order-sensitive fingerprint of a list of fingerprints: ``"xxh3:<32 hex>"``.
 
     Each entry is newline-terminated (fingerprints never contain newlines), so ``["a", "b"]``,
-    ``["ab"]`` and ``["b", "a"]`` all differ, and the empty list has a fingerprint too.
+    ``["ab"]`` and ``["b", "a"]`` all differ, and the empty list has a fingerprint too. The entries are
+    hashed as one joined buffer: the same digest as feeding them one by one, ~50x faster for a million.
     """
-    h = xxhash.xxh3_128()
-    for fp in fingerprints:
-        h.update(fp.encode("ascii"))
-        h.update(b"\n")
-    return PREFIX + h.hexdigest()
+    if not fingerprints:
+        return PREFIX + xxhash.xxh3_128().hexdigest()
+    return PREFIX + xxhash.xxh3_128(("\n".join(fingerprints) + "\n").encode("ascii")).hexdigest()
+
+
+def names_blob(relpaths: Sequence[str]) -> bytes:
+    """The paths joined by NUL (never in a file name), UTF-8 with lone surrogates kept (undecodable names): one
+    buffer whose equality says "the same files in the same order" in one comparison."""
+    return "\0".join(relpaths).encode("utf-8", "surrogatepass")
+
+
+# A memo segment's per-file columns, besides its probe results (see _Segment).
+_COLUMNS = ("ino", "size", "mtime", "ok", "xxh3")
+
+
+@dataclass
+class _Segment:
+    """What one scan (one root, one ``desc``: frames, masks, depth files, ...) learnt, one row per file in scan
+    order: stat identity, whether the row may vouch for the file (False: hashed inside the racy window),
+    the digest and the probe results (``extras[key]`` values, ``has[key]`` where recorded)."""
+
+    names: bytes  # names_blob of the relative paths
+    ino: np.ndarray  # (N,) uint64
+    size: np.ndarray  # (N,) int64 bytes
+    mtime: np.ndarray  # (N,) int64 ns
+    ok: np.ndarray  # (N,) bool
+    xxh3: np.ndarray  # (N,) "S37" b"xxh3:<hex>"
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (N, ...) int64 or object (str)
+    has: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.ino)
+
+    def rows_for(self, relpaths: Sequence[str], blob: bytes) -> np.ndarray:
+        """(N,) int64 row of each path in this segment, -1 where it has none. One buffer comparison when
+        the files are those of the last scan, in the same order (a no-op rebuild); a dict otherwise."""
+        if blob == self.names and len(relpaths) == len(self):
+            return np.arange(len(relpaths), dtype=np.int64)
+        known = self.names.decode("utf-8", "surrogatepass").split("\0") if len(self) else []
+        index = dict(zip(known, range(len(known))))
+        return np.fromiter((index.get(r, -1) for r in relpaths), dtype=np.int64, count=len(relpaths))
+
+
+def _segment_id(root: str, desc: str) -> str:
+    return f"{desc}\0{root}"
 
 
 class FingerprintMemo:
-    """(absolute path, inode, size, mtime_ns) -> digests (+ probe results), in one JSON file.
+    """(path, inode, size, mtime_ns) -> digests (+ probe results), in one file per dataset root.
 
-    One memo file per dataset root (:meth:`for_root`) keeps each file small and lets datasets be
-    built concurrently. Entries for a path are replaced when its stat changes.
+    Columnar (``dkp.fingerprint-memo/2``, an ``.npz`` of plain arrays, no pickles): each scan of
+    :func:`scan_files` keeps one *segment* per (root, ``desc``) with a row per file in scan order, so
+    a rebuild over the same files matches a million paths with one buffer comparison and their stats
+    with array comparisons. Single files (weights: :func:`sha256_file_memo`) keep a small dict
+    (:meth:`lookup`/:meth:`store`). A memo of the older JSON format (``dkp.fingerprint-memo/1``, read from
+    the same path or from the ``.json`` beside a ``.npz`` path) is read as single-file entries, so
+    nothing is hashed twice after an upgrade; the next save writes the new format.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._entries: dict[str, list] = {}
+        self._segments: dict[str, _Segment] = {}
+        self._npz: Any = None  # the loaded file, segments read from it on first use
+        self._on_disk: dict[str, int] = {}  # segment id -> its number in the file
+        self._legacy: Optional[Path] = None
         self._dirty = False
         self._load()
 
     @classmethod
     def for_root(cls, root: str | os.PathLike, *, cache_dir: Optional[Path] = None) -> "FingerprintMemo":
-        """The memo for files under ``root``: ``<cache_dir>/fingerprints/<sha256(abs root)[:16]>.json``."""
+        """The memo for files under ``root``: ``<cache_dir>/fingerprints/<sha256(abs root)[:16]>.npz``."""
         base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-        return cls(base / "fingerprints" / f"{tag}.json")
+        return cls(base / "fingerprints" / f"{tag}.npz")
 
+    # ---- reading
     def _load(self) -> None:
+        path = self.path
+        if not path.exists() and path.suffix == ".npz" and path.with_suffix(".json").exists():
+            path = self._legacy = path.with_suffix(".json")
         try:
-            raw = self.path.read_text()
+            with open(path, "rb") as f:
+                magic = f.read(2)
         except FileNotFoundError:
             return
         except OSError as e:
-            log.warning("fingerprint memo %s unreadable (%s); every file will be hashed", self.path, e)
+            log.warning("fingerprint memo %s unreadable (%s); every file will be hashed", path, e)
             return
         try:
-            data = json.loads(raw)
-            if data.get("schema") != MEMO_SCHEMA or not isinstance(data.get("entries"), dict):
-                raise ValueError(f"schema {data.get('schema')!r}, expected {MEMO_SCHEMA!r}")
-            self._entries = data["entries"]
-        except (ValueError, AttributeError) as e:
-            log.warning("fingerprint memo %s is corrupt (%s); ignoring it, every file will be hashed", self.path, e)
-            self._entries = {}
+            if magic == b"PK":
+                self._load_npz(path)
+            else:
+                self._load_json(path)
+                self._legacy = path if path != self.path else self._legacy
+        except Exception as e:  # noqa: BLE001 - any damage (zip, JSON, array) is a logged miss, never an error
+            log.warning("fingerprint memo %s is corrupt (%s); ignoring it, every file will be hashed", path, e)
+            self._entries, self._segments, self._on_disk, self._npz = {}, {}, {}, None
+
+    def _load_json(self, path: Path) -> None:
+        data = json.loads(path.read_text())
+        if data.get("schema") != LEGACY_SCHEMA or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"schema {data.get('schema')!r}, expected {LEGACY_SCHEMA!r}")
+        self._entries = data["entries"]
+
+    def _load_npz(self, path: Path) -> None:
+        npz = np.load(path, allow_pickle=False)
+        header = json.loads(str(npz["header"]))
+        if header.get("schema") != MEMO_SCHEMA:
+            raise ValueError(f"schema {header.get('schema')!r}, expected {MEMO_SCHEMA!r}")
+        self._entries = dict(header.get("entries") or {})
+        self._on_disk = {sid: int(k) for sid, k in header.get("segments", {}).items()}
+        self._extras_of = {sid: list(v) for sid, v in header.get("extras", {}).items()}
+        self._npz = npz
+
+    def _segment(self, sid: str) -> Optional[_Segment]:
+        if sid in self._segments:
+            return self._segments[sid]
+        k = self._on_disk.get(sid)
+        if k is None or self._npz is None:
+            return None
+        try:
+            z = self._npz
+            seg = _Segment(names=z[f"s{k}.names"].tobytes(), **{c: z[f"s{k}.{c}"] for c in _COLUMNS})
+            for key in self._extras_of.get(sid, []):
+                seg.extras[key] = z[f"s{k}.x.{key}"]
+                seg.has[key] = z[f"s{k}.h.{key}"]
+                if seg.extras[key].dtype.kind == "U":
+                    seg.extras[key] = seg.extras[key].astype(object)
+            n = len(seg.ino)
+            if any(len(getattr(seg, c)) != n for c in _COLUMNS) or any(len(v) != n for v in seg.has.values()):
+                raise ValueError("columns of different lengths")
+        except Exception as e:  # noqa: BLE001 - a damaged segment is a miss
+            log.warning("fingerprint memo %s: segment %d is corrupt (%s); its files will be hashed", self.path, k, e)
+            seg = None
+        self._segments[sid] = seg
+        return seg
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + sum(len(s) for s in (self._segment(sid) for sid in self._sids()) if s)
 
+    def _sids(self) -> list[str]:
+        return list(dict.fromkeys([*self._on_disk, *self._segments]))
+
+    # ---- single files
     @staticmethod
     def _stat_key(st: os.stat_result) -> list[int]:
         return [st.st_ino, st.st_size, st.st_mtime_ns]
@@ -136,18 +241,47 @@ class FingerprintMemo:
         self._entries[str(path)] = [self._stat_key(st), dict(record)]
         self._dirty = True
 
+    # ---- writing
+    def put_segment(self, root: str, desc: str, seg: _Segment) -> None:
+        self._segments[_segment_id(root, desc)] = seg
+        self._dirty = True
+
     def save(self) -> None:
         """Write the memo atomically if it changed; failures are logged (the memo is optional)."""
         if not self._dirty:
             return
+        import io
 
+        arrays: dict[str, np.ndarray] = {}
+        segments: dict[str, int] = {}
+        extras: dict[str, list[str]] = {}
+        for k, sid in enumerate(self._sids()):
+            seg = self._segment(sid)
+            if seg is None:
+                continue
+            segments[sid] = k
+            arrays[f"s{k}.names"] = np.frombuffer(seg.names, dtype=np.uint8)
+            for c in _COLUMNS:
+                arrays[f"s{k}.{c}"] = getattr(seg, c)
+            extras[sid] = sorted(seg.extras)
+            for key, v in seg.extras.items():
+                arrays[f"s{k}.x.{key}"] = v.astype(str) if v.dtype == object else v
+                arrays[f"s{k}.h.{key}"] = seg.has[key]
+        header = {"schema": MEMO_SCHEMA, "segments": segments, "extras": extras, "entries": self._entries}
+        arrays["header"] = np.array(json.dumps(header, separators=(",", ":")))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps({"schema": MEMO_SCHEMA, "entries": self._entries},
-                                               separators=(",", ":")))
+            write_atomic(self.path, buf.getvalue())
             self._dirty = False
         except OSError as e:
             log.warning("could not write fingerprint memo %s (%s); next run hashes again", self.path, e)
+            return
+        if self._legacy is not None and self._legacy != self.path:
+            with contextlib.suppress(OSError):
+                self._legacy.unlink()
+            self._legacy = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +290,56 @@ class FileInfo:
 
     fingerprint: str  # "xxh3:<hex>"
     extra: Mapping[str, Any] = field(default_factory=dict)  # probe results, e.g. {"wh": [W, H]}
+
+
+@dataclass
+class Stats:
+    """``lstat`` of N files (``stat`` of a symlink's target): inode, size, mtime_ns and which are links."""
+
+    ino: np.ndarray  # (N,) uint64
+    size: np.ndarray  # (N,) int64
+    mtime: np.ndarray  # (N,) int64 ns
+    link: np.ndarray  # (N,) bool: the path itself is a symbolic link
+
+
+def stat_files(root: str | os.PathLike, relpaths: Sequence[str]) -> Stats:
+    """Stat ``root/relpath`` for each relpath: one ``lstat`` per file (plus a ``stat`` per symlink), nothing
+    read. Raises ``FileNotFoundError`` (with ``filename``) for a missing file."""
+    pre = os.path.abspath(root) + os.sep  # plain strings: pathlib or os.path.join cost ~1 us per file
+    lstat, islnk = os.lstat, stat_mod.S_ISLNK
+    n = len(relpaths)
+    ino, size, mtime, link = np.zeros(n, np.uint64), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
+    for i, r in enumerate(relpaths):
+        st = lstat(pre + r)
+        if islnk(st.st_mode):
+            link[i] = True
+            st = os.stat(pre + r)  # the target's identity: a re-pointed link changes it
+        ino[i], size[i], mtime[i] = st.st_ino, st.st_size, st.st_mtime_ns
+    return Stats(ino=ino, size=size, mtime=mtime, link=link)
+
+
+class Scan:
+    """The result of :func:`scan_files`, column by column: ``fingerprints`` (list of ``"xxh3:<hex>"``) and
+    ``column(key)``, an (N, ...) array of one probe result. Indexing gives a :class:`FileInfo`."""
+
+    def __init__(self, fingerprints: list[str], columns: dict[str, np.ndarray], stats: Stats) -> None:
+        self.fingerprints, self._columns, self.stats = fingerprints, columns, stats
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    def column(self, key: str) -> np.ndarray:
+        return self._columns[key]
+
+    def __getitem__(self, i: int) -> FileInfo:
+        extra = {}
+        for k, col in self._columns.items():
+            v = col[i]
+            extra[k] = v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v)
+        return FileInfo(self.fingerprints[i], extra)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _progress_bar(total: int, desc: str):
@@ -173,6 +357,21 @@ def _progress_bar(total: int, desc: str):
                     TimeRemainingColumn(), console=Console(stderr=True), transient=False)
 
 
+def _column(values: list, n: int) -> np.ndarray:
+    """An (n, ...) column for probe results ``values`` (ints, lists of ints, or strings; None = absent)."""
+    first = next((v for v in values if v is not None), None)
+    if isinstance(first, (list, tuple)):
+        out = np.zeros((n, len(first)), dtype=np.int64)
+    elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+        out = np.zeros(n, dtype=np.int64)
+    else:
+        out = np.full(n, None, dtype=object)
+    for i, v in enumerate(values):
+        if v is not None:
+            out[i] = v
+    return out
+
+
 def scan_files(
     root: str | os.PathLike,
     relpaths: Sequence[str],
@@ -182,55 +381,125 @@ def scan_files(
     probe_keys: Sequence[str] = (),
     progress: bool = True,
     desc: str = "fingerprinting",
-) -> list[FileInfo]:
+    stats: Optional[Stats] = None,
+) -> Scan:
     """Fingerprint ``root/relpath`` for each relpath (in order), reading only files the memo cannot vouch for.
 
-    ``probe`` (with the keys it returns, ``probe_keys``) runs on the first bytes of each file that is
-    read; its results are memoised with the hash. Raises ``FileNotFoundError``/``OSError`` for a
-    missing or unreadable file (callers turn it into a named error). Saves the memo at the end.
+    Every file is ``stat``ed (or ``stats`` from :func:`stat_files` is used); a file whose (inode, size,
+    mtime_ns) match the memo's row for it, with every key of ``probe_keys`` recorded, is not read. ``probe``
+    (with the keys it returns, ``probe_keys``) runs on the first bytes of each file that is read; its results
+    are memoised with the hash. Raises ``FileNotFoundError``/``OSError`` for a missing or unreadable file
+    (callers turn it into a named error). Saves the memo at the end.
     """
-    root_s = os.path.abspath(root)  # memo keys are absolute paths; plain strings: pathlib costs ~20 us per file
+    root_s = os.path.abspath(root)  # memo keys are absolute; plain strings: pathlib costs ~20 us per file
+    n = len(relpaths)
     now_ns = time.time_ns()
-    out: list[FileInfo] = []
-    bar = _progress_bar(len(relpaths), desc) if progress and relpaths else None
-    task = bar.add_task(desc, total=len(relpaths)) if bar is not None else None
+    st = stats if stats is not None else stat_files(root_s, relpaths)
+    blob = names_blob(relpaths)
+    seg = memo._segment(_segment_id(root_s, desc)) if memo is not None else None
+
+    xxh3 = np.zeros(n, dtype="S37")
+    hit = np.zeros(n, dtype=bool)
+    known: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (values, has) carried from the memo
+    if seg is not None and n:
+        rows = seg.rows_for(relpaths, blob)
+        r = np.where(rows >= 0, rows, 0)
+        hit = ((rows >= 0) & seg.ok[r] & (seg.ino[r] == st.ino) & (seg.size[r] == st.size)
+               & (seg.mtime[r] == st.mtime))
+        for key in probe_keys:
+            hit &= seg.has[key][r] if key in seg.has else False
+        xxh3[hit] = seg.xxh3[r[hit]]
+        for key, v in seg.extras.items():
+            known[key] = (v[r], seg.has[key][r] & hit)
+
+    misses = np.flatnonzero(~hit).tolist()
+    records: dict[int, dict] = {}
+    bar = _progress_bar(len(misses), desc) if progress and misses else None
+    task = bar.add_task(desc, total=len(misses)) if bar is not None else None
     try:
         if bar is not None:
             bar.start()
-        for i, rel in enumerate(relpaths):
-            p = os.path.join(root_s, rel)
-            st = os.stat(p)
-            rec = memo.lookup(p, st) if memo is not None else None
-            if rec is None or "xxh3" not in rec or any(k not in rec for k in probe_keys):
+        for k, i in enumerate(misses):
+            p = os.path.join(root_s, relpaths[i])
+            rec = None
+            if memo is not None and memo._entries:  # an older memo's entries, moved into this segment
+                rec = memo.lookup(p, os.stat(p))
+                memo._entries.pop(p, None)
+                if rec is not None and ("xxh3" not in rec or any(key not in rec for key in probe_keys)):
+                    rec = None
+            if rec is None:
                 try:
                     rec = _read_and_digest(p, probe=probe)
                 except ValueError as e:  # a probe's verdict, e.g. not an image: say which file
                     raise ValueError(f"{p}: {e}") from None
-                if memo is not None and st.st_mtime_ns < now_ns - RACY_WINDOW_NS:
-                    memo.store(p, st, rec)
-            out.append(FileInfo(rec["xxh3"], {k: rec[k] for k in probe_keys}))
-            if bar is not None and (i % 256 == 255 or i == len(relpaths) - 1):
-                bar.update(task, completed=i + 1)
+            records[i] = rec
+            xxh3[i] = rec["xxh3"].encode("ascii")
+            if bar is not None and (k % 256 == 255 or k == len(misses) - 1):
+                bar.update(task, completed=k + 1)
     finally:
         if bar is not None:
             bar.stop()
-        if memo is not None:
-            memo.save()
+
+    # the columns: probe results carried from the memo where it vouched, from the records elsewhere
+    keys = dict.fromkeys([*probe_keys, *known, *(key for rec in records.values() for key in rec)])
+    keys.pop("xxh3", None)
+    keys.pop("sha256", None)
+    columns: dict[str, np.ndarray] = {}
+    has: dict[str, np.ndarray] = {}
+    for key in keys:
+        if key in known:
+            col, h = known[key][0].copy(), known[key][1].copy()
+            if col.dtype != object and not all(_fits(col, rec[key]) for rec in records.values() if key in rec):
+                col = col.astype(object)
+        else:
+            col, h = _column(_sparse(records, key, n), n), np.zeros(n, dtype=bool)
+        for i, rec in records.items():
+            if key in rec:
+                col[i] = rec[key]
+                h[i] = True
+        columns[key], has[key] = col, h
+    missing = [key for key in probe_keys if not has[key].all()]
+    if missing:  # only a probe that does not return its key gets here
+        raise ValueError(f"probe did not return {missing[0]!r} for every file")
+
+    unchanged = (seg is not None and not records and blob == seg.names
+                 and all(key in seg.extras for key in columns))  # a no-op rebuild writes nothing
+    if memo is not None and not unchanged:
+        ok = hit.copy()
+        fresh_ok = st.mtime < now_ns - RACY_WINDOW_NS  # files written this recently are not vouched for
+        for i in records:
+            ok[i] = bool(fresh_ok[i])
+        memo.put_segment(root_s, desc, _Segment(names=blob, ino=st.ino, size=st.size, mtime=st.mtime, ok=ok,
+                                                xxh3=xxh3, extras=columns, has=has))
+        memo.save()
+    return Scan(xxh3.astype("U37").tolist(), {k: columns[k] for k in probe_keys}, st)
+
+
+def _sparse(records: dict[int, dict], key: str, n: int) -> list:
+    out: list = [None] * n
+    for i, rec in records.items():
+        out[i] = rec.get(key)
     return out
+
+
+def _fits(col: np.ndarray, value: Any) -> bool:
+    """Whether ``value`` can be stored in the int64 column ``col`` as it is."""
+    v = np.asarray(value)
+    return v.dtype.kind in "iub" and v.shape == col.shape[1:]
 
 
 def fingerprint_files(
     root: str | os.PathLike, relpaths: Sequence[str], memo: Optional[FingerprintMemo], progress: bool = True
 ) -> list[str]:
     """``"xxh3:<hex>"`` of each ``root/relpath``, in order; unchanged files are answered from ``memo``."""
-    return [fi.fingerprint for fi in scan_files(root, relpaths, memo, progress=progress)]
+    return scan_files(root, relpaths, memo, progress=progress).fingerprints
 
 
 def sha256_file_memo(path: str | os.PathLike, memo: Optional[FingerprintMemo] = None) -> str:
-    """``"sha256:<hex>"`` of a (weights) file, memoised like frames (default memo: ``<cache>/fingerprints/files.json``)."""
+    """``"sha256:<hex>"`` of a (weights) file, memoised like frames (default memo: ``<cache>/fingerprints/files.npz``)."""
     p = Path(path).resolve()
     if memo is None:
-        memo = FingerprintMemo(default_cache_dir() / "fingerprints" / "files.json")
+        memo = FingerprintMemo(default_cache_dir() / "fingerprints" / "files.npz")
     st = os.stat(p)
     rec = memo.lookup(p, st)
     if rec is None or "sha256" not in rec:

@@ -1,47 +1,57 @@
 """The folder layout, for a dataset of your own (and what :mod:`pipeline.data.synth` writes): frames under
 ``images/``, optional ``keypoints.csv`` (pixels and a train/test split column; unlisted frames are unlabelled
-training frames), optional ``depth/`` files that replace MiDaS, options in ``ROOT/dataset.yaml``."""
+training frames), optional ``depth/`` files that replace MiDaS, options in ``ROOT/dataset.yaml``.
+
+Built for a million frames: the listing is list comprehensions and sets (no per-frame Python loop with
+checks), ``keypoints.csv`` is parsed in chunks of rows with the checks done on arrays (a slow per-row pass
+runs only to name the first bad row), and the parsed result is cached beside the fingerprint memo under the
+CSV's content hash and the frame list, so a rebuild over an unchanged CSV only stats it.
+"""
 from __future__ import annotations
 
 import csv
+import io
+import itertools
+import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from pipeline.data.layouts.listing import Listing
-from pipeline.data.paths import fail, require_dir, strip_ext, walk_images
+from pipeline.data.paths import fail, require_dir, walk_images_stat
 from pipeline.data.spec import FOLDER_SPLITS, DatasetSpec
-from pipeline.store.fingerprint import FingerprintMemo
+from pipeline.store.fingerprint import FingerprintMemo, Stats, combine, names_blob, scan_files
+from pipeline.store.io import write_atomic
+
+log = logging.getLogger(__name__)
+
+CSV_PARSER = "folder-csv/1"  # bump when the parse result of the same CSV and frames would differ
+CHUNK_ROWS = 65536  # rows of keypoints.csv checked as one set of arrays
 
 
 def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progress: bool) -> Listing:
-    """The listing of this layout under ``root`` (``memo``/``progress``: unused, the walkers' common signature)."""
+    """The listing of this layout under ``root`` (``memo``: where the parsed ``keypoints.csv`` is cached)."""
     f = spec.files
     L = Listing(kp_units="pixels_xy")
     idir = require_dir(spec, root, f["images_dir"], f"put your frames in {root}/{f['images_dir']}/")
-    images = walk_images(spec, root, idir, f["image_exts"])
+    images, L.stats["paths"] = walk_images_stat(spec, root, idir, f["image_exts"])
     if not images:
         raise fail(spec, f"no images ({', '.join(f['image_exts'])}) in {idir}")
-    prefix = f["images_dir"].rstrip("/") + "/"
-    index: dict[str, int] = {}
-    by_name: dict[str, int] = {}
-    for rel in images:
-        fid = strip_ext(rel[len(prefix):])
-        if fid in index:
-            raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[index[fid]]!r} and {rel!r}; keep one file "
-                             f"per frame name")
-        index[fid] = len(L.ids)
-        by_name[rel[len(prefix):]] = len(L.ids)
-        L.ids.append(fid)
-        L.paths.append(rel)
-        L.splits.append("train")  # frames not in keypoints.csv are unlabelled training frames
-        L.kp_sources.append("")
+    plen = len(f["images_dir"].rstrip("/") + "/")
+    # The frame id is the path under images/ without its extension: every listed name ends with one of
+    # image_exts, so the last "." starts it (os.path.splitext per frame costs ~1 s a million).
+    ids = [rel[plen:rel.rfind(".")] for rel in images]
+    _refuse_duplicates(spec, ids, images, lambda fid, a, b: f"duplicate frame id {fid!r}: {a!r} and {b!r}; keep "
+                                                            f"one file per frame name")
+    L.ids, L.paths = ids, images
+    L.splits = ["train"] * len(ids)  # frames not in keypoints.csv are unlabelled training frames
     csv_rel = f["keypoints_csv"]
     if (root / csv_rel).is_file():
-        L.kp = _read_folder_csv(spec, root, csv_rel, index, by_name, L)
+        L.kp, L.splits, L.kp_lines = read_folder_csv(spec, root, csv_rel, ids, images, plen, memo)
+        L.kp_file = csv_rel
     elif spec.n_joints:
-        L.kp = np.full((len(L.ids), spec.n_joints, 2), np.nan)
+        L.kp = np.full((len(L.ids), spec.n_joints, 2), np.nan, dtype=np.float32)
     ddir = root / f["depth_dir"]
     if ddir.is_dir():
         if spec.depth is None:
@@ -49,77 +59,252 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
                              f"'depth_kind: depth' (near = small) or 'depth_kind: inverse_depth' (near = large), "
                              f"and 'depth_scale: S' if the stored numbers need scaling, to "
                              f"{root / f['options_file']}")
-        depths = walk_images(spec, root, ddir, (".png", ".npy"))
-        dprefix = f["depth_dir"].rstrip("/") + "/"
-        found: dict[str, str] = {}
-        for rel in depths:
-            did = strip_ext(rel[len(dprefix):])
-            if did in found:
-                raise fail(spec, f"two depth files for frame {did!r}: {found[did]!r} and {rel!r}; keep one")
-            if did not in index:
-                raise fail(spec, f"depth file {rel!r} has no frame {did!r} in {f['images_dir']}/; remove it or "
-                                 f"add the frame")
-            found[did] = rel
-        lacking = [i for i in L.ids if i not in found]
-        if lacking:
-            raise fail(spec, f"{len(lacking)} frames have no depth file in {f['depth_dir']}/, e.g. {lacking[0]!r}; "
-                             f"give every frame one (<frame>.png 16-bit or <frame>.npy float) or remove "
-                             f"{f['depth_dir']}/ to use MiDaS")
-        L.depths = [found[i] for i in L.ids]
+        L.depths, L.stats["depths"] = _depth_files(spec, root, ddir, ids)
     return L
 
 
-def _read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, index: dict[str, int], by_name: dict[str, int],
-                     L: Listing) -> np.ndarray:
+def _refuse_duplicates(spec: DatasetSpec, ids: list[str], paths: list[str], message) -> None:
+    """A named error for the first id listed twice (in ``paths`` order); one set when there is none."""
+    if len(set(ids)) == len(ids):
+        return
+    first: dict[str, int] = {}
+    for i, fid in enumerate(ids):
+        j = first.setdefault(fid, i)
+        if j != i:
+            raise fail(spec, message(fid, paths[j], paths[i]))
+
+
+def _depth_files(spec: DatasetSpec, root: Path, ddir: Path, ids: list[str]) -> tuple[list[str], Stats]:
+    """The depth file of each frame (in frame order) and their stats."""
+    f = spec.files
+    depths, st = walk_images_stat(spec, root, ddir, (".png", ".npy"))
+    dplen = len(f["depth_dir"].rstrip("/") + "/")
+    dids = [rel[dplen:rel.rfind(".")] for rel in depths]
+    known = set(ids)
+    # the first offending file in listing order, whichever its problem (as a loop over the files would say)
+    dup_at = unknown_at = len(dids)
+    if len(set(dids)) != len(dids):
+        seen: dict[str, int] = {}
+        dup_at = next(i for i, d in enumerate(dids) if seen.setdefault(d, i) != i)
+    if not known.issuperset(dids):
+        unknown_at = next(i for i, d in enumerate(dids) if d not in known)
+    if dup_at < unknown_at:
+        did = dids[dup_at]
+        raise fail(spec, f"two depth files for frame {did!r}: {depths[dids.index(did)]!r} and {depths[dup_at]!r}; "
+                         f"keep one")
+    if unknown_at < len(dids):
+        raise fail(spec, f"depth file {depths[unknown_at]!r} has no frame {dids[unknown_at]!r} in "
+                         f"{f['images_dir']}/; remove it or add the frame")
+    found = dict(zip(dids, range(len(dids))))
+    if len(found) != len(ids):
+        lacking = [i for i in ids if i not in found]
+        raise fail(spec, f"{len(lacking)} frames have no depth file in {f['depth_dir']}/, e.g. {lacking[0]!r}; "
+                         f"give every frame one (<frame>.png 16-bit or <frame>.npy float) or remove "
+                         f"{f['depth_dir']}/ to use MiDaS")
+    order = np.fromiter((found[i] for i in ids), dtype=np.int64, count=len(ids))
+    if (order == np.arange(len(ids))).all():  # depth/ mirrors images/: already in frame order
+        return depths, st
+    return [depths[k] for k in order.tolist()], Stats(st.ino[order], st.size[order], st.mtime[order], st.link[order])
+
+
+# --------------------------------------------------------------------------------------------------
+# keypoints.csv
+
+
+def read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, ids: list[str], images: list[str], plen: int,
+                    memo: Optional[FingerprintMemo]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Parse ``keypoints.csv`` for the frames ``ids`` (files ``images``). Returns ``(kp, splits, lines)``: (N, J, 2)
+    float32 pixels (x, y), NaN = missing or unlisted; the split of every frame; (N,) int64 CSV line of each
+    frame's row (0: not in the CSV), for messages. Cached under the CSV's content hash and the frame list."""
+    cache = None
+    if memo is not None:
+        try:
+            csv_fp = scan_files(root, [csv_rel], memo, progress=False, desc="annotations").fingerprints[0]
+        except OSError as e:
+            raise fail(spec, f"{csv_rel} unreadable ({e})") from None
+        key = combine([CSV_PARSER, csv_fp, combine([str(spec.n_joints)]), _digest(names_blob(ids)),
+                       _digest(names_blob(images))])
+        cache = memo.path.parent / "annotations" / f"folder-{key[5:]}.npz"
+        got = _load_cached(cache, len(ids))
+        if got is not None:
+            return got
+    kp, codes, lines = _parse_csv(spec, root, csv_rel, ids, images, plen)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.savez(buf, kp=kp, split=codes, line=lines)
+            write_atomic(cache, buf.getvalue())
+        except OSError as e:
+            log.warning("could not cache the parsed %s in %s (%s)", csv_rel, cache, e)
+    return kp, [FOLDER_SPLITS[c] for c in codes.tolist()], lines
+
+
+def _digest(blob: bytes) -> str:
+    import xxhash
+
+    return "xxh3:" + xxhash.xxh3_128(blob).hexdigest()
+
+
+def _load_cached(path: Path, n: int) -> Optional[tuple[np.ndarray, list[str], np.ndarray]]:
     try:
-        with open(root / csv_rel, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" BOM
-            rows = list(csv.reader(fh))
-    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        with np.load(path, allow_pickle=False) as z:
+            kp, codes, lines = z["kp"], z["split"], z["line"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # no cache yet, or a damaged one: parse again
+    except Exception as e:  # noqa: BLE001 - zipfile raises its own types; a damaged cache is a miss
+        log.warning("ignoring the damaged parsed-CSV cache %s (%s)", path, e)
+        return None
+    if kp.ndim != 3 or len(kp) != n or codes.shape != (n,) or lines.shape != (n,) or codes.max(initial=0) >= len(
+            FOLDER_SPLITS):
+        return None
+    return kp, [FOLDER_SPLITS[c] for c in codes.tolist()], lines
+
+
+def _parse_csv(spec: DatasetSpec, root: Path, csv_rel: str, ids: list[str], images: list[str],
+               plen: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parse itself: chunks of :data:`CHUNK_ROWS` rows checked as arrays (see :func:`_check_chunk`)."""
+    try:
+        fh = open(root / csv_rel, newline="", encoding="utf-8-sig")  # -sig: Excel's "CSV UTF-8" BOM
+    except OSError as e:
         raise fail(spec, f"{csv_rel} unreadable ({e})") from None
-    if not rows:
-        raise fail(spec, f"{csv_rel} is empty; expected a header frame,split,x0,y0,x1,y1,...")
-    header = [h.strip() for h in rows[0]]
-    n_coord = len(header) - 2
-    expect = [f"{a}{j}" for j in range(max(n_coord, 0) // 2) for a in ("x", "y")]
-    if header[:2] != ["frame", "split"] or n_coord <= 0 or n_coord % 2 or header[2:] != expect:
-        raise fail(spec, f"{csv_rel}: header must be frame,split,x0,y0,x1,y1,... (pixels, x right, y down), "
-                         f"got {','.join(header)!r}")
-    J = n_coord // 2
-    if spec.n_joints is not None and spec.n_joints != J:
-        raise fail(spec, f"{csv_rel} has {J} joints (header) but the dataset says n_joints: {spec.n_joints}; "
-                         f"fix one of them")
-    kp = np.full((len(L.ids), J, 2), np.nan)  # (N, J, 2)
-    seen: dict[int, int] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            raise fail(spec, f"{csv_rel} line {n}: {len(row)} cells, the header has {len(header)}")
-        name, split = row[0].strip(), row[1].strip()
-        i = index.get(name, by_name.get(name))
-        if i is None:
-            raise fail(spec, f"{csv_rel} line {n}: frame {name!r} has no image in {spec.files['images_dir']}/ "
-                             f"(remove the row or add the image)")
-        if i in seen:
-            raise fail(spec, f"{csv_rel} line {n}: duplicate frame id {name!r} (first on line {seen[i]})")
-        seen[i] = n
-        if split not in FOLDER_SPLITS:
-            raise fail(spec, f"{csv_rel} line {n}: split {split!r} is not one of {', '.join(FOLDER_SPLITS)}")
-        L.splits[i] = split
-        L.kp_sources[i] = f"{csv_rel} line {n}"
-        cells = [c.strip() for c in row[2:]]
-        for j in range(J):
-            xs, ys = cells[2 * j], cells[2 * j + 1]
-            if not xs and not ys:
-                continue
-            if not xs or not ys:
-                raise fail(spec, f"{csv_rel} line {n}: joint {j} has only one coordinate; leave both x{j} and "
-                                 f"y{j} empty for a missing joint")
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            first = next(reader, None)
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            raise fail(spec, f"{csv_rel} unreadable ({e})") from None
+        if first is None:
+            raise fail(spec, f"{csv_rel} is empty; expected a header frame,split,x0,y0,x1,y1,...")
+        header = [h.strip() for h in first]
+        n_coord = len(header) - 2
+        expect = [f"{a}{j}" for j in range(max(n_coord, 0) // 2) for a in ("x", "y")]
+        if header[:2] != ["frame", "split"] or n_coord <= 0 or n_coord % 2 or header[2:] != expect:
+            raise fail(spec, f"{csv_rel}: header must be frame,split,x0,y0,x1,y1,... (pixels, x right, y down), "
+                             f"got {','.join(header)!r}")
+        J = n_coord // 2
+        if spec.n_joints is not None and spec.n_joints != J:
+            raise fail(spec, f"{csv_rel} has {J} joints (header) but the dataset says n_joints: {spec.n_joints}; "
+                             f"fix one of them")
+        n = len(ids)
+        parsed = _Parsed(kp=np.full((n, J, 2), np.nan, dtype=np.float32), codes=np.zeros(n, dtype=np.uint8),
+                         lines=np.zeros(n, dtype=np.int64), index=dict(zip(ids, range(n))),
+                         names=lambda: dict(zip((rel[plen:] for rel in images), range(n))),
+                         images_dir=spec.files["images_dir"])
+        line0 = 2
+        while True:
             try:
-                kp[i, j] = (float(xs), float(ys))
-            except ValueError:
-                raise fail(spec, f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not a number") from None
-            if not np.isfinite(kp[i, j]).all():
-                raise fail(spec, f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not finite; leave the "
-                                 f"cells empty for a missing joint")
-    return kp
+                rows = list(itertools.islice(reader, CHUNK_ROWS))
+            except (OSError, csv.Error, UnicodeDecodeError) as e:
+                raise fail(spec, f"{csv_rel} unreadable ({e})") from None
+            if not rows:
+                break
+            _check_chunk(spec, csv_rel, rows, line0, len(header), J, parsed)
+            line0 += len(rows)
+    return parsed.kp, parsed.codes, parsed.lines
+
+
+class _Parsed:
+    """What the chunks fill in: keypoints, split codes (index into FOLDER_SPLITS) and CSV lines per frame."""
+
+    def __init__(self, *, kp, codes, lines, index, names, images_dir: str) -> None:
+        self.kp, self.codes, self.lines, self.index, self.images_dir = kp, codes, lines, index, images_dir
+        self._names, self._by_name = names, None
+
+    def frame_of(self, name: str) -> Optional[int]:
+        """The frame a CSV ``frame`` cell names: a frame id, else a file name under images/."""
+        i = self.index.get(name)
+        if i is None:
+            if self._by_name is None:
+                self._by_name = self._names()
+            i = self._by_name.get(name)
+        return i
+
+
+def _check_chunk(spec: DatasetSpec, csv_rel: str, rows: list[list[str]], line0: int, width: int, J: int,
+                 parsed: _Parsed) -> None:
+    """Check and store one chunk of rows (``rows[k]`` is on line ``line0 + k``). Every check runs on arrays; the
+    first row that fails any of them is handed to :func:`_row_error` for the message a row-by-row reader gives."""
+    blank = np.fromiter((not "".join(r).strip() for r in rows), dtype=bool, count=len(rows))
+    keep = np.flatnonzero(~blank)
+    bad = np.zeros(len(rows), dtype=bool)  # rows with any problem; the first one is reported
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    bad |= ~blank & (lens != width)
+    ok_rows = [rows[k] for k in keep.tolist() if lens[k] == width]
+    ok_at = keep[lens[keep] == width]
+    frames = np.fromiter((-1 if (i := parsed.frame_of(r[0].strip())) is None else i for r in ok_rows),
+                         dtype=np.int64, count=len(ok_rows))
+    splits = [r[1].strip() for r in ok_rows]
+    codes = np.fromiter((FOLDER_SPLITS.index(s) if s in FOLDER_SPLITS else 255 for s in splits), dtype=np.int64,
+                        count=len(splits))
+    cells = np.array([c.strip() for r in ok_rows for c in r[2:]], dtype=str).reshape(len(ok_rows), J, 2)
+    empty = cells == ""
+    one_coord = empty[..., 0] != empty[..., 1]  # (M, J)
+    with np.errstate(invalid="ignore"):
+        try:
+            values = np.where(empty, "nan", cells).astype(np.float64)
+            not_number = np.zeros(cells.shape[:2], dtype=bool)
+        except ValueError:  # some cell is not a number: find which, row by row (only in this failing chunk)
+            values, not_number = _floats_slowly(cells, empty)
+    not_finite = ~empty.any(axis=-1) & ~np.isfinite(values).all(axis=-1)
+    # a frame listed twice: earlier in this chunk, or in an earlier chunk
+    valid = frames >= 0
+    dup = np.zeros(len(frames), dtype=bool)
+    dup[valid] = parsed.lines[frames[valid]] != 0
+    _, first_pos = np.unique(frames, return_index=True)
+    repeat = np.ones(len(frames), dtype=bool)
+    repeat[first_pos] = False
+    dup |= repeat & valid
+    problem = (~valid) | dup | (codes == 255) | (one_coord | not_number | not_finite).any(axis=1)
+    bad[ok_at[problem]] = True
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise fail(spec, _row_error(csv_rel, rows[k], line0 + k, width, J, parsed, rows[:k], line0))
+    parsed.kp[frames] = values.astype(np.float32)
+    parsed.codes[frames] = codes
+    parsed.lines[frames] = line0 + ok_at
+
+
+def _floats_slowly(cells: np.ndarray, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values = np.full(cells.shape, np.nan)
+    not_number = np.zeros(cells.shape[:2], dtype=bool)
+    for m, j, c in zip(*np.nonzero(~empty)):
+        try:
+            values[m, j, c] = float(cells[m, j, c])
+        except ValueError:
+            not_number[m, j] = True
+    return values, not_number
+
+
+def _row_error(csv_rel: str, row: list[str], n: int, width: int, J: int, parsed: _Parsed, before: list[list[str]],
+               line0: int) -> str:
+    """The message for the first problem of row ``row`` (line ``n``), in the order a row-by-row check meets them."""
+    if len(row) != width:
+        return f"{csv_rel} line {n}: {len(row)} cells, the header has {width}"
+    name, split = row[0].strip(), row[1].strip()
+    i = parsed.frame_of(name)
+    if i is None:
+        return (f"{csv_rel} line {n}: frame {name!r} has no image in {parsed.images_dir}/ "
+                f"(remove the row or add the image)")
+    earlier = int(parsed.lines[i]) or next((line0 + k for k, r in enumerate(before)
+                                            if len(r) == width and parsed.frame_of(r[0].strip()) == i), 0)
+    if earlier:
+        return f"{csv_rel} line {n}: duplicate frame id {name!r} (first on line {earlier})"
+    if split not in FOLDER_SPLITS:
+        return f"{csv_rel} line {n}: split {split!r} is not one of {', '.join(FOLDER_SPLITS)}"
+    cells = [c.strip() for c in row[2:]]
+    for j in range(J):
+        xs, ys = cells[2 * j], cells[2 * j + 1]
+        if not xs and not ys:
+            continue
+        if not xs or not ys:
+            return (f"{csv_rel} line {n}: joint {j} has only one coordinate; leave both x{j} and y{j} empty for a "
+                    f"missing joint")
+        try:
+            xy = (float(xs), float(ys))
+        except ValueError:
+            return f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not a number"
+        if not np.isfinite(xy).all():
+            return f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not finite; leave the cells empty for a " \
+                   f"missing joint"
+    raise AssertionError(f"{csv_rel} line {n}: flagged by the array checks but passes the row check")

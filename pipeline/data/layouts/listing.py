@@ -14,8 +14,20 @@ class Listing:
     ids: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
-    kp: Optional[np.ndarray] = None  # (N, J, 2) float64 in `kp_units`, NaN = missing / no annotation
+    kp: Optional[np.ndarray] = None  # (N, J, 2) float in `kp_units`, NaN = missing / no annotation
     kp_units: str = "pixels_xy"  # pixels_xy | unit_rowcol (Human3.6M: (row, col) in [0, 1])
     kp_sources: list[str] = field(default_factory=list)  # per frame: annotation file (for messages)
+    # or, for one annotation file of many rows (folder's keypoints.csv): its name and each frame's line (0: none)
+    kp_file: str = ""
+    kp_lines: Optional[np.ndarray] = None
     masks: Optional[list[Optional[str]]] = None
     depths: Optional[list[str]] = None
+    # the stat of each file of `paths` / `depths`, when the walker has it from walking the folders (the build
+    # then stats nothing again): attribute name -> pipeline.store.fingerprint.Stats aligned with that list
+    stats: dict = field(default_factory=dict)
+
+    def source(self, i: int) -> str:
+        """Where frame ``i``'s keypoints come from, for messages ("keypoints.csv line 12", a file name)."""
+        if self.kp_lines is not None:
+            return f"{self.kp_file} line {int(self.kp_lines[i])}" if self.kp_lines[i] else ""
+        return self.kp_sources[i] if i < len(self.kp_sources) else ""
