@@ -346,7 +346,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache",
-                                           "recon-loss", "gpu"]))
+                                           "recon-loss", "gpu", "frames", "scale"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -367,15 +367,28 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
               help="gpu only: side of the generated JPEG frames (Human3.6M: 1000).")
 @click.option("--budget-s", default=BUDGET_S, show_default=True,
               help="gpu only: time budget; cases whose estimate would overrun it are skipped (and recorded).")
+@click.option("--scale-frames", default="10000,100000", show_default=True, metavar="N1,N2,...",
+              help="scale only: dataset sizes (frames) generated and measured, e.g. 10000,100000,1000000.")
+@click.option("--scale-depth", is_flag=True, help="scale only: depth files too, and time their import.")
+@click.option("--work", default=None, type=click.Path(file_okay=False),
+              help="scale only: where the datasets are generated (default: a temporary folder; 1M frames ~4 GB).")
 @click.pass_context
-def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_size, budget_s):
+def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_size, budget_s,
+          scale_frames, scale_depth, work):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
-    kw = {"model": model, "frames": frames} if what == "depth" else {}
+    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "frames" else {}
+    if what == "scale":
+        try:
+            counts = [int(v) for v in scale_frames.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{scale_frames!r} is not a comma-separated list of frame counts",
+                                     param_hint="--scale-frames") from None
+        kw = {"scale_frames": counts, "depth": scale_depth, "work": work}
     if what == "gpu":
         batch = batch if given("batch") else TRAIN_BATCH
         kw = {"models": models, "batches": batches, "frame_size": frame_size, "budget_s": budget_s,

@@ -119,7 +119,7 @@ def frames_changed(old_m, new_m) -> str:
 
 
 def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
-    from pipeline.data.build import build_manifest
+    from pipeline.data.build import build_manifest_once
 
     if manifest is None and not Path(cfg.data.root).is_dir():
         from pipeline.errors import ManifestError
@@ -129,7 +129,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                                 f"`dkp-pipeline run {cfg.name}` generates it with the preset's data.synth_* settings")
         raise ManifestError(f"dataset {cfg.data.manifest}: root {cfg.data.root} is not a directory; point the "
                             f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
-    m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress)
+    m = manifest if manifest is not None else build_manifest_once(cfg.data.manifest, cfg.data.root,
+                                                                  store_root=store.root, progress=progress)
     stages: dict[str, StagePlan] = {}
     from pipeline.data import reads
 
@@ -160,7 +161,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             sp.state = "in_progress"
             sp.progress = progress_of(stage, st.path)
             if st.locked_by:
-                sp.why.append(f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
+                sp.why.append(st.locked_by.get("note")
+                              or f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
             else:
                 sp.why.append("interrupted; will resume")
         else:

@@ -108,18 +108,43 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
 
 
 def timed_cli(args: Sequence[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> dict:
-    """Run ``dkp-pipeline ARGS`` as a child process; wall seconds and its own peak RSS (``wait4``)."""
-    cmd = [sys.executable, "-m", "pipeline.cli", *args]
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    out, err = p.stdout.read(), p.stderr.read()  # drained before wait4: a full pipe would block the child
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode(errors='replace')[-3000:]}")
-    return {"seconds": round(wall, 3), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
-            "stdout_tail": out.decode(errors="replace")[-400:]}
+    """Run ``dkp-pipeline ARGS`` in a fresh Python process: wall seconds (interpreter start to exit) and that
+    process's own peak RSS (``VmHWM`` read at its exit, so nothing of this process counts)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dkp-scale-") as tmp:
+        report = Path(tmp) / "rusage.json"
+        cmd = [sys.executable, "-c", _CHILD, str(report), *args]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, env=env, cwd=cwd)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"dkp-pipeline {' '.join(args)} failed ({p.returncode}):\n"
+                               f"{p.stderr.decode(errors='replace')[-3000:]}")
+        peak = json.loads(report.read_text())["peak_rss_mib"]
+    return {"seconds": round(wall, 3), "peak_rss_mib": peak, "stdout_tail": p.stdout.decode(errors="replace")[-400:]}
+
+
+# The child process: the CLI with ARGS, then its own peak RSS into REPORT. Inline (python -c) so that it imports
+# nothing but the CLI: importing pipeline.bench would load torch and count its hundreds of MB.
+_CHILD = """
+import json, resource, sys
+from pipeline.cli import main
+report, args = sys.argv[1], sys.argv[2:]
+code = 0
+try:
+    main(args, standalone_mode=False)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+finally:
+    # VmHWM is this address space's peak: ru_maxrss survives exec and would report the forking parent's size.
+    try:
+        kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    open(report, "w").write(json.dumps({"peak_rss_mib": round(kib / 1024, 1)}))
+sys.exit(code)
+"""
 
 
 def scale_point(work: Path, n: int, *, depth: bool = False, keep: bool = False, progress: bool = True) -> dict:
@@ -148,3 +173,46 @@ def scale_point(work: Path, n: int, *, depth: bool = False, keep: bool = False, 
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def bench_scale(*, batch: int, size: int, steps: int, device=None, isolate: bool = True,
+                scale_frames: Sequence[int] = (10_000, 100_000), depth: bool = False, work: Optional[str] = None,
+                keep: bool = False, console=None) -> dict:
+    """The cases of the module docstring at each N of ``scale_frames`` (``batch``, ``size``, ``steps`` unused)."""
+    import tempfile
+
+    from pipeline.errors import ConfigError
+
+    if not scale_frames or any(not isinstance(n, int) or n < 10 for n in scale_frames):
+        raise ConfigError(f"bench scale --scale-frames {scale_frames!r}: give frame counts >= 10, e.g. 10000,100000")
+    base = Path(work) if work else Path(tempfile.mkdtemp(prefix="dkp-bench-scale-"))
+    need = sum(scale_frames) * (2 if depth else 1) * 4096 * 1.2  # a block per tiny file
+    free = shutil.disk_usage(base if base.exists() else base.parent).free
+    if need > free:
+        raise ConfigError(f"bench scale: the datasets need ~{need / 2**30:.1f} GiB under {base}, "
+                          f"{free / 2**30:.1f} GiB are free; pass --work DIR on a larger disk or fewer frames")
+    points = []
+    for n in scale_frames:
+        if console is not None:
+            console.print(f"scale: {n} frames under {base} ...", markup=False)
+        points.append(scale_point(base, n, depth=depth, keep=keep, progress=console is not None))
+    if not work and not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    cases = {f"{c}@{p['frames']}": p["cases"][c] | {"frames": p["frames"]} for p in points for c in p["cases"]}
+    ratios = {}
+    first, last = points[0], points[-1]
+    for c in last["cases"]:
+        # per-frame cost at the largest N over the smallest: 1 = linear; a no-op status also pays a fixed start-up
+        ratios[f"{c} s_per_frame {last['frames']}/{first['frames']}"] = round(
+            last["cases"][c]["s_per_frame"] / first["cases"][c]["s_per_frame"], 3) if first is not last else None
+    biggest = last["cases"]["status_noop"]
+    goals = {f"status_noop seconds at {last['frames']} frames": {
+                 "goal": 10.0, "value": biggest["seconds"], "met": biggest["seconds"] <= 10.0, "op": "<="},
+             f"status_noop peak MiB at {last['frames']} frames": {
+                 "goal": 1024.0, "value": biggest["peak_rss_mib"], "met": biggest["peak_rss_mib"] <= 1024.0,
+                 "op": "<="}}
+    return {"baseline": f"the smallest dataset ({first['frames']} frames)", "cases": cases, "ratios": ratios,
+            "goals": goals, "points": [{k: v for k, v in p.items() if k != "cases"} for p in points],
+            "setup": {"frame": f"{FRAME_SIDE}x{FRAME_SIDE} PNG", "per_dir": PER_DIR, "joints": N_JOINTS,
+                      "keypoints_csv": "every frame, every tenth test", "depth_files": depth,
+                      "memo": "a fresh $DKP_CACHE_DIR per dataset size", "threads": "OMP_NUM_THREADS=1"}}

@@ -8,6 +8,7 @@ from :mod:`pipeline.store.fingerprint` and are memoised, so a rebuild over uncha
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -152,3 +153,70 @@ def _scan(spec: DatasetSpec, root: Path, rels: list[str], memo: Optional[Fingerp
         name = getattr(e, "filename", None)  # OSErrors carry it; probe ValueErrors put the path in the text
         what = f"{desc} file {name}" if name else f"{desc} file"
         raise fail(spec, f"{what} unreadable: {e}; replace or remove it") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# once per torchrun job
+
+HANDOFF_DIR = ".handoff"  # under the store root: manifests rank 0 built for the other ranks of a job
+_calls = 0  # build_manifest_once calls in this process: every rank makes them in the same order
+
+
+def _agent_store():
+    """(c10d store, rank) when this process is a rank > 1-process torchrun job whose elastic agent serves a store
+    at MASTER_ADDR:MASTER_PORT (``TORCHELASTIC_USE_AGENT_STORE``), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import datetime
+
+    from torch.distributed import PrefixStore, TCPStore
+
+    # Followers wait while rank 0 hashes the dataset: hours for millions of frames on a network file system. A
+    # rank that dies instead ends the whole job (torchrun stops the others), so no one waits for nothing.
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=datetime.timedelta(hours=24))
+    prefix = f"dkp/manifest/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return PrefixStore(prefix, store), int(os.environ.get("RANK", "0"))
+
+
+def build_manifest_once(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *, store_root: Path,
+                        progress: bool = True) -> Manifest:
+    """:func:`build_manifest`, walked and fingerprinted by one process of a job: under torchrun, rank 0 builds it
+    and saves it under ``STORE/.handoff/`` (the store is shared by the nodes of a job), the other ranks wait on
+    the job's c10d store for its path and load it; they neither stat nor read the dataset, and their fingerprint
+    memos (node-local) do not matter. Outside torchrun (or without the elastic agent's store), this process
+    builds it."""
+    global _calls
+    agent = _agent_store()
+    if agent is None:
+        return build_manifest(name_or_yaml_path, root, progress=progress)
+    store, rank = agent
+    _calls += 1
+    tag = f"{_calls}/"
+    if rank != 0:
+        store.wait([tag + "done"])
+        error = store.get(tag + "error").decode() if store.check([tag + "error"]) else ""
+        if error:
+            from pipeline.errors import ManifestError
+
+            raise ManifestError(f"rank 0 could not build the manifest: {error}")
+        return Manifest.load(store.get(tag + "path").decode(), root=os.path.abspath(Path(root).expanduser()))
+    from pipeline.errors import DkpError
+
+    try:
+        m = build_manifest(name_or_yaml_path, root, progress=progress)
+    except DkpError as e:
+        store.set(tag + "error", str(e))
+        store.set(tag + "done", "1")
+        raise
+    import uuid
+
+    handoff = Path(store_root) / HANDOFF_DIR
+    handoff.mkdir(parents=True, exist_ok=True)
+    for old in handoff.glob("manifest-*"):  # other jobs' hand-offs, long read
+        if time.time() - old.stat().st_mtime > 2 * 86400:
+            old.unlink(missing_ok=True)
+    path = m.save(handoff / f"manifest-{uuid.uuid4().hex[:16]}.json")
+    store.set(tag + "path", str(path))
+    store.set(tag + "done", "1")
+    return m

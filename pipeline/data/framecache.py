@@ -6,13 +6,15 @@ depth map and normalises it for every sample of every epoch: 1.1-2.5 ms of one c
 slower than a GPU consumes them. The cache holds, per dataset item, exactly what that path computes before the
 tensor conversion, in a plain ``.npy`` read through ``mmap``:
 
-- ``rgb``   (N, S, S, 3) uint8: ``resize_square(read_rgb(frame), S)``;
+- ``rgb``   (N, 3, S, S) uint8: ``resize_square(read_rgb(frame), S)``, channels first;
 - ``depth`` (N, S, S) float32: ``normalise_inverse_depth(resize_square(depth map, S), norm)``;
-- ``mask``  (N, S, S, C) float32: the foreground factor, ``resize_square(read_mask(mask), S)`` (``apply_masks``).
+- ``mask``  (N, C, S, S) float32: the foreground factor, ``resize_square(read_mask(mask), S)`` (``apply_masks``).
 
-The tensor conversion, the mask product and the flip then run on these rows through the same code as without a
-cache, so a cached sample is bit-identical to a decoded one (tests/test_framecache.py). Depth is kept in float32,
-not float16: the resized, normalised map is not a float16 value, and the teacher's input must not change.
+The flip, the float conversion and the mask product then run on these rows through the same code as without a
+cache (:func:`pipeline.data.datasets.finish`), so a cached sample is bit-identical to a decoded one
+(tests/test_framecache.py). Channels first, so that a sample is a plain copy of its row (mirrored or not), not a
+strided transpose. Depth is kept in float32, not float16: the resized, normalised map is not a float16 value,
+and the teacher's input must not change.
 
 **Identity.** Each cache is content-addressed like an artifact: ``STORE/frame-cache/<kind>-<key[:16]>/`` with
 ``data.npy``, ``artifact.json`` (key, what it hashed) and ``COMPLETE``, written under the store's lock. Its key
@@ -30,6 +32,7 @@ when the disk lacks room for it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,7 +89,7 @@ def specs_for(ds, *, depth_key: Optional[str]) -> list[CacheSpec]:
     out = []
     if ds.use_rgb:
         ident = {"kind": "rgb", "size": S, "decode": DECODE_RULE, "frames": frames_of(m, idx)}
-        out.append(CacheSpec("rgb", _key(ident), ident, (S, S, 3), "uint8"))
+        out.append(CacheSpec("rgb", _key(ident), ident, (3, S, S), "uint8"))
     if ds.use_depth:
         if not depth_key:
             raise ValueError("a depth frame cache needs the key of the depth artifact it is read from")
@@ -98,43 +101,69 @@ def specs_for(ds, *, depth_key: Optional[str]) -> list[CacheSpec]:
 
         ident = {"kind": "mask", "size": S, "decode": DECODE_RULE,
                  "masks": combine([m.mask_fingerprints[i] or "-" for i in idx.tolist()])}
-        channels = ds.mask_factor(0).shape[2] if len(idx) else 1  # 1 (gray mask) or 3 (RGB mask)
-        out.append(CacheSpec("mask", _key(ident), ident, (S, S, channels), "float32"))
+        channels = ds.mask_chw(0).shape[0] if len(idx) else 1  # 1 (gray mask) or 3 (RGB mask)
+        out.append(CacheSpec("mask", _key(ident), ident, (channels, S, S), "float32"))
     return out
 
 
 class FrameCache:
-    """Rows of the caches of one dataset, by kind, read through ``mmap``. Opens its files lazily in the process
-    that reads (DataLoader workers included) and pickles without them."""
+    """Rows of the caches of one dataset, by kind. Opens its files lazily in the process that reads (DataLoader
+    workers included) and pickles without them.
+
+    A row is read with one ``pread`` into a fresh array (a copy from the page cache, ~10 us for a 128 px frame):
+    cheaper than touching a memory map's pages one fault at a time, and the array is the sample's own."""
 
     def __init__(self, files: dict[str, Path], n_rows: int) -> None:
         self.files, self.n_rows = dict(files), n_rows
-        self._arrays: dict[str, np.ndarray] = {}
+        self._open: dict[str, tuple] = {}  # kind -> (fd, data offset, row shape, dtype, row bytes)
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"files": self.files, "n_rows": self.n_rows, "_arrays": {}}
+        return {"files": self.files, "n_rows": self.n_rows, "_open": {}, "_pid": None}
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd, *_ in self._open.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._open = {}
 
     def has(self, kind: str) -> bool:
         return kind in self.files
 
-    def array(self, kind: str) -> np.ndarray:
-        a = self._arrays.get(kind)
-        if a is None:
+    def _file(self, kind: str) -> tuple:
+        if self._pid != os.getpid():  # inherited through fork: this process's own descriptors
+            self._open, self._pid = {}, os.getpid()
+        f = self._open.get(kind)
+        if f is None:
             path = self.files[kind]
             try:
-                a = np.load(path, mmap_mode="r", allow_pickle=False)
+                a = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header: shape, dtype, offset
+                shape, dtype, offset = a.shape, a.dtype, a.offset
+                del a
+                fd = os.open(path, os.O_RDONLY)
             except (OSError, ValueError) as e:
                 raise CacheError(f"frame cache {path} is unreadable ({e}); delete {path.parent} and re-run (it is "
                                  "rebuilt from the frames)") from None
-            if a.shape[0] != self.n_rows:
-                raise CacheError(f"frame cache {path} holds {a.shape[0]} rows, the dataset has {self.n_rows}; "
+            if shape[0] != self.n_rows:
+                os.close(fd)
+                raise CacheError(f"frame cache {path} holds {shape[0]} rows, the dataset has {self.n_rows}; "
                                  f"delete {path.parent} and re-run (it is rebuilt from the frames)")
-            self._arrays[kind] = a
-        return a
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            f = self._open[kind] = (fd, offset, shape[1:], dtype, row)
+        return f
 
-    def row(self, kind: str, i: int) -> np.ndarray:
-        """Row ``i`` of cache ``kind``, a private (writable) copy."""
-        return np.array(self.array(kind)[i])
+    def read(self, kind: str, i: int) -> np.ndarray:
+        """Row ``i`` of cache ``kind``: a new, writable array of the row's shape."""
+        fd, offset, shape, dtype, nbytes = self._file(kind)
+        out = np.empty(shape, dtype=dtype)
+        if os.preadv(fd, [memoryview(out).cast("B")], offset + i * nbytes) != nbytes:
+            raise CacheError(f"frame cache {self.files[kind]}: row {i} is cut short (the file was truncated?); delete "
+                             f"{self.files[kind].parent} and re-run")
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,9 +189,9 @@ class _Chunks:
 
 
 ROW_OF: dict[str, Callable[[Any, int], np.ndarray]] = {
-    "rgb": lambda ds, i: ds.rgb_u8(i),
+    "rgb": lambda ds, i: ds.rgb_chw(i),
     "depth": lambda ds, i: ds.depth_map(i),
-    "mask": lambda ds, i: ds.mask_factor(i),
+    "mask": lambda ds, i: ds.mask_chw(i),
 }
 
 

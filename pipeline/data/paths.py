@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import operator
 import os
 import stat as _stat
 from pathlib import Path, PurePosixPath
@@ -118,8 +119,13 @@ def walk_images_stat(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[st
             continue
         seen.add(real)
         files, dirs = [], []
+        # Through a descriptor of the folder where the OS allows: each stat is then fstatat(fd, name), ~25 %
+        # cheaper than resolving the full path again for every file.
+        fd = None
         try:
-            with os.scandir(d) as it:
+            if _SCANDIR_FD:
+                fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            with os.scandir(d if fd is None else fd) as it:
                 for e in it:
                     name = e.name
                     if name[0] == "." or name == "__MACOSX":  # hidden(), inlined: ~0.3 s a million calls
@@ -132,21 +138,26 @@ def walk_images_stat(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[st
                         dirs.append(name)
                     elif name.lower().endswith(exts):
                         files.append(e)
-        except OSError:
-            continue  # os.walk's default: an unreadable folder is skipped
-        files.sort(key=lambda e: e.name)
-        for e in files:
-            st = e.stat(follow_symlinks=False)
-            if islnk(st.st_mode):
-                links.append(len(out))
+            files.sort(key=_name)
+            try:
+                sts = [e.stat(follow_symlinks=False) for e in files]  # comprehensions: a million in ~1 s
+            except OSError:  # a file removed since the folder was listed: not listed either
+                files, sts = _still_there(files)
+            for k in [k for k, st in enumerate(sts) if islnk(st.st_mode)]:
+                links.append(len(out) + k)
                 try:
-                    st = os.stat(e.path)
+                    sts[k] = os.stat(files[k].name, dir_fd=fd) if fd is not None else os.stat(files[k].path)
                 except OSError:
                     pass
-            out.append(pre + e.name)
-            ino.append(st.st_ino)
-            size.append(st.st_size)
-            mtime.append(st.st_mtime_ns)
+        except OSError:
+            continue  # os.walk's default: an unreadable folder is skipped
+        finally:
+            if fd is not None:
+                os.close(fd)
+        out += [pre + e.name for e in files]
+        ino.extend([st.st_ino for st in sts])
+        size.extend([st.st_size for st in sts])
+        mtime.extend([st.st_mtime_ns for st in sts])
         stack.extend((os.path.join(d, name), pre + name + "/") for name in sorted(dirs, reverse=True))
     n = len(out)
     stats = Stats(ino=np.frombuffer(ino, dtype=np.uint64).copy(), size=np.frombuffer(size, dtype=np.int64).copy(),
@@ -159,6 +170,21 @@ def walk_images_stat(spec: DatasetSpec, root: Path, top: Path, exts: Sequence[st
         out = [out[i] for i in order.tolist()]
         stats = Stats(stats.ino[order], stats.size[order], stats.mtime[order], stats.link[order])
     return out, stats
+
+
+_name = operator.attrgetter("name")
+
+
+def _still_there(entries: list) -> tuple[list, list]:
+    kept, sts = [], []
+    for e in entries:
+        try:
+            sts.append(e.stat(follow_symlinks=False))
+            kept.append(e)
+        except FileNotFoundError:
+            pass
+    return kept, sts
+_SCANDIR_FD = os.scandir in os.supports_fd and os.stat in os.supports_dir_fd
 
 
 def hidden(name: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, collate_frames, valid_train_indices
 from pipeline.stages import common
 from pipeline.stages.teach import _finish, fixed_batch, open_depth
 
@@ -220,8 +220,8 @@ def run(ctx) -> dict:
 
     try:
         with common.training_progress():
-            res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
-                        settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+            res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
+                        step_fn=step_fn, settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                         on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, train_log=log)
     finally:
         if cache is not None:

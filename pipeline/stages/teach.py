@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, collate_frames, valid_train_indices
 from pipeline.stages import common
 
 
@@ -107,8 +107,8 @@ def run(ctx) -> dict:
     recon.to(resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0))))
 
     with common.training_progress():
-        res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
-                    settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+        res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
+                    step_fn=step_fn, settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                     on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None, train_log=log)
     _finish(ctx, res, "teacher (depth)")
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
