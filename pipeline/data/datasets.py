@@ -72,6 +72,11 @@ def collate_frames(items: list) -> dict:
     unreplicated depth: a quarter and a third of the float bytes) and converts the batch in one go."""
     from torch.utils.data import default_collate
 
+    masks = [it["mask"] for it in items if "mask" in it]
+    if masks and len({m.shape[0] for m in masks}) > 1:
+        # a gray mask (1 channel) beside a colour one (3): the gray factor repeated multiplies each channel by
+        # the same value it did as a broadcast, so the products do not change
+        items = [it | {"mask": it["mask"].expand(3, -1, -1)} if it["mask"].shape[0] == 1 else it for it in items]
     return finish(default_collate(items))
 
 

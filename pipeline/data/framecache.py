@@ -33,6 +33,7 @@ when the disk lacks room for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ DECODE_RULE = "read_rgb/resize_square(INTER_AREA down, INTER_LINEAR up)/normalis
 DIRNAME = "frame-cache"
 CHUNK_ROWS = 256  # rows decoded per worker task and written per flush
 MARGIN_BYTES = 1 << 30  # free space left on the disk after a cache is built
+PROGRESS_EVERY_S = 5.0  # how often a build records the rows it has on disk (what a killed build resumes from)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,9 @@ class _Chunks:
 
         lo = self.start + c * CHUNK_ROWS
         rows = [ROW_OF[self.kind](self.ds, i) for i in range(lo, min(lo + CHUNK_ROWS, self.n))]
+        if self.kind == "mask":  # a gray mask in a cache of colour ones: its factor once per channel (same products)
+            c = max(r.shape[0] for r in rows)
+            rows = [np.repeat(r, c, axis=0) if r.shape[0] < c else r for r in rows]
         return lo, torch.from_numpy(np.stack(rows))
 
 
@@ -244,9 +249,13 @@ def _write(d: Path, spec: CacheSpec, ds, n: int, workers: int, console) -> None:
     loader = DataLoader(_Chunks(ds, spec.kind, done, n), batch_size=None, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=4 if workers else None)
     for lo, rows in loader:
+        if rows.shape[1:] != mm.shape[1:]:  # a colour mask in a cache begun with gray ones: start over with 3
+            del mm
+            partial.unlink()
+            raise _Wider(rows.shape[1])
         mm[lo:lo + len(rows)] = rows.numpy()
         done = lo + len(rows)
-        if time.time() - last_save > 5 or done == n:  # the rows before `done` are on disk, then say so
+        if time.time() - last_save >= PROGRESS_EVERY_S or done == n:  # rows before `done` on disk, then say so
             mm.flush()
             write_atomic(_progress_file(d), json.dumps({"rows": done}))
             last_save = time.time()
@@ -260,6 +269,14 @@ def _write(d: Path, spec: CacheSpec, ds, n: int, workers: int, console) -> None:
                                             "workers": workers})
     write_atomic(d / "COMPLETE", spec.key + "\n")
     _progress_file(d).unlink(missing_ok=True)
+
+
+class _Wider(Exception):
+    """A row has more channels than the cache was begun with (masks: gray first, a colour one later)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.channels = channels
 
 
 def _complete(d: Path, spec: CacheSpec) -> bool:
@@ -299,6 +316,11 @@ def ensure(store_root: Path, spec: CacheSpec, ds, *, workers: Optional[int] = No
         if console is not None:
             console.print(f"warning: {msg}", markup=False, soft_wrap=True)
         return None
+    if spec.kind == "mask" and partial.exists():  # a killed build that had widened to colour masks: resume that
+        with contextlib.suppress(OSError, ValueError):
+            shape = np.load(partial, mmap_mode="r", allow_pickle=False).shape
+            if shape[2:] == spec.row_shape[1:]:
+                spec = dataclasses.replace(spec, row_shape=tuple(shape[1:]))
     said = False
     while True:
         lock = Lock(d / "LOCK")
@@ -314,8 +336,11 @@ def ensure(store_root: Path, spec: CacheSpec, ds, *, workers: Optional[int] = No
             time.sleep(poll_s)
             continue
         try:
-            if not _complete(d, spec):
-                _write(d, spec, ds, n, build_workers() if workers is None else workers, console)
+            while not _complete(d, spec):
+                try:
+                    _write(d, spec, ds, n, build_workers() if workers is None else workers, console)
+                except _Wider as w:
+                    spec = dataclasses.replace(spec, row_shape=(w.channels, *spec.row_shape[1:]))
             return d / "data.npy"
         finally:
             lock.release()
