@@ -316,6 +316,8 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
         flat.update({f"interleaved.{k}": v for k, v in c.get("interleaved", {}).items()})
         console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False,
                       soft_wrap=True)
+    for k, v in rec.get("marginal_us_per_frame", {}).items():
+        console.print(f"  marginal cost {k}: {_fmt(v)} us per added frame", markup=False, soft_wrap=True)
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():

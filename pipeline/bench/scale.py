@@ -14,7 +14,8 @@ interpreter, imports, everything):
 - ``depth_import`` (``--scale-depth``): ``run --until depth`` with ``depth.provider: files``: every depth file
   read into the depth cache (linear in N).
 
-The datasets are deleted after each N (``--keep`` keeps them). A 1 M-frame dataset takes ~4 GB and 1 M inodes
+The datasets are deleted after each N unless kept (``keep``; the CLI keeps them when ``--work`` is given, and a
+kept dataset of the same N is reused instead of generated again). A 1 M-frame dataset takes ~4 GB and 1 M inodes
 (2 M with depth files) and minutes to generate: run it once, not in tests.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 PER_DIR = 1000  # frames per sub-folder of images/ (and depth/)
+GENERATOR = 1  # bump when write_folder_dataset writes something else
+MARKER = ".scale-dataset.json"  # written last by write_folder_dataset (hidden: not a frame, not in the manifest)
 FRAME_SIDE = 8
 N_JOINTS = 4
 TEST_EVERY = 10  # every tenth frame is a test frame
@@ -95,6 +98,7 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
         if progress and (d // PER_DIR) % 100 == 99:
             print(f"  {d + PER_DIR} frames written ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     header = "frame,split," + ",".join(f"{a}{j}" for j in range(N_JOINTS) for a in ("x", "y"))
+    marker = {"frames": n, "depth": depth, "generator": GENERATOR}
     (root / "keypoints.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     opts = {"n_joints": N_JOINTS, "image_size": 16}
     if depth:
@@ -104,6 +108,7 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
     (root / "dataset.yaml").write_text(yaml.safe_dump(opts))
     for p in (root / "keypoints.csv", root / "dataset.yaml"):
         os.utime(p, (past, past))
+    (root / MARKER).write_text(json.dumps(marker))  # last: a dataset without it is incomplete
     return {"frames": n, "seconds": round(time.perf_counter() - t0, 2), "bytes_apparent": written}
 
 
@@ -122,7 +127,7 @@ def timed_cli(args: Sequence[str], env: Optional[dict] = None, cwd: Optional[Pat
             raise RuntimeError(f"dkp-pipeline {' '.join(args)} failed ({p.returncode}):\n"
                                f"{p.stderr.decode(errors='replace')[-3000:]}")
         peak = json.loads(report.read_text())["peak_rss_mib"]
-    return {"seconds": round(wall, 3), "peak_rss_mib": peak, "stdout_tail": p.stdout.decode(errors="replace")[-400:]}
+    return {"seconds": round(wall, 3), "peak_rss_mib": peak}
 
 
 # The child process: the CLI with ARGS, then its own peak RSS into REPORT. Inline (python -c) so that it imports
@@ -147,15 +152,27 @@ sys.exit(code)
 """
 
 
+def _marker(root: Path) -> Optional[dict]:
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def scale_point(work: Path, n: int, *, depth: bool = False, keep: bool = False, progress: bool = True) -> dict:
     """Every case of the module docstring for one dataset size ``n``, in ``work``/n<N>."""
-    base = Path(work) / f"n{n}"
+    base = Path(work) / f"n{n}{'-depth' if depth else ''}"
     root, store, cache = base / "data", base / "store", base / "cache"
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
+    for d in (store, cache):  # every measurement starts without a store and without a memo
+        shutil.rmtree(d, ignore_errors=True)
     try:
-        gen = write_folder_dataset(root, n, depth=depth, progress=progress)
+        want = {"frames": n, "depth": depth, "generator": GENERATOR}
+        if root.exists() and _marker(root) == want:  # kept from an earlier run (--keep): generated once
+            gen = {"frames": n, "seconds": None, "reused": True}
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir(parents=True)
+            gen = write_folder_dataset(root, n, depth=depth, progress=progress)
         env = dict(os.environ, DKP_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
         conf = base / "scale.yaml"
         conf.write_text(json.dumps({"name": f"scale{n}", "data": {"manifest": "folder", "root": str(root)},
@@ -171,6 +188,8 @@ def scale_point(work: Path, n: int, *, depth: bool = False, keep: bool = False, 
         memo_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
         return {"frames": n, "generate": gen, "cases": cases, "memo_bytes": memo_bytes}
     finally:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -195,16 +214,23 @@ def bench_scale(*, batch: int, size: int, steps: int, device=None, isolate: bool
     for n in scale_frames:
         if console is not None:
             console.print(f"scale: {n} frames under {base} ...", markup=False)
-        points.append(scale_point(base, n, depth=depth, keep=keep, progress=console is not None))
+        points.append(scale_point(base, n, depth=depth, keep=keep or bool(work), progress=console is not None))
     if not work and not keep:
         shutil.rmtree(base, ignore_errors=True)
     cases = {f"{c}@{p['frames']}": p["cases"][c] | {"frames": p["frames"]} for p in points for c in p["cases"]}
-    ratios = {}
+    ratios, marginal = {}, {}
     first, last = points[0], points[-1]
     for c in last["cases"]:
-        # per-frame cost at the largest N over the smallest: 1 = linear; a no-op status also pays a fixed start-up
+        # per-frame cost at the largest N over the smallest (a command's fixed start-up weighs less at large N)
         ratios[f"{c} s_per_frame {last['frames']}/{first['frames']}"] = round(
             last["cases"][c]["s_per_frame"] / first["cases"][c]["s_per_frame"], 3) if first is not last else None
+        # the cost of each added frame between consecutive sizes: constant when the command is linear in N
+        slopes = [(b["cases"][c]["seconds"] - a["cases"][c]["seconds"]) / (b["frames"] - a["frames"])
+                  for a, b in zip(points, points[1:])]
+        for (a, b), sl in zip(zip(points, points[1:]), slopes):
+            marginal[f"{c} {a['frames']}->{b['frames']}"] = round(sl * 1e6, 2)  # us per added frame
+        if len(slopes) >= 2 and slopes[0] > 0:
+            ratios[f"{c} marginal s_per_frame last/first interval"] = round(slopes[-1] / slopes[0], 3)
     biggest = last["cases"]["status_noop"]
     goals = {f"status_noop seconds at {last['frames']} frames": {
                  "goal": 10.0, "value": biggest["seconds"], "met": biggest["seconds"] <= 10.0, "op": "<="},
@@ -212,7 +238,8 @@ def bench_scale(*, batch: int, size: int, steps: int, device=None, isolate: bool
                  "goal": 1024.0, "value": biggest["peak_rss_mib"], "met": biggest["peak_rss_mib"] <= 1024.0,
                  "op": "<="}}
     return {"baseline": f"the smallest dataset ({first['frames']} frames)", "cases": cases, "ratios": ratios,
-            "goals": goals, "points": [{k: v for k, v in p.items() if k != "cases"} for p in points],
+            "goals": goals, "marginal_us_per_frame": marginal,
+            "points": [{k: v for k, v in p.items() if k != "cases"} for p in points],
             "setup": {"frame": f"{FRAME_SIDE}x{FRAME_SIDE} PNG", "per_dir": PER_DIR, "joints": N_JOINTS,
                       "keypoints_csv": "every frame, every tenth test", "depth_files": depth,
                       "memo": "a fresh $DKP_CACHE_DIR per dataset size", "threads": "OMP_NUM_THREADS=1"}}
