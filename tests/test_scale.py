@@ -266,3 +266,15 @@ def test_a_manifest_error_on_rank_0_is_every_ranks_error(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode != 0 for p in procs)
     assert "rank 0 could not build the manifest: dataset folder: no images" in outs[0][1]
+
+
+def test_a_symlinked_folder_leaving_the_root_is_refused_only_when_it_holds_frames(tmp_path):
+    root = tmp_path / "ds"
+    img(root / "images" / "a.png", 8, 8)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "notes.txt").write_text("no frames here")
+    os.symlink(tmp_path / "outside", root / "images" / "ext")
+    assert len(build_manifest("folder", root, progress=False)) == 1
+    img(tmp_path / "outside" / "b.png", 8, 8)
+    with pytest.raises(ManifestError, match="'images/ext/b.png' resolves to .*outside the root"):
+        build_manifest("folder", root, progress=False)

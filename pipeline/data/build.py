@@ -139,7 +139,7 @@ def _stat(spec: DatasetSpec, inside: Inside, rels: list[str], what: str, known: 
                          f"(did you pass the right --root?)") from None
     except OSError as e:
         raise fail(spec, f"{what} file {e.filename} unreadable: {e}; replace or remove it") from None
-    inside.check_all(rels, st.link, what)
+    inside.check_all(rels, st.link, what, st.dirs)
     return st
 
 

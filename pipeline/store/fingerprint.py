@@ -92,6 +92,8 @@ class Stats:
     size: np.ndarray  # (N,) int64
     mtime: np.ndarray  # (N,) int64 ns
     link: np.ndarray  # (N,) bool: the path itself is a symbolic link
+    # the real paths of the folders the files are in, when the walk that stat'ed them knows them (else None)
+    dirs: Optional[list] = None
 
 
 def stat_files(root: str | os.PathLike, relpaths: Sequence[str]) -> Stats:

@@ -104,7 +104,8 @@ def _depth_files(spec: DatasetSpec, root: Path, ddir: Path, ids: list[str]) -> t
     order = np.fromiter((found[i] for i in ids), dtype=np.int64, count=len(ids))
     if (order == np.arange(len(ids))).all():  # depth/ mirrors images/: already in frame order
         return depths, st
-    return [depths[k] for k in order.tolist()], Stats(st.ino[order], st.size[order], st.mtime[order], st.link[order])
+    return [depths[k] for k in order.tolist()], Stats(st.ino[order], st.size[order], st.mtime[order], st.link[order],
+                                                      st.dirs)
 
 
 # --------------------------------------------------------------------------------------------------
