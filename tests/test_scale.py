@@ -278,3 +278,20 @@ def test_a_symlinked_folder_leaving_the_root_is_refused_only_when_it_holds_frame
     img(tmp_path / "outside" / "b.png", 8, 8)
     with pytest.raises(ManifestError, match="'images/ext/b.png' resolves to .*outside the root"):
         build_manifest("folder", root, progress=False)
+
+
+def test_the_fast_json_of_name_lists_is_canonical_json_byte_for_byte():
+    """reads.digest hashes a list of plain names by a join: the bytes canonical_json writes (keys unchanged)."""
+    import random
+    import string
+
+    from pipeline.data.reads import _json_bytes
+    from pipeline.store.io import canonical_json
+
+    rng = random.Random(0)
+    alphabet = string.printable + 'é"\\\x01\u2028\x7f'
+    for _ in range(3000):
+        names = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 5))]
+        assert _json_bytes(names) == canonical_json(names).encode()
+    for v in (["a", "b/c.png"], [], ["x"], [1, 2], ["a", 1], "s", {"a": ["b"]}, [None]):
+        assert _json_bytes(v) == canonical_json(v).encode()

@@ -9,7 +9,7 @@ interpreter, imports, everything):
 - ``manifest_first``: ``run --until manifest`` on a new dataset: walks, hashes every file, writes the memo
   and the manifest artifact (linear in N: compare ``s_per_frame`` across N);
 - ``status_noop``: ``status`` right after: every file is ``stat``ed, none is read (the target: 1 M frames in
-  <= 10 s and <= 1 GB);
+  <= 10 s and <= 1 GB; on a shared machine compare ``cpu_s`` too, the seconds the command itself ran);
 - ``run_noop``: ``run --until manifest`` again: nothing to build;
 - ``depth_import`` (``--scale-depth``): ``run --until depth`` with ``depth.provider: files``: every depth file
   read into the depth cache (linear in N).
@@ -113,8 +113,9 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
 
 
 def timed_cli(args: Sequence[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> dict:
-    """Run ``dkp-pipeline ARGS`` in a fresh Python process: wall seconds (interpreter start to exit) and that
-    process's own peak RSS (``VmHWM`` read at its exit, so nothing of this process counts)."""
+    """Run ``dkp-pipeline ARGS`` in a fresh Python process: wall seconds (interpreter start to exit), that
+    process's own peak RSS (``VmHWM`` read at its exit, so nothing of this process counts) and its CPU seconds
+    (user + system: what it cost the machine, whatever else shared the cores; not its DataLoader workers')."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dkp-scale-") as tmp:
@@ -126,8 +127,8 @@ def timed_cli(args: Sequence[str], env: Optional[dict] = None, cwd: Optional[Pat
         if p.returncode != 0:
             raise RuntimeError(f"dkp-pipeline {' '.join(args)} failed ({p.returncode}):\n"
                                f"{p.stderr.decode(errors='replace')[-3000:]}")
-        peak = json.loads(report.read_text())["peak_rss_mib"]
-    return {"seconds": round(wall, 3), "peak_rss_mib": peak}
+        child = json.loads(report.read_text())
+    return {"seconds": round(wall, 3), "peak_rss_mib": child["peak_rss_mib"], "cpu_s": child["cpu_s"]}
 
 
 # The child process: the CLI with ARGS, then its own peak RSS into REPORT. Inline (python -c) so that it imports
@@ -147,7 +148,9 @@ finally:
         kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
     except (OSError, StopIteration):
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    open(report, "w").write(json.dumps({"peak_rss_mib": round(kib / 1024, 1)}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = round(ru.ru_utime + ru.ru_stime, 3)
+    open(report, "w").write(json.dumps({"peak_rss_mib": round(kib / 1024, 1), "cpu_s": cpu}))
 sys.exit(code)
 """
 

@@ -72,7 +72,7 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
         memo = FingerprintMemo.for_root(root_p)
     L = WALKERS[spec.layout](spec, root_p, memo, progress)
 
-    if len(set(L.ids)) != len(L.ids):  # one set: a per-frame loop costs seconds at a million frames
+    if not L.ids_unique and len(set(L.ids)) != len(L.ids):  # a set, not a per-frame loop (seconds at a million)
         first: dict[str, int] = {}
         for i, fid in enumerate(L.ids):
             j = first.setdefault(fid, i)

@@ -170,9 +170,9 @@ class FrameDataset:
 
     # ---- items
     def parts(self, i: int, flip: bool = False) -> dict:
-        """Item ``i`` before its float conversion: ``index`` (int), ``flip`` (bool) and, as used, ``rgb_u8`` (3, S, S) uint8,
-        ``depth1`` (1, S, S) float32 in [-1, 1], ``mask`` (C, S, S) float32, each already mirrored when ``flip``
-        (mirroring commutes with the elementwise conversion and product that :func:`finish` does)."""
+        """Item ``i`` before its float conversion: ``index`` (int), ``flip`` (bool) and, as used, ``rgb_u8``
+        (3, S, S) uint8, ``depth1`` (1, S, S) float32 in [-1, 1], ``mask`` (C, S, S) float32, each mirrored when
+        ``flip`` (mirroring commutes with the elementwise conversion and product that :func:`finish` does)."""
         out: dict = {"index": int(self.indices[i]), "flip": bool(flip)}  # tensors once per batch, by the collate
         if not (self.use_rgb or self.use_depth):
             return out

@@ -18,6 +18,7 @@ part that changed (:func:`describe`):
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -39,9 +40,23 @@ def digest(*parts: Any) -> str:
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.tobytes())
         else:
-            h.update(canonical_json(p).encode())
+            h.update(_json_bytes(p))
         h.update(b"\x00")
     return "xxh3:" + h.hexdigest()
+
+
+_PLAIN = re.compile(r'[^\x20-\x7e]|["\\]')  # what JSON would escape in a string (ensure_ascii)
+
+
+def _json_bytes(p: Any) -> bytes:
+    """``canonical_json(p).encode()``; for a list of strings JSON writes as they are (printable ASCII without
+    quotes or backslashes: every file name of a usual dataset), the same bytes by one join, ~4x faster at a
+    million names than the encoder."""
+    if isinstance(p, list) and p and all(type(x) is str for x in p):
+        body = '","'.join(p)
+        if not _PLAIN.search(body):
+            return ('["' + body + '"]').encode("ascii")
+    return canonical_json(p).encode()
 
 
 def frames_identity(m) -> str:
@@ -58,7 +73,7 @@ def frames_of(m, idx: np.ndarray) -> str:
     orient = m.orientations
     if orient is None:
         if len(idx) == len(m) and (idx == np.arange(len(m))).all():
-            return combine(m.fingerprints)
+            return m.fingerprint  # computed once per manifest
         return combine([m.fingerprints[i] for i in idx.tolist()])
     return combine([m.fingerprints[i] + (f"@exif{orient[i]}" if orient[i] != 1 else "") for i in idx.tolist()])
 

@@ -221,7 +221,8 @@ def run(ctx) -> dict:
     try:
         with common.training_progress():
             res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
-                        step_fn=step_fn, settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+                        step_fn=step_fn, settings=common.train_settings(sec),
+                        config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                         on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, train_log=log)
     finally:
         if cache is not None:

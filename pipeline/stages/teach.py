@@ -108,7 +108,8 @@ def run(ctx) -> dict:
 
     with common.training_progress():
         res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
-                    step_fn=step_fn, settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+                    step_fn=step_fn, settings=common.train_settings(sec),
+                    config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                     on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None, train_log=log)
     _finish(ctx, res, "teacher (depth)")
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,

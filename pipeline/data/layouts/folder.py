@@ -44,7 +44,7 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
     ids = [rel[plen:rel.rfind(".")] for rel in images]
     _refuse_duplicates(spec, ids, images, lambda fid, a, b: f"duplicate frame id {fid!r}: {a!r} and {b!r}; keep "
                                                             f"one file per frame name")
-    L.ids, L.paths = ids, images
+    L.ids, L.paths, L.ids_unique = ids, images, True
     L.splits = ["train"] * len(ids)  # frames not in keypoints.csv are unlabelled training frames
     csv_rel = f["keypoints_csv"]
     if (root / csv_rel).is_file():
@@ -138,7 +138,7 @@ def read_folder_csv(spec: DatasetSpec, root: Path, csv_rel: str, ids: list[str],
             write_atomic(cache, buf.getvalue())
         except OSError as e:
             log.warning("could not cache the parsed %s in %s (%s)", csv_rel, cache, e)
-    return kp, [FOLDER_SPLITS[c] for c in codes.tolist()], lines
+    return kp, _split_names(codes), lines
 
 
 def _digest(blob: bytes) -> str:
@@ -159,7 +159,7 @@ def _load_cached(path: Path, n: int) -> Optional[tuple[np.ndarray, list[str], np
     if kp.ndim != 3 or len(kp) != n or codes.shape != (n,) or lines.shape != (n,) or codes.max(initial=0) >= len(
             FOLDER_SPLITS):
         return None
-    return kp, [FOLDER_SPLITS[c] for c in codes.tolist()], lines
+    return kp, _split_names(codes), lines
 
 
 def _parse_csv(spec: DatasetSpec, root: Path, csv_rel: str, ids: list[str], images: list[str],
@@ -309,3 +309,8 @@ def _row_error(csv_rel: str, row: list[str], n: int, width: int, J: int, parsed:
             return f"{csv_rel} line {n}: joint {j} ({xs!r}, {ys!r}) is not finite; leave the cells empty for a " \
                    f"missing joint"
     raise AssertionError(f"{csv_rel} line {n}: flagged by the array checks but passes the row check")
+
+
+def _split_names(codes: np.ndarray) -> list[str]:
+    """The split of each frame from its code (index into FOLDER_SPLITS): one fancy index, not a loop."""
+    return np.array(FOLDER_SPLITS, dtype=object)[codes].tolist()

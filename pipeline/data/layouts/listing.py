@@ -25,6 +25,7 @@ class Listing:
     # the stat of each file of `paths` / `depths`, when the walker has it from walking the folders (the build
     # then stats nothing again): attribute name -> pipeline.store.fingerprint.Stats aligned with that list
     stats: dict = field(default_factory=dict)
+    ids_unique: bool = False  # the walker has already refused duplicate ids (with its own message)
 
     def source(self, i: int) -> str:
         """Where frame ``i``'s keypoints come from, for messages ("keypoints.csv line 12", a file name)."""
