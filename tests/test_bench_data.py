@@ -39,7 +39,9 @@ def test_bench_scale_record_and_reuse_of_kept_datasets(tmp_path):
             case = rec["cases"][f"{c}@{n}"]
             assert case["seconds"] > 0 and case["peak_rss_mib"] > 0 and case["frames"] == n
     assert "status_noop marginal s_per_frame last/first interval" in rec["ratios"]
-    assert set(rec["marginal_us_per_frame"]) >= {"depth_import 20->40", "depth_import 40->60"}
+    assert set(rec["marginal_us_per_frame"]) == {f"{c} {a}" for c in ("manifest_first", "status_noop", "run_noop",
+                                                                       "depth_import") for a in ("20->40", "40->60")}
+    assert all(c["cpu_s"] > 0 for c in rec["cases"].values())
     assert {g["op"] for g in rec["goals"].values()} == {"<="}
     # --work keeps the datasets (not the stores nor the memos), and a second run reuses them
     assert (tmp_path / "n20-depth" / "data" / MARKER).exists() and not (tmp_path / "n20-depth" / "store").exists()

@@ -232,8 +232,9 @@ def bench_scale(*, batch: int, size: int, steps: int, device=None, isolate: bool
                   for a, b in zip(points, points[1:])]
         for (a, b), sl in zip(zip(points, points[1:]), slopes):
             marginal[f"{c} {a['frames']}->{b['frames']}"] = round(sl * 1e6, 2)  # us per added frame
-        if len(slopes) >= 2 and slopes[0] > 0:
-            ratios[f"{c} marginal s_per_frame last/first interval"] = round(slopes[-1] / slopes[0], 3)
+        if len(slopes) >= 2:  # None when the first interval is lost in the noise (tiny datasets)
+            ratios[f"{c} marginal s_per_frame last/first interval"] = (round(slopes[-1] / slopes[0], 3)
+                                                                       if slopes[0] > 0 else None)
     biggest = last["cases"]["status_noop"]
     goals = {f"status_noop seconds at {last['frames']} frames": {
                  "goal": 10.0, "value": biggest["seconds"], "met": biggest["seconds"] <= 10.0, "op": "<="},
