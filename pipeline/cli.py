@@ -114,8 +114,10 @@ def run(config, overrides, store, dry_run, until, jobs):
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
-        try:  # the plan again (states changed), over the manifest this run built: the dataset is not walked twice
+        try:  # a run that built something: the plan again (states changed), over the manifest it used (not walked
+            # twice); a no-op run: its plan is what `status` would say
             path = write_experiment_report(cfg, store, source=config, overrides=overrides,
+                                           plan=plan if plan is not None and not plan.built else None,
                                            manifest=plan.manifest if plan is not None else None)
         except OSError as e:  # a read-only store: the run itself succeeded (or had nothing to do)
             console.print(f"report not written ({e.strerror or e}: {e.filename}); `dkp-pipeline report {config} -o "

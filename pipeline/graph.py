@@ -40,6 +40,7 @@ class Plan:
     stages: dict[str, StagePlan]
     manifest: Any  # pipeline.data.manifest.Manifest
     warnings: list[str] = field(default_factory=list)  # about the data: printed by status and run
+    built: list[str] = field(default_factory=list)  # the entries `run` built (or built its part of) with this plan
 
     def __iter__(self):
         return iter(self.stages.values())
