@@ -115,7 +115,8 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
 def timed_cli(args: Sequence[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> dict:
     """Run ``dkp-pipeline ARGS`` in a fresh Python process: wall seconds (interpreter start to exit), that
     process's own peak RSS (``VmHWM`` read at its exit, so nothing of this process counts) and its CPU seconds
-    (user + system: what it cost the machine, whatever else shared the cores; not its DataLoader workers')."""
+    (user + system, its finished DataLoader workers' included: what it cost the machine, whatever else shared the
+    cores)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dkp-scale-") as tmp:
@@ -148,8 +149,8 @@ finally:
         kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
     except (OSError, StopIteration):
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = round(ru.ru_utime + ru.ru_stime, 3)
+    ru, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = round(ru.ru_utime + ru.ru_stime + kids.ru_utime + kids.ru_stime, 3)  # with its finished DataLoader workers
     open(report, "w").write(json.dumps({"peak_rss_mib": round(kib / 1024, 1), "cpu_s": cpu}))
 sys.exit(code)
 """
