@@ -22,18 +22,21 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 SOURCES = (("jpeg128", 128, ".jpg"), ("png256", 256, ".png"), ("jpeg1000", 1000, ".jpg"))
 ROUNDS = 3
 GOAL_MS_PER_SAMPLE = 0.2
 GOAL_SAMPLES_PER_S = 3000
 
+if TYPE_CHECKING:  # numpy only where used: `dkp-pipeline --help` imports this module
+    import numpy as np
+
 
 def _photo(rng, side: int) -> np.ndarray:
     """(side, side, 3) uint8: upsampled coarse noise (shapes and gradients) plus fine noise, like a frame."""
     import cv2
+    import numpy as np
 
     coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     img = cv2.resize(coarse, (side, side), interpolation=cv2.INTER_CUBIC).astype(np.int16)
@@ -46,6 +49,7 @@ def write_source(root: Path, n: int, side: int, ext: str, seed: int = 0) -> None
     import os
 
     import cv2
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
@@ -59,6 +63,7 @@ def write_source(root: Path, n: int, side: int, ext: str, seed: int = 0) -> None
 def write_depth(cdir: Path, m, side: int, seed: int = 1) -> None:
     """A depth cache of smooth inverse-depth maps for manifest ``m`` (one shard per 64 frames)."""
     import cv2
+    import numpy as np
 
     from pipeline.depth_cache import CacheWriter, finalize
 
@@ -80,6 +85,8 @@ class ReferenceFrameDataset:
 
     def __init__(self, *, manifest, indices, image_size: int, use_rgb: bool, use_depth: bool, depth_reader=None,
                  hflip: bool = False, seed: int = 0, depth_norm: str = "minmax") -> None:
+        import numpy as np
+
         self.manifest = manifest
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_size = image_size
@@ -100,6 +107,7 @@ class ReferenceFrameDataset:
         return bool(torch.rand((), generator=sample_generator(self.seed, epoch, i)) < 0.5)
 
     def mask(self, m: int):
+        import numpy as np
         import torch
 
         from pipeline.data.images import read_mask, resize_square
@@ -154,6 +162,7 @@ def bench_frames(*, batch: int, size: int, steps: int, device=None, isolate: boo
                  rounds: int = ROUNDS) -> dict:
     """The cases of the module docstring; ``size`` is the model's input side, ``steps`` is unused."""
     import cv2
+    import numpy as np
     import torch
 
     from pipeline.data import framecache

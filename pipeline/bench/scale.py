@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 PER_DIR = 1000  # frames per sub-folder of images/ (and depth/)
 GENERATOR = 1  # bump when write_folder_dataset writes something else
 MARKER = ".scale-dataset.json"  # written last by write_folder_dataset (hidden: not a frame, not in the manifest)
@@ -42,6 +40,7 @@ TEST_EVERY = 10  # every tenth frame is a test frame
 def frame_png(i: int) -> bytes:
     """A unique 8x8 RGB PNG for frame ``i`` (its index in the first pixels, a gradient elsewhere)."""
     import cv2
+    import numpy as np
 
     img = np.full((FRAME_SIDE, FRAME_SIDE, 3), 128, np.uint8)
     img[0, :4, 0] = np.frombuffer(int(i).to_bytes(4, "little"), np.uint8)
@@ -54,6 +53,7 @@ def frame_png(i: int) -> bytes:
 def depth_png(i: int) -> bytes:
     """A 16-bit 8x8 depth PNG (millimetres, no holes) for frame ``i``."""
     import cv2
+    import numpy as np
 
     d = (1000 + 10 * np.arange(FRAME_SIDE * FRAME_SIDE, dtype=np.uint16).reshape(FRAME_SIDE, FRAME_SIDE)
          + np.uint16(i % 1000))
@@ -71,6 +71,8 @@ def write_folder_dataset(root: Path, n: int, *, depth: bool = False, progress: b
 
     Every file gets an mtime an hour in the past, so the fingerprint memo may keep it (files younger than
     2 s are never memoised). Returns ``{"frames", "seconds", "bytes_apparent"}``."""
+    import numpy as np
+
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} exists; the scale bench writes a new dataset")
