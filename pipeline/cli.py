@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from pipeline.bench.gpu import BUDGET_S, FRAME_SIZE, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
+from pipeline.bench.gpu import BUDGET_S, FRAME_SIZES, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
 from pipeline.stages import registry  # no torch
 
 CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
@@ -36,6 +36,25 @@ def _load(config: str, overrides):
     return load_config(config, overrides)
 
 
+def _cluster_options(f):
+    """Options of commands that can submit their work as submitit jobs (pipeline/cluster.py, the slurm extra)."""
+    for opt in reversed((
+        click.option("--executor", type=click.Choice(["slurm", "local"]), default=None,
+                     help="Submit the work as jobs through submitit: slurm (sbatch) or local (processes on this "
+                          "machine). Default: run here, in this process."),
+        click.option("--partition", default=None, help="Slurm partition of each job."),
+        click.option("--time", "time", default=60, show_default=True, type=click.IntRange(min=1),
+                     help="Time limit of each job, minutes."),
+        click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0), help="GPUs per job."),
+        click.option("--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="CPUs per job."),
+        click.option("--mem-gb", default=None, type=click.IntRange(min=1), help="Memory per job, GB."),
+        click.option("--jobs-folder", default=None, type=click.Path(file_okay=False),
+                     help="submitit's logs and pickles (default STORE/jobs; on shared storage)."),
+    )):
+        f = opt(f)
+    return f
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -43,13 +62,22 @@ def _console(stderr: bool = False):
 
 
 class DkpGroup(click.Group):
-    """Turns DkpError into a one-line message and exit code 2."""
+    """Turns DkpError into a one-line message and exit code 2; so too a write the file system refused (full,
+    over quota, read-only, I/O error) wherever it happened, with the file, the space and the fix (issue 24)."""
 
     def invoke(self, ctx):
         from pipeline.errors import DkpError
 
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's, raised over a failed write
+                from pipeline.store.io import storage_cause, storage_error
+
+                cause = storage_cause(e)
+                if cause is None or isinstance(e, DkpError):
+                    raise
+                raise storage_error(cause) from None
         except DkpError as e:
             from pipeline.errors import printable  # a file name's undecodable bytes would not print
 
@@ -77,16 +105,24 @@ def main() -> None:
 # status / run
 
 
+VERIFY_HELP = ("Also re-hash every file of each finished artifact against its record (depth: every shard and frame "
+               "checksum), not only its size; reads everything once.")
+
+
 @main.command()
 @_config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config, overrides, store, as_json):
-    """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress, with its key."""
+@click.option("--verify", is_flag=True, help=VERIFY_HELP)
+def status(config, overrides, store, as_json, verify):
+    """Print every stage of CONFIG as fresh / stale (and why) / missing / in progress / damaged, with its key.
+
+    A finished artifact whose files are not all there with their recorded sizes is damaged (the file named);
+    `run` rebuilds it."""
     from pipeline.store.artifacts import Store
     from pipeline.graph import build_plan, dumps, print_plan
 
     cfg = _load(config, overrides)
-    plan = build_plan(cfg, Store.from_option(store), progress=not as_json)
+    plan = build_plan(cfg, Store.from_option(store), progress=not as_json, verify=verify)
     if as_json:
         click.echo(dumps(plan))
         for w in plan.warnings:  # stdout stays one JSON document
@@ -101,16 +137,19 @@ def status(config, overrides, store, as_json):
 @click.option("--until", type=click.Choice(registry.stage_names()), default="eval",
               show_default=True, help="Stop after this stage.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
-def run(config, overrides, store, dry_run, until, jobs):
-    """Build whatever is stale or missing for CONFIG (manifest -> depth -> teach -> distill -> eval).
+@click.option("--verify", is_flag=True, help=VERIFY_HELP + " Damaged artifacts are rebuilt.")
+def run(config, overrides, store, dry_run, until, jobs, verify):
+    """Build whatever is stale, missing or damaged for CONFIG (manifest -> depth -> teach -> distill -> eval).
 
     Fresh stages are reused; a second run does nothing and says so. Ends with the path of the
     experiment's HTML page (see `report`)."""
+    import errno
+
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
     console = _console()
-    plan = run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs)
+    plan = run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs, verify=verify)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
@@ -119,7 +158,12 @@ def run(config, overrides, store, dry_run, until, jobs):
             path = write_experiment_report(cfg, store, source=config, overrides=overrides,
                                            plan=plan if plan is not None and not plan.built else None,
                                            manifest=plan.manifest if plan is not None else None)
-        except OSError as e:  # a read-only store: the run itself succeeded (or had nothing to do)
+        except OSError as e:
+            from pipeline.store.io import is_storage_error
+
+            if is_storage_error(e) and e.errno != errno.EROFS:
+                raise  # a full disk: the one error message, exit 2; the same command then writes it
+            # a read-only store: the run itself succeeded (or had nothing to do)
             console.print(f"report not written ({e.strerror or e}: {e.filename}); `dkp-pipeline report {config} -o "
                           "FILE` writes it elsewhere", markup=False, soft_wrap=True)
         else:
@@ -163,6 +207,16 @@ def _stage_command(name: str, doc: str):
     def cmd(config, overrides, store, dry_run, **opts):
         from pipeline.runner import run_pipeline
 
+        if opts.get("executor"):  # depth --executor slurm --shards N: an array of shard jobs
+            from pipeline.cluster import job_options, submit_depth_shards
+
+            if dry_run or opts.get("shard"):
+                raise click.UsageError("--executor submits every shard itself: drop --dry-run / --shard")
+            submit_depth_shards(config, overrides, store, opts.get("shards") or 1, job_options(opts),
+                                bool(opts.get("skip_bad_frames")), _console())
+            return
+        opts = {k: v for k, v in opts.items() if k not in ("executor", "partition", "time", "gpus", "cpus", "mem_gb",
+                                                             "jobs_folder", "shards")}
         cfg = _load(config, overrides)
         run_pipeline(cfg, store, dry_run=dry_run, until=name, only=name, console=_console(), stage_options=opts)
 
@@ -177,6 +231,9 @@ STAGE_OPTIONS = {
                      help="Process only part I of N of the frames (scheduler arrays); merge by re-running without it."),
         click.option("--skip-bad-frames", is_flag=True,
                      help="Mark unreadable frames invalid in the cache instead of failing."),
+        click.option("--shards", default=None, type=click.IntRange(min=1),
+                     help="With --executor: submit this many shard jobs (an array), each `--shard i/N`."),
+        _cluster_options,
     ),
 }
 
@@ -202,13 +259,15 @@ def manifest():
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Dataset root directory.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the manifest (default: <root>/<name>.manifest.json).")
-def manifest_build(name, root, output):
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos (folder layout's videos/): keep every k-th frame of each (data.frame_stride).")
+def manifest_build(name, root, output, frame_stride):
     """Walk dataset NAME (see data_manifests/) under --root, fingerprint every frame, write a manifest."""
     from pathlib import Path
 
     from pipeline.data.build import build_manifest
 
-    m = build_manifest(name, root, progress=True)
+    m = build_manifest(name, root, progress=True, frame_stride=frame_stride)
     out = Path(output) if output else Path(root) / f"{name}.manifest.json"
     m.save(out)
     _console().print(f"{len(m.frame_ids)} frames, fingerprint {m.fingerprint} -> {out}")
@@ -297,16 +356,38 @@ def cache_import(file, store, config, overrides):
 
 @main.command()
 @click.argument("student", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--device", default="auto", show_default=True)
-def predict(student, images, output, device):
-    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on RGB IMAGES or folders.
+@click.option("--overlay", is_flag=True, help="Videos: also write <stem>.overlay.mp4 with the keypoints drawn.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Frames per forward pass.")
+def predict(student, inputs, output, device, overlay, batch):
+    """Detect keypoints with a trained STUDENT (model.pt or its artifact dir) on images, videos or folders.
 
-    Writes keypoints.json (pixels, (x, y)) and one overlay PNG per image."""
+    \b
+    Images: keypoints.json (pixels, (x, y)) and one overlay PNG per image.
+    Videos (.mp4 .mkv .mov .avi): <stem>.csv (frame, x0, y0, x1, y1, ... in pixels of the
+    original frame), <stem>.coco.json (COCO keypoints) and, with --overlay, <stem>.overlay.mp4."""
     from pipeline.predict import predict_command
 
-    predict_command(student, images, output, device, _console())
+    predict_command(student, inputs, output, device, _console(), overlay=overlay, batch=batch)
+
+
+@main.command()
+@click.argument("student", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch comparison on random images.")
+def export(student, output, opset, no_check):
+    """Write the trained STUDENT's detector as ONE ONNX file (dynamic batch) with its conventions in the metadata.
+
+    \b
+    Input `image` (batch, 3, S, S) float32 RGB in [-1, 1] (shorter side to S, centre crop);
+    outputs `keypoints` (batch, K, 2) (x, y) in [-1, 1] and `heatmaps`. Needs the onnx extra:
+    pip install -e '.[onnx]'. See docs/conventions.md "Exported detector"."""
+    from pipeline.export import export_onnx
+
+    export_onnx(student, output, opset=opset, check=not no_check, console=_console())
 
 
 @main.command()
@@ -323,7 +404,8 @@ def predict(student, images, output, device):
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
-def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs):
+@_cluster_options
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs, **cluster):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -338,7 +420,13 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
     if not vary and not seeds:
         raise click.UsageError("give at least one --vary axis or --seeds")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
-    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs)
+    executor = None
+    if cluster.get("executor"):  # each run a submitit job; the table when they have ended
+        from pipeline.cluster import job_options
+
+        executor = job_options(cluster)
+    run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs,
+              executor=executor)
     if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
@@ -347,8 +435,9 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache",
-                                           "recon-loss", "gpu", "frames", "scale"]))
+@click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
+                                           "depth-precision", "depth-writer", "cache", "teacher-cache", "recon-loss",
+                                           "gpu", "precision", "video", "frames", "scale"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -360,13 +449,16 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
               help="depth only: MiDaS 3.1 model type (random weights).")
 @click.option("--frames", default=256, show_default=True,
               help="depth: frames generated (--size px squares) and run through each case; gpu: JPEG frames "
-                   "(--frame-size px) through the stage (512 when not given).")
+                   "of each --frame-sizes side through the stage (512 when not given); depth-precision: frames "
+                   "(4 when not given).")
 @click.option("--models", default=",".join(GPU_MODELS), show_default=True,
-              help="gpu only: comma-separated MiDaS 3.1 model types.")
+              help="gpu, depth-precision: comma-separated MiDaS 3.1 model types (depth-precision: the three "
+                   "small ones when not given).")
 @click.option("--batches", default=",".join(map(str, GPU_BATCHES)), show_default=True,
               help="gpu only: comma-separated inference batch sizes (a batch that runs out of memory ends its row).")
-@click.option("--frame-size", default=FRAME_SIZE, show_default=True,
-              help="gpu only: side of the generated JPEG frames (Human3.6M: 1000).")
+@click.option("--frame-sizes", default=",".join(map(str, FRAME_SIZES)), show_default=True,
+              help="gpu only: comma-separated sides of the generated JPEG frames (128: AutoLink's size, 256: Taichi, "
+                   "1000: Human3.6M); the stage, its data side and its writer run at each.")
 @click.option("--budget-s", default=BUDGET_S, show_default=True,
               help="gpu only: time budget; cases whose estimate would overrun it are skipped (and recorded).")
 @click.option("--scale-frames", default="10000,100000", show_default=True, metavar="N1,N2,...",
@@ -375,7 +467,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 @click.option("--work", default=None, type=click.Path(file_okay=False),
               help="scale only: where the datasets are generated (default: a temporary folder; 1M frames ~4 GB).")
 @click.pass_context
-def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_size, budget_s,
+def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_sizes, budget_s,
           scale_frames, scale_depth, work):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
@@ -383,7 +475,13 @@ def bench(ctx, what, batch, size, steps, device, output, model, frames, models, 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
-    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "frames" else {}
+    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what in ("video", "frames") \
+        else {}
+    if what == "depth-overlap":  # stand-ins: 8-frame batches, 30 of them per case unless given
+        batch, steps = (batch if given("batch") else 8), (steps if given("steps") else 30)
+    if what == "depth-precision":  # --models (default: the three small ones), --frames (default 4) at --size
+        kw = {"models": models if given("models") else "dpt_levit_224,dpt_swin2_tiny_256,dpt_beit_base_384",
+              "frames": frames if given("frames") else 4}
     if what == "scale":
         try:
             counts = [int(v) for v in scale_frames.split(",") if v.strip()]
@@ -393,7 +491,7 @@ def bench(ctx, what, batch, size, steps, device, output, model, frames, models, 
         kw = {"scale_frames": counts, "depth": scale_depth, "work": work}
     if what == "gpu":
         batch = batch if given("batch") else TRAIN_BATCH
-        kw = {"models": models, "batches": batches, "frame_size": frame_size, "budget_s": budget_s,
+        kw = {"models": models, "batches": batches, "frame_sizes": frame_sizes, "budget_s": budget_s,
               "frames": frames if given("frames") else GPU_FRAMES}
     bench_command(what, batch=batch, size=size, steps=steps, device=device, output=output, console=_console(), **kw)
 

@@ -58,23 +58,37 @@ class DataConfig:
     synth_image_size: int = 128
     # Consecutive frames sharing figure, clothes and walls (a "video clip"; 1 = every frame a new scene).
     synth_clip_length: int = 32
+    # Videos (the folder layout's videos/): keep frames 0, k, 2k, ... of each video. Not in any key by itself: the
+    # frames it keeps are (their ids and fingerprints), so a changed stride rebuilds exactly what reads frames.
+    frame_stride: int = 1
 
 
 @dataclass(frozen=True)
 class DepthConfig:
-    provider: str = "midas"  # midas: run MiDaS 3.1 | files: import depth maps named by the manifest
+    # midas: run MiDaS 3.1 | files: import depth maps named by the manifest | transformers: a local Hugging Face
+    # depth-estimation folder in depth.weights (DPT, Depth Anything; the hf extra; pipeline/stages/depth/hf.py)
+    provider: str = "midas"
     model_type: str = "dpt_beit_large_512"  # MiDaS 3.1 model (MiDaS README's highest-quality choice)
-    weights: Optional[str] = None  # path to the official .pt checkpoint for model_type
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
-    # cpu: decode + resize + normalise in the DataLoader workers, run.py-identical (float64 cv2) | device: decode
-    # JPEGs on the model's device (nvJPEG on CUDA; other formats on the CPU), resize + normalise there in float32
-    # torch ops. device changes the values slightly (docs/midas.md), so it is in the key; cpu is not (as before).
-    preprocess: str = "cpu"
+    weights: Optional[str] = None  # midas: the official .pt checkpoint for model_type; transformers: the model folder
+    # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on a CPU | fp32 | bf16 | fp16 (autocast). In the key:
+    # auto is resolved first (pipeline/stages/depth/identity.py), so a CPU run keys as fp32, as before auto existed.
+    precision: str = "auto"
+    # auto: device on CUDA where nvJPEG decodes, cpu otherwise | cpu: decode + resize + normalise in the DataLoader
+    # workers, run.py-identical (float64 cv2) | device: decode JPEGs on the model's device (nvJPEG on CUDA; other
+    # formats on the CPU), resize + normalise there in float32 torch ops. device changes the values slightly
+    # (docs/midas.md), so it is in the key; cpu is not (as before).
+    preprocess: str = "auto"
     storage_dtype: str = "float16"  # float16 (+ per-frame scale) | float32
     shard_size: int = 1024  # frames per HDF5 shard: the unit of atomic writes and resume
-    batch_size_inference: int = 8
-    num_workers: int = 2
+    # frames per forward; None = auto: chosen from the GPU's free memory (at most 64) on CUDA, 8 on a CPU
+    batch_size_inference: Optional[int] = None
+    # DataLoader workers that read, decode and batch frames; None = auto: the cores but one (at most 16) on CUDA,
+    # 2 on a CPU (whose cores the model needs)
+    num_workers: Optional[int] = None
     compile: bool = False
+    # fp32 on CUDA only: TF32 matmuls (torch.backends.cuda.matmul.allow_tf32; cuDNN convolutions use TF32 by
+    # default). Faster on Ampere+, ~1e-3 relative error per matmul: in the key when true (midas, fp32).
+    tf32: bool = False
     device: str = "auto"
 
 
@@ -164,9 +178,9 @@ class ExperimentConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "depth.provider": ("midas", "files"),
-    "depth.precision": ("fp32", "bf16", "fp16"),
-    "depth.preprocess": ("cpu", "device"),
+    "depth.provider": ("midas", "files", "transformers"),
+    "depth.precision": ("auto", "fp32", "bf16", "fp16"),
+    "depth.preprocess": ("auto", "cpu", "device"),
     "depth.storage_dtype": ("float16", "float32"),
     "recon_loss": ("perceptual", "l1ssim", "l1", "mse"),
     "depth_norm": ("minmax",),
@@ -217,6 +231,7 @@ RANGES: dict[str, Range] = {
     "data.synth_seed": Range(0),
     "data.synth_image_size": Range(16),
     "data.synth_clip_length": Range(1, why="1 = every frame a new scene"),
+    "data.frame_stride": Range(1, why="1 = every frame of each video"),
     "shard_size": Range(1),
     "batch_size_inference": Range(1),
     "num_workers": Range(0),

@@ -33,7 +33,32 @@ class CheckpointError(DkpError):
     """A weights/checkpoint file that is missing, untrusted or does not fit the model/config."""
 
 
+class StorageError(DkpError, OSError):
+    """A write the file system refused: full (ENOSPC), over quota (EDQUOT), read-only (EROFS) or failing (EIO).
+
+    Also an :class:`OSError` with the original ``errno`` and ``filename``, so code that already handles a
+    read-only store by errno keeps working. The message (built by :func:`pipeline.store.io.storage_error`)
+    names the file, the artifact, the space needed where known, and the fix; ``artifact`` is filled in by
+    the runner, which knows which stage was writing.
+    """
+
+    def __init__(self, errno_: int, strerror: str, filename: str, *, what: str = "", needed=None,
+                 artifact: str = "") -> None:
+        OSError.__init__(self, errno_, strerror, filename)
+        self.what, self.needed, self.artifact = what, needed, artifact
+
+    def __str__(self) -> str:
+        from pipeline.store.io import describe_storage_error
+
+        return describe_storage_error(self)
+
+
 def printable(text: str) -> str:
     """``text`` as valid UTF-8: a file name's undecodable bytes (kept by Python as surrogates) become ``\\xNN``,
     so that it can be printed or stored in HDF5 (which needs UTF-8) without an error."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class CacheStorageError(StorageError, CacheError):
+    """A depth-cache write the file system refused: a :class:`StorageError` that code catching
+    :class:`CacheError` (the depth stage, its tests) still sees as the cache's error."""

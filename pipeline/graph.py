@@ -25,8 +25,9 @@ class StagePlan:
     inputs: dict
     config: dict  # resolved config section saved beside the artifact (semantic and not)
     settings: Any = None  # the typed settings the stage runs with (registry Stage.settings)
-    state: str = "missing"  # fresh | stale | missing | in_progress
+    state: str = "missing"  # fresh | damaged | stale | missing | in_progress
     why: list[str] = field(default_factory=list)
+    damage: list[dict] = field(default_factory=list)  # damaged: [{"file": relative path, "problem": ...}]
     progress: Optional[str] = None
     path: Optional[Path] = None
     # The config this entry runs with when it is not the plan's (the baseline: distill.gamma = 0).
@@ -119,7 +120,10 @@ def frames_changed(old_m, new_m) -> str:
     return "frames changed: " + (", ".join(parts) if parts else "order changed")
 
 
-def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None) -> Plan:
+def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, manifest=None,
+               verify: bool = False) -> Plan:
+    """Every entry's key and state. A published artifact is fresh only if its files are all there with their
+    recorded sizes (a stat each); ``verify`` also re-hashes them (depth: every shard and frame checksum)."""
     from pipeline.data.build import build_manifest_once
 
     if manifest is None and not Path(cfg.data.root).is_dir():
@@ -131,7 +135,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
         raise ManifestError(f"dataset {cfg.data.manifest}: root {cfg.data.root} is not a directory; point the "
                             f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
     m = manifest if manifest is not None else build_manifest_once(cfg.data.manifest, cfg.data.root,
-                                                                  store_root=store.root, progress=progress)
+                                                                  store_root=store.root, progress=progress,
+                                                                  frame_stride=cfg.data.frame_stride)
     stages: dict[str, StagePlan] = {}
     from pipeline.data import reads
 
@@ -151,10 +156,16 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     last = store.last_built(cfg.name)
     old_manifest = _old_manifest(store, last.get("manifest"), stages["manifest"].key)
     for name, sp in stages.items():
-        st = store.state(sp.stage, sp.key)
+        st = store.state(sp.stage, sp.key, verify=verify)
         sp.path = st.path
         stage = registry.stage(sp.stage)
-        if st.state == "fresh":
+        if st.state == "damaged":
+            sp.state, sp.damage = "damaged", st.damage
+            sp.why = [f"{d['file']} {d['problem']}" for d in st.damage[:5]]
+            if len(st.damage) > 5:
+                sp.why.append(f"and {len(st.damage) - 5} more damaged file(s)")
+            sp.why.append("`run --verify` rebuilds it" if verify else "`run` rebuilds it")  # what found it
+        elif st.state == "fresh":
             sp.state = "fresh"
             if stage.notes is not None:
                 sp.progress = stage.notes(st.record or {})
@@ -213,7 +224,7 @@ def plan_as_json(plan: Plan) -> list[dict]:
     """One dict per stage (the plan's data warnings go to stderr with `status --json`, keeping stdout a list)."""
     return [
         {"stage": name, "kind": s.stage, "key": s.key, "state": s.state, "why": s.why, "progress": s.progress,
-         "path": str(s.path) if s.path else None}
+         "path": str(s.path) if s.path else None, "damaged_files": [d["file"] for d in s.damage]}
         for name, s in plan.stages.items()
     ]
 
@@ -226,7 +237,7 @@ def print_plan(plan, console, title: str = "") -> None:
     """The plan as a table: stage, state (coloured), key prefix, why stale / progress."""
     from rich.table import Table
 
-    colours = {"fresh": "green", "stale": "yellow", "missing": "red", "in_progress": "cyan"}
+    colours = {"fresh": "green", "stale": "yellow", "missing": "red", "in_progress": "cyan", "damaged": "magenta"}
     t = Table(title=title or f"experiment {plan.cfg.name!r} · store {plan.store.root}", title_justify="left")
     t.add_column("stage")
     t.add_column("state")

@@ -95,7 +95,10 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
     failures: list[tuple[str, str, int, Path]] = []
     console.print(f"building {', '.join(group)} side by side ({jobs} processes x {threads} thread"
                   f"{'s' * (threads != 1)}; logs in {store.root / 'logs'})", markup=False)
-    (store.root / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        (store.root / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # logs are for people: the trainings run without them (each child says so)
+        console.print(f"warning: {store.root / 'logs'} could not be created ({e.strerror or e})", markup=False)
     stop = {"signalled": 0}
 
     def forward(signum, _frame):
@@ -142,6 +145,8 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
                 if result[0] == "ok":
                     from pipeline.runner import record_built  # the runner imports this module
 
+                    if len(result) > 1:  # its log could not be written (a full disk): a warning, not a failure
+                        console.print(f"warning: {result[1]}", markup=False, soft_wrap=True)
                     display.done(name)
                     record_built(cfg, store, console, name, sp, time.time() - started)
                     finished.append(name)
@@ -203,16 +208,47 @@ def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
+class BestEffortStream:
+    """A text stream for a child's log file: a write the file system refuses (a full disk) is remembered in
+    :attr:`failed` and the rest of the output dropped, instead of failing the training that printed it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.failed: Optional[str] = None
+
+    def write(self, text: str) -> int:
+        if self.failed is None:
+            try:
+                return self._stream.write(text)
+            except OSError as e:
+                self.failed = e.strerror or str(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failed is None:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self.failed = e.strerror or str(e)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, options: dict, parent_pid: int,
            send) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, _interrupt)  # until the trainer installs its own: stop cleanly, say so
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log_problem = None
+    except OSError as e:  # the log is for people: without it the training still runs (issue 24)
+        fd, log_problem = os.open(os.devnull, os.O_WRONLY), f"{log} could not be created ({e.strerror or e})"
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    sys.stdout = BestEffortStream(os.fdopen(1, "w", buffering=1, closefd=False))
+    sys.stderr = BestEffortStream(os.fdopen(2, "w", buffering=1, closefd=False))
     try:
         import torch
 
@@ -233,7 +269,9 @@ def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, op
         if sp.key != key:  # the inputs changed between the parent's plan and this one
             raise DkpError(f"{name}: its inputs changed while the run was starting (key {key[:16]} -> {sp.key[:16]})")
         runner._run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, options)
-        send.send(("ok",))
+        failed = log_problem or sys.stdout.failed or sys.stderr.failed
+        send.send(("ok", f"the output of {name} is incomplete in {log} ({failed}); the training itself finished")
+                  if failed else ("ok",))
     except DkpError as e:
         print(f"error: {e}", file=sys.stderr)
         send.send(("error", str(e), getattr(e, "exit_code", 2)))

@@ -4,6 +4,11 @@ Each stage of :mod:`pipeline.stages.registry` has a ``run(ctx: StageContext) -> 
 into ``ctx.path`` (resuming from whatever an interrupted run left there) and returns extra fields for
 artifact.json; publishing (artifact.json, then COMPLETE) is done here, once, for every stage but the
 ``managed`` one (depth), which publishes itself when its last part is done.
+
+Issue 24: a damaged artifact (a file of its record missing, truncated, or with ``--verify`` changed) is taken
+back to an interrupted one (:func:`prepare_rebuild`) and resumed, so only what the damage needs is redone; a
+write the file system refuses (full, quota, read-only, I/O error) ends the stage with one
+:class:`~pipeline.errors.StorageError` naming the artifact, and this process's temporaries are removed.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from typing import Any, Optional
 
 from pipeline import config as C
 from pipeline import jobs as jobs_mod
-from pipeline.store.artifacts import Store
+from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store, damage_text
+from pipeline.store.io import is_storage_error, remove_temporaries_of, storage_cause, storage_error
 from pipeline.errors import DkpError
 from pipeline.graph import Plan, StagePlan, build_plan, preflight
 from pipeline.stages import registry
@@ -70,16 +76,21 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
     try:
         write_synthetic(root, n=cfg.data.synth_frames, seed=cfg.data.synth_seed, image_size=cfg.data.synth_image_size,
                         clip_length=cfg.data.synth_clip_length, progress=pending)
+    except OSError as e:
+        if not is_storage_error(e):
+            raise
+        raise storage_error(e, what="the built-in synthetic dataset, generated on first use") from None
     except DkpError as e:
         raise type(e)(f"{e} (data.root = {root}; the config's data.synth_* values must match the data there)") from None
 
 
 def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: bool = False, until: str = "eval",
                  only: Optional[str] = None, console=None, stage_options: Optional[dict] = None,
-                 jobs: Optional[int] = None) -> Plan:
+                 jobs: Optional[int] = None, verify: bool = False) -> Plan:
     """Build the plan's stale entries up to ``until`` (or only ``only``). Entries that do not read each other
     (the student and the baseline) are built side by side, ``jobs`` processes at once (None: one per entry on
-    a CPU with the threads to spare, :func:`pipeline.jobs.choose_jobs`; 1: one after the other)."""
+    a CPU with the threads to spare, :func:`pipeline.jobs.choose_jobs`; 1: one after the other). Damaged
+    artifacts are rebuilt; ``verify`` finds those whose files changed without changing size (checksums)."""
     from rich.console import Console
 
     console = console or Console()
@@ -93,7 +104,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
             return None  # type: ignore[return-value]
     else:
         ensure_synthetic_data(cfg, console)
-    plan = build_plan(cfg, store, progress=not dry_run)
+    plan = build_plan(cfg, store, progress=not dry_run, verify=verify)
     order = list(plan.stages)  # STAGES plus extra entries (the baseline) in build order
     wanted = order[: order.index(until) + 1] if only is None else [only]
     if dry_run:
@@ -107,8 +118,9 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     if only is not None:
         for up in order[: order.index(only)]:
             if plan.stages[up].state != "fresh" and up != "manifest":
+                damage = f" ({damage_text(plan.stages[up].damage)})" if plan.stages[up].damage else ""
                 raise DkpError(
-                    f"stage {only} needs {up}, which is {plan.stages[up].state}; build it first with "
+                    f"stage {only} needs {up}, which is {plan.stages[up].state}{damage}; build it first with "
                     f"`dkp-pipeline run {cfg.name} --until {up}` (or `dkp-pipeline {up} ...`)"
                 )
 
@@ -128,6 +140,9 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
             continue
         group = jobs_mod.independent_group(plan, walk, i)
         n_jobs = jobs_mod.choose_jobs(plan, group, jobs)
+        for entry in group:
+            if plan.stages[entry].state == "damaged" and not _follower_rank():
+                prepare_rebuild(plan, entry, store)
         for entry in group:
             esp = plan.stages[entry]
             reason = "; ".join(([esp.progress] if esp.progress else []) + esp.why) or esp.state
@@ -180,8 +195,55 @@ def _sync_ranks() -> None:
         dist.barrier()
 
 
+def prepare_rebuild(plan: Plan, entry: str, store: Store) -> None:
+    """Turn the damaged published artifact of ``entry`` back into an interrupted one that its stage resumes:
+    under its lock, COMPLETE goes first (from then on nothing takes it for finished), then the stage's
+    ``repair`` deletes what must be redone (default: the damaged files). Refused, naming the damaged file, when
+    an artifact the rebuild reads is not fresh (its data is gone)."""
+    sp = plan.stages[entry]
+    stage = registry.stage(sp.stage)
+    for up in stage.upstream:
+        usp = plan.stages.get(up)
+        if usp is not None and usp.state != "fresh":
+            gone = f" ({damage_text(usp.damage)})" if usp.damage else ""
+            raise DkpError(f"the {entry} artifact {sp.path} is damaged ({damage_text(sp.damage)}); rebuilding it reads "
+                           f"the {up} artifact, which is {usp.state}{gone}; run `dkp-pipeline run {plan.cfg.name}` "
+                           f"to rebuild both in order")
+    path = store.path(sp.stage, sp.key)
+    with Lock(path / LOCK):
+        (path / COMPLETE).unlink(missing_ok=True)
+        if stage.repair is not None:
+            stage.repair(path, sp.damage)
+        else:
+            for d in sp.damage:
+                if d["file"] != "artifact.json":  # rewritten when the stage resumes
+                    (path / d["file"]).unlink(missing_ok=True)
+
+
 def _run_stage(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Store, console, options: dict) -> bool:
-    """Run one stage; False when the stage wrote only this process's part and another process publishes."""
+    """Run one stage; False when the stage wrote only this process's part and another process publishes.
+
+    A write the file system refuses leaves as one StorageError naming this artifact; the temporary files this
+    process had open in it are deleted (a killed run's are deleted by the next run, which takes its lock over)."""
+    path = store.path(stage.name, sp.key)
+    try:
+        return _run_stage_here(stage, cfg, plan, sp, store, console, options)
+    except Exception as e:
+        cause = storage_cause(e)
+        if cause is None:
+            raise
+        try:
+            remove_temporaries_of(path, os.getpid())
+        except OSError:
+            pass
+        entry = next((n for n, s in plan.stages.items() if s is sp), stage.name)
+        unnamed = cause.filename is None and getattr(cause, "filename2", None) is None  # a bare write(): say where
+        raise storage_error(cause, path if unnamed else None, what="a file in this directory" if unnamed else "",
+                            artifact=f"the {entry} artifact {sp.key[:16]} ({path})") from None
+
+
+def _run_stage_here(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Store, console,
+                    options: dict) -> bool:
     name = stage.name
     if stage.managed:
         # Stages with their own multi-process writing protocol (depth under torchrun / --shard).
@@ -202,6 +264,8 @@ def _run_stage(stage: registry.Stage, cfg, plan: Plan, sp: StagePlan, store: Sto
         with store.open_for_write(name, sp.key, inputs=sp.inputs, config=sp.config) as w:
             ctx = StageContext(cfg, plan, sp, store, w.path, console, options)
             extra = stage.run(ctx) or {}
+            if sp.damage:  # what this rebuild repaired, for whoever reads the record
+                extra = {**extra, "rebuilt_after_damage": sp.damage}
             w.publish(**extra)
     except DkpError:
         # A stage refused before doing any work (missing VGG weights, bad option): leave no empty

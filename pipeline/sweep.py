@@ -198,11 +198,13 @@ def resolve_runs(config: str, overrides: tuple[str, ...], axes: list[Axis], seed
 
 def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: Optional[tuple[int, ...]],
               store_dir: Optional[str], console, *, dry_run: bool = False, output: Optional[str] = None,
-              jobs: Optional[int] = None) -> dict:
+              jobs: Optional[int] = None, executor=None) -> dict:
     """Run (or, with ``dry_run``, only list) every grid point and seed; return and optionally write the table.
 
     Stops at the first run that fails (its message says which run and how to continue); runs already
-    finished are artifacts in the store, so the same command continues from there."""
+    finished are artifacts in the store, so the same command continues from there. With ``executor`` (a
+    :class:`pipeline.cluster.JobOptions`) each run that is not fresh is a submitit job (Slurm, or local processes),
+    and the table is gathered from the store when they have all ended."""
     from pipeline.store.artifacts import Store
     from pipeline.store.io import write_atomic, write_json_atomic
     from pipeline.runner import run_pipeline, synthetic_data_pending
@@ -226,14 +228,27 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
             listed.append(r.name)
         return {"runs": listed}
 
+    if executor is not None:
+        from pipeline.cluster import submit_sweep
+
+        submit_sweep(config, overrides, runs, cfgs, store_dir, executor, console)
     rows = []
     for i, (r, cfg) in enumerate(zip(runs, cfgs), 1):
-        console.print(f"[bold]sweep run {i}/{len(runs)}: {r.name}[/]", markup=True)
-        try:
-            plan = run_pipeline(cfg, store_dir, console=console, jobs=jobs)
-        except DkpError as e:
-            raise DkpError(f"sweep run {i}/{len(runs)} ({r.name}) failed: {e}\n{i - 1} runs are finished and kept "
-                           "in the store; fix the cause and run the same sweep command again to continue") from None
+        if executor is not None:  # the jobs have ended: gather what they published
+            from pipeline.graph import build_plan
+
+            plan = build_plan(cfg, store, progress=False)
+            if plan.stages["eval"].state != "fresh":
+                raise DkpError(f"sweep run {r.name}: its job ended but eval is {plan.stages['eval'].state}; submit "
+                               "the same sweep again to continue")
+        else:
+            console.print(f"[bold]sweep run {i}/{len(runs)}: {r.name}[/]", markup=True)
+            try:
+                plan = run_pipeline(cfg, store_dir, console=console, jobs=jobs)
+            except DkpError as e:
+                raise DkpError(f"sweep run {i}/{len(runs)} ({r.name}) failed: {e}\n{i - 1} runs are finished and "
+                               "kept in the store; fix the cause and run the same sweep command again to continue") \
+                    from None
         key = plan.stages["eval"].key
         metrics = json.loads((store.path("eval", key) / "metrics.json").read_text())
         rows.append({"name": r.name, "point": list(r.point), "seed": r.seed, "eval_key": key,

@@ -160,3 +160,17 @@ def fingerprint_reads(monkeypatch):
 
     monkeypatch.setattr(F, "_read_and_digest", spy)
     return seen
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where torch sees none (CI, the CPU VMs)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu): run in the device script on a GPU machine")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -78,6 +78,11 @@ def test_complete_marker_without_matching_record_is_not_fresh(tmp_path):
     p = store.path("teach", key)
     p.mkdir(parents=True)
     (p / COMPLETE).write_text(key)
+    # issue 24: a published artifact that lost its record is damaged (rebuilt by `run`), never fresh
+    st = store.state("teach", key)
+    assert st.state == "damaged" and st.damage == [{"file": "artifact.json", "problem": "missing or unreadable"}]
+    # a record of another key (a 16-hex prefix collision) is not ours to repair: not fresh, left alone
+    (p / "artifact.json").write_text(json.dumps({"key": "f" * 64}))
     assert store.state("teach", key).state == "in_progress"
 
 

@@ -410,11 +410,20 @@ def test_cache_corrupted_chunk(built):
 
 
 def test_cache_truncated_file(built):
+    """Issue 24: the truncated shard makes the finished cache `damaged` at stat cost, so `teach` refuses before it
+    reads a frame, naming the shard; `depth` then rebuilds that shard alone, byte for byte."""
     shard = _depth_dir(built) / "shards" / "shard-00001.h5"
     raw = shard.read_bytes()
+    others = {n: (shard.parent / n).stat().st_mtime_ns for n in ("shard-00000.h5", "shard-00002.h5")}
     shard.write_bytes(raw[: len(raw) // 3])
     p = built.cli("teach")
-    assert_user_error(p, "shard-00001.h5", "cache verify", "re-run `dkp-pipeline depth`")
+    assert_user_error(p, "depth, which is damaged", "shard-00001.h5", "truncated",
+                      "dkp-pipeline run tiny --until depth")
+    p = built.cli("depth")
+    assert p.returncode == 0, p.stderr
+    assert shard.read_bytes() == raw
+    assert {n: (shard.parent / n).stat().st_mtime_ns for n in others} == others  # the others were not rewritten
+    assert built.status()["depth"]["state"] == "fresh"
 
 
 def test_cache_spec_mismatch(built):

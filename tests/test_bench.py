@@ -227,7 +227,8 @@ def test_bench_cache():
     ({"what": "teach", "batch": 0}, "--batch 0"),
     ({"what": "teacher-cache", "batch": 1, "size": 16}, "use --batch 2 or --size 32"),
     ({"what": "cache", "device": "tpu"}, "--device 'tpu'"),
-    ({"what": "nope"}, "valid: teach, train-step, side-by-side, depth, cache, teacher-cache, recon-loss"),
+    ({"what": "nope"}, "valid: teach, train-step, side-by-side, depth, depth-overlap, depth-precision, depth-writer, "
+                       "cache, teacher-cache, recon-loss, gpu, precision, video"),
     ({"what": "side-by-side", "batch": 2}, "torch has 1 thread here"),  # the autouse fixture's one thread
     ({"what": "depth", "model": "dpt_tiny"}, "--model 'dpt_tiny': not a MiDaS 3.1 model; valid: "),
     ({"what": "depth", "batch": 4, "frames": 7}, "--frames 7: must be an integer >= 2 x --batch"),

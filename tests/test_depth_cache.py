@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline import depth_cache as dc
-from pipeline.depth_cache import writer as dc_writer
 from pipeline.store.io import sha256_file
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, StorageError
 
 SPEC = {"model_type": "dpt_swin2_tiny_256", "weights_sha256": "sha256:" + "a1" * 32, "net_size": 256,
         "resize_rule": "minimal/32", "precision": "fp32", "normalisation": "mean=std=0.5",
@@ -354,11 +353,11 @@ def test_disk_full_while_writing_keeps_finished_shards(tmp_path, monkeypatch):
     w.write_shard(w.plan(0), ids[:4], hashes[:4], depths[:4], valid[:4])
     before = (c / "shards" / "shard-00000.h5").read_bytes()
 
-    def full(path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dc_writer, "fsync_path", full)  # the first fsync of shard 1's temp file hits a full disk
-    with pytest.raises(CacheError, match=r"shard-00001.h5 failed .*No space left.*finished shards are kept"):
+    monkeypatch.setattr(os, "fsync", full)  # the first fsync of shard 1's temp file hits a full disk
+    with pytest.raises(StorageError, match=r"shard-00001.h5 .*failed .*No space left.*finished shards are kept"):
         w.write_shard(w.plan(1), ids[4:], hashes[4:], depths[4:], valid[4:])
     monkeypatch.undo()
     assert sorted(p.name for p in (c / "shards").iterdir()) == ["shard-00000.h5", "shard-00000.json"]

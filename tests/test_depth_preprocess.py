@@ -201,8 +201,8 @@ def test_preprocess_enters_the_depth_key_only_when_it_changes_values(tmp_path):
     y.write_text(json.dumps({"name": "e", "data": {"manifest": "folder", "root": str(root)},
                              "depth": {"provider": "midas", "model_type": "dpt_levit_224", "weights": str(weights)}}))
 
-    def depth(*sets):
-        cfg = load_config(str(y), list(sets))
+    def depth(*sets):  # on the CPU, where preprocess auto is cpu (tests/test_golden_keys.py: auto on CUDA)
+        cfg = load_config(str(y), ["depth.device=cpu", *sets])
         return build_plan(cfg, Store(tmp_path / "store"), progress=False).stages["depth"], cfg
 
     cpu, cfg = depth()
@@ -210,13 +210,14 @@ def test_preprocess_enters_the_depth_key_only_when_it_changes_values(tmp_path):
     dev, _ = depth("depth.preprocess=device")
     assert cpu.key == explicit.key != dev.key
     assert "preprocess" not in cpu.inputs["config"] and dev.inputs["config"]["preprocess"] == "device"
-    # the key the code computed before depth.preprocess existed: the same semantic fields without it
-    old_sem = {k: v for k, v in C.semantic_dict(cfg.depth).items() if k != "preprocess"}
+    # the key the code computed before depth.preprocess existed: the same semantic fields without it (and without
+    # tf32, which came later and stays out of the key at its default; tests/test_golden_keys.py pins literals)
+    old_sem = {k: v for k, v in C.semantic_dict(cpu.settings.config).items() if k not in ("preprocess", "tf32")}
     old_sem["weights_sha256"] = cpu.inputs["config"]["weights_sha256"]
     assert artifact_key("depth", old_sem, cpu.inputs["upstream"], cpu.inputs["fingerprint"]) == cpu.key
     from pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="depth.preprocess: 'gpu' is not one of cpu, device"):
+    with pytest.raises(ConfigError, match="depth.preprocess: 'gpu' is not one of auto, cpu, device"):
         load_config(str(y), ["depth.preprocess=gpu"])
 
 

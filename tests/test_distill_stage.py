@@ -59,7 +59,7 @@ def test_gamma_zero_is_the_baseline_through_the_same_code(tiny, monkeypatch):
     res_b = json.loads((base / "artifact.json").read_text())["result"]
     res_d = json.loads((dist / "artifact.json").read_text())["result"]
     assert res_b["teacher_cache"] is False and res_d["teacher_cache"] is True
-    assert not (base / "teacher_embeddings.h5").exists() and (dist / "teacher_embeddings.h5").is_file()
+    assert not (base / "teacher_embeddings").exists() and (dist / "teacher_embeddings" / "index.json").is_file()
     for d in (base, dist):
         assert (d / "model.pt").is_file() and (d / "keypoints.png").is_file() and (d / "COMPLETE").exists()
 
@@ -86,7 +86,7 @@ def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
     assert not any(s["training"] or s["any_training"] or s["requires_grad"] or s["has_grad"] or s["out_requires_grad"]
                    for s in seen), seen
     assert len({s["checksum"] for s in seen}) == 1  # weights and BN statistics never change
-    assert not (d / "teacher_embeddings.h5").exists()
+    assert not (d / "teacher_embeddings").exists()
 
     # and the guard itself: a teacher in train() mode is refused
     from pipeline.stages.common import load_trained
@@ -125,7 +125,7 @@ def test_embedding_cache_equals_live_teacher(tiny):
     idx = valid_train_indices(m, reader, "train")
     ds = FrameDataset(manifest=m, indices=idx, image_size=32, use_rgb=False, use_depth=True, depth_reader=reader)
     teacher, _ = load_trained(_teach_dir(tiny))
-    cache = EmbeddingCache(cached / "teacher_embeddings.h5")
+    cache = EmbeddingCache(cached / "teacher_embeddings")
     picks = [(0, False), (0, True), (5, True), (len(ds) - 1, False)]
     depth = torch.stack([ds.load(i, f)["depth"] for i, f in picks])
     want = teacher_embedding(teacher, depth, "logits")
@@ -133,6 +133,12 @@ def test_embedding_cache_equals_live_teacher(tiny):
     assert got.shape == want.shape == (4, 4, 8, 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got[0], got[1])  # the mirrored frame has its own targets
+    # indices stay on the CPU: a device index would make the host wait for the GPU at every lookup
+    meta = torch.zeros(2, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="indices on the CPU"):
+        cache.lookup(meta, meta)
+    with pytest.raises(KeyError, match="not in the teacher embedding cache"):
+        cache.lookup(torch.tensor([int(m.split("test")[0])]), torch.tensor([False]))
 
 
 @pytest.mark.parametrize("layer,flatten,cache,shape", [
@@ -141,7 +147,7 @@ def test_embedding_cache_equals_live_teacher(tiny):
     ("heatmaps", "keypoint", "true", (4, 8, 8)),  # the synthetic preset's choice, through the embedding cache
 ])
 def test_layer_and_flatten_options(tiny, layer, flatten, cache, shape):
-    import h5py
+    from pipeline.stages.distill import EmbeddingCache
 
     d = distill(tiny, "distill.gamma=0.4", f"distill.layer={layer}", f"distill.flatten={flatten}",
                 f"distill.teacher_cache={cache}")
@@ -150,10 +156,10 @@ def test_layer_and_flatten_options(tiny, layer, flatten, cache, shape):
     rec = json.loads((d / "artifact.json").read_text())
     assert rec["config"]["layer"] == layer and rec["config"]["flatten"] == flatten
     if shape is not None:
-        with h5py.File(d / "teacher_embeddings.h5", "r", locking=False) as f:
-            assert f.attrs["layer"] == layer
-            assert f["embedding"].shape[1:] == (1, *shape)  # no flips on the synthetic data
-            assert np.isfinite(f["embedding"][...]).all()
+        c = EmbeddingCache(d / "teacher_embeddings")
+        assert c.layer == layer and c.n_flip == 1 and c.shape == shape  # no flips on the synthetic data
+        part = np.load(d / "teacher_embeddings" / "part-00000-of-00001.npy")
+        assert part.shape[1:] == (1, *shape) and np.isfinite(part).all()
     # a different layer is a different artifact than the default one
     assert d != distill(tiny, "distill.gamma=0.4")
 

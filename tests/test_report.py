@@ -169,7 +169,8 @@ def test_missing_and_stale_stages_show_as_such(tiny):
 def test_an_interrupted_stage_shows_what_it_has_so_far(tiny, tmp_path):
     """distill killed after its last eval picture: in progress, its curve and its newest picture on the page."""
     store = tmp_path / "store"
-    shutil.copytree(tiny["store"], store, ignore=shutil.ignore_patterns("*.h5", "model.pt", "checkpoints"))
+    # (a finished artifact missing a file is damaged since issue 24: only what is not an output is left out)
+    shutil.copytree(tiny["store"], store, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
     sp = tiny["plan"].stages["distill"]
     art = store / "distill" / sp.key[:16]
     (art / "COMPLETE").unlink()

@@ -114,10 +114,24 @@ def test_settings_are_validated_with_the_field_named():
     assert "num_workers" in TrainSettings.NON_SEMANTIC and "lr" not in TrainSettings.NON_SEMANTIC
 
 
-def test_amp_resolution():
+def test_amp_resolution(monkeypatch):
+    from pipeline.training import runtime
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
     assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
-    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    # fp16 autocast is emulated on a CPU (many times slower than fp32): refused, naming the fixes ...
+    with pytest.raises(ConfigError, match=r"training setting 'amp': 'fp16' on cpu would train many times slower "
+                                          r"than fp32: fp16 autocast on a CPU is emulated.*amp='off' \(or 'bf16'"):
+        resolve_amp("fp16", cpu)
+    with pytest.raises(ConfigError, match=r"config field teach.amp: .*--set teach.amp=off --set distill.amp=off "
+                                          r"\(or =bf16, which this CPU.*another artifact key.*DKP_ALLOW_SLOW_AMP=1"):
+        resolve_amp("fp16", cpu, section="teach")
+    # ... unless asked for on purpose (tests, a GPU recipe's numerics on a laptop)
+    assert resolve_amp("fp16", cpu, allow_slow=True) is torch.float16
+    monkeypatch.setenv("DKP_ALLOW_SLOW_AMP", "1")
+    assert resolve_amp("fp16", cpu) is torch.float16
 
 
 # ---- resume ------------------------------------------------------------------------------------
@@ -213,6 +227,25 @@ def test_nonfinite_loss_stops_naming_step_and_last_checkpoint(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000005.pt"]
 
 
+def test_nonfinite_loss_is_found_before_the_checkpoint_that_would_hold_it(tmp_path):
+    """The loss is read once per sync point; every checkpoint is one, so a NaN in the very step a checkpoint
+    follows (step 10: a checkpoint, not a metrics line with log_every 3) stops the run before that checkpoint, and
+    a NaN inside an interval (step 8) stops it at the next sync point having written nothing of steps 8 and 9."""
+    def nan_at(step):
+        def step_fn(model, batch, ctx):
+            loss, metrics = toy.toy_step(model, batch, ctx)
+            return (loss * float("nan") if ctx.step == step else loss), metrics
+        return step_fn
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 10/12"):
+        _run(tmp_path / "a", step_fn=nan_at(9))
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-00000005.pt"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [3, 6, 9]
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 8/12"):
+        _run(tmp_path / "b", step_fn=nan_at(7))
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+
+
 def test_on_eval_runs_at_interval_and_end_in_eval_mode(tmp_path):
     seen = []
 
@@ -232,7 +265,9 @@ def test_autocast_on_cpu_runs(tmp_path, amp, dtype):
         dtypes.append((ctx.amp_dtype, model(batch["image"]).dtype))
         return loss, metrics
 
-    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp=amp, log_every=1))
+    # allow_slow_amp: fp16 (and bf16 on a CPU without bf16 units) are refused on a CPU otherwise
+    _, result = _run(tmp_path, step_fn=step, settings=toy.toy_settings(steps=2, amp=amp, log_every=1,
+                                                                       allow_slow_amp=True))
     assert result.amp_dtype == amp and dtypes[0] == (dtype, dtype)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # fp16 trains through a GradScaler, whose scale is logged and checkpointed; bf16 needs none.
@@ -340,7 +375,9 @@ def test_check_plain_accepts_what_checkpoints_hold():
 
 
 # ---- DDP -----------------------------------------------------------------------------------------
-def test_ddp_two_cpu_ranks_give_the_same_loss_as_one(tmp_path):
+@pytest.mark.parametrize("after_depth", [False, True], ids=["alone", "after-depth-group"])
+def test_ddp_two_cpu_ranks_give_the_same_loss_as_one(tmp_path, after_depth):
+    """2 gloo ranks = 1 rank, also when the depth stage's process group and barrier came first (as in `run`)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists() or not torch.distributed.is_available():
         pytest.skip("torchrun / torch.distributed not available")
@@ -351,7 +388,7 @@ def test_ddp_two_cpu_ranks_give_the_same_loss_as_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(TOY_PATH),
                            str(tmp_path / "ddp"), "--plain", "--norm", "group", "--steps", str(steps),
-                           "--log-every", "1", "--ckpt-every", "4"],
+                           "--log-every", "1", "--ckpt-every", "4", *(["--after-depth-group"] if after_depth else [])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _run(tmp_path / "one", settings=toy.toy_settings(steps=steps, log_every=1, checkpoint_every=4),
@@ -364,6 +401,7 @@ def test_ddp_two_cpu_ranks_give_the_same_loss_as_one(tmp_path):
     assert one[-1] < one[0]  # it trained
     ckpt = load_safe(tmp_path / "ddp" / "checkpoints" / "step-00000008.pt")
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert "DDP over 2 ranks on cpu, process group backend gloo" in proc.stderr
 
 
 # ---- progress --------------------------------------------------------------------------------------
@@ -417,16 +455,74 @@ def test_cosine_schedule_resumes_exactly_and_changes_the_run(tmp_path):
     assert any(not torch.equal(ref[k], v) for k, v in const.state_dict().items())
 
 
-def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, caplog):
-    """The synthetic preset asks for bf16 (fast on AMX / AVX-512 BF16 CPUs); elsewhere it is slow: say so."""
+def test_bf16_on_a_cpu_without_bf16_units_is_refused(monkeypatch, caplog):
+    """The synthetic preset asks for bf16 (fast on AVX-512 BF16 / AMX CPUs); elsewhere it is emulated, ~9x slower
+    than fp32 (docs/benchmarks.md): refused with the override named, or a warning when allowed on purpose."""
     import torch
 
     from pipeline.training import runtime
 
     caplog.set_level("WARNING", logger="pipeline.train")
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert runtime.resolve_amp("bf16", torch.device("cpu"), section="teach") is torch.bfloat16
     assert not caplog.records
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
-    assert "without bf16 instructions" in caplog.text and "teach.amp=off" in caplog.text
+    with pytest.raises(ConfigError, match=r"config field teach.amp: 'bf16' on cpu .*no bf16 units.*"
+                                          r"--set teach.amp=off --set distill.amp=off \(another artifact key"):
+        runtime.resolve_amp("bf16", torch.device("cpu"), section="teach")
+    assert runtime.resolve_amp("bf16", torch.device("cpu"), allow_slow=True) is torch.bfloat16
+    assert "no bf16 units" in caplog.text
+
+
+# ---- fp16 + GradScaler on CPU (the paper presets' precision; refused on a CPU unless allowed) --------------------
+def _overflow_at(step: int, seen: dict):
+    """The toy step; at 0-based ``step`` the loss is scaled by 1e30: finite in fp32, but its gradients overflow fp16
+    under the GradScaler's 2^16, so that optimiser step must be skipped. Records the weights at each step start."""
+    def step_fn(model, batch, ctx):
+        seen[ctx.step] = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}
+        loss, metrics = toy.toy_step(model, batch, ctx)
+        return (loss * 1e30 if ctx.step == step else loss), metrics
+
+    return step_fn
+
+
+def test_fp16_gradscaler_skips_overflow_steps_and_backs_off(tmp_path):
+    seen: dict = {}
+    settings = toy.toy_settings(steps=6, amp="fp16", allow_slow_amp=True, log_every=1, checkpoint_every=3)
+    model, result = _run(tmp_path, step_fn=_overflow_at(2, seen), settings=settings)
+    assert result.amp_dtype == "fp16"
+    params = [k for k, v in seen[0].items() if v.is_floating_point() and "running" not in k]
+    changed = {s: any(not torch.equal(seen[s][k], seen[s + 1][k]) for k in params) for s in range(5)}
+    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # step 2 overflowed: no update
+    scales = [json.loads(line)["loss_scale"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert scales == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0, 32768.0]  # backed off once, at the overflow
+    assert load_safe(tmp_path / "checkpoints" / "step-00000006.pt")["scaler"]["scale"] == 32768.0
+
+
+def test_fp16_gradscaler_state_survives_an_exact_resume(tmp_path):
+    """Crash after an overflow step, resume: the scaler's scale and growth tracker come back from the checkpoint,
+    so weights, optimiser state and metrics (loss_scale included) equal an uninterrupted run's bit for bit."""
+    settings = toy.toy_settings(steps=STEPS, amp="fp16", allow_slow_amp=True)
+    ref_model, _ = _run(tmp_path / "ref", step_fn=_overflow_at(3, {}), settings=settings)
+    ref = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    overflow = _overflow_at(3, {})
+
+    def crashing(model, batch, ctx):
+        if ctx.step == 8:
+            raise Crash
+        return overflow(model, batch, ctx)
+
+    with pytest.raises(Crash):
+        _run(tmp_path / "run", step_fn=crashing, settings=settings)
+    saved = load_safe(tmp_path / "run" / "checkpoints" / "step-00000005.pt")["scaler"]
+    assert saved["scale"] == 32768.0 and saved["_growth_tracker"] == 1  # one good step since the overflow
+    model, result = _run(tmp_path / "run", step_fn=overflow, settings=settings)
+    assert result.resumed_from == 5
+    _assert_same_weights(model.state_dict(), ref)
+    a = load_safe(tmp_path / "ref" / "checkpoints" / "step-00000012.pt")
+    b = load_safe(tmp_path / "run" / "checkpoints" / "step-00000012.pt")
+    assert a["scaler"] == b["scaler"]
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[n], b["optimizer"]["state"][k][n]) for n in state)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+    assert '"loss_scale": 32768.0' in (tmp_path / "ref" / "metrics.jsonl").read_text()

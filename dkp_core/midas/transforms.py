@@ -109,9 +109,11 @@ def preprocess_tensor(images_u8: torch.Tensor, spec: MidasSpec) -> torch.Tensor:
     x = images_u8.float().div_(255.0)  # (B, 3, H, W)
     if tuple(size) != (h, w):
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)  # (B, 3, h, w)
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    # per channel with Python scalars (rounded to float32 by the kernel, as a float32 mean tensor would be): no
+    # tensor built from a Python list, which on CUDA would be a blocking host-to-device copy per batch
+    for c in range(3):
+        x[:, c].sub_(spec.mean[c]).div_(spec.std[c])
+    return x
 
 
 def postprocess(pred: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The benches of `dkp-pipeline bench` (``BENCHES``), ``run_bench`` (one JSON record) and ``bench_command`` (the CLI).
 
 Each bench runs its cases through the harness (alone, then interleaved) and derives its ratios; the cases
-themselves are in ``training.py`` and ``depth.py``, the GPU suite in ``gpu.py``.
+themselves are in ``training.py`` and ``depth.py``, the GPU suite in ``gpu.py``, ``precision`` in ``precision.py``.
 """
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ from pipeline.bench.scale import bench_scale
 from pipeline.bench.gpu import bench_gpu
 from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
+from pipeline.bench.depth_precision import bench_depth_precision
+from pipeline.bench.overlap import bench_depth_overlap
+from pipeline.bench.precision import bench_precision
+from pipeline.bench.writer import bench_depth_writer
 from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINTS, WIDTH
 from pipeline.errors import ConfigError
 
-WHATS = ("teach", "train-step", "side-by-side", "depth", "cache", "teacher-cache", "recon-loss", "gpu", "frames",
-         "scale")
+WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "depth-precision", "depth-writer", "cache",
+         "teacher-cache", "recon-loss", "gpu", "precision", "video", "frames", "scale")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -248,8 +252,13 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "teacher-cache": bench_teacher_cache,
     "recon-loss": bench_recon_loss,
     "depth": bench_depth,
+    "depth-overlap": bench_depth_overlap,  # the depth stage's pipelining with stand-ins (overlap.py, issue 22)
+    "depth-precision": bench_depth_precision,  # depth values under bf16/fp16 against fp32 (depth_precision.py)
+    "depth-writer": bench_depth_writer,  # the writer: HDF5's filters on one thread vs chunks encoded on a pool
     "cache": bench_cache,
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
+    "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26
+    "precision": bench_precision,  # each preset's precision vs fp32 on this device (issue 23, precision.py)
     "frames": bench_frames,  # a training sample per core, decoded vs from the frame cache (frames.py, issue 23)
     "scale": bench_scale,  # no-op status/run, manifest and depth import at 10k..1M frames (scale.py, issue 23)
 }
@@ -267,7 +276,7 @@ def run_bench(what: str, *, batch: int, size: int, steps: int, device: str = "au
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("size", size, 16)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench --{name} {v!r}: must be an integer >= {lo}")
-    training = ("teach", "train-step", "side-by-side", "teacher-cache", "recon-loss", "gpu")  # AutoLink steps at --batch, --size
+    training = ("teach", "train-step", "side-by-side", "teacher-cache", "recon-loss", "gpu", "precision")  # AutoLink steps at --batch, --size
     if what in training and size % 16:
         raise ConfigError(f"bench {what} --size {size}: AutoLink needs a multiple of 16 (e.g. {size // 16 * 16 or 16})")
     if what in training and batch == 1 and size == 16:
@@ -322,7 +331,7 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():
         console.print(f"  goal {k} {g.get('op', '>=')} {g['goal']}: {'met' if g['met'] else 'NOT met'} "
-                      f"({_fmt(g['value'])})", markup=False, soft_wrap=True)
+                      f"({_fmt(g['value'])}{', ' + g['via'] if g.get('via') else ''})", markup=False, soft_wrap=True)
     if output:
         p = Path(output)
         p.parent.mkdir(parents=True, exist_ok=True)

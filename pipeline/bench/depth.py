@@ -1,7 +1,7 @@
 """The depth cases: a MiDaS 3.1 model with random weights in the official layout, on generated frames.
 
 ``bench depth`` (:func:`case_depth_abc`) times (a) the stage's own model bundle and inference call
-(:func:`~pipeline.stages.depth.compute.load_model`, :func:`~pipeline.stages.depth.compute.infer`) on batches preprocessed
+(:func:`~pipeline.stages.depth.compute.load_model`, :func:`~pipeline.stages.depth.compute.forward`) on batches preprocessed
 beforehand, (b) the whole ``depth`` stage through ``run_pipeline``, (c) MiDaS run.py's per-frame loop; ``bench
 gpu`` reuses the pieces (weights, frames, stage run, run.py loop). The random checkpoint is
 :func:`dkp_core.midas.official_layout_state_dict` of a fresh model with a calibrated head, so the stage loads it
@@ -144,7 +144,7 @@ def case_depth_abc(p: dict) -> dict:
     """The three depth cases on the same generated frames, in one process, in the order
     a1 c1 b c2 a2 (a, c: first and second half of the frames), so that a and c bracket b in time.
 
-    (a) ``bare_model``: the stage's own inference call (:func:`~pipeline.stages.depth.compute.infer`: same precision,
+    (a) ``bare_model``: the stage's own forward (:func:`~pipeline.stages.depth.compute.forward`: same precision,
         memory format, device) on batches preprocessed beforehand and already on the device;
     (b) ``stage``: ``run_pipeline(only="depth")`` with provider midas on a folder manifest of the frames
         (DataLoader workers decode and preprocess, the background writer fills the HDF5 cache); rate from
@@ -161,6 +161,7 @@ def case_depth_abc(p: dict) -> dict:
     from dkp_core.midas.transforms import preprocess
     from pipeline.weights.midas import load_midas
     from pipeline.stages.depth import compute as D
+    from pipeline.stages.depth.identity import resolve_auto
 
     device = bench_device(p["device"])
     mt, n, size, batch = p["model_type"], p["frames"], p["size"], p["batch"]
@@ -176,12 +177,11 @@ def case_depth_abc(p: dict) -> dict:
         cfg = depth_config(root, "bench-depth", root / "data", mt, weights, batch_size_inference=batch,
                            precision=precision, device=device.type)
 
-        # (a): the stage's model bundle and inference call, inputs preprocessed and on the device beforehand
-        bundle = D.load_model(cfg, None)
+        # (a): the stage's model bundle and forward, inputs preprocessed and on the device beforehand
+        bundle = D.load_model(resolve_auto(cfg.depth), None)
         batches = [torch.from_numpy(xs[i:i + batch]).to(bundle[1]) for i in range(0, n, batch)]  # (B, 3, h, w)
         del xs
-        stats = {"seconds_model": 0.0, "fp32_fallbacks": 0}
-        D.infer(bundle, batches[0], stats)  # warm-up
+        D.forward(bundle, batches[0], bundle[2])  # warm-up
         # (c): run.py's model: fp32, default memory format (run.py's --optimize is off by default)
         model_c, _ = load_midas(mt, weights, device=device)
         out_c = root / "run_py_out"
@@ -193,8 +193,8 @@ def case_depth_abc(p: dict) -> dict:
         def bare(bs: list) -> float:
             sync(device)
             t0 = time.perf_counter()
-            for x in bs:
-                D.infer(bundle, x, stats)
+            for x in bs:  # queued back to back, one wait at the end: the model's own pace
+                D.forward(bundle, x, bundle[2])
             sync(device)
             return time.perf_counter() - t0
 
@@ -230,7 +230,7 @@ def case_depth_abc(p: dict) -> dict:
                       "seconds_model": comp["seconds_model"],
                       "seconds_waiting_for_writer": comp["seconds_waiting_for_writer"],
                       "seconds_writing": comp["seconds_writing"], "fp32_fallbacks": comp["fp32_fallbacks"],
-                      "num_workers": cfg.depth.num_workers, "batch": batch, "precision": precision,
+                      "num_workers": comp["num_workers"], "batch": batch, "precision": precision,
                       "cache_bytes": cache_bytes, "storage_dtype": cfg.depth.storage_dtype},
             "run_py_loop": {"frames_per_s": n / (c1 + c2), "seconds": round(c1 + c2, 3), "frames": n,
                             "halves_frames_per_s": [round(fc[0] / c1, 3), round(fc[1] / c2, 3)], "batch": 1,

@@ -13,27 +13,42 @@ what this part has measured so far (per-frame model time, data-side rates; the f
 estimate and runs while time is left) and the case is skipped, and recorded as skipped with its estimate, when
 it would end past the deadline. Every case records its estimate beside the time it took.
 
-Per model (random weights in the official checkpoint layout, frames: ``--frames`` JPEGs of ``--frame-size``²):
+Per model (random weights in the official checkpoint layout; frames: ``--frames`` JPEGs of each of
+``--frame-sizes``², default 128² (AutoLink's size), 256² (Taichi) and 1000² (Human3.6M)):
 
-==================  ==============================================================================================
-case                what it measures
-==================  ==============================================================================================
-``bare/P/bB``       the model alone, precision P (fp32 | bf16 | fp16 autocast), batch B, on inputs already on the
-                    device in the stage's memory format (channels_last on CUDA): frames/s, TFLOP/s, peak memory,
-                    and for P != fp32 the depth's max / mean relative difference against fp32 on the same frames
-``data_side``       one worker's work on one core (``cv2.setNumThreads(1)``): read + decode, the old and the new
-                    (bit-identical) CPU preprocessing; the device path (decode on the device + torch resize) at
-                    the stage's batch; depth of the two paths (fp32 model) as max / mean relative difference
-``stage/cpu``       the whole ``depth`` stage (``run_pipeline``), ``depth.preprocess: cpu``, W workers
-``stage/device``    the same with ``depth.preprocess: device``; depth difference of the two caches
-``run_py_loop``     MiDaS run.py's loop (batch 1, fp32, NCHW, per-frame ``np.save``)
-``bare/P/bB/nchw``  the other memory format (NCHW on CUDA, channels_last on CPU) at the stage's P and B
-``bare/P/bB/compile``  ``torch.compile`` (default inductor) at the stage's P and B; ``compile_s`` = first call
-==================  ==============================================================================================
+=========================  =======================================================================================
+case                       what it measures
+=========================  =======================================================================================
+``bare/P/bB``              the model alone, precision P (fp32 | bf16 | fp16 autocast), batch B, on inputs already on
+                           the device in the stage's memory format (channels_last on CUDA): frames/s, TFLOP/s, peak
+                           memory, and for P != fp32 the depth's max / mean relative difference against fp32
+``data_side/S``            one worker's work on one core (``cv2.setNumThreads(1)``) at frame size S: read + decode,
+                           the old and the new (bit-identical) CPU preprocessing; the device path (decode on the
+                           device + torch resize) at the stage's batch; depth of the two paths (fp32 model)
+``loader/S``               the data side's ceiling: the stage's own DataLoader (its planned batches, W workers,
+                           pinned on CUDA; device preprocessing on CUDA) with no model: frames/s it delivers
+``writer/S``               the writer's ceiling: frames/s the background HDF5 writer stores (float16 + scale, gzip,
+                           checksums) of S² maps, nothing else running
+``stage/S/best``           the whole ``depth`` stage (``run_pipeline``) at its best settings: the suite's stage
+                           precision and batch, W workers, device preprocessing on CUDA; its steady rate, what its
+                           record says held it back, host waits per batch, GPU utilisation (NVML, sampled)
+``stage/S/defaults``       the same with nothing set: what a user gets (auto precision, preprocessing, batch, workers)
+``run_py_loop``            MiDaS run.py's loop (batch 1, fp32, NCHW, per-frame ``np.save``) at the largest size
+``bare/P/bB/nchw``         the other memory format (NCHW on CUDA, channels_last on CPU) at the stage's P and B
+``bare/P/bB/compile``      ``torch.compile`` (default inductor) at the stage's P and B; ``compile_s`` = first call
+=========================  =======================================================================================
 
-Training (AutoLink's setting: width 64, K = 16, l1ssim, AdamW, channels_last as the trainer; ``--size`` px,
-``--batch``): ``teach/fp32`` vs ``teach/amp`` and ``distill/{live,cached}/{fp32,amp}`` (a live frozen teacher vs
-the teacher-embedding cache), through ``compare`` (alone, then interleaved; ratios from the interleaved rates).
+The record's ``limits`` name, per model and frame size, the lowest of the ceilings (bare model, data side, writer,
+and on CUDA the device decode) beside what the stage's own record says held it back.
+
+Training (AutoLink's setting: width 64, K = 16, AdamW as the trainer makes it (fused on CUDA), channels_last;
+``--size`` px, ``--batch``): ``teach/fp32`` vs ``teach/amp`` (l1ssim), ``paper/fp32`` vs ``paper/fp16`` (the
+paper presets' step: perceptual VGG16 loss, fp16 with a GradScaler) and ``distill/{live,cached}/{fp32,amp}`` (a
+live frozen teacher vs the teacher-embedding cache read by the trainer's DataLoader and ``to_device``), through
+``compare`` (alone, then interleaved; ratios from the interleaved rates), each with the host reads (and on CUDA
+the syncs) of one step; ``syncs``: the trainer's own loop, host reads per step; ``data``: samples/s the
+trainer's DataLoader delivers from the teach stage's dataset with the configured workers, against the GPU's
+demand (the paper step's samples/s).
 """
 from __future__ import annotations
 
@@ -55,7 +70,7 @@ from pipeline.errors import ConfigError
 GPU_MODELS = ("dpt_levit_224", "dpt_swin2_tiny_256", "dpt_beit_base_384", "dpt_beit_large_512")
 GPU_BATCHES = (1, 8, 32, 64)
 GPU_FRAMES = 512
-FRAME_SIZE = 1000  # Human3.6M's frames: 1000 x 1000 JPEGs
+FRAME_SIZES = (128, 256, 1000)  # AutoLink's training size, Taichi's frames, Human3.6M's raw 1000 x 1000 JPEGs
 BUDGET_S = 300.0
 TRAIN_BATCH = 64  # AutoLink's batch (the CLI's --batch when it is not given)
 JPEG_NOISE = 32  # amplitude of the frames' noise channel: JPEGs of ~natural size, not worst-case noise
@@ -64,6 +79,7 @@ JPEG_NOISE = 32  # amplitude of the frames' noise channel: JPEGs of ~natural siz
 COMPILE_PRIOR_S = 60.0
 PART_PRIOR_S = 10.0
 GRACE_S = 60.0  # how far past its deadline a part may run (its last case) before it is killed
+SYNC_LOG_EVERY = 4  # the trainer's loop in the syncs case: 2 metrics intervals of this many steps
 _AMP = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -173,26 +189,49 @@ def _matmul_rates(device, precisions) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------------------- training
 def case_gpu_train(p: dict) -> dict:
-    """teach fp32 vs AMP, distill {live, cached} x {fp32, AMP}, each group through ``_compare`` in this process."""
+    """The training part, in priority order: teach fp32 vs AMP (l1ssim), the paper's step fp32 vs fp16 (perceptual
+    VGG16, random weights, GradScaler), distill {live, cached} x {fp32, AMP} (each group through ``compare`` in
+    this process), the trainer's loop with its host reads counted (``syncs``, fp16 on CUDA), and the data side's
+    ceiling: what the trainer's DataLoader delivers with the configured workers (``data``)."""
     device = bench_device(p["device"])
-    amp = True if device.type == "cuda" else "bf16"  # the device's AMP dtype; CPU autocast: bf16
+    cuda = device.type == "cuda"
+    amp = True if cuda else "bf16"  # the device's AMP dtype; CPU autocast: bf16
     base = {"device": p["device"], "batch": p["batch"], "size": p["size"], "steps": p["steps"], "width": p["width"],
             "channels_last": True}
+    paper = base | {"recon_loss": "perceptual"} | ({"vgg_size": p["vgg_size"]} if p.get("vgg_size") else {})
     groups = {"teach": {"fp32": ("autolink_step", base), "amp": ("autolink_step", base | {"amp": amp})},
+              "paper": {"fp32": ("autolink_step", paper), "fp16": ("autolink_step", paper | {"amp": "fp16"})},
               "distill": {f"{mode}/{a}": ("distill_step", base | {"mode": mode} | ({"amp": amp} if a == "amp" else {}))
                           for mode in ("live", "cached") for a in ("fp32", "amp")}}
+    # How much longer than teach's a case of the group takes (the estimate's prior): VGG16 at 224 px per image
+    # (and emulated fp16 on a CPU) for the paper's step; a teacher forward or a lookup beside the student's step.
+    weight = {"teach": 1.0, "paper": 3.0 if cuda else 10.0, "distill": 1.5}
     budget = _Budget(p["deadline"], p.get("progress"))
-    per_case = None  # seconds one case took in the last group (alone + its share of the interleaved run)
+    per_case = None  # seconds one teach case took (alone + its share of the interleaved run)
     for group, specs in groups.items():
-        est = None if per_case is None else per_case * len(specs) * (1.5 if group == "distill" else 1)
+        est = None if per_case is None else per_case * len(specs) * weight[group]
         res = budget.run(group, est, lambda specs=specs: compare(specs, steps=p["steps"], isolate=False))
         if res is None:
             continue
         if "error" in res:
             budget.keep({group: res})
             continue
-        per_case = budget.log[-1]["actual_s"] / len(specs)
+        if per_case is None:
+            per_case = budget.log[-1]["actual_s"] / len(specs)
         budget.keep({f"{group}/{name}": c for name, c in res.items()})
+    syncs = {"device": p["device"], "batch": p["batch"], "size": p["size"], "width": p["width"],
+             "amp": "fp16" if cuda else None, "log_every": SYNC_LOG_EVERY}
+    res = budget.run("syncs", None if per_case is None else per_case * 2 * SYNC_LOG_EVERY / max(1, p["steps"]),
+                     lambda: run_case("trainer_syncs", syncs, isolate=False))
+    if res is not None:
+        budget.keep({"syncs": res})
+    workers = p.get("train_workers")
+    data = {"device": p["device"], "batch": p["batch"], "size": p["size"], "steps": p.get("data_batches", 20),
+            "workers": workers,  # None: the config's default (from the cores, as the trainer resolves it)
+            "frames": p.get("data_frames", 2 * p["batch"]), "frame_size": p.get("data_frame_size", 2 * p["size"])}
+    res = budget.run("data", None, lambda: run_case("data_loader", data, isolate=False))
+    if res is not None:
+        budget.keep({"data": res})
     return budget.result()
 
 
@@ -211,7 +250,8 @@ def _parse_list(text, what: str, cast) -> tuple:
 
 
 def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precisions, steps: int, frames: int,
-                         run_py_frames: int, stage_precision: str, stage_batch: int, compile: bool) -> float:
+                         run_py_frames: int, stage_precision: str, stage_batch: int, compile: bool,
+                         n_sizes: int = 1) -> float:
     """Seconds the suite needs at least: every model case's FLOPs at the measured matmul rate of its precision,
     plus the priors (``PART_PRIOR_S`` per part, ``COMPILE_PRIOR_S`` per compile). Real models reach a fraction
     of the matmul rate, so the run takes longer; the budget, not this number, bounds it."""
@@ -219,7 +259,7 @@ def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precision
     for m in models:
         f = flops[m]
         total += sum((WARMUP + steps) * b * f / rates[p] for p in precisions for b in batches)
-        total += (2 * frames + (WARMUP + steps) * stage_batch) * f / rates[stage_precision]  # stages, other format
+        total += (2 * frames * n_sizes + (WARMUP + steps) * stage_batch) * f / rates[stage_precision]  # stages
         total += (run_py_frames + 1) * f / rates["fp32"]
         if compile:
             total += COMPILE_PRIOR_S + (WARMUP + steps) * stage_batch * f / rates[stage_precision]
@@ -227,25 +267,29 @@ def estimate_lower_bound(*, models, flops: dict, rates: dict, batches, precision
 
 
 def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True, models=GPU_MODELS,
-              batches=GPU_BATCHES, frames: int = GPU_FRAMES, frame_size: int = FRAME_SIZE, budget_s: float = BUDGET_S,
+              batches=GPU_BATCHES, frames: int = GPU_FRAMES, frame_sizes=FRAME_SIZES, budget_s: float = BUDGET_S,
               precisions: Optional[tuple] = None, compile: Optional[bool] = None, workers: Optional[int] = None,
-              train_width: int = WIDTH, console=None) -> dict:
+              train_width: int = WIDTH, train_workers: Optional[int] = None, vgg_size: Optional[int] = None,
+              data_frames: Optional[int] = None, console=None) -> dict:
     """The suite (module docstring). ``batch``/``size``: the training steps'; ``steps``: timed steps per case.
 
     ``precisions`` (default: the stage's AMP dtype, fp32, the other half type on CUDA; fp32 on CPU), ``compile``
     (default: on CUDA only; inductor compiles take minutes on a CPU), ``workers`` (the stage's DataLoader
-    workers; default: CPUs - 1, at most 16) and ``train_width`` (default AutoLink's 64) are for tests and
+    workers; default: CPUs - 1, at most 16), ``train_width`` (default AutoLink's 64), ``train_workers`` (the
+    training DataLoader's, default the config's ``num_workers``), ``vgg_size`` (the perceptual loss's input side,
+    default AutoLink's 224) and ``data_frames`` (frames of the data-side case, default 4 x batch) are for tests and
     experiments."""
     from dkp_core.midas import list_models
 
     models = _parse_list(models, "models", str)
     batches = tuple(sorted(set(_parse_list(batches, "batches", int))))
+    frame_sizes = tuple(sorted(set(_parse_list(frame_sizes, "frame-sizes", int))))
     bad = [m for m in models if m not in list_models()]
     if bad:
         raise ConfigError(f"bench gpu --models: {bad[0]!r} is not a MiDaS 3.1 model; valid: {', '.join(list_models())}")
     if batches[0] < 1:
         raise ConfigError(f"bench gpu --batches {','.join(map(str, batches))}: batch sizes must be >= 1")
-    for name, v, lo in (("frames", frames, 2), ("frame-size", frame_size, 16)):
+    for name, v, lo in (("frames", frames, 2), *(("frame-sizes", fs, 16) for fs in frame_sizes)):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"bench gpu --{name} {v!r}: must be an integer >= {lo}")
     if not isinstance(budget_s, (int, float)) or budget_s <= 0:
@@ -266,22 +310,28 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
     run_py_frames = max(2, min(64, frames // 8))
     common = {"device": str(device), "steps": steps}
     with tempfile.TemporaryDirectory(prefix="dkp-bench-gpu-") as tmp:
-        data_root = Path(tmp) / "data"
+        data_roots = {str(fs): str(Path(tmp) / f"data-{fs}") for fs in frame_sizes}
         t0 = time.perf_counter()
-        write_frames(data_root / "images", frames, frame_size, ext=".jpg", noise=JPEG_NOISE)
+        for fs in frame_sizes:
+            write_frames(Path(data_roots[str(fs)]) / "images", frames, fs, ext=".jpg", noise=JPEG_NOISE)
         frames_s = time.perf_counter() - t0
         flops = {m: flops_per_frame(m) for m in models}
         rates = _matmul_rates(device, set(precisions) | {"fp32", p_stage})
         estimate = estimate_lower_bound(models=models, flops=flops, rates=rates, batches=batches, precisions=precisions,
                                         steps=steps, frames=frames, run_py_frames=run_py_frames,
-                                        stage_precision=p_stage, stage_batch=stage_batch, compile=compile)
+                                        stage_precision=p_stage, stage_batch=stage_batch, compile=compile,
+                                        n_sizes=len(frame_sizes))
         say(f"bench gpu: {len(models)} model(s) x batches {list(batches)} x {list(precisions)}, {frames} frames of "
-            f"{frame_size}^2, training at batch {batch}, {size} px; estimated >= {estimate:.0f} s (FLOPs at the "
+            f"each of {', '.join(f'{fs}^2' for fs in frame_sizes)}, training at batch {batch}, {size} px; estimated "
+            f">= {estimate:.0f} s (FLOPs at the "
             f"measured matmul rate + priors), budget {budget_s:.0f} s: cases that would overrun are skipped")
-        parts: list[tuple[str, str, dict]] = [("train", "gpu_train", common | {"batch": batch, "size": size,
-                                                                                "width": train_width})]
+        train = {"batch": batch, "size": size, "width": train_width, "train_workers": train_workers,
+                 "data_frames": data_frames or 4 * batch, "data_frame_size": 2 * size}
+        train |= {"vgg_size": vgg_size} if vgg_size else {}
+        parts: list[tuple[str, str, dict]] = [("train", "gpu_train", common | train)]
         parts += [(m, "gpu_model", common | {
-            "model_type": m, "data_root": str(data_root), "batches": list(batches), "precisions": list(precisions),
+            "model_type": m, "data_roots": data_roots, "frame_sizes": list(frame_sizes), "batches": list(batches),
+            "precisions": list(precisions),
             "stage_precision": p_stage, "stage_batch": stage_batch, "workers": workers, "compile": compile,
             "flops_per_frame": flops[m], "data_frames": min(frames, 64), "run_py_frames": run_py_frames})
             for m in models]
@@ -305,20 +355,22 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
                 + (f", {n_skip} skipped (budget)" if n_skip else "")
                 + (f", errors: {[r['case'] for r in res['log'] if 'error' in r]}" if any('error' in r for r in
                                                                                         res["log"]) else ""))
-    ratios, goals = ratios_and_goals(cases, models, device, p_stage, stage_batch)
+    ratios, goals, limits = ratios_and_goals(cases, models, device, p_stage, stage_batch, frame_sizes)
     return {"baseline": f"bare model ({p_stage}, batch {stage_batch}), run.py loop, fp32",
-            "cases": cases, "ratios": ratios, "goals": goals,
+            "cases": cases, "ratios": ratios, "goals": goals, "limits": limits,
             "budget": {"budget_s": budget_s, "estimate_lower_bound_s": round(estimate, 1),
                        "actual_s": round(time.time() - t_start, 1), "frames_write_s": round(frames_s, 2),
                        "skipped": [f"{r['part']}: {r['case']}" for r in log if "skipped" in r], "log": log},
             "setup": {"models": list(models), "batches": list(batches), "precisions": list(precisions),
                       "stage_precision": p_stage, "stage_batch": stage_batch, "num_workers": workers,
-                      "compile": compile, "frames": frames, "frame_size": [frame_size, frame_size],
+                      "compile": compile, "frames": frames, "frame_sizes": list(frame_sizes),
                       "frame_format": f"JPEG (OpenCV quality 95, noise amplitude {JPEG_NOISE})",
                       "run_py_frames": run_py_frames, "flops_per_frame": flops,
                       "matmul_flops_per_s": {k: float(f"{v:.4g}") for k, v in rates.items()},
                       "train": {"width": train_width, "n_keypoints": N_KEYPOINTS, "batch": batch, "size": size,
-                                "recon_loss": "l1ssim", "channels_last": True},
+                                "recon_loss": "l1ssim (teach, distill); perceptual, VGG16 at "
+                                              f"{vgg_size or 224} px (paper)", "channels_last": True,
+                                "data_frames": data_frames or 4 * batch, "data_frame_size": 2 * size},
                       "weights": "random init, official layout", "tf32": _tf32_flags()}}
 
 

@@ -1,8 +1,9 @@
 """``bench gpu``: every depth case of one model (``case_gpu_model``, one part of the suite in :mod:`pipeline.bench.gpu`).
 
-In priority order until the part's deadline: the bare model per precision and batch, the data side alone, the
-whole stage with CPU and with device preprocessing, MiDaS run.py's loop, the other memory format and
-``torch.compile`` (the table in gpu.py's docstring says what each measures).
+In priority order until the part's deadline: the bare model per precision and batch; per frame size the data side
+alone, the writer's and the DataLoader's ceilings, the whole stage at its best settings and at the user's
+defaults; MiDaS run.py's loop, the other memory format and ``torch.compile`` (the table in gpu.py's docstring
+says what each measures).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any, Optional
 
 from pipeline.bench.depth import depth_config, random_midas_weights, run_depth_stage, run_py_loop
 from pipeline.bench.gpu import _AMP, COMPILE_PRIOR_S, _Budget
-from pipeline.bench.harness import WARMUP, BenchError, EnvVar, Memory, autocast, bench_device, rate, sync, timed
+from pipeline.bench.harness import (WARMUP, BenchError, EnvVar, Memory, Utilisation, autocast, bench_device, rate,
+                                    sync, timed)
 
 
 def _rel_diff(a, b) -> dict:
@@ -40,7 +42,6 @@ def case_gpu_model(p: dict) -> dict:
 
     from dkp_core.midas import get_spec
     from dkp_core.midas.transforms import postprocess, preprocess, preprocess_u8, target_size
-    from pipeline.depth_cache import DepthCacheReader
     from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
     from pipeline.stages.depth.frames import device_batch
 
@@ -52,7 +53,9 @@ def case_gpu_model(p: dict) -> dict:
     mt, steps, workers = p["model_type"], p["steps"], p["workers"]
     spec = get_spec(mt)
     p_stage, b_stage, flops = p["stage_precision"], p["stage_batch"], p["flops_per_frame"]
-    frames = sorted(Path(p["data_root"], "images").glob("*.jpg"))
+    sizes = [int(v) for v in p["frame_sizes"]]
+    frames_of = {s_: sorted(Path(p["data_roots"][str(s_)], "images").glob("*.jpg")) for s_ in sizes}
+    frames = frames_of[sizes[0]]  # the weights' calibration frames
     n = len(frames)
     cuda = device.type == "cuda"
     spf: dict[tuple[str, int], float] = {}  # (precision, batch) -> measured model seconds per frame
@@ -132,7 +135,8 @@ def case_gpu_model(p: dict) -> dict:
                     if "error" in res:  # out of memory: larger batches of this precision fail too
                         break
 
-        def data_side() -> dict:
+        def data_side(size: int) -> dict:
+            frames = frames_of[size]
             k = min(n, p["data_frames"])
             old_threads = cv2.getNumThreads()
             cv2.setNumThreads(1)
@@ -152,20 +156,19 @@ def case_gpu_model(p: dict) -> dict:
             finally:
                 cv2.setNumThreads(old_threads)
             exact = all(np.array_equal(a, b) for a, b in zip(old, new))
-            items = [{"i": j, "jpeg": torch.from_numpy(r), "hw": im.shape[:2], "path": str(q),
-                      "key": (3, *target_size(*im.shape[:2], spec))} for j, (q, r, im) in enumerate(zip(frames, raws,
-                                                                                                        imgs))]
+            items = [{"jpeg": torch.from_numpy(r), "path": str(q)} for q, r in zip(frames, raws)]
+            hws = [im.shape[:2] for im in imgs]
 
-            def no_bad(i, message):
-                raise BenchError(f"bench gpu: frame {i} failed on the device path: {message}")
+            def device_path(j):
+                x, kept, bad = device_batch(items[j:j + b_stage], hws[j:j + b_stage], spec, device)
+                if bad:
+                    raise BenchError(f"bench gpu: frame {frames[j + bad[0][0]]} failed on the device path: {bad[0][1]}")
+                return x
 
-            def device_path(chunk):
-                return device_batch(chunk, spec, device, no_bad)[0]
-
-            device_path(items[:b_stage])  # warm-up (decoder initialisation)
+            device_path(0)  # warm-up (decoder initialisation)
             sync(device)
             t = time.perf_counter()
-            x_dev = torch.cat([device_path(items[j:j + b_stage]) for j in range(0, k, b_stage)])  # (k, 3, h, w)
+            x_dev = torch.cat([device_path(j) for j in range(0, k, b_stage)])  # (k, 3, h, w)
             sync(device)
             t_dev = time.perf_counter() - t
             # depth of the two paths, fp32 model, first frames (what the device path changes, without the cache's
@@ -178,57 +181,118 @@ def case_gpu_model(p: dict) -> dict:
                 hw = imgs[0].shape[:2]
                 da, db = postprocess(ya.float(), hw), postprocess(yb.float(), hw)
             per_worker = k / (t_read + t_decode + t_new)
-            data.update(per_worker=per_worker, per_worker_old=k / (t_read + t_decode + t_old), device=k / t_dev)
+            data[size] = {"per_worker": per_worker, "per_worker_old": k / (t_read + t_decode + t_old),
+                          "device": k / t_dev}
             return {"frames": k, "frame_size": list(imgs[0].shape[:2]), "jpeg_kib": round(sum(map(len, raws)) / k
                                                                                           / 1024, 1),
                     "read_ms": round(1e3 * t_read / k, 3), "decode_ms": round(1e3 * t_decode / k, 3),
                     "cpu_preprocess_old_ms": round(1e3 * t_old / k, 3), "cpu_preprocess_ms": round(1e3 * t_new / k, 3),
                     "cpu_new_equals_old": exact, "cpu_frames_per_s_per_worker": per_worker,
-                    "cpu_old_frames_per_s_per_worker": data["per_worker_old"], "device_frames_per_s": data["device"],
+                    "cpu_old_frames_per_s_per_worker": data[size]["per_worker_old"],
+                    "device_frames_per_s": data[size]["device"],
                     "device_batch": b_stage, "device_vs_cpu_input": _rel_diff(x_dev[:r].cpu(),
                                                                               torch.from_numpy(np.stack(new[:r]))),
                     "device_vs_cpu_depth_fp32": _rel_diff(db.cpu(), da.cpu())}
 
-        caches: dict[str, Path] = {}
+        def manifest_of(size: int):
+            from pipeline.data.build import build_manifest
 
-        def stage(pre: str) -> dict:
-            cfg = depth_config(root, f"gpu-{pre}", Path(p["data_root"]), mt, weights, precision=p_stage,
-                                batch_size_inference=b_stage, num_workers=workers, preprocess=pre, device=device.type)
+            return build_manifest("folder", p["data_roots"][str(size)], progress=False)
+
+        def loader(size: int, pre: str) -> dict:
+            """The data side's ceiling: the stage's DataLoader (its batches, its workers) with nothing to feed."""
+            from torch.utils.data import DataLoader
+
+            from pipeline.depth_cache.writer import ShardPlan
+            from pipeline.stages.depth.frames import BatchedFrames, _identity, plan_batches
+
+            m = manifest_of(size)
+            plans = [ShardPlan(0, 0, len(m))]
+            batches = plan_batches(m, plans, b_stage, lambda h, w: (3, *target_size(h, w, spec)))
+            ds = BatchedFrames(m, batches, midas_spec=spec, preprocess=pre)
+            dl = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity,
+                            prefetch_factor=2 if workers else None, pin_memory=cuda)
+            t0 = t1 = time.perf_counter()
+            got = first = 0
+            for b, item in enumerate(dl):
+                k = sum(len(g["i"]) for g in item["groups"])
+                if b == 0:
+                    t1, first = time.perf_counter(), k
+                got += k
+            sec = time.perf_counter() - t1
+            return {"frames_per_s": (got - first) / max(sec, 1e-9) if len(batches) > 1 else got / (sec + t1 - t0),
+                    "frames": got, "batch": b_stage, "num_workers": workers, "preprocess": pre,
+                    "pinned": cuda, "frame_size": size}
+
+        def writer(size: int) -> dict:
+            """The writer's ceiling: frames/s the background HDF5 writer stores (float16 + scale, gzip, checksums),
+            smooth maps of the frame size, nothing else running."""
+            from pipeline.depth_cache import CacheWriter
+            from pipeline.stages.depth.writer import _BackgroundWriter
+
+            k = max(8, min(n, 64 if size >= 512 else 256))
+            yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+            rng = np.random.default_rng(0)
+            maps = [(np.sin(xx / 17 + j) + np.cos(yy / 23) + 3 + 0.01 * rng.standard_normal((size, size)))
+                    .astype(np.float32) for j in range(4)]
+            cw = CacheWriter(root / f"writer-{size}", spec={"bench": "writer"}, n_frames=k, shard_size=k,
+                             storage_dtype="float16")
+            (plan,) = cw.shards_todo()
+            w = _BackgroundWriter(cw)
+            t0 = time.perf_counter()
+            w.open(plan, (size, size))
+            for j in range(k):
+                w.add([(j, f"f{j}", "h", maps[j % 4], True)])
+            w.commit()
+            w.close(abort=False)
+            sec = time.perf_counter() - t0
+            return {"frames_per_s": k / sec, "frames": k, "frame_size": size, "storage_dtype": "float16",
+                    "seconds_writing": round(w.seconds_writing, 3),
+                    "bytes_per_frame": round(sum(f.stat().st_size for f in (root / f"writer-{size}").rglob("*.h5")) / k)}
+
+        def stage(size: int, setting: str) -> dict:
+            """The stage at the user's defaults (nothing set: auto precision, preprocessing, batch, workers) or at
+            its best settings (the suite's stage precision and batch, device preprocessing on CUDA, W workers)."""
+            depth = {"device": device.type} if setting == "defaults" else {
+                "precision": p_stage, "batch_size_inference": b_stage, "num_workers": workers,
+                "preprocess": "device" if cuda else "cpu", "device": device.type}
+            cfg = depth_config(root, f"gpu-{size}-{setting}", Path(p["data_roots"][str(size)]), mt, weights, **depth)
             mem = Memory(device)
+            util = Utilisation(device)
             mem.start()
-            rec, cache, wall = run_depth_stage(cfg, root / f"store-{pre}", n)
-            caches[pre] = cache
+            util.start()
+            rec, cache, wall = run_depth_stage(cfg, root / f"store-{size}-{setting}", n)
+            u = util.stop()
             c = rec["compute"]
-            out = {"frames_per_s": n / c["seconds"], "seconds": c["seconds"], "frames_per_s_wall": n / wall,
-                   "wall_s": round(wall, 3), "frames": n, "batch": b_stage, "precision": p_stage, "preprocess": pre,
-                   "num_workers": workers, "storage_dtype": cfg.depth.storage_dtype, **mem.stop(),
-                   **{k: c[k] for k in ("seconds_model", "seconds_waiting_for_writer", "seconds_writing",
-                                        "fp32_fallbacks")}}
-            if pre == "device" and "cpu" in caches:
-                worst, means = 0.0, []
-                with DepthCacheReader(caches["cpu"]) as ra, DepthCacheReader(cache) as rb:
-                    for j in range(min(n, 64)):  # reading a 1000^2 float16 map back costs ~ms: a sample
-                        d = _rel_diff(torch.from_numpy(rb.read(j)), torch.from_numpy(ra.read(j)))
-                        worst, means = max(worst, d["max_rel"]), means + [d["mean_rel"]]
-                out["cache_vs_cpu_cache"] = {"max_rel": worst, "mean_rel": sum(means) / len(means)}
-            return out
+            fps = c["frames_after_first_batch"] / c["seconds_after_first_batch"] if c.get(
+                "seconds_after_first_batch") else n / c["seconds"]
+            return {"frames_per_s": fps, "frames_per_s_with_startup": n / c["seconds"], "seconds": c["seconds"],
+                    "frames_per_s_wall": n / wall, "wall_s": round(wall, 3), "frames": n, "frame_size": size,
+                    "setting": setting, "batch": c["batch_size"], "num_workers": c["num_workers"],
+                    "precision": rec["cache_spec"]["precision"], "preprocess": rec["cache_spec"].get("preprocess", "cpu"),
+                    "storage_dtype": cfg.depth.storage_dtype, "lane": c["lane"], "limit": c["limit"],
+                    "fetches_per_batch": round(c["fetches"] / max(1, c["batches"]), 3), "gpu_utilisation": u,
+                    **mem.stop(), **{k: c[k] for k in ("seconds_model", "seconds_waiting_for_data",
+                                                       "seconds_waiting_for_device", "seconds_waiting_for_writer",
+                                                       "seconds_writing", "fp32_fallbacks")}}
 
-        def stage_estimate(pre: str) -> Optional[float]:
+        def stage_estimate(size: int) -> Optional[float]:
             s = _nearest(spf, p_stage, b_stage)
-            feed = data.get("device") if pre == "device" else data.get("per_worker", 0) * workers
+            feed = (data.get(size) or {}).get("device" if cuda else "per_worker")
             if s is None or not feed:
                 return None
-            return setup_s + n * max(s, 1.0 / feed)
+            return setup_s + n * max(s, 1.0 / (feed * (1 if cuda else workers)))
 
         def run_py() -> dict:
             m = models["default"] if not cuda else model("other")  # run.py: NCHW, fp32
             k = p["run_py_frames"]
             out = root / "run_py"
             out.mkdir(exist_ok=True)
-            run_py_loop(m, spec, frames[:1], out, device)  # warm-up
-            sec = run_py_loop(m, spec, frames[:k], out, device)
+            fr = frames_of[sizes[-1]]
+            run_py_loop(m, spec, fr[:1], out, device)  # warm-up
+            sec = run_py_loop(m, spec, fr[:k], out, device)
             return {"frames_per_s": k / sec, "seconds": round(sec, 3), "frames": k, "batch": 1, "precision": "fp32",
-                    "memory_format": "nchw"}
+                    "memory_format": "nchw", "frame_size": sizes[-1]}
 
         def add(name: str, est: Optional[float], fn) -> None:
             res = budget.run(name, est, fn)
@@ -237,12 +301,15 @@ def case_gpu_model(p: dict) -> dict:
 
         # priority order: what the issue's goals need first
         run_bare(p_stage)
-        add("data_side", None, data_side)
-        for pre in ("cpu", "device"):
-            add(f"stage/{pre}", stage_estimate(pre), lambda pre=pre: stage(pre))
+        for size in sizes:
+            add(f"data_side/{size}", None, lambda size=size: data_side(size))
+            add(f"writer/{size}", None, lambda size=size: writer(size))
+            add(f"loader/{size}", None, lambda size=size: loader(size, "device" if cuda else "cpu"))
+            for setting in ("best", "defaults"):
+                add(f"stage/{size}/{setting}", stage_estimate(size), lambda size=size, st=setting: stage(size, st))
         s1 = _nearest(spf, "fp32", 1)
-        add("run_py_loop", None if s1 is None or "per_worker_old" not in data else
-            (p["run_py_frames"] + 1) * (s1 + 1.0 / data["per_worker_old"]), run_py)
+        old = (data.get(sizes[-1]) or {}).get("per_worker_old")
+        add("run_py_loop", None if s1 is None or not old else (p["run_py_frames"] + 1) * (s1 + 1.0 / old), run_py)
         for prec in p["precisions"]:
             if prec != p_stage:
                 run_bare(prec)

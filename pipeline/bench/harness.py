@@ -28,9 +28,13 @@ CASES = {  # name -> "module:function" (params dict -> JSON-able dict)
     "alone": "harness:case_alone",
     "interleaved": "harness:case_interleaved",
     "depth_abc": "depth:case_depth_abc",
+    "depth_overlap": "overlap:case_depth_overlap",  # bench depth-overlap
+    "depth_precision": "depth_precision:case_depth_precision",  # bench depth-precision
     "gpu_model": "gpu_model:case_gpu_model",  # bench gpu
     "gpu_train": "gpu:case_gpu_train",
     "train_window": "training:case_train_window",  # bench side-by-side
+    "data_loader": "training:case_data_loader",  # bench gpu: the trainer's DataLoader ceiling
+    "trainer_syncs": "training:case_trainer_syncs",  # bench gpu: host reads of the trainer's loop
 }
 BUILDERS = {  # name -> "module:function" (params dict -> Case)
     "autolink_step": "training:build_autolink_step",
@@ -165,6 +169,48 @@ def autocast(device, amp):
     import torch
 
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+class Utilisation:
+    """GPU utilisation (% of time a kernel ran, NVML via ``torch.cuda.utilization``) sampled every ``period_s``
+    between ``start()`` and ``stop()`` on a thread; on a CPU, or without NVML (the ``nvidia-ml-py`` package), stop()
+    says why there is no number."""
+
+    def __init__(self, device, period_s: float = 0.1) -> None:
+        self.device, self.period_s = device, period_s
+        self.samples: list[float] = []
+        self.why: Optional[str] = None if device.type == "cuda" else "not a CUDA device"
+        self._stop = None
+
+    def start(self) -> None:
+        import threading
+
+        import torch
+
+        if self.why:
+            return
+        try:
+            torch.cuda.utilization(self.device)
+        except Exception as e:  # noqa: BLE001 - pynvml missing or NVML unusable: recorded, not fatal
+            self.why = f"NVML unavailable ({type(e).__name__}: {str(e)[:80]})"
+            return
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.period_s):
+                self.samples.append(float(torch.cuda.utilization(self.device)))
+
+        self._thread = threading.Thread(target=sample, name="gpu-utilisation", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+        if not self.samples:
+            return {"unavailable": self.why or "no sample (the case ran shorter than the sampling period)"}
+        return {"mean_pct": round(statistics.fmean(self.samples), 1), "median_pct": statistics.median(self.samples),
+                "samples": len(self.samples)}
 
 
 class EnvVar:

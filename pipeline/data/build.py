@@ -55,13 +55,13 @@ def _check_range(spec: DatasetSpec, kp: np.ndarray, sizes: np.ndarray, L: Listin
 
 
 def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *,
-                   memo: Optional[FingerprintMemo] = None, progress: bool = True) -> Manifest:
+                   memo: Optional[FingerprintMemo] = None, progress: bool = True, frame_stride: int = 1) -> Manifest:
     """Walk dataset ``name_or_yaml_path`` (a ``data_manifests`` name or a YAML path) under ``root``.
 
     Reads annotations into docs/conventions.md, fingerprints every frame (and mask/depth file),
     reads each frame's size from its header while hashing it. ``memo`` defaults to the per-root memo
     in ``$DKP_CACHE_DIR/fingerprints``; unchanged files are not read again. Raises ManifestError for
-    anything the user must fix.
+    anything the user must fix. ``frame_stride``: every k-th frame of each video (the folder layout's videos/).
     """
     root_p = Path(root).expanduser()
     spec = load_spec(name_or_yaml_path, root_p)
@@ -70,7 +70,11 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     root_p = Path(os.path.abspath(root_p))
     if memo is None:
         memo = FingerprintMemo.for_root(root_p)
-    L = WALKERS[spec.layout](spec, root_p, memo, progress)
+    if frame_stride != 1 and spec.layout != "folder":
+        raise fail(spec, f"data.frame_stride {frame_stride} takes every k-th frame of videos, which only the folder "
+                         f"layout reads (this is {spec.layout}); remove the setting")
+    stride = {"frame_stride": frame_stride} if frame_stride != 1 else {}  # only the folder walker takes it
+    L = WALKERS[spec.layout](spec, root_p, memo, progress, **stride)
 
     if not L.ids_unique and len(set(L.ids)) != len(L.ids):  # a set, not a per-frame loop (seconds at a million)
         first: dict[str, int] = {}
@@ -83,12 +87,13 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     # the root), and the memo compares it with what it recorded (a rebuild reads nothing).
     inside = Inside(spec, root_p)
     mask_rels = [r for r in L.masks or [] if r is not None]
-    frame_st = _stat(spec, inside, L.paths, "frame", L.stats.get("paths"))
+    # the image files among the frames (video frames are the walker's: it checked and scanned their videos)
+    images = L.paths if L.video_frames is None else [p for p, v in zip(L.paths, L.video_frames) if v is None]
+    frame_st = _stat(spec, inside, images, "frame", L.stats.get("paths"))
     mask_st = _stat(spec, inside, mask_rels, "mask") if L.masks is not None else None
     depth_st = _stat(spec, inside, L.depths, "depth file", L.stats.get("depths")) if L.depths is not None else None
 
-    infos = _scan(spec, root_p, L.paths, memo, progress, probe_image, ("wh", "orientation"), "frames", frame_st)
-    sizes = infos.column("wh").astype(np.int64).reshape(len(infos), 2)  # (N, 2) (W, H)
+    fingerprints, sizes, orient = _frame_infos(spec, root_p, L, images, frame_st, memo, progress)  # (N, 2) (W, H)
     kp = _to_pixels(L, sizes)
     if kp is not None:
         _check_range(spec, kp, sizes, L)
@@ -119,12 +124,43 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
             raise fail(spec, f"depth file {L.depths[i]!r} is {dwh[i][0]}x{dwh[i][1]} but its "
                              f"frame {L.paths[i]!r} is {sizes[i][0]}x{sizes[i][1]}; depth must match the frame")
         depth_fps = dinfos.fingerprints
-    orient = infos.column("orientation")
     return Manifest(spec=spec, root=root_p, frame_ids=L.ids, paths=L.paths, splits=L.splits,
-                    fingerprints=infos.fingerprints, sizes=sizes, keypoints=kp,
+                    fingerprints=fingerprints, sizes=sizes, keypoints=kp,
                     mask_paths=L.masks, mask_fingerprints=mask_fps, depth_paths=L.depths,
                     depth_fingerprints=depth_fps,
-                    orientations=None if (orient == 1).all() else orient.astype(int).tolist())
+                    orientations=None if (orient == 1).all() else orient.astype(int).tolist(),
+                    video_frames=L.video_frames)
+
+
+def _frame_infos(spec: DatasetSpec, root: Path, L: Listing, rels: list[str], st: Stats,
+                 memo: Optional[FingerprintMemo], progress: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per frame: fingerprint, (W, H) and EXIF orientation: ``(fingerprints, (N, 2) int64, (N,) int)``. The image
+    files ``rels`` (stats ``st``) are scanned here; a video frame's come from its video's scan (the walker's), its
+    fingerprint from the video's bytes, the frame and the decode settings (orientation 1: the rotation is applied
+    when the frame is decoded)."""
+    infos = _scan(spec, root, rels, memo, progress, probe_image, ("wh", "orientation"), "frames", st)
+    vf = L.video_frames
+    if vf is None:  # image files only: columns straight from the scan
+        return (infos.fingerprints, infos.column("wh").astype(np.int64).reshape(len(infos), 2),
+                infos.column("orientation"))
+    from pipeline.data.video import frame_fingerprint
+
+    images = [i for i, v in enumerate(vf) if v is None]
+    n = len(vf)
+    fingerprints: list = [None] * n
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    orient = np.ones(n, dtype=np.int64)
+    for k, i in enumerate(images):
+        fingerprints[i] = infos.fingerprints[k]
+    if images:
+        sizes[images] = infos.column("wh").astype(np.int64).reshape(len(images), 2)
+        orient[images] = infos.column("orientation")
+    for i, v in enumerate(vf):
+        if v is not None:
+            video = L.videos[L.paths[i]]
+            fingerprints[i] = frame_fingerprint(video.fingerprint, v[0])
+            sizes[i] = video.extra["wh"]
+    return fingerprints, sizes, orient
 
 
 def _stat(spec: DatasetSpec, inside: Inside, rels: list[str], what: str, known: Optional[Stats] = None) -> Stats:
@@ -180,7 +216,7 @@ def _agent_store():
 
 
 def build_manifest_once(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *, store_root: Path,
-                        progress: bool = True) -> Manifest:
+                        progress: bool = True, frame_stride: int = 1) -> Manifest:
     """:func:`build_manifest`, walked and fingerprinted by one process of a job: under torchrun, rank 0 builds it
     and saves it under ``STORE/.handoff/`` (the store is shared by the nodes of a job), the other ranks wait on
     the job's c10d store for its path and load it; they neither stat nor read the dataset, and their fingerprint
@@ -189,7 +225,7 @@ def build_manifest_once(name_or_yaml_path: str | os.PathLike, root: str | os.Pat
     global _calls
     agent = _agent_store()
     if agent is None:
-        return build_manifest(name_or_yaml_path, root, progress=progress)
+        return build_manifest(name_or_yaml_path, root, progress=progress, frame_stride=frame_stride)
     store, rank = agent
     _calls += 1
     tag = f"{_calls}/"
@@ -204,7 +240,7 @@ def build_manifest_once(name_or_yaml_path: str | os.PathLike, root: str | os.Pat
     from pipeline.errors import DkpError
 
     try:
-        m = build_manifest(name_or_yaml_path, root, progress=progress)
+        m = build_manifest(name_or_yaml_path, root, progress=progress, frame_stride=frame_stride)
     except DkpError as e:
         store.set(tag + "error", str(e))
         store.set(tag + "done", "1")

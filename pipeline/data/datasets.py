@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.images import read_mask, read_rgb, resize_square
+from pipeline.data.images import read_mask, resize_square
+from pipeline.data.video import read_frame  # an image file, or a frame of a video
 
 
 def normalise_inverse_depth(inv: np.ndarray, method: str = "minmax") -> np.ndarray:
@@ -138,7 +139,7 @@ class FrameDataset:
         """Item ``i``'s frame at the model size (shorter side to S, centre crop): (3, S, S) uint8 RGB."""
         if self.cache is not None and self.cache.has("rgb"):
             return self.cache.read("rgb", i)
-        img = resize_square(read_rgb(self.manifest.path_of(int(self.indices[i]))), self.image_size)
+        img = resize_square(read_frame(self.manifest, int(self.indices[i])), self.image_size)
         return np.ascontiguousarray(img.transpose(2, 0, 1))
 
     def depth_map(self, i: int) -> np.ndarray:

@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from pipeline.errors import CacheError, LockError
+from pipeline.store.io import is_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +234,19 @@ def _rows_done(d: Path, spec: CacheSpec, n: int) -> int:
 
 
 def _write(d: Path, spec: CacheSpec, ds, n: int, workers: int, console) -> None:
-    """Decode rows [done, n) into ``data.npy.partial`` and publish it as ``data.npy`` (the lock is held)."""
+    """Decode rows [done, n) into ``data.npy.partial`` and publish it as ``data.npy`` (the lock is held).
+
+    Plain positioned writes, not a writable memory map: on a full disk a write() fails with ENOSPC (a warning, then
+    training decodes as before), where a store into a mapped page of a sparse file is a SIGBUS that kills the
+    process."""
     from torch.utils.data import DataLoader
 
     from pipeline.store.io import fsync_path, write_atomic, write_json_atomic
 
     partial = d / "data.npy.partial"
     done = _rows_done(d, spec, n)
-    mode = "r+" if done else "w+"
-    mm = np.lib.format.open_memmap(partial, mode=mode, dtype=np.dtype(spec.dtype), shape=(n, *spec.row_shape))
+    dtype = np.dtype(spec.dtype)
+    row_bytes = int(np.prod(spec.row_shape)) * dtype.itemsize
     t0, last_save = time.time(), time.time()
     if console is not None:
         console.print(f"frame cache: {spec.kind} {'x'.join(map(str, spec.row_shape))} {spec.dtype} for {n} frames "
@@ -249,26 +254,36 @@ def _write(d: Path, spec: CacheSpec, ds, n: int, workers: int, console) -> None:
                       markup=False, soft_wrap=True)
     loader = DataLoader(_Chunks(ds, spec.kind, done, n), batch_size=None, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=4 if workers else None)
-    for lo, rows in loader:
-        if rows.shape[1:] != mm.shape[1:]:  # a colour mask in a cache begun with gray ones: start over with 3
-            del mm
-            partial.unlink()
-            raise _Wider(rows.shape[1])
-        mm[lo:lo + len(rows)] = rows.numpy()
-        done = lo + len(rows)
-        if time.time() - last_save >= PROGRESS_EVERY_S or done == n:  # rows before `done` on disk, then say so
-            mm.flush()
-            write_atomic(_progress_file(d), json.dumps({"rows": done}))
-            last_save = time.time()
-    mm.flush()
-    del mm
+    with open(partial, "r+b" if done else "w+b") as f:
+        if done:  # the header as the killed build wrote it
+            version = np.lib.format.read_magic(f)
+            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        else:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                     "fortran_order": False, "shape": (n, *spec.row_shape)})
+        offset = f.tell()
+        if not done:
+            f.truncate(offset + n * row_bytes)  # the whole file's size (sparse): what a resume checks it by
+        for lo, rows in loader:
+            if tuple(rows.shape[1:]) != tuple(spec.row_shape):  # a colour mask in a cache begun with gray ones
+                f.close()
+                partial.unlink()
+                raise _Wider(rows.shape[1])
+            f.seek(offset + lo * row_bytes)
+            f.write(np.ascontiguousarray(rows.numpy(), dtype=dtype).data)
+            done = lo + len(rows)
+            if time.time() - last_save >= PROGRESS_EVERY_S or done == n:  # rows before `done` on disk, then say so
+                f.flush()
+                os.fsync(f.fileno())
+                write_atomic(_progress_file(d), json.dumps({"rows": done}), what="the frame cache's progress")
+                last_save = time.time()
     fsync_path(partial)
     os.replace(partial, d / "data.npy")
     write_json_atomic(d / "artifact.json", {"key": spec.key, "kind": spec.kind, "schema": SCHEMA,
                                             "identity": spec.identity, "rows": n, "row_shape": list(spec.row_shape),
                                             "dtype": spec.dtype, "seconds": round(time.time() - t0, 2),
-                                            "workers": workers})
-    write_atomic(d / "COMPLETE", spec.key + "\n")
+                                            "workers": workers}, what="the frame cache's record")
+    write_atomic(d / "COMPLETE", spec.key + "\n", what="the frame cache's marker")
     _progress_file(d).unlink(missing_ok=True)
 
 
@@ -306,16 +321,14 @@ def ensure(store_root: Path, spec: CacheSpec, ds, *, workers: Optional[int] = No
         d.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(d).free
     except OSError as e:
-        log.warning("frame cache %s cannot be created (%s); training decodes every sample", d, e)
+        _warn(console, f"frame cache {d} cannot be created ({_cause(e)}); training decodes every sample")
         return None
     partial = d / "data.npy.partial"
     have = partial.stat().st_size if partial.exists() else 0  # a resumed build already holds its file
     if need - have + MARGIN_BYTES > free:
         msg = (f"frame cache {d}: {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; training decodes every "
                f"sample instead (free space, or set frame_cache: false to silence this)")
-        log.warning(msg)
-        if console is not None:
-            console.print(f"warning: {msg}", markup=False, soft_wrap=True)
+        _warn(console, msg)
         return None
     if spec.kind == "mask" and partial.exists():  # a killed build that had widened to colour masks: resume that
         with contextlib.suppress(OSError, ValueError):
@@ -327,6 +340,11 @@ def ensure(store_root: Path, spec: CacheSpec, ds, *, workers: Optional[int] = No
         lock = Lock(d / "LOCK")
         try:
             lock.acquire()
+        except OSError as e:  # the lock itself cannot be written
+            if not is_storage_error(e):
+                raise
+            _warn(console, f"frame cache {d} could not be written ({_cause(e)}); training decodes every sample")
+            return None
         except LockError as e:
             if _complete(d, spec):
                 return d / "data.npy"
@@ -343,8 +361,28 @@ def ensure(store_root: Path, spec: CacheSpec, ds, *, workers: Optional[int] = No
                 except _Wider as w:
                     spec = dataclasses.replace(spec, row_shape=(w.channels, *spec.row_shape[1:]))
             return d / "data.npy"
+        except OSError as e:
+            if not is_storage_error(e):
+                raise
+            # an accelerator: a full disk (quota, read-only, failing) is a warning, and the space it took is given
+            # back to the artifacts that need it
+            with contextlib.suppress(OSError):
+                (d / "data.npy.partial").unlink()
+            _warn(console, f"frame cache {d} could not be written ({_cause(e)}); training decodes every sample")
+            return None
         finally:
             lock.release()
+
+
+def _warn(console, msg: str) -> None:
+    log.warning(msg)
+    if console is not None:
+        console.print(f"warning: {msg}", markup=False, soft_wrap=True)
+
+
+def _cause(e: OSError) -> str:
+    """What failed, in the system's words (a StorageError's own text is a whole message with its fix)."""
+    return e.strerror or str(e)
 
 
 def attach(ds, store_root: Path, *, depth_key: Optional[str] = None, build: bool = True, workers: Optional[int] = None,

@@ -48,13 +48,17 @@ class Manifest:
     depth_paths: Optional[list[str]] = None  # folder layout: external depth per frame
     depth_fingerprints: Optional[list[str]] = None
     orientations: Optional[list[int]] = None  # EXIF orientation per frame (applied on read); None: all 1
+    # Frames of videos (folder layout's videos/): per frame [k, pts] (frame index in the video, presentation time
+    # in its stream's time base; pipeline.data.video), None for an image file; None: no video frame at all.
+    # paths[i] is then the video file, and pipeline.data.video.read_frame reads the frame.
+    video_frames: Optional[list] = None
 
     def __post_init__(self) -> None:
         n = len(self.frame_ids)
         self.root = Path(self.root)
         self.sizes = np.asarray(self.sizes, dtype=np.int64).reshape(n, 2)  # (N, 2) (W, H)
         for name in ("paths", "splits", "fingerprints", "mask_paths", "mask_fingerprints", "depth_paths",
-                     "depth_fingerprints", "orientations"):
+                     "depth_fingerprints", "orientations", "video_frames"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"Manifest.{name} has {len(v)} entries for {n} frames")
@@ -210,6 +214,8 @@ class Manifest:
                 "wh": self.sizes.tolist(), "mask": self.mask_paths, "mask_fingerprint": self.mask_fingerprints,
                 "depth": self.depth_paths, "depth_fingerprint": self.depth_fingerprints,
                 "orientation": self.orientations,
+                # only when there are video frames: manifests of image datasets stay byte for byte as they were
+                **({"video_frame": self.video_frames} if self.video_frames is not None else {}),
             },
             "keypoints": keypoints_file,
         }
@@ -283,7 +289,7 @@ class Manifest:
                     fingerprints=list(f["fingerprint"]), sizes=np.asarray(f["wh"], dtype=np.int64),
                     keypoints=kp, mask_paths=f.get("mask"), mask_fingerprints=f.get("mask_fingerprint"),
                     depth_paths=f.get("depth"), depth_fingerprints=f.get("depth_fingerprint"),
-                    orientations=f.get("orientation"))
+                    orientations=f.get("orientation"), video_frames=f.get("video_frame"))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"manifest {path} is malformed ({type(e).__name__}: {e}); {fix}") from None
         if m.fingerprint != d.get("fingerprint"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pipeline.depth_cache.format import SCHEMA_VERSION, check_spec, progress, read_index
 from pipeline.depth_cache.reader import DepthCacheReader
 from pipeline.depth_cache.transfer import export_cache, import_cache
-from pipeline.depth_cache.verify import VerifyReport, verify
-from pipeline.depth_cache.writer import CacheWriter, ShardPlan, ShardWriter, finalize
+from pipeline.depth_cache.verify import VerifyReport, damage, verify
+from pipeline.depth_cache.writer import CacheWriter, ShardPlan, ShardWriter, finalize, forget_damaged
 
 __all__ = ["SCHEMA_VERSION", "CacheWriter", "DepthCacheReader", "ShardPlan", "ShardWriter", "VerifyReport",
-           "check_spec", "export_cache", "finalize", "import_cache", "progress", "read_index", "verify"]
+           "check_spec", "damage", "export_cache", "finalize", "forget_damaged", "import_cache", "progress",
+           "read_index", "verify"]

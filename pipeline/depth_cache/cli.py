@@ -70,31 +70,19 @@ def _depth_artifact(cfg, store):
 
 def export_command(cfg, store, output, console) -> None:
     """Write ``cfg``'s published depth cache as one HDF5 file (+ ``.sha256``) carrying its artifact record."""
-    import h5py
-
-    from pipeline.depth_cache.format import tmp_name
-    from pipeline.depth_cache.transfer import export_cache, write_sidecar
-    from pipeline.store.io import canonical_json, fsync_path, replace_durably, sha256_file
+    from pipeline.depth_cache.transfer import export_cache
+    from pipeline.store.io import canonical_json
 
     _, sp = _depth_artifact(cfg, store)
     if sp.state != "fresh":
+        why = f": {'; '.join(sp.why)}" if sp.state == "damaged" else ""
         raise CacheError(f"no finished depth cache for {cfg.name!r} in store {store} (depth is {sp.state}, key "
-                         f"{sp.key[:16]}); build it with `dkp-pipeline depth {cfg.name} --store {store}` first")
+                         f"{sp.key[:16]}{why}); build it with `dkp-pipeline depth {cfg.name} --store {store}` first")
     rec = json.loads((sp.path / "artifact.json").read_text())
     shared = {k: rec[k] for k in _SHARED_FIELDS if k in rec}
     out = Path(output)
-    tmp = tmp_name(out.with_name("." + out.name))
-    try:
-        export_cache(sp.path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            f.attrs[ARTIFACT_ATTR] = canonical_json(shared)
-        fsync_path(tmp)
-        digest = sha256_file(tmp)  # the attribute changed the bytes: the sidecar is written again below
-        replace_durably(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".sha256").unlink(missing_ok=True)
-    side = write_sidecar(out, digest)
+    digest = export_cache(sp.path, out, extra_attrs={ARTIFACT_ATTR: canonical_json(shared)})
+    side = out.with_name(out.name + ".sha256")
     console.print(f"exported depth cache {sp.key[:16]} ({rec.get('n_frames')} frames) -> {out} "
                   f"({out.stat().st_size / 2**20:.1f} MiB, {digest}; sidecar {side.name})")
 
@@ -141,9 +129,9 @@ def import_command(file, store, console, cfg=None) -> None:
     With ``cfg``: refused unless it is the depth cache ``cfg`` asks for — the spec is compared field by
     field (the message names every differing field) and every frame hash against the local manifest.
     """
-    from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store
+    from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store, list_files
     from pipeline.store.io import write_atomic, write_json_atomic
-    from pipeline.depth_cache.format import spec_diff
+    from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX, spec_diff
     from pipeline.depth_cache.transfer import import_cache
 
     file = Path(file)
@@ -170,6 +158,11 @@ def import_command(file, store, console, cfg=None) -> None:
     if state.state == "fresh":
         console.print(f"depth cache {key[:16]} is already in {st.root} ({final}); nothing to import")
         return
+    if state.state == "damaged":
+        from pipeline.store.artifacts import damage_text
+
+        raise CacheError(f"{final} holds this depth cache, damaged ({damage_text(state.damage)}); delete that "
+                         f"directory and import again, or re-run `dkp-pipeline depth` to rebuild the damaged shards")
     if final.exists():
         raise CacheError(f"{final} holds an unfinished depth run for the same key; let it finish (`dkp-pipeline "
                          f"depth`) or delete that directory, then import again")
@@ -183,7 +176,8 @@ def import_command(file, store, console, cfg=None) -> None:
             import datetime as _dt
 
             record = dict(rec, status="complete", imported_from=str(file.resolve()),
-                          imported_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                          imported_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          files=list_files(tmp, unhashed=CHECKSUMMED_IN_INDEX))
             write_json_atomic(tmp / "artifact.json", record)
             write_atomic(tmp / COMPLETE, key + "\n")
         try:

@@ -42,6 +42,8 @@ LAYOUT_FILE = "layout.json"
 INDEX_FILE = "index.json"
 SHARD_DIR = "shards"
 EXPORT_FORMAT = "dkp-depth-cache-export"
+# Files whose sha256 the index holds: an artifact's file list records only their size (store.artifacts.list_files).
+CHECKSUMMED_IN_INDEX = (f"{SHARD_DIR}/*.h5",)
 
 
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,44 +15,48 @@ from pipeline.depth_cache.format import (EXPORT_FORMAT, INDEX_FILE, LAYOUT_FILE,
 from pipeline.depth_cache.verify import verify
 from pipeline.depth_cache.writer import CacheWriter, finalize
 from pipeline.errors import CacheError
-from pipeline.store.io import canonical_json, fsync_path, replace_durably, sha256_file, write_atomic
+from pipeline.store.io import canonical_json, h5_written, sha256_file, write_atomic
 
-def export_cache(cache_dir: str | os.PathLike, out_file: str | os.PathLike) -> str:
+
+def export_cache(cache_dir: str | os.PathLike, out_file: str | os.PathLike, *,
+                 extra_attrs: Mapping[str, str] | None = None) -> str:
     """Write the whole (verified) cache as ONE HDF5 file plus ``<out_file>.sha256``; returns ``'sha256:<hex>'``.
 
     Layout of the file: root attrs ``format``, ``schema_version``, ``values``, ``index_json`` (the cache's
-    index.json), ``spec_json`` and ``spec.*``; one group ``shards/shard-NNNNN`` per shard holding its
-    datasets (compressed chunks copied as they are) and attributes.
+    index.json), ``spec_json`` and ``spec.*`` (and ``extra_attrs``, e.g. the artifact record); one group
+    ``shards/shard-NNNNN`` per shard holding its datasets (compressed chunks copied as they are) and attributes.
+    A full disk is a :class:`~pipeline.errors.StorageError` naming ``out_file``; nothing is left at that name.
     """
     cache_dir, out_file = Path(cache_dir), Path(out_file)
     report = verify(cache_dir)
     report.raise_if_failed()
     index = load_index(cache_dir)
     tmp = tmp_name(out_file)
-    try:
-        with h5py.File(tmp, "w") as dst:
-            dst.attrs["format"] = EXPORT_FORMAT
-            dst.attrs["schema_version"] = SCHEMA_VERSION
-            dst.attrs["values"] = VALUES
-            dst.attrs["index_json"] = canonical_json(index)
-            dst.attrs["spec_json"] = canonical_json(index["spec"])
-            for key, value in sorted(index["spec"].items()):
-                if isinstance(value, (str, bool, int, float)):
-                    dst.attrs[f"spec.{key}"] = value
-            shards = dst.create_group("shards")
-            for entry in index["shards"]:
-                with h5py.File(cache_dir / entry["file"], "r", locking=False) as src:
-                    group = shards.create_group(shard_name(entry["shard"]))
-                    for key, value in src.attrs.items():
-                        group.attrs[key] = value
-                    group.attrs["entry_json"] = canonical_json(entry)
-                    for name in src:
-                        src.copy(src[name], group, name=name)
-        fsync_path(tmp)
-        digest = sha256_file(tmp)
-        replace_durably(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    side = out_file.with_name(out_file.name + ".sha256")
+    needed = sum(int(e["bytes"]) for e in index["shards"])
+    with h5_written(out_file, tmp, what="depth cache export", needed=needed) as (dst, guard):
+        side.unlink(missing_ok=True)  # an older export's sidecar must never vouch for this file
+        dst.attrs["format"] = EXPORT_FORMAT
+        dst.attrs["schema_version"] = SCHEMA_VERSION
+        dst.attrs["values"] = VALUES
+        dst.attrs["index_json"] = canonical_json(index)
+        dst.attrs["spec_json"] = canonical_json(index["spec"])
+        for key, value in sorted(index["spec"].items()):
+            if isinstance(value, (str, bool, int, float)):
+                dst.attrs[f"spec.{key}"] = value
+        for key, value in (extra_attrs or {}).items():
+            dst.attrs[key] = value
+        shards = dst.create_group("shards")
+        for entry in index["shards"]:
+            with h5py.File(cache_dir / entry["file"], "r", locking=False) as src:
+                group = shards.create_group(shard_name(entry["shard"]))
+                for key, value in src.attrs.items():
+                    group.attrs[key] = value
+                group.attrs["entry_json"] = canonical_json(entry)
+                for name in src:
+                    src.copy(src[name], group, name=name)
+            guard.check()  # disk full: stop here rather than copy the rest into memory
+    digest = sha256_file(out_file)
     write_sidecar(out_file, digest)
     return digest
 
@@ -60,7 +64,7 @@ def export_cache(cache_dir: str | os.PathLike, out_file: str | os.PathLike) -> s
 def write_sidecar(file: Path, digest: str) -> Path:
     """Write ``<file>.sha256`` (``sha256sum`` format: ``<hex>  <name>``) for ``digest`` = ``'sha256:<hex>'``."""
     side = file.with_name(file.name + ".sha256")
-    write_atomic(side, f"{digest.split(':', 1)[1]}  {file.name}\n", tmp=tmp_name(side))
+    write_atomic(side, f"{digest.split(':', 1)[1]}  {file.name}\n", tmp=tmp_name(side), what="the export's checksum")
     return side
 
 
@@ -130,15 +134,14 @@ def _import_shard(src: h5py.File, writer: CacheWriter, entry: dict) -> None:
     group = src[name]
     final = writer.cache_dir / SHARD_DIR / f"{plan.name}.h5"
     tmp = tmp_name(final)
-    with h5py.File(tmp, "w") as dst:
+    with h5_written(final, tmp, what=f"imported depth cache shard, frames {plan.start}..{plan.stop - 1}",
+                    needed=int(entry.get("bytes", 0)) or None) as (dst, _guard):
         for key, value in group.attrs.items():
             if key != "entry_json":
                 dst.attrs[key] = value
         for ds_name in group:
             src.copy(group[ds_name], dst, name=ds_name)
-    fsync_path(tmp)
-    size, digest = tmp.stat().st_size, sha256_file(tmp)
-    replace_durably(tmp, final)
+    size, digest = final.stat().st_size, sha256_file(final)
     # Copied files are not byte-identical to the sender's, so sha256/bytes are this file's own; the data
     # itself is checked frame by frame (checksums + frame hashes digest) by verify() afterwards.
     new_entry = dict(entry, bytes=size, sha256=digest)

@@ -19,8 +19,9 @@ from pipeline.depth_cache.format import (COMPRESSION, INDEX_FILE, LAYOUT_FILE, S
                                          STORAGE_DTYPES, VALUES, frame_checksum, frame_hashes_digest, load_layout,
                                          normalize_spec, pow2_scale, read_entry, read_json, shard_name, spec_diff,
                                          tmp_name, write_json)
-from pipeline.errors import CacheError, printable
-from pipeline.store.io import canonical_json, fsync_path, pretty_json, replace_durably, sha256_file
+from pipeline.errors import CacheError, CacheStorageError, printable
+from pipeline.store.io import (GuardedFile, canonical_json, fsync_path, human_bytes, is_storage_error, pretty_json,
+                               replace_durably, sha256_file, storage_error)
 
 _TMP_RE = re.compile(r"^shard-(\d+)\.(h5|json)\.tmp-")
 
@@ -81,13 +82,17 @@ class CacheWriter:
             # Ranks race here: link() publishes the complete temp file only if no layout exists yet, so the
             # first rank's layout wins atomically and every rank then checks its own settings against it.
             tmp = tmp_name(path)
-            tmp.write_text(pretty_json(self.layout, indent=1, default=None), encoding="utf-8")
-            fsync_path(tmp)
             try:
+                tmp.write_text(pretty_json(self.layout, indent=1, default=None), encoding="utf-8")
+                fsync_path(tmp)
                 os.link(tmp, path)
                 fsync_path(path.parent)
             except FileExistsError:
                 pass
+            except OSError as e:
+                if is_storage_error(e):
+                    raise storage_error(e, path, what="depth cache layout", cls=CacheStorageError) from None
+                raise
             finally:
                 tmp.unlink(missing_ok=True)
         have = read_json(path, "depth cache layout")
@@ -194,6 +199,7 @@ class ShardWriter:
         self._scale = np.ones(n, dtype=np.float32)
         self._valid = np.zeros(n, dtype=bool)
         self._buffer: dict[int, np.ndarray] = {}
+        self._guard: GuardedFile | None = None
         self._file: h5py.File | None = None
         self._depth: h5py.Dataset | None = None
         self._max_shape = None if max_shape is None else (max(1, int(max_shape[0])), max(1, int(max_shape[1])))
@@ -203,8 +209,10 @@ class ShardWriter:
     def _create_file(self, max_shape: tuple[int, int]) -> None:
         w = self._writer
         # Default libver, no SWMR: after a crash these need h5clear (research/pipeline.md §2.4). The temp file
-        # is never trusted anyway; it is either renamed after close+fsync or deleted on resume.
-        f = h5py.File(self._tmp, "w")
+        # is never trusted anyway; it is either renamed after close+fsync or deleted on resume. HDF5 writes
+        # through a GuardedFile, so a full disk never reaches HDF5 (h5py cannot close such a file safely).
+        self._guard = GuardedFile(self._tmp)
+        f = h5py.File(self._guard, "w")
         self._file = f
         f.attrs["format"] = "dkp-depth-cache-shard"
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -228,46 +236,54 @@ class ShardWriter:
             shuffle=COMPRESSION["shuffle"], fletcher32=COMPRESSION["fletcher32"], track_times=False)
 
     def add(self, frame_index: int, *, frame_id: str, frame_hash: str, depth: np.ndarray | None,
-            valid: bool = True) -> None:
-        """Add manifest frame ``frame_index`` (float (h, w) relative inverse depth; ignored when not valid)."""
+            valid: bool = True, prepared: "PreparedFrame | None" = None) -> None:
+        """Add manifest frame ``frame_index`` (float (h, w) relative inverse depth; ignored when not valid).
+
+        ``prepared``: the frame already converted (and its chunk encoded) by :func:`prepare_frame`, on another
+        thread; ``depth`` is then not read."""
         row = frame_index - self.plan.start
         if not 0 <= row < self.plan.n:
             raise ValueError(f"frame {frame_index} is not in {self.plan.name} [{self.plan.start}, {self.plan.stop})")
         if self._filled[row]:
             raise ValueError(f"frame {frame_index} was already added to {self.plan.name}")
-        stored = np.zeros((0, 0), dtype=self._writer.storage_dtype)
-        scale = 1.0
-        if valid:
-            if depth is None or np.ndim(depth) != 2 or 0 in np.shape(depth):
-                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) must be a non-empty (h, w) array, "
-                                 f"got shape {None if depth is None else np.shape(depth)}; mark the frame invalid "
-                                 f"or fix the depth provider")
-            d = np.asarray(depth, dtype=np.float32)
-            # NaN = a pixel with no reading (depth files' holes); Inf, or nothing but holes, is a broken map.
-            if np.isinf(d).any() or np.isnan(d).all():
-                raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int(np.isinf(d).sum())} Inf "
-                                 f"values and {int(np.isnan(d).sum())} of {d.size} pixels NaN; fix the depth source "
-                                 f"(or mark the frame invalid)")
-            if self._writer.storage_dtype == "float16":
-                scale = pow2_scale(d)
-                stored = (d / np.float32(scale)).astype(np.float16)
-            else:
-                stored = d
-        h, w = stored.shape
+        if prepared is None:
+            prepared = prepare_frame(depth, valid=valid, storage_dtype=self._writer.storage_dtype,
+                                     frame_index=frame_index, frame_id=frame_id,
+                                     chunk_shape=self._max_shape if self._depth is not None else None)
+        h, w = prepared.shape
         if self._max_shape is not None and (h > self._max_shape[0] or w > self._max_shape[1]):
             raise ValueError(f"frame {frame_index} has shape {(h, w)}, larger than max_shape {self._max_shape}")
         self._frame_id[row] = printable(str(frame_id))  # HDF5 strings are UTF-8; ids are for people
         self._frame_hash[row] = str(frame_hash)
         self._shape[row] = (h, w)
-        self._scale[row] = scale
+        self._scale[row] = prepared.scale
         self._valid[row] = bool(valid)
-        self._checksum[row] = frame_checksum(stored, scale)
+        self._checksum[row] = prepared.checksum
         self._filled[row] = True
         if h and w:
             if self._depth is not None:
-                self._depth[row, :h, :w] = stored
+                if prepared.chunk is not None and prepared.chunk_shape == self._max_shape:
+                    self._depth.id.write_direct_chunk((row, 0, 0), prepared.chunk)  # encoded already: no filter work
+                else:
+                    self._write(row, prepared.stored)
+                self._guard.check()  # a full disk stops the shard now, not at its commit
             else:
-                self._buffer[row] = stored
+                self._buffer[row] = prepared.stored
+
+    def _write(self, row: int, stored: np.ndarray) -> None:
+        """Frame ``row``'s stored (h, w) values into its chunk. Encoded here and written as a finished chunk, as
+        the pool's frames are: HDF5 places a chunk it compresses itself only when its chunk cache flushes, so
+        mixing the two ways would give the same frames at other offsets, and a shard's bytes must not depend on
+        how its frames arrived."""
+        h, w = stored.shape
+        if not _DIRECT_CHUNKS:
+            self._depth[row, :h, :w] = stored
+            return
+        from pipeline.depth_cache.chunks import encode_chunk
+
+        chunk = np.zeros((1, *self._depth.chunks[1:]), dtype=stored.dtype)
+        chunk[0, :h, :w] = stored
+        self._depth.id.write_direct_chunk((row, 0, 0), encode_chunk(chunk, COMPRESSION["level"]))
 
     def commit(self) -> dict:
         """Publish the shard: flush, fsync, close, rename into place, then write its entry. Returns the entry."""
@@ -281,8 +297,7 @@ class ShardWriter:
             shapes = self._shape[self._valid]  # (n_valid, 2)
             self._create_file((max(1, int(shapes[:, 0].max(initial=0))), max(1, int(shapes[:, 1].max(initial=0)))))
             for row in sorted(self._buffer):
-                h, w = self._shape[row]
-                self._depth[row, :h, :w] = self._buffer.pop(row)
+                self._write(row, self._buffer.pop(row))
         f = self._file
         str_dt = h5py.string_dtype("utf-8")
         f.create_dataset("frame_index", data=np.arange(self.plan.start, self.plan.stop, dtype=np.int64),
@@ -296,7 +311,8 @@ class ShardWriter:
         f.flush()
         f.close()
         self._file = self._depth = None
-        fsync_path(self._tmp)
+        self._guard.sync()
+        self._guard.close()
         digest = sha256_file(self._tmp)
         size = self._tmp.stat().st_size
         replace_durably(self._tmp, self._final)
@@ -324,6 +340,8 @@ class ShardWriter:
             except Exception:  # noqa: BLE001 - closing a half-written temp file; it is deleted next anyway
                 pass
             self._file = self._depth = None
+        if self._guard is not None:
+            self._guard.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
@@ -342,11 +360,93 @@ class ShardWriter:
             self._raise_os_error(exc)
 
     def _raise_os_error(self, exc: BaseException) -> None:
-        # Disk full, quota, I/O errors: the user's to fix; published shards are untouched by design.
+        # Disk full, quota, read-only, I/O errors: the user's to fix; published shards are untouched by design.
+        if self._guard is not None and self._guard.error is not None and not is_storage_error(exc):
+            exc = self._guard.error  # the write that failed, not what HDF5 made of it
+        if is_storage_error(exc):
+            frames = f"{self.plan.start}..{self.plan.stop - 1}"
+            raise storage_error(exc, self._final, what=f"depth cache shard, frames {frames}", needed=self._needed(),
+                                cls=CacheStorageError) from None
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise CacheError(f"writing depth cache shard {self._final} failed ({exc}); free disk space (or fix the "
                              f"file system) and re-run `dkp-pipeline depth`: finished shards are kept and it "
                              f"resumes from there") from exc
+
+
+    def _needed(self) -> str | None:
+        """What the shard needs on disk at most: its frames uncompressed (gzip makes them smaller)."""
+        if self._max_shape is None and not self._valid.any():
+            return None
+        h, w = self._max_shape or (int(self._shape[:, 0].max()), int(self._shape[:, 1].max()))
+        raw = self.plan.n * h * w * np.dtype(self._writer.storage_dtype).itemsize
+        return f"up to {human_bytes(raw)} for its {self.plan.n} frames before compression, plus the file's metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedFrame:
+    """A frame as a shard stores it: (h, w), scale, checksum, and either the stored values or, where the chunk
+    shape was known, the whole chunk encoded as HDF5 would (``chunks.encode_chunk``)."""
+
+    shape: tuple[int, int]
+    scale: float
+    checksum: str
+    stored: np.ndarray | None  # (h, w) storage dtype; None once encoded into ``chunk``
+    chunk: bytes | None = None
+    chunk_shape: tuple[int, int] | None = None
+
+
+# the chunk encoder reproduces exactly this filter pipeline; any other COMPRESSION falls back to HDF5's filters
+_DIRECT_CHUNKS = (COMPRESSION["filter"] == "gzip" and COMPRESSION["shuffle"] and COMPRESSION["fletcher32"])
+
+
+def prepare_frame(depth: np.ndarray | None, *, valid: bool, storage_dtype: str, frame_index: int, frame_id: str,
+                  chunk_shape: tuple[int, int] | None = None) -> PreparedFrame:
+    """Everything a shard does to a frame before HDF5 sees it, pure (so any thread may run it): check it, store
+    float16 with a power-of-two scale (or float32), checksum it, and with ``chunk_shape`` (the shard's (H, W))
+    encode its zero-padded chunk. The CPU-heavy part of writing the cache; the depth stage runs it on a pool."""
+    stored = np.zeros((0, 0), dtype=storage_dtype)
+    scale = 1.0
+    if valid:
+        if depth is None or np.ndim(depth) != 2 or 0 in np.shape(depth):
+            raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) must be a non-empty (h, w) array, "
+                             f"got shape {None if depth is None else np.shape(depth)}; mark the frame invalid "
+                             f"or fix the depth provider")
+        d = np.asarray(depth, dtype=np.float32)
+        # NaN = a pixel with no reading (depth files' holes); Inf, or nothing but holes, is a broken map.
+        if np.isinf(d).any() or np.isnan(d).all():
+            raise CacheError(f"depth for frame {frame_index} ({frame_id!r}) has {int(np.isinf(d).sum())} Inf "
+                             f"values and {int(np.isnan(d).sum())} of {d.size} pixels NaN; fix the depth source "
+                             f"(or mark the frame invalid)")
+        if storage_dtype == "float16":
+            scale = pow2_scale(d)
+            stored = (d / np.float32(scale)).astype(np.float16)
+        else:
+            stored = d
+    h, w = stored.shape
+    checksum = frame_checksum(stored, scale)
+    if not (_DIRECT_CHUNKS and chunk_shape is not None and h and w and h <= chunk_shape[0] and w <= chunk_shape[1]):
+        return PreparedFrame((h, w), scale, checksum, stored)
+    from pipeline.depth_cache.chunks import encode_chunk
+
+    chunk = np.zeros((1, *chunk_shape), dtype=stored.dtype)  # the dataset's fill value outside the frame
+    chunk[0, :h, :w] = stored
+    return PreparedFrame((h, w), scale, checksum, None, encode_chunk(chunk, COMPRESSION["level"]), tuple(chunk_shape))
+
+
+def forget_damaged(cache_dir: str | os.PathLike, files: Sequence[str]) -> None:
+    """Prepare a finished cache with damaged ``files`` (relative paths) for a resumed ``depth`` run: a damaged
+    shard loses its entry (first) and its file, so it is computed again and only it; a damaged index, layout,
+    preview or part file is deleted (the resumed run writes it again). Shards not named are kept."""
+    cache_dir = Path(cache_dir)
+    shard_re = re.compile(rf"^{SHARD_DIR}/(shard-\d+)\.(h5|json)$")
+    for rel in files:
+        m = shard_re.match(rel)
+        if m:
+            (cache_dir / SHARD_DIR / f"{m.group(1)}.json").unlink(missing_ok=True)  # entry first: never a stale one
+            (cache_dir / SHARD_DIR / f"{m.group(1)}.h5").unlink(missing_ok=True)
+        elif "/" not in rel and rel and (cache_dir / rel).is_file():
+            (cache_dir / rel).unlink(missing_ok=True)
+    (cache_dir / INDEX_FILE).unlink(missing_ok=True)  # finalize writes it again from the shards' entries
 
 
 def finalize(cache_dir: str | os.PathLike) -> dict:

@@ -300,5 +300,5 @@ def write_experiment_report(cfg: C.ExperimentConfig, store_dir: Optional[str], o
     path.parent.mkdir(parents=True, exist_ok=True)
     plan = plan if plan is not None else experiment_plan(cfg, store, manifest)
     text = ExperimentPage(cfg, store, plan, out_dir=path.parent, source=source, overrides=overrides).render()
-    write_atomic(path, text)
+    write_atomic(path, text, what="the experiment's HTML report")
     return path

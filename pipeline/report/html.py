@@ -30,6 +30,7 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 .stale { background: #fff0cc; color: #7a5300; }
 .missing { background: #fbe0e0; color: #8f1d1d; }
 .in_progress { background: #dcebfb; color: #17457a; }
+.damaged { background: #f4dcf4; color: #6e1a6e; }
 .yes { color: #17642e; font-weight: 600; }
 .no { color: #8f1d1d; font-weight: 600; }
 .note { background: #f7f8fb; border-left: 4px solid #c5ccd9; padding: 6px 10px; margin: 8px 0; }

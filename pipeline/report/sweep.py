@@ -55,7 +55,7 @@ def write_sweep_report(config: str, overrides: tuple[str, ...], axes: list[Axis]
             rows.append(row)
         listing.append(row)
     text = render(base.name, config, tuple(overrides), axes, seeds, rows, listing, store, path.parent)
-    write_atomic(path, text)
+    write_atomic(path, text, what="the sweep's HTML report")
     return path
 
 

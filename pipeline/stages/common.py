@@ -160,3 +160,63 @@ def train_progress(path: Path) -> tuple[int, int]:
     rec = json.loads((Path(path) / "artifact.json").read_text())
     total = int(rec.get("config", {}).get("steps", 0))
     return (cks[-1][0] if cks else 0), total
+
+
+# Files the end of a training writes again from its final checkpoint (the weights, the loss curve from metrics.jsonl,
+# the last picture copied from samples/, the teacher-embedding cache rebuilt before training when absent).
+_REMADE_AT_THE_END = ("model.pt", "loss.png", "keypoints.png", "teacher_embeddings")
+
+
+def repair_training(path: Path, damaged: list[str]) -> None:
+    """Prepare a finished training artifact with ``damaged`` files (relative paths) for a resumed run that writes
+    them again, exactly as an uninterrupted run did: the damaged files are deleted and so are the checkpoints
+    after the newest step whose outputs are all intact, so the trainer resumes from the last checkpoint before
+    the damage (from the final one when only what the end writes is damaged; from scratch when no checkpoint is
+    early enough: training is deterministic, so the result is the same, only slower). A damaged metrics.jsonl is
+    kept: the trainer cuts it after the checkpoint it resumes from, which precedes its first bad line."""
+    import re
+
+    from pipeline.store.checkpoint import CHECKPOINT_DIRNAME, list_checkpoints
+    from pipeline.training.log import METRICS_FILENAME
+
+    path = Path(path)
+    ckpts = list_checkpoints(path / CHECKPOINT_DIRNAME)
+    resume_at = ckpts[-1][0] if ckpts else 0  # the newest step from which nothing damaged was written yet
+    for rel in damaged:
+        picture = re.fullmatch(r"samples/step_(\d+)\.png", rel)
+        if rel in _REMADE_AT_THE_END or rel.split("/", 1)[0] in _REMADE_AT_THE_END:
+            continue
+        if picture:  # drawn after step N: resume from a checkpoint before N
+            resume_at = min(resume_at, int(picture.group(1)) - 1)
+        elif rel == METRICS_FILENAME:
+            resume_at = min(resume_at, _intact_metrics_step(path / rel))
+        else:  # anything else the training writes: from the start
+            resume_at = 0
+    for step, ckpt in ckpts:
+        if step > resume_at:
+            ckpt.unlink(missing_ok=True)
+    for rel in damaged:
+        if rel != METRICS_FILENAME:  # its intact lines are kept: the trainer cuts it at the checkpoint it resumes
+            (path / rel).unlink(missing_ok=True)
+        if "/" in rel and rel.split("/", 1)[0] == "teacher_embeddings":  # its index last: the intact parts are kept
+            (path / "teacher_embeddings" / "index.json").unlink(missing_ok=True)  # and the missing ones rebuilt
+
+
+def _intact_metrics_step(path: Path) -> int:
+    """The step of the last line of ``path`` before the first line that does not parse (0: none intact)."""
+    import json
+
+    last = 0
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in text.splitlines():
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            break
+        if step <= last:
+            break
+        last = step
+    return last

@@ -61,6 +61,13 @@ class Stage:
     # True: entries of it that do not read each other may be built side by side, one process each
     # (pipeline.jobs: a training's small convolutions use a CPU's cores better so than with all threads in one).
     side_by_side: bool = False
+    # Damaged finished artifacts (issue 24). outputs: files every finished artifact has, checked for artifacts
+    # published before artifact.json listed its files. integrity: (path, deep) -> [{"file", "problem"}], the
+    # stage's own check beyond the file list (deep: checksums). repair: (path, damage) -> None, prepares a damaged
+    # artifact for `run` to rebuild by resuming in it (default: delete the damaged files).
+    outputs: tuple[str, ...] = ()
+    integrity: Optional[Callable[[Path, bool], list]] = None
+    repair: Optional[Callable[[Path, list], None]] = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,14 @@ def _run_manifest(ctx) -> dict:
 def _depth_settings(cfg: C.ExperimentConfig, m):
     from pipeline.stages.depth.identity import DepthSettings
 
-    return DepthSettings.resolve(cfg.depth, m, file_digest(cfg.depth.weights) if cfg.depth.provider == "midas" else None)
+    digest = None
+    if cfg.depth.provider == "midas":
+        digest = file_digest(cfg.depth.weights)
+    elif cfg.depth.provider == "transformers":  # a folder: the digest of its weight files (stages/depth/hf.py)
+        from pipeline.stages.depth.hf import folder_identity
+
+        digest = folder_identity(cfg.depth.weights)["weights_sha256"]
+    return DepthSettings.resolve(cfg.depth, m, digest)
 
 
 def _depth_key(s, env: KeyEnv) -> KeyParts:
@@ -132,6 +146,18 @@ def _depth_progress(path: Path) -> str:
 
     done, total = progress(path)
     return f"frames {done}/{total}"
+
+
+def _depth_integrity(path: Path, deep: bool) -> list:
+    from pipeline.depth_cache import damage
+
+    return damage(path, deep=deep)
+
+
+def _depth_repair(path: Path, damaged: list) -> None:
+    from pipeline.depth_cache import forget_damaged
+
+    forget_damaged(path, [d["file"] for d in damaged])
 
 
 def _depth_notes(record: dict) -> Optional[str]:
@@ -198,6 +224,12 @@ def _train_progress(path: Path) -> str:
     return f"step {done}/{total}"
 
 
+def _train_repair(path: Path, damaged: list) -> None:
+    from pipeline.stages.common import repair_training
+
+    repair_training(path, [d["file"] for d in damaged])
+
+
 def _run_teach(ctx) -> dict:
     from pipeline.stages import teach
 
@@ -244,13 +276,14 @@ def _run_eval(ctx) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the registry
 MANIFEST = Stage(name="manifest", schema=1, upstream=(), section="data", settings=_manifest_description,
-                 key=_manifest_key, run=_run_manifest, followers_join=False)
+                 key=_manifest_key, run=_run_manifest, followers_join=False, outputs=("manifest.json",))
 # manifest 1: its key is also the frames identity that depth's key hangs on, so bumping it rebuilds every depth
 # cache; manifest keys changed without a bump when annotations and splits entered them (the fingerprint became
 # a dict of parts, so no old key can be met again).
 DEPTH = Stage(
     name="depth", schema=1, upstream=("manifest",), section="depth", settings=_depth_settings, key=_depth_key,
-    run=_run_depth, managed=True, progress=_depth_progress, notes=_depth_notes,
+    run=_run_depth, managed=True, progress=_depth_progress, notes=_depth_notes, outputs=("layout.json", "index.json"),
+    integrity=_depth_integrity, repair=_depth_repair,
     help="""Stage 1: MiDaS 3.1 (or imported depth files) over every frame into the HDF5 depth cache.
 
     Resumable after any crash (finished shards are kept), shardable across machines with
@@ -259,14 +292,16 @@ DEPTH = Stage(
 TEACH = Stage(
     name="teach", schema=2, upstream=("depth",), section="teach", settings=_train_settings("teach"),
     key=_teach_key, run=_run_teach, progress=_train_progress, side_by_side=True,
+    outputs=("model.pt", "metrics.jsonl"), repair=_train_repair,
     help="""Stage 2: train the AutoLink teacher on the cached depth maps (resumes from its last checkpoint).""")
 DISTILL = Stage(
     name="distill", schema=2, upstream=("teach", "depth"), section="distill", settings=_train_settings("distill"),
     key=_distill_key, run=_run_distill, progress=_train_progress, side_by_side=True,
+    outputs=("model.pt", "metrics.jsonl"), repair=_train_repair,
     help="""Stage 3: train the RGB student with the frozen teacher: recon + gamma * (1 - cos).""")
 EVAL = Stage(  # 2: the floor, ratios and the optional baseline in metrics.json; the GT/splits it reads in the key
     name="eval", schema=2, upstream=("distill", "teach", "depth", "baseline"), section="eval",
-    settings=_eval_settings, key=_eval_key, run=_run_eval, followers_join=False,
+    settings=_eval_settings, key=_eval_key, run=_run_eval, followers_join=False, outputs=("metrics.json",),
     help="""Score the student (and teacher, baseline) with the dataset's protocol: metrics.json + pictures.""")
 
 STAGES: tuple[Stage, ...] = (MANIFEST, DEPTH, TEACH, DISTILL, EVAL)

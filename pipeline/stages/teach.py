@@ -72,8 +72,27 @@ def figure_heatmap_mass(model, manifest, reader, indices, image_size: int, max_f
             "figure_area_fraction": round(float(mk.mean()), 4), "n_frames": len(idx)}
 
 
+def teach_step(recon):
+    """The trainer's ``step_fn`` of this stage: AutoLink's masked reconstruction of ``batch["depth"]``. The logged
+    value stays a device tensor (the trainer reads it once per metrics line, not every step)."""
+    def step_fn(model, batch, sctx):
+        x = batch["depth"]
+        out = model(x, mask_generator=sctx.generator)
+        loss = recon(out.reconstruction.float(), x.float())
+        return loss, {"recon_loss": loss.detach()}
+
+    return step_fn
+
+
 def run(ctx) -> dict:
+    import os
+
+    from pipeline.training import resolve_device, train
+    from pipeline.training.runtime import check_amp
+
     m, sec = ctx.plan.manifest, ctx.settings  # teach's section, hflip resolved (registry)
+    device = resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0)))
+    check_amp(sec.amp, device, section="teach")  # an emulated precision is refused before any work
     reader = open_depth(ctx)
     train_idx = valid_train_indices(m, reader, "train")
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=False, use_depth=True,
@@ -82,13 +101,8 @@ def run(ctx) -> dict:
     args = common.model_args(sec)
     torch.manual_seed(sec.seed)  # initial weights are part of the run's identity
     model = common.build_model(args)
-    recon = common.reconstruction_loss(sec)
-
-    def step_fn(model, batch, sctx):
-        x = batch["depth"]
-        out = model(x, mask_generator=sctx.generator)
-        loss = recon(out.reconstruction.float(), x.float())
-        return loss, {"recon_loss": float(loss.detach())}
+    recon = common.reconstruction_loss(sec).to(device)
+    step_fn = teach_step(recon)
 
     vis_ds = FrameDataset(manifest=m, indices=m.split("test")[:16] if len(m.split("test")) else train_idx[:16],
                           image_size=sec.model.image_size, use_rgb=True, use_depth=True, depth_reader=reader)
@@ -99,12 +113,6 @@ def run(ctx) -> dict:
     def on_eval(step, model):
         common.log_picture(log, step, common.keypoint_grid(model, vis["depth"], background=vis["depth"],
                                                            out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
-
-    import os
-
-    from pipeline.training import resolve_device, train
-
-    recon.to(resolve_device(sec.device, int(os.environ.get("LOCAL_RANK", 0))))
 
     with common.training_progress():
         res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,

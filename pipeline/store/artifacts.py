@@ -3,23 +3,27 @@
 Layout::
 
     STORE/<stage>/<key[:16]>/          one artifact
-        artifact.json                  key, inputs, resolved config, versions, git SHA, command, timings
+        artifact.json                  key, inputs, resolved config, versions, git SHA, command, timings, and
+                                       (since issue 24) "files": every output file with its size and sha256
         LOCK                           while a process writes it: {"pid", "host", "started"}
         COMPLETE                       written last (tmp + rename): the artifact is published
         ...                            the stage's own files
     STORE/experiments/<name>.json      stage -> key last built for an experiment (what `status` diffs against)
 
 A directory without ``COMPLETE`` is an interrupted run: the stage resumes inside it. Identity is one
-function, :func:`artifact_key`.
+function, :func:`artifact_key`. A published artifact whose files no longer match its record (one deleted,
+truncated, or with ``--verify`` changed) is ``damaged``, never ``fresh`` (:meth:`Store.state`).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
 import errno
+import fnmatch
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +34,8 @@ from typing import Any, Iterator, Optional
 
 from pipeline.errors import DkpError, LockError
 from pipeline.stages.registry import SCHEMA_VERSIONS
-from pipeline.store.io import json_digest, remove_temporaries_of, write_atomic, write_json_atomic
+from pipeline.store.io import (is_storage_error, json_digest, remove_temporaries_of, sha256_file, storage_error,
+                               write_atomic, write_json_atomic)
 
 # SCHEMA_VERSIONS (declared once per stage in pipeline/stages/registry.py) are bumped by hand when the meaning of a
 # stage's output changes (never derived from the git SHA). History:
@@ -181,10 +186,15 @@ class Lock:
                     f"since {owner.get('started')}. Wait for it to finish, or, if that process is gone "
                     f"(another host), remove {self.path}."
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # disk full while writing it: an empty lock would block the next run for 5 s
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise
             self.held, self._me = True, me
             for pid in dead:
                 remove_temporaries_of(self.path.parent, pid)
@@ -284,6 +294,84 @@ class Lock:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the files of a finished artifact (issue 24)
+
+# Not outputs, so not listed: resume state and logs. Deleting them (to free space) leaves the artifact whole.
+NOT_OUTPUTS = ("checkpoints", "tensorboard")
+# A file up to this size gets a sha256 in the list at publish (model, metrics, index, pictures): reading it once
+# more costs little next to what wrote it. Larger files (an embedding cache) are listed with their size only.
+HASH_LIMIT = 256 << 20
+_TEMPORARY = re.compile(r"\.tmp[-.]\d+|^\.write-test-")  # atomic_file, checkpoints, depth_cache.tmp_name, probes
+
+
+def list_files(path: Path, *, unhashed: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every output file under the artifact directory ``path``: ``{relative path: {"bytes": N, "sha256": ...}}``.
+
+    Left out: the record and the marker, locks, temporaries and :data:`NOT_OUTPUTS`. ``unhashed``: glob patterns
+    of files whose content is checksummed elsewhere (depth shards: in the cache's index), listed with their
+    size only."""
+    out: dict[str, dict] = {}
+    path = Path(path)
+    for top, dirs, names in os.walk(path):
+        here = Path(top)
+        if here == path:
+            dirs[:] = [d for d in dirs if d not in NOT_OUTPUTS]
+        for name in names:
+            rel = (here / name).relative_to(path).as_posix()
+            if rel in (RECORD, COMPLETE) or name.startswith(LOCK) or _TEMPORARY.search(name):
+                continue
+            size = (here / name).stat().st_size
+            entry: dict[str, Any] = {"bytes": size}
+            if size <= HASH_LIMIT and not any(fnmatch.fnmatchcase(rel, pat) for pat in unhashed):
+                entry["sha256"] = sha256_file(here / name)
+            out[rel] = entry
+    return dict(sorted(out.items()))
+
+
+def check_files(path: Path, files: dict[str, dict], *, deep: bool = False) -> list[dict]:
+    """What no longer matches ``files`` (a record's list): ``[{"file": rel, "problem": ...}]``. Existence and size
+    cost one stat per file; ``deep`` also re-hashes the files that have a sha256."""
+    damage = []
+    for rel, want in files.items():
+        p = Path(path) / rel
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            damage.append({"file": rel, "problem": "missing"})
+            continue
+        if size != want.get("bytes"):
+            damage.append({"file": rel, "problem": f"is {size} bytes, {want.get('bytes')} recorded (truncated or "
+                                                   f"replaced)"})
+        elif deep and want.get("sha256") and sha256_file(p) != want["sha256"]:
+            damage.append({"file": rel, "problem": "content differs from its recorded sha256 (corrupted or replaced)"})
+    return damage
+
+
+def integrity(stage: str, path: Path, record: dict, *, deep: bool = False) -> list[dict]:
+    """Damage of the published artifact at ``path``: its record's file list checked (or, for an artifact
+    published before file lists, the files every artifact of ``stage`` has), then the stage's own check
+    (the depth cache's shards against its index; with ``deep``, every checksum)."""
+    from pipeline.stages import registry
+
+    st = registry.stage(stage)
+    files = record.get("files")
+    if isinstance(files, dict):
+        damage = check_files(path, files, deep=deep)
+    else:  # published before issue 24: no list, but these files are there in every finished artifact
+        damage = [{"file": rel, "problem": "missing"} for rel in st.outputs if not (Path(path) / rel).is_file()]
+    if st.integrity is not None and (deep or not isinstance(files, dict)):
+        seen = {d["file"] for d in damage}
+        damage += [d for d in st.integrity(Path(path), deep) if d["file"] not in seen]
+    return damage
+
+
+def damage_text(damage: list[dict], limit: int = 3) -> str:
+    """'model.pt missing; metrics.jsonl is 12 bytes, 340 recorded (truncated or replaced) …'"""
+    shown = "; ".join(f"{d['file']} {d['problem']}" for d in damage[:limit])
+    return shown + (f"; and {len(damage) - limit} more" if len(damage) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------
 # the store
 
 
@@ -296,9 +384,10 @@ class ArtifactState:
     stage: str
     key: str
     path: Path
-    state: str  # fresh | in_progress | missing
+    state: str  # fresh | damaged | in_progress | missing
     record: Optional[dict] = None
     locked_by: Optional[dict] = None
+    damage: list[dict] = field(default_factory=list)  # damaged: [{"file": rel, "problem": ...}]
 
 
 @dataclass
@@ -332,11 +421,17 @@ class Store:
             return None
         return rec
 
-    def state(self, stage: str, key: str) -> ArtifactState:
+    def state(self, stage: str, key: str, *, verify: bool = False) -> ArtifactState:
+        """fresh / damaged / in_progress / missing. A published artifact is fresh only while every file its record
+        lists is there with its size (``verify``: and its checksum); else damaged, with the files named."""
         p = self.path(stage, key)
         rec = self.record(stage, key)
         if (p / COMPLETE).exists() and rec is not None and rec.get("key") == key:
-            return ArtifactState(stage, key, p, "fresh", rec)
+            damage = integrity(stage, p, rec, deep=verify)
+            return ArtifactState(stage, key, p, "damaged" if damage else "fresh", rec, damage=damage)
+        if (p / COMPLETE).exists() and not self._record_of_another_key(p, key):
+            return ArtifactState(stage, key, p, "damaged", rec,
+                                 damage=[{"file": RECORD, "problem": "missing or unreadable"}])
         if p.exists():
             lock = Lock(p / LOCK)
             owner = lock.read_owner() if (p / LOCK).exists() else None
@@ -347,6 +442,14 @@ class Store:
                 owner = dict(owner, note=lock.describe(owner))  # what `status` says (a crashed remote rank...)
             return ArtifactState(stage, key, p, "in_progress", rec, owner)
         return ArtifactState(stage, key, p, "missing")
+
+    @staticmethod
+    def _record_of_another_key(p: Path, key: str) -> bool:
+        try:
+            other = json.loads((p / RECORD).read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return other not in (None, key)
 
     # experiments: which key each stage had when last built, for "stale because ..."
     def experiment_file(self, name: str) -> Path:
@@ -381,7 +484,7 @@ class Store:
                 data[stage] = key
                 write_json_atomic(f, data)
         except OSError as e:
-            if not _is_read_only(e):
+            if not (_is_read_only(e) or is_storage_error(e)):  # it only feeds `status`: warn and go on
                 raise
             import logging
 
@@ -398,6 +501,8 @@ class Store:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
+            if is_storage_error(e) and not _is_read_only(e):
+                raise storage_error(e, probe, what=f"an empty file, to check the store before {needed}") from None
             if not _is_read_only(e):
                 raise
             raise DkpError(f"store {self.root} is not writable ({e.strerror or e}) and {needed}; make it writable, "
@@ -428,6 +533,7 @@ class ArtifactWriter:
     cpu_started: float = field(default_factory=cpu_seconds)
     extra: dict = field(default_factory=dict)
     lock: Optional[Lock] = None  # held while writing: checked before publishing
+    unhashed: tuple[str, ...] = ()  # globs of files checksummed elsewhere (list_files), listed by size only
 
     def write_record(self, status: str, **extra: Any) -> None:
         self.extra.update(extra)
@@ -453,11 +559,12 @@ class ArtifactWriter:
             },
             **self.extra,
         }
-        write_json_atomic(self.path / RECORD, rec)
+        write_json_atomic(self.path / RECORD, rec, what="the artifact's record")
 
     def publish(self, **extra: Any) -> None:
-        """Final artifact.json, then the COMPLETE marker, last and atomically."""
+        """Final artifact.json, listing every output file (:func:`list_files`), then the COMPLETE marker, last
+        and atomically; refused if this writer's lock was taken over meanwhile (:meth:`Lock.check_held`)."""
         if self.lock is not None:
             self.lock.check_held()
-        self.write_record(status="complete", **extra)
-        write_atomic(self.path / COMPLETE, self.key + "\n")
+        self.write_record(status="complete", files=list_files(self.path, unhashed=self.unhashed), **extra)
+        write_atomic(self.path / COMPLETE, self.key + "\n", what="the artifact's publish marker")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipeline.store.io import atomic_file
+from pipeline.store.io import atomic_file, is_storage_error, storage_error
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,27 @@ def save_atomic(obj: dict[str, Any], path: Path | str) -> Path:
     """
     path = Path(path)
     check_plain(obj)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, _tmp_path(path)) as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_storage_error(e):
+            raise storage_error(e, path.parent, what="checkpoint folder") from e
+        raise
+    what = "training checkpoint" if _CKPT_RE.match(path.name) else "model file"
+    with atomic_file(path, _tmp_path(path), what=what, needed=tensor_bytes(obj)) as f:
         torch.save(obj, f)
     return path
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a plain payload: about what ``torch.save`` writes (the rest is small)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_safe(path: Path | str) -> dict[str, Any]:

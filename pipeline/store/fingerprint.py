@@ -32,8 +32,8 @@ import xxhash
 
 from pipeline.store.io import HASH_CHUNK, stream_file
 # the memo lives in its own module; these names stay importable from here (callers, tests)
-from pipeline.store.memo import (LEGACY_SCHEMA, MEMO_SCHEMA, FingerprintMemo, _Segment, _segment_id,  # noqa: F401
-                                 default_cache_dir, names_blob)
+from pipeline.store.memo import (LEGACY_SCHEMA, MEMO_SCHEMA, FingerprintMemo, _objects, _Segment,  # noqa: F401
+                                 _segment_id, default_cache_dir, names_blob)
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,9 @@ def _put(columns: dict, has: dict, key: str, i: int, value: Any, n: int) -> None
             col = np.full(n, None, dtype=object)
         columns[key], has[key] = col, np.zeros(n, dtype=bool)
     elif col.dtype != object and not _fits(col, value):
-        col = columns[key] = col.astype(object)
+        # an (N, L) column becomes (N,) objects, one list per row: a list of another length (a video's frame
+        # times) fits then
+        col = columns[key] = _objects(col.tolist()) if col.ndim > 1 else col.astype(object)
     col[i] = value
     has[key][i] = True
 

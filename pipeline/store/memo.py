@@ -72,6 +72,14 @@ class _Segment:
         return np.fromiter((index.get(r, -1) for r in relpaths), dtype=np.int64, count=len(relpaths))
 
 
+def _objects(values: list) -> np.ndarray:
+    """An (N,) object array holding ``values`` as they are (lists stay lists, whatever their lengths)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def _segment_id(root: str, desc: str) -> str:
     return f"{desc}\0{root}"
 
@@ -142,6 +150,7 @@ class FingerprintMemo:
         self._entries = dict(header.get("entries") or {})
         self._on_disk = {sid: int(k) for sid, k in header.get("segments", {}).items()}
         self._extras_of = {sid: list(v) for sid, v in header.get("extras", {}).items()}
+        self._json_of = {sid: set(v) for sid, v in header.get("json", {}).items()}
         self._npz = npz
 
     def _segment(self, sid: str) -> Optional[_Segment]:
@@ -156,7 +165,9 @@ class FingerprintMemo:
             for key in self._extras_of.get(sid, []):
                 seg.extras[key] = z[f"s{k}.x.{key}"]
                 seg.has[key] = z[f"s{k}.h.{key}"]
-                if seg.extras[key].dtype.kind == "U":
+                if key in self._json_of.get(sid, ()):
+                    seg.extras[key] = _objects([json.loads(s) for s in seg.extras[key].tolist()])
+                elif seg.extras[key].dtype.kind == "U":
                     seg.extras[key] = seg.extras[key].astype(object)
             n = len(seg.ino)
             if any(len(getattr(seg, c)) != n for c in _COLUMNS) or any(len(v) != n for v in seg.has.values()):
@@ -203,6 +214,7 @@ class FingerprintMemo:
         arrays: dict[str, np.ndarray] = {}
         segments: dict[str, int] = {}
         extras: dict[str, list[str]] = {}
+        as_json: dict[str, list[str]] = {}  # segment -> its extras stored as JSON text (lists of varying lengths)
         for k, sid in enumerate(self._sids()):
             seg = self._segment(sid)
             if seg is None:
@@ -213,9 +225,15 @@ class FingerprintMemo:
                 arrays[f"s{k}.{c}"] = getattr(seg, c)
             extras[sid] = sorted(seg.extras)
             for key, v in seg.extras.items():
-                arrays[f"s{k}.x.{key}"] = v.astype(str) if v.dtype == object else v
+                if v.dtype == object and any(isinstance(x, (list, tuple)) for x in v):
+                    # a list per file whose length varies (a video's frame times): JSON text each, decoded on load
+                    arrays[f"s{k}.x.{key}"] = np.array([json.dumps(x) for x in v.tolist()], dtype=str)
+                    as_json.setdefault(sid, []).append(key)
+                else:
+                    arrays[f"s{k}.x.{key}"] = v.astype(str) if v.dtype == object else v
                 arrays[f"s{k}.h.{key}"] = seg.has[key]
-        header = {"schema": MEMO_SCHEMA, "segments": segments, "extras": extras, "entries": self._entries}
+        header = {"schema": MEMO_SCHEMA, "segments": segments, "extras": extras, "json": as_json,
+                  "entries": self._entries}
         arrays["header"] = np.array(json.dumps(header, separators=(",", ":")))
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -224,7 +242,7 @@ class FingerprintMemo:
             write_atomic(self.path, buf.getvalue())
             self._dirty = False
         except OSError as e:
-            log.warning("could not write fingerprint memo %s (%s); next run hashes again", self.path, e)
+            log.warning("could not write fingerprint memo %s (%s); next run hashes again", self.path, e.strerror or e)
             return
         if self._legacy is not None and self._legacy != self.path:
             with contextlib.suppress(OSError):

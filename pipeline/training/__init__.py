@@ -3,7 +3,7 @@
 What lives here: :mod:`.loop` (:func:`train`, the loop), :mod:`.settings` (:class:`TrainSettings`, the step
 function's context and the result), :mod:`.sampling` (seeds and the step sampler), :mod:`.rng` (global RNG
 state), :mod:`.runtime` (device, AMP, torchrun, stop signals), :mod:`.log` (metrics.jsonl, progress) and
-:mod:`.resume` (checkpoint contents and the resume check).
+:mod:`.resume` (checkpoint contents and the resume check), :mod:`.syncs` (counting host reads of tensors).
 
 The caller brings the model, the dataset and a *step function*; this module owns everything that
 must be right for a run that lasts days on shared machines:
@@ -28,7 +28,7 @@ do not reach into its submodules for the forward pass, or gradients will not be 
     def step_fn(model, batch, ctx):
         recon = model(batch["image"], generator=ctx.generator)
         loss = (recon - batch["image"]).abs().mean()
-        return loss, {"l1": loss.item()}
+        return loss, {"l1": loss.detach()}  # a tensor: read once per metrics line, not every step
 """
 
 from pipeline.training.log import METRICS_FILENAME

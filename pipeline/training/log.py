@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from pipeline.store.io import write_atomic
 
 log = logging.getLogger("pipeline.train")
@@ -51,6 +53,75 @@ class Accumulator:
     def load(self, state: Mapping[str, Any]) -> None:
         self.count = int(state["count"])
         self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+
+
+class StepMeter:
+    """The loss and the step function's metrics of every step, kept on the device until a sync point.
+
+    Each step writes one row (loss, then the metrics in sorted key order) into a float64 buffer on the device:
+    no host read, so the CPU can queue the next step while the GPU computes this one. At a sync point (a metrics
+    line, a checkpoint, an eval, a stop) :meth:`sync` reduces the rows since the last one over the ranks and reads
+    them, with the stop flag and the loss scale, in **one** ``.tolist()``: the trainer's only host read between two
+    sync points. The rows then feed :class:`Accumulator` in step order, so the logged means are what averaging
+    each step over the ranks, as before, gives (and a resumed run logs the same bytes)."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device, self.capacity = device, capacity
+        self.keys: list[str] | None = None
+        self.rows: torch.Tensor | None = None  # (capacity, 1 + len(keys)) float64 on the device
+        self.first_step = 0  # the step of row 0
+        self.count = 0
+
+    def add(self, step: int, loss: torch.Tensor, metrics: Mapping[str, Any]) -> None:
+        """Record ``step``'s loss (0-d tensor) and metrics (0-d tensors or numbers) without reading them."""
+        keys = sorted(metrics)
+        if self.keys is None:
+            if "loss" in metrics:
+                raise ValueError("step function metrics may not be named 'loss' (the trainer logs the loss itself)")
+            self.keys = keys
+            self.rows = torch.zeros(self.capacity, 1 + len(keys), dtype=torch.float64, device=self.device)
+        elif keys != self.keys:
+            raise ValueError(f"step function returned metrics {keys}, earlier steps returned {self.keys}; "
+                             "return the same keys every step")
+        if self.count == 0:
+            self.first_step = step
+        if self.count >= self.capacity:
+            raise RuntimeError(f"StepMeter holds {self.capacity} steps between sync points; sync first")
+        row = self.rows[self.count]
+        row[0] = loss.detach().reshape(())  # a device copy (cast to float64), no host read
+        for j, k in enumerate(keys, start=1):
+            v = metrics[k]
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise TypeError(f"step function metric {k!r} must be a number or a one-element tensor, "
+                                    f"got shape {tuple(v.shape)}")
+                row[j] = v.detach().reshape(())
+            else:
+                row[j] = float(v)  # a python number: fill_ with a scalar argument, no copy from the host
+        self.count += 1
+
+    def sync(self, *, world: int, group: Any = None, stop: bool = False,
+             scale: torch.Tensor | None = None) -> tuple[list[tuple[int, float, dict[str, float]]], bool, float | None]:
+        """``(rows, stop, scale)``: per step since the last sync ``(step, loss, metrics)`` averaged over the ranks,
+        whether any rank asked to stop, and the loss scale (None without ``scale``). One collective (with
+        ``world`` > 1) and one host read."""
+        import torch.distributed as dist
+
+        n = self.count
+        width = 1 + len(self.keys or [])
+        flag = torch.full((1,), 1.0 if stop else 0.0, dtype=torch.float64, device=self.device)
+        packed = torch.cat([self.rows[:n].reshape(-1) if n else flag[:0], flag])  # (n * width + 1,)
+        if world > 1:
+            dist.all_reduce(packed, group=group)
+        if scale is not None:
+            packed = torch.cat([packed, scale.detach().double().reshape(1).to(self.device)])
+        values = packed.tolist()  # the host read of this interval
+        out = []
+        for i in range(n):
+            r = values[i * width:(i + 1) * width]
+            out.append((self.first_step + i, r[0] / world, {k: v / world for k, v in zip(self.keys or [], r[1:])}))
+        self.count = 0
+        return out, values[n * width] > 0, (values[-1] if scale is not None else None)
 
 
 def read_metric_lines(path: Path) -> list[tuple[int, str]]:
@@ -104,9 +175,10 @@ class Progress:
         self._bar.start()
         self._task = self._bar.add_task("train", total=total, completed=start, loss="-")
 
-    def step(self, done: int, loss: float) -> None:
+    def step(self, done: int, loss: float | None = None) -> None:
+        """``done`` steps; ``loss``: the newest metrics line's (None: keep showing the last one)."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, loss=f"{loss:.4f}")
+            self._bar.update(self._task, completed=done, **({} if loss is None else {"loss": f"{loss:.4f}"}))
 
     def logged(self, done: int, loss: float) -> None:
         if not self.log_lines:

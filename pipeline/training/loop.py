@@ -1,9 +1,11 @@
 """The training loop: :func:`train`, read top to bottom.
 
-Setup (device, SyncBatchNorm, optimiser), resume from the newest checkpoint, then one iteration per
-optimiser step: seed, forward under autocast, one collective for loss + metrics + "stop?", backward,
-metrics line, eval, checkpoint. The pieces it calls live beside it: :mod:`.settings`, :mod:`.sampling`,
-:mod:`.rng`, :mod:`.runtime`, :mod:`.log`, :mod:`.resume`.
+Setup (device, process group, SyncBatchNorm, optimiser), resume from the newest checkpoint, then one iteration
+per optimiser step: seed, forward under autocast, the loss and metrics recorded on the device, backward, and at a
+*sync point* (a metrics line, a checkpoint, an eval, the end, a stop) the one host read of the interval: the
+non-finite check, "stop?", metrics line, eval, checkpoint. Between sync points a step reads nothing back from the
+device, so on a GPU the host queues the next step while the device computes this one. The pieces it calls live
+beside it: :mod:`.settings`, :mod:`.sampling`, :mod:`.rng`, :mod:`.runtime`, :mod:`.log`, :mod:`.resume`.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.store.checkpoint import CHECKPOINT_DIRNAME, check_plain, checkpoint_name, remove_stale_temporaries
-from pipeline.training.log import METRICS_FILENAME, Accumulator, Progress, append_metrics, log, read_metric_lines, \
-    truncate_metrics
+from pipeline.training.log import METRICS_FILENAME, Accumulator, Progress, StepMeter, append_metrics, log, \
+    read_metric_lines, truncate_metrics
 from pipeline.training.resume import MODEL_FILENAME, RunState, config_digest, resume, save_checkpoint, save_model
 from pipeline.training.rng import seed_global_rngs
-from pipeline.training.runtime import (Dist, NonFiniteLossError, StopSignals, TrainingInterrupted, amp_name,
-                                       destroy_at_exit, resolve_amp, setup_distributed, to_device)
+from pipeline.training.runtime import (Dist, NonFiniteLossError, StopSignals, TrainingInterrupted, amp_name, barrier,
+                                       check_training_group, make_optimizer, resolve_amp, setup_distributed,
+                                       to_device)
 from pipeline.training.sampling import TAG_STEP_GENERATOR, ByEpochIndex, StepBatchSampler, derive_seed, worker_init
 from pipeline.training.settings import (EpochDataset, StepContext, StepFn, TrainLog, TrainResult, TrainSettings,
                                         lr_factor)
@@ -46,7 +49,9 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
         model: trained in place (moved to the device; BatchNorm → SyncBatchNorm under DDP on CUDA).
         dataset: an :class:`EpochDataset`.
         step_fn: ``(model, batch, ctx) -> (loss, metrics)``: a scalar loss tensor to minimise and a
-            dict of floats to log (same keys every step). Runs under autocast when AMP is on.
+            dict of values to log (same keys every step): 0-d tensors (kept on the device until the
+            metrics line: return ``x.detach()``, not ``x.item()``, which waits for the GPU every step) or
+            numbers. Runs under autocast when AMP is on.
         settings: :class:`TrainSettings`.
         config: the resolved config; stored in every checkpoint and in ``model.pt`` (plain values only).
         on_eval: called on rank 0 as ``on_eval(step, model)`` every ``eval_every`` steps and at the
@@ -61,7 +66,9 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
 
     Returns:
         :class:`TrainResult`. Raises :class:`TrainingInterrupted` after checkpointing on
-        SIGTERM/SIGINT, :class:`NonFiniteLossError` on a NaN/Inf loss, and
+        SIGTERM/SIGINT (one process: after the current step; under torchrun: at the next sync point,
+        so that every rank stops at the same step), :class:`NonFiniteLossError` on a NaN/Inf loss (at
+        the next sync point, before anything of that step or later is written), and
         :class:`~pipeline.errors.CheckpointError` for a checkpoint that does not fit this run.
     """
     if not (hasattr(dataset, "get") and hasattr(dataset, "__len__")):
@@ -69,18 +76,13 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
     check_plain(dict(config), "config")
     if model_args is not None:
         check_plain(dict(model_args), "model_args")
+    # The group lives as long as the process (runtime.init_default_group): `dkp-pipeline run` under torchrun
+    # trains teach and then distill in one process.
     dist_env, device = setup_distributed(settings.device)
-    try:
-        return _train(run_dir=Path(run_dir), model=model, dataset=dataset, step_fn=step_fn, settings=settings,
-                      config=dict(config), on_eval=on_eval, params=params,
-                      config_hash=config_hash or config_digest(config),
-                      model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device,
-                      train_log=train_log if dist_env.is_main else None)
-    finally:
-        # The group lives as long as the process: `dkp-pipeline run` under torchrun trains teach and then
-        # distill in one process, and re-initialising a destroyed group there hangs on the rendezvous.
-        if dist_env.initialised_here and dist.is_initialized():
-            destroy_at_exit()
+    return _train(run_dir=Path(run_dir), model=model, dataset=dataset, step_fn=step_fn, settings=settings,
+                  config=dict(config), on_eval=on_eval, params=params, config_hash=config_hash or config_digest(config),
+                  model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device,
+                  train_log=train_log if dist_env.is_main else None)
 
 
 def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,
@@ -98,15 +100,15 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
             log.info("removed %s left by an interrupted run", stale)
 
     # ---- setup -----------------------------------------------------------------------------------
-    amp_dtype = resolve_amp(settings.amp, device)
+    amp_dtype = resolve_amp(settings.amp, device, allow_slow=settings.allow_slow_amp)
     sampler = StepBatchSampler(dataset_len=len(dataset), batch_size=settings.batch_size, seed=settings.seed,
                                start_step=0, end_step=settings.steps, rank=rank, world_size=world)
-    model = _place(model, settings, device, world, is_main, sampler.local_batch)
-    optimizer = torch.optim.AdamW(_trainable(model, params), lr=settings.lr, betas=settings.betas,
-                                  weight_decay=settings.weight_decay)
+    model = _place(model, settings, device, world, is_main, sampler.local_batch, dist_env.group)
+    optimizer = make_optimizer(_trainable(model, params), settings, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = RunState(model=model, optimizer=optimizer, scaler=scaler, acc=Accumulator(), sampler=sampler,
-                     settings=settings, config=config, config_hash=config_hash, amp_dtype=amp_dtype, world=world)
+                     settings=settings, config=config, config_hash=config_hash, amp_dtype=amp_dtype, world=world,
+                     group=dist_env.group)
     acc = state.acc
 
     # ---- resume ----------------------------------------------------------------------------------
@@ -115,19 +117,23 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
         truncate_metrics(metrics_path, start_step)
     wrapped: nn.Module = model
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        check_training_group(dist_env.group, device)  # never DDP over a gloo-only group on CUDA
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, process_group=dist_env.group)
+        if is_main:
+            log.info("DDP over %d ranks on %s, process group backend %s", world, device.type,
+                     dist.get_backend(dist_env.group))
     sampler.start_step = start_step
     loader_iter: Iterator[Any] = iter(())
     if start_step < settings.steps:
-        loader = DataLoader(ByEpochIndex(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
-                            collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                            worker_init_fn=worker_init if settings.num_workers > 0 else None)
-        loader_iter = iter(loader)
+        loader_iter = iter(make_loader(dataset, sampler, settings, device, collate_fn))
 
     # ---- the loop --------------------------------------------------------------------------------
     stop = StopSignals()
     stop.install()
     progress = Progress(total=settings.steps, start=start_step, bar=is_main and sys.stderr.isatty(), log_lines=is_main)
+    # Every log point is a sync point, so at most log_every steps wait on the device between two reads.
+    meter = StepMeter(device, capacity=settings.log_every)
     last_record: dict[str, Any] | None = None
     t_loop = time.perf_counter()
     done = start_step
@@ -154,41 +160,57 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                 raise TypeError(f"step_fn must return a scalar loss tensor first, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))}")
-            loss_value, step_metrics, stop_after_this_step = _reduce_over_ranks(loss, metrics, stop, world)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(_nonfinite_message(loss_value, step, settings, sampler, run_dir, last_ckpt))
+            meter.add(step, loss, metrics)  # stays on the device until the next sync point
 
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # fused AdamW on CUDA: an overflow step is skipped on the device, no read
             scaler.update()
             done = step + 1
-            acc.add(loss_value, step_metrics)
-            progress.step(done, loss_value)
+            progress.step(done)
+
+            is_log = done % settings.log_every == 0 or done == settings.steps
+            is_ckpt = done % settings.checkpoint_every == 0 or done == settings.steps
+            is_eval = on_eval is not None and ((settings.eval_every and done % settings.eval_every == 0)
+                                               or done == settings.steps)
+            # One process stops right after the signalled step; under torchrun the ranks agree on the step at
+            # the next sync point (in its one collective), so no rank waits in a collective the others skipped.
+            signalled_alone = world == 1 and stop.signum is not None
+            if not (is_log or is_ckpt or is_eval or signalled_alone):
+                continue
+
+            # ---- a sync point: the one host read since the last one --------------------------------------
+            rows, stop_after_this_step, scale = meter.sync(
+                world=world, group=dist_env.group, stop=stop.signum is not None,
+                scale=_scale_tensor(scaler) if is_log and scaler.is_enabled() else None)
+            for row_step, loss_value, _ in rows:
+                if not math.isfinite(loss_value):  # the first bad step; nothing of it or later is written
+                    raise NonFiniteLossError(_nonfinite_message(loss_value, row_step, settings, sampler, run_dir,
+                                                                last_ckpt))
+            for _, loss_value, step_metrics in rows:
+                acc.add(loss_value, step_metrics)
 
             # Order matters for resume: the metrics line for `done` is written before the checkpoint
             # of `done`, so a checkpoint never exists without the lines up to it.
-            if done % settings.log_every == 0 or done == settings.steps:
+            if is_log:
                 record = {"step": done, "epoch": epoch, **acc.means()}
-                if scaler.is_enabled():
-                    record["loss_scale"] = float(scaler.get_scale())
+                if scale is not None:
+                    record["loss_scale"] = scale
                 acc.reset()
                 last_record = record
                 if is_main:
                     append_metrics(metrics_path, record)
+                    progress.step(done, record["loss"])
                     progress.logged(done, record["loss"])
                     if train_log is not None:
                         train_log.scalars(done, {k: v for k, v in record.items() if k not in ("step", "epoch")}
                                           | {"lr": optimizer.param_groups[0]["lr"]})
-            if on_eval is not None and is_main and (
-                    (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps):
+            if is_eval and is_main:
                 _run_eval(on_eval, done, model)
-            if (done % settings.checkpoint_every == 0 or done == settings.steps
-                    or (stop_after_this_step and done < settings.steps)):
+            if is_ckpt or (stop_after_this_step and done < settings.steps):
                 last_ckpt = save_checkpoint(state, ckpt_dir, done) if is_main else ckpt_dir / checkpoint_name(done)
             if stop_after_this_step and done < settings.steps:
                 stop_signum = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
-                if world > 1:
-                    dist.barrier()  # let rank 0 finish writing before torchrun sees the others exit
+                barrier(dist_env, device)  # let rank 0 finish writing before torchrun sees the others exit
                 raise TrainingInterrupted(
                     f"training stopped by {signal.Signals(stop_signum).name} after step {done}/{settings.steps}; "
                     f"checkpoint {last_ckpt} saved. Re-run the same command to continue from it.", stop_signum)
@@ -205,8 +227,7 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
         last_record = json.loads(lines[-1][1]) if lines else None
     if is_main:
         save_model(state, model_path, model_args)
-    if world > 1:
-        dist.barrier()
+    barrier(dist_env, device)
     ran = done - start_step
     return TrainResult(steps=settings.steps, resumed_from=start_step,
                        final_loss=float(last_record["loss"]) if last_record else float("nan"),
@@ -215,15 +236,24 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
                        world_size=world, device=str(device))
 
 
+def make_loader(dataset: EpochDataset, sampler: StepBatchSampler, settings: TrainSettings, device: torch.device,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """The trainer's DataLoader: ``sampler``'s batches of ``dataset.get(index, epoch)`` from ``num_workers``
+    processes, pinned on CUDA so that :func:`to_device`'s non-blocking copies are asynchronous."""
+    return DataLoader(ByEpochIndex(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
+                      collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                      worker_init_fn=worker_init if settings.num_workers > 0 else None)
+
+
 def _place(model: nn.Module, settings: TrainSettings, device: torch.device, world: int, is_main: bool,
-           local_batch: int) -> nn.Module:
-    """``model`` on ``device`` (NHWC if ``channels_last``), with SyncBatchNorm under DDP on CUDA."""
+           local_batch: int, group: Any = None) -> nn.Module:
+    """``model`` on ``device`` (NHWC if ``channels_last``), with SyncBatchNorm over ``group`` under DDP on CUDA."""
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D parameters only; convolutions then run NHWC
     if world > 1 and settings.sync_batchnorm:
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
         elif is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             log.warning("SyncBatchNorm needs CUDA; on CPU each rank normalises over its own %d samples", local_batch)
     return model
@@ -239,23 +269,10 @@ def _trainable(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[
     return trainable
 
 
-def _reduce_over_ranks(loss: torch.Tensor, metrics: Mapping[str, float], stop: StopSignals,
-                       world: int) -> tuple[float, dict[str, float], bool]:
-    """(loss, metrics) averaged over the ranks, and whether any rank has been signalled to stop.
-
-    One small collective per step carries the loss, the metrics and "has any rank been signalled".
-    Means over ranks are thus taken every step, so rank 0's running sums are the run's (checkpointing
-    them alone resumes exactly), and every rank finishes this step and then stops (or raises) at the
-    same step. The step is completed rather than discarded because its forward pass already moved
-    BatchNorm's running statistics."""
-    keys = sorted(metrics)
-    packed = torch.cat([loss.detach().double().reshape(1),
-                        torch.tensor([1.0 if stop.signum else 0.0, *(float(metrics[k]) for k in keys)],
-                                     dtype=torch.float64, device=loss.device)])  # (2 + len(keys),)
-    if world > 1:
-        dist.all_reduce(packed)
-    values = packed.tolist()
-    return values[0] / world, {k: v / world for k, v in zip(keys, values[2:])}, values[1] > 0
+def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The GradScaler's scale as a device tensor (``get_scale()`` would read it to the host: a sync of its own)."""
+    get = getattr(scaler, "_get_scale_async", None)  # torch's own accessor; private, hence the fallback
+    return get() if get is not None else torch.tensor(scaler.get_scale())
 
 
 def _run_eval(on_eval: Callable[[int, nn.Module], None], step: int, model: nn.Module) -> None:

@@ -48,6 +48,7 @@ class RunState:
     config_hash: str
     amp_dtype: torch.dtype | None
     world: int
+    group: Any = None  # the training process group (runtime.Dist.group)
 
 
 def save_checkpoint(state: RunState, ckpt_dir: Path, done: int) -> Path:
@@ -85,7 +86,7 @@ def resume(state: RunState, ckpt_dir: Path, device: torch.device, is_main: bool)
     if state.world > 1:
         # Every rank must resume from the same step, else the collectives of the loop deadlock.
         t = torch.tensor([start_step, -start_step], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=state.group)
         if int(t[0]) != -int(t[1]):
             raise CheckpointError(f"ranks found different checkpoints in {ckpt_dir} (steps {-int(t[1])}..{int(t[0])}); "
                                   "run_dir must be on a file system shared by all nodes")

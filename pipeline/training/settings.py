@@ -46,6 +46,9 @@ class TrainSettings:
     warmup_steps: int = _DEFAULTS.warmup_steps
     # NHWC weights and activations: the same maths, faster convolution kernels (oneDNN on CPU, cuDNN).
     channels_last: bool = _DEFAULTS.channels_last
+    # Train in an autocast dtype this device only emulates (fp16 on a CPU: many times slower than fp32) instead of
+    # refusing it (runtime.check_amp). Not a config field, so never in a key; for tests and deliberate experiments.
+    allow_slow_amp: bool = False
 
     # The fields that cannot change the trained weights are config.NON_SEMANTIC, the one list the artifact
     # keys use (matched by name; keep_checkpoints is no config field, so it never reaches a key).

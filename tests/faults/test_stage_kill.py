@@ -89,14 +89,14 @@ main()
 class Store:
     """One store over the shared dataset; ``inprocess``/``status`` go through the click entry point."""
 
-    def __init__(self, base: Path, root: Path, name: str) -> None:
-        self.base, self.store = base, base / name
+    def __init__(self, base: Path, root: Path, name: str, extra: tuple[str, ...] = ()) -> None:
+        self.base, self.store, self.extra = base, base / name, list(extra)  # extra: more --set arguments
         self.yaml = base / "tiny.yaml"
         if not self.yaml.exists():
             self.yaml.write_text(TINY_YAML.format(root=root))
 
     def args(self, cmd: str) -> list[str]:
-        return [cmd, str(self.yaml), "--store", str(self.store), *SETS]
+        return [cmd, str(self.yaml), "--store", str(self.store), *SETS, *self.extra]
 
     def inprocess(self, *cmd: str) -> str:
         from click.testing import CliRunner
@@ -265,20 +265,28 @@ def _reference(ref: Store) -> dict[str, float]:
     return work
 
 
-def _run(tmp_path: Path, *, seed: int, kills: dict[str, int]) -> list[str]:
+def _run(tmp_path: Path, *, seed: int, kills: dict[str, int], videos: bool = False) -> list[str]:
+    """``videos``: the same 48 frames as two lossless videos (tests/videodata.py), read straight from them."""
     from pipeline.data.synth import write_synthetic
 
     root = tmp_path / "data"
-    write_synthetic(root, n=48, seed=0, image_size=32, progress=False)
+    extra: tuple[str, ...] = ()
+    if videos:
+        from videodata import synthetic_as_videos
+
+        synthetic_as_videos(root)
+        extra = ("--set", "data.manifest=folder")
+    else:
+        write_synthetic(root, n=48, seed=0, image_size=32, progress=False)
     wrapper = tmp_path / "slow_depth.py"
     wrapper.write_text(WRAPPER.format(delay=DEPTH_DELAY_S))
 
     # the uninterrupted reference, timed per stage
-    ref = Store(tmp_path, root, "reference")
+    ref = Store(tmp_path, root, "reference", extra)
     work = _reference(ref)
     unit = {"depth": DEPTH_DELAY_S, "teach": work["teach"] / STEPS, "distill": work["distill"] / STEPS}
 
-    killed = Store(tmp_path, root, "killed")
+    killed = Store(tmp_path, root, "killed", extra)
     rng = random.Random(seed)
     log: list[str] = []
     for stage in ("depth", "teach", "distill"):
@@ -298,6 +306,13 @@ def test_kill_stages_resume_identical(tmp_path):
     print("\n".join(log))
     kills = [line for line in log if " kill " in line]
     assert len(kills) == 5 and sum("in_progress" in line for line in kills) >= 4, log
+
+
+def test_kill_stages_resume_identical_from_videos(tmp_path):
+    """The same from frames read straight out of videos (issue 26): 3 kills (depth 1, teach 1, distill 1)."""
+    log = _run(tmp_path, seed=2, kills={"depth": 1, "teach": 1, "distill": 1}, videos=True)
+    print("\n".join(log))
+    assert sum("in_progress" in line for line in log if " kill " in line) >= 2, log
 
 
 @pytest.mark.slow
@@ -324,7 +339,8 @@ def test_taking_over_a_killed_writers_lock_removes_its_temporaries(tmp_path):
     kept = tmp_path / "stats.part0.json"
     (tmp_path / "samples").mkdir()
     picture = tmp_path / "samples" / f".step_000009.png.tmp-{dead.pid}"  # also seen in the 20-kill run
-    embeddings = tmp_path / f"teacher_embeddings.h5.tmp-{dead.pid}"
+    (tmp_path / "teacher_embeddings").mkdir()
+    embeddings = tmp_path / "teacher_embeddings" / f"part-00000-of-00001.npy.tmp-{dead.pid}"
     for f in (mine, theirs, kept, picture, embeddings):
         f.write_text("{}")
     with Lock(tmp_path / "LOCK"):

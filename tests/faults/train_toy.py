@@ -15,6 +15,7 @@ error's exit code for a DkpError (its message on stderr), -9 when killed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -81,7 +82,7 @@ def toy_step(model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext,
     keep = (noise >= mask_ratio).float()  # (B, 1, 8, 8); all ones when mask_ratio == 0
     recon = model(image * keep)
     loss = F.mse_loss(recon, image)
-    return loss, {"masked_frac": float(1 - keep.mean())}
+    return loss, {"masked_frac": 1 - keep.mean()}  # a device tensor: read once per metrics line
 
 
 def toy_settings(**overrides) -> TrainSettings:
@@ -129,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="no dropout, no mask: per-rank randomness would otherwise differ from one rank's")
     ap.add_argument("--kill", default=None, help="step:S | save:S | saved:S")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step, to give a signal time to land")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (tests/test_gpu.py: cuda)")
+    ap.add_argument("--amp", default="off", help="off | bf16 | fp16 | auto")
+    ap.add_argument("--after-depth-group", action="store_true",
+                    help="under torchrun, first do what the depth stage of `run` does: join the process group and "
+                         "wait at a barrier on its 48-hour gloo group, then train")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # same float reduction order in every process of a comparison
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's lines (DDP backend, steps)
     kill_kind, kill_step = _install_kill(args.kill) if args.kill else (None, -1)
 
     def step_fn(model, batch, ctx):
@@ -142,10 +149,18 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.sleep)
         return out
 
+    if args.after_depth_group and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from pipeline.stages.depth.stage import _init_distributed
+
+        barrier_group = _init_distributed(int(os.environ["WORLD_SIZE"]))
+        dist.barrier(group=barrier_group)
+        dist.destroy_process_group(barrier_group)
     torch.manual_seed(0)  # initial weights; the trainer seeds everything after this itself
     model = ToyNet(norm=args.norm, dropout=0.0 if args.plain else 0.1)
     settings = toy_settings(steps=args.steps, batch_size=args.batch, checkpoint_every=args.ckpt_every,
-                            log_every=args.log_every, num_workers=args.workers)
+                            log_every=args.log_every, num_workers=args.workers, device=args.device, amp=args.amp)
     try:
         train(run_dir=args.run_dir, model=model, dataset=ToyDataset(n=args.n, seed=settings.seed), step_fn=step_fn,
               settings=settings, config={"toy": True, "norm": args.norm}, config_hash=args.config_hash,

@@ -23,9 +23,15 @@ class Listing:
     masks: Optional[list[Optional[str]]] = None
     depths: Optional[list[str]] = None
     # the stat of each file of `paths` / `depths`, when the walker has it from walking the folders (the build
-    # then stats nothing again): attribute name -> pipeline.store.fingerprint.Stats aligned with that list
+    # then stats nothing again): attribute name -> pipeline.store.fingerprint.Stats aligned with that list; for
+    # `paths` with video frames, aligned with its image files only (those whose video_frames entry is None)
     stats: dict = field(default_factory=dict)
     ids_unique: bool = False  # the walker has already refused duplicate ids (with its own message)
+    # Frames of videos (folder layout): per frame [k, pts] or None for an image file (Manifest.video_frames), and
+    # per video path what its scan found (fingerprint, probe: "wh", "pts", "rotation"); build.py fingerprints only
+    # the image files and takes these for the rest.
+    video_frames: Optional[list] = None
+    videos: Optional[dict] = None
 
     def source(self, i: int) -> str:
         """Where frame ``i``'s keypoints come from, for messages ("keypoints.csv line 12", a file name)."""

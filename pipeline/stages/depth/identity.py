@@ -5,7 +5,9 @@ Import-light (the stage registry derives keys from here for ``status``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,7 +42,10 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
     from pipeline.data import reads
     from pipeline.data.images import DEPTH_FILE_RULE
 
+    d = resolve_auto(d)
     key = C.semantic_dict(d)
+    if not d.tf32 or d.provider != "midas" or d.precision != "fp32":  # read only by fp32 MiDaS (on CUDA)
+        key.pop("tf32")
     spec: Optional[dict] = {"provider": d.provider, "manifest_fingerprint": m.fingerprint,
                             "storage_dtype": d.storage_dtype}
     # preprocess changes values only on the device path: absent for the run.py-identical default (and for the
@@ -63,9 +68,26 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
                        mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
             if preprocess is not None:
                 out["preprocess"] = preprocess
+            if "tf32" in key:
+                out["tf32"] = True
             return out
 
         return DepthIdentity(key, fingerprint, midas_spec)
+    elif d.provider == "transformers":  # a Hugging Face folder: its weights, config and processor (hf.py)
+        from pipeline.stages.depth.hf import folder_identity
+
+        hf = folder_identity(d.weights)
+        key.pop("model_type", None)
+        key["weights_sha256"] = weights_digest
+        key["transformers"] = {k: v for k, v in hf.items() if k != "weights_sha256"}
+        fingerprint = reads.frames_identity(m)
+        proc = hf.get("processor") or {}
+        spec.update(model_type=(hf.get("config") or {}).get("model_type"), weights_sha256=weights_digest,
+                    precision=d.precision, output_meaning=hf.get("output_meaning"),
+                    stored_as="relative inverse depth" if hf.get("output_meaning") != "metric_depth"
+                    else "1 / metric depth (1/m), holes where depth <= 0",
+                    processor_backend=hf.get("processor_backend"), processor_json=json.dumps(proc, sort_keys=True),
+                    output_resize="bicubic to frame size (align_corners=False)")
     else:
         key.pop("model_type", None)
         key.pop("precision", None)
@@ -87,12 +109,69 @@ class DepthSettings:
 
     @classmethod
     def resolve(cls, d: C.DepthConfig, m, weights_digest: Optional[str]) -> "DepthSettings":
+        d = resolve_auto(d)
         return cls(d, weights_digest, depth_identity(d, m, weights_digest))
 
     @property
     def weights_sha256(self) -> Optional[str]:
         """The planned weights' hex sha256 (what the loaded file must have), or None."""
         return (self.weights_digest or "").split(":", 1)[-1] or None
+
+
+def runs_on_cuda(d: C.DepthConfig) -> bool:
+    """Whether the depth model of ``d`` runs on CUDA: ``device: cuda``, or ``auto`` with a GPU visible. (torch is
+    imported only to answer ``auto``.)"""
+    if d.device in ("cpu", "cuda"):
+        return d.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_auto(d: C.DepthConfig) -> C.DepthConfig:
+    """``d`` with ``precision``/``preprocess: auto`` made concrete for the device it runs on (they are in the key):
+    on CUDA bf16 (fp16 on GPUs without bf16) and ``device`` preprocessing where nvJPEG decodes; on a CPU fp32 and
+    ``cpu`` (run.py-identical), which is what a CPU run keyed as before ``auto`` existed. The files provider
+    reads neither: fp32 / cpu, without asking torch."""
+    if d.precision != "auto" and d.preprocess != "auto":
+        return d
+    cuda = d.provider in ("midas", "transformers") and runs_on_cuda(d)
+    precision, preprocess = d.precision, d.preprocess
+    if precision == "auto":
+        precision = gpu_amp_name() if cuda else "fp32"
+    if preprocess == "auto":  # transformers: its image processor, in the workers (cpu)
+        preprocess = "device" if cuda and d.provider == "midas" and nvjpeg_works() else "cpu"
+    return dataclasses.replace(d, precision=precision, preprocess=preprocess)
+
+
+def gpu_amp_name() -> str:
+    """bf16 where the current GPU has bf16 units (Ampere and later), else fp16. Planned on a machine without the
+    GPU (``depth.device: cuda`` in `status` on a login node): bf16, what every GPU since Ampere has."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+@functools.lru_cache(maxsize=None)
+def nvjpeg_works() -> bool:
+    """Whether torchvision decodes a JPEG on the current CUDA device (a build without nvJPEG raises). Planned on a
+    machine without the GPU: True (torchvision's CUDA builds ship nvJPEG)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))
+    try:
+        from torchvision.io import decode_jpeg
+
+        img = decode_jpeg(torch.from_numpy(buf.reshape(-1)), device="cuda")
+        return tuple(img.shape) == (3, 16, 16)
+    except Exception:  # noqa: BLE001 - any failure means: decode on the CPU instead
+        return False
 
 
 def _known_spec(model_type: str):
@@ -112,7 +191,22 @@ def expected_spec(cfg: C.ExperimentConfig, manifest) -> dict:
         from pipeline.stages.registry import file_digest
 
         digest = file_digest(cfg.depth.weights)
+    elif cfg.depth.provider == "transformers":
+        from pipeline.stages.depth.hf import folder_identity
+
+        check_transformers_config(cfg.depth)
+        digest = folder_identity(cfg.depth.weights)["weights_sha256"]
     return depth_identity(cfg.depth, manifest, digest).spec
+
+
+def check_transformers_config(d: C.DepthConfig) -> None:
+    """The folder depth.weights names is a loadable depth-estimation model (hf.py); checked before anything is written."""
+    from pipeline.stages.depth.hf import check_folder
+
+    if d.preprocess == "device":
+        raise ConfigError("depth.preprocess: device is for provider midas; the transformers provider runs the folder's "
+                          "own image processor in the DataLoader workers: set depth.preprocess: auto or cpu")
+    check_folder(d.weights)
 
 
 def check_midas_config(d: C.DepthConfig) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.store.artifacts import LOCK, ArtifactWriter, Lock, cpu_seconds
 from pipeline.errors import ConfigError, LockError, ManifestError
 from pipeline.stages.depth import compute
-from pipeline.stages.depth.identity import check_midas_config
+from pipeline.stages.depth.identity import check_midas_config, check_transformers_config
 from pipeline.stages.depth.writer import append_part_file, read_part_files
 
 
@@ -50,14 +50,16 @@ def run_managed(ctx) -> bool:
 
     if d.provider == "midas":
         check_midas_config(d)
+    elif d.provider == "transformers":
+        check_transformers_config(d)
     weights_sha, spec = s.weights_sha256, s.identity.spec
 
-    dist_here = _init_distributed(world)
+    barrier_group = _init_distributed(world)
     try:
         model = None
-        if d.provider == "midas" and not (path / "layout.json").exists():
+        if d.provider in ("midas", "transformers") and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
-            model = compute.load_model(ctx.cfg, weights_sha)
+            model = compute.load_model(d, weights_sha)
         path.mkdir(parents=True, exist_ok=True)
         lock_name = LOCK if parts == 1 else f"{LOCK}.part{part}of{parts}"
         with Lock(path / lock_name):
@@ -68,26 +70,27 @@ def run_managed(ctx) -> bool:
             cw = CacheWriter(path, spec=spec, n_frames=len(m), shard_size=d.shard_size, storage_dtype=d.storage_dtype)
             todo = cw.shards_todo(part, parts)
             if todo:
-                if model is None and d.provider == "midas":
-                    model = compute.load_model(ctx.cfg, weights_sha)  # resuming: only when this part has shards left
-                stats = compute._compute(ctx, cw, todo, skip_bad, model, part)
+                if model is None and d.provider in ("midas", "transformers"):
+                    model = compute.load_model(d, weights_sha)  # resuming: only when this part has shards left
+                stats = compute._compute(ctx, cw, todo, skip_bad, model, part, lane_kind=ctx.options.get("lane"))
                 append_part_file(path, f"stats.part{part}.json", [stats])
         if world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=barrier_group)
             if rank != 0:
                 return False
     finally:
-        if dist_here:  # kept for the rest of the process (a later training stage reuses it)
-            from pipeline.training.runtime import destroy_at_exit
+        if barrier_group is not None:  # only the barrier's group; the process's group stays for training
+            import torch.distributed as dist
 
-            destroy_at_exit()
+            dist.destroy_process_group(barrier_group)
     return _merge_and_publish(ctx, spec, part, parts, started)
 
 
 def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[float, float]) -> bool:
     from pipeline.depth_cache import finalize, progress
+    from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX
 
     path, sp, m = ctx.path, ctx.stage, ctx.plan.manifest
     done, total = progress(path)
@@ -109,7 +112,7 @@ def _merge_and_publish(ctx, spec: dict, part: int, parts: int, started: tuple[fl
         skipped = _skipped_frames(path)
         stats = read_part_files(path, "stats.part*.json")
         w = ArtifactWriter(stage="depth", key=sp.key, path=path, inputs=sp.inputs, config=sp.config,
-                           started=started[0], cpu_started=started[1])
+                           started=started[0], cpu_started=started[1], unhashed=CHECKSUMMED_IN_INDEX)
         w.publish(n_frames=len(m), cache_spec=spec, skipped_frames=skipped, n_shards=len(index["shards"]),
                   n_valid=sum(e["n_valid"] for e in index["shards"]), compute=_sum_stats(stats))
     finally:
@@ -130,7 +133,8 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
     import cv2
 
     from pipeline.depth_cache import DepthCacheReader
-    from pipeline.data.images import read_rgb, resize_square
+    from pipeline.data.images import resize_square
+    from pipeline.data.video import read_frame
     from pipeline.viz import grid, save_png
 
     with DepthCacheReader(path) as r:
@@ -144,26 +148,29 @@ def _write_preview(path: Path, m, n: int = 8, size: int = 128) -> None:
             g = np.zeros(d.shape, np.uint8) if hi <= lo else np.nan_to_num((d - lo) / (hi - lo) * 255).round().astype(np.uint8)
             heat = cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1]  # (H, W, 3) RGB
             try:
-                rgb = read_rgb(m.path_of(int(i)))
+                rgb = read_frame(m, int(i))
             except ManifestError:  # the frame changed since; show the depth beside a blank
                 rgb = np.zeros_like(heat)
             tiles += [resize_square(rgb, size), resize_square(np.ascontiguousarray(heat), size)]
     save_png(path / PREVIEW, grid(tiles, cols=8))
 
 
-def _init_distributed(world: int) -> bool:
-    """Join torchrun's process group (gloo: only a barrier is needed). True if initialised here."""
+def _init_distributed(world: int):
+    """Under torchrun: join the process's group (training's later: NCCL for CUDA tensors, an ordinary timeout;
+    :func:`pipeline.training.runtime.init_default_group`) and return a gloo group of every rank with a 48-hour
+    timeout, for the one barrier before the merge. None for one process. The caller destroys that group after
+    the barrier, so training never runs over it."""
     if world <= 1:
-        return False
+        return None
     import datetime
 
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return False
+    from pipeline.training.runtime import init_default_group
+
+    init_default_group()
     # Ranks finish their shards at different times; the barrier before the merge must outwait the slowest.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return True
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=48))
 
 
 def _refuse_concurrent_parts(path: Path, parts: int) -> None:
@@ -192,9 +199,16 @@ def _skipped_frames(path: Path) -> list[dict]:
 
 
 def _sum_stats(stats: list[dict]) -> dict:
-    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks",
-            "frames_with_holes")
-    out = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
+    """The parts' (and resumed runs') compute stats as one: times and counts summed, settings (batch, workers,
+    lane, what limited the run) as their one value, or the list of values where runs differed."""
+    keys = ("frames", "seconds", "seconds_model", "seconds_waiting_for_data", "seconds_waiting_for_device",
+            "seconds_waiting_for_writer", "seconds_writing", "fp32_fallbacks", "frames_with_holes", "batches",
+            "fetches", "frames_after_first_batch", "seconds_after_first_batch", "seconds_encoding")
+    out: dict = {k: round(sum(s.get(k, 0) for s in stats), 3) for k in keys}
+    for k in ("batch_size", "num_workers", "lane", "in_flight", "limit", "encode_threads"):
+        values = list(dict.fromkeys(s[k] for s in stats if k in s))
+        if values:
+            out[k] = values[0] if len(values) == 1 else values
     out["runs"] = len(stats)
     return out
 
