@@ -149,12 +149,15 @@ def run(config, overrides, store, dry_run, until, jobs, verify):
 
     cfg = _load(config, overrides)
     console = _console()
-    run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs, verify=verify)
+    plan = run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs, verify=verify)
     if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
-        try:
-            path = write_experiment_report(cfg, store, source=config, overrides=overrides)
+        try:  # a run that built something: the plan again (states changed), over the manifest it used (not walked
+            # twice); a no-op run: its plan is what `status` would say
+            path = write_experiment_report(cfg, store, source=config, overrides=overrides,
+                                           plan=plan if plan is not None and not plan.built else None,
+                                           manifest=plan.manifest if plan is not None else None)
         except OSError as e:
             from pipeline.store.io import is_storage_error
 
@@ -434,7 +437,7 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 @main.command()
 @click.argument("what", type=click.Choice(["teach", "train-step", "side-by-side", "depth", "depth-overlap",
                                            "depth-precision", "depth-writer", "cache", "teacher-cache", "recon-loss",
-                                           "gpu", "precision", "video"]))
+                                           "gpu", "precision", "video", "frames", "scale"]))
 @click.option("--batch", default=16, show_default=True, help="Batch size (gpu: of the training steps; 64 when not "
                                                             "given, AutoLink's).")
 @click.option("--size", default=128, show_default=True)
@@ -458,20 +461,34 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
                    "1000: Human3.6M); the stage, its data side and its writer run at each.")
 @click.option("--budget-s", default=BUDGET_S, show_default=True,
               help="gpu only: time budget; cases whose estimate would overrun it are skipped (and recorded).")
+@click.option("--scale-frames", default="10000,100000", show_default=True, metavar="N1,N2,...",
+              help="scale only: dataset sizes (frames) generated and measured, e.g. 10000,100000,1000000.")
+@click.option("--scale-depth", is_flag=True, help="scale only: depth files too, and time their import.")
+@click.option("--work", default=None, type=click.Path(file_okay=False),
+              help="scale only: where the datasets are generated (default: a temporary folder; 1M frames ~4 GB).")
 @click.pass_context
-def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_sizes, budget_s):
+def bench(ctx, what, batch, size, steps, device, output, model, frames, models, batches, frame_sizes, budget_s,
+          scale_frames, scale_depth, work):
     """Measure a stage's throughput as ratios against a baseline in the same run (results: docs/benchmarks.md)."""
     from pipeline.bench import bench_command
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
-    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what == "video" else {}
+    kw = {"model": model, "frames": frames} if what == "depth" else {"frames": frames} if what in ("video", "frames") \
+        else {}
     if what == "depth-overlap":  # stand-ins: 8-frame batches, 30 of them per case unless given
         batch, steps = (batch if given("batch") else 8), (steps if given("steps") else 30)
-    if what == "depth-precision":  # --models (default: the three small models), --frames (default 4) at --size
+    if what == "depth-precision":  # --models (default: the three small ones), --frames (default 4) at --size
         kw = {"models": models if given("models") else "dpt_levit_224,dpt_swin2_tiny_256,dpt_beit_base_384",
               "frames": frames if given("frames") else 4}
+    if what == "scale":
+        try:
+            counts = [int(v) for v in scale_frames.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{scale_frames!r} is not a comma-separated list of frame counts",
+                                     param_hint="--scale-frames") from None
+        kw = {"scale_frames": counts, "depth": scale_depth, "work": work}
     if what == "gpu":
         batch = batch if given("batch") else TRAIN_BATCH
         kw = {"models": models, "batches": batches, "frame_sizes": frame_sizes, "budget_s": budget_s,

@@ -41,6 +41,7 @@ class Plan:
     stages: dict[str, StagePlan]
     manifest: Any  # pipeline.data.manifest.Manifest
     warnings: list[str] = field(default_factory=list)  # about the data: printed by status and run
+    built: list[str] = field(default_factory=list)  # the entries `run` built (or built its part of) with this plan
 
     def __iter__(self):
         return iter(self.stages.values())
@@ -123,7 +124,7 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                verify: bool = False) -> Plan:
     """Every entry's key and state. A published artifact is fresh only if its files are all there with their
     recorded sizes (a stat each); ``verify`` also re-hashes them (depth: every shard and frame checksum)."""
-    from pipeline.data.build import build_manifest
+    from pipeline.data.build import build_manifest_once
 
     if manifest is None and not Path(cfg.data.root).is_dir():
         from pipeline.errors import ManifestError
@@ -133,8 +134,9 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
                                 f"`dkp-pipeline run {cfg.name}` generates it with the preset's data.synth_* settings")
         raise ManifestError(f"dataset {cfg.data.manifest}: root {cfg.data.root} is not a directory; point the "
                             f"config at it with --set data.root=/path/to/{cfg.data.manifest} (see docs/datasets.md)")
-    m = manifest if manifest is not None else build_manifest(cfg.data.manifest, cfg.data.root, progress=progress,
-                                                                     frame_stride=cfg.data.frame_stride)
+    m = manifest if manifest is not None else build_manifest_once(cfg.data.manifest, cfg.data.root,
+                                                                  store_root=store.root, progress=progress,
+                                                                  frame_stride=cfg.data.frame_stride)
     stages: dict[str, StagePlan] = {}
     from pipeline.data import reads
 
@@ -171,7 +173,8 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
             sp.state = "in_progress"
             sp.progress = progress_of(stage, st.path)
             if st.locked_by:
-                sp.why.append(f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
+                sp.why.append(st.locked_by.get("note")
+                              or f"being written by pid {st.locked_by.get('pid')} on {st.locked_by.get('host')}")
             else:
                 sp.why.append("interrupted; will resume")
         else:

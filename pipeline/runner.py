@@ -166,6 +166,7 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
         built.append(name)
     if not built:
         console.print("nothing to do: every stage is fresh")
+    plan.built = built
     return plan
 
 

@@ -339,6 +339,32 @@ def test_accelerators_warn_and_go_on(exp, reference, caplog):
     assert status(d)["teach"]["state"] == "fresh"
 
 
+def test_frame_cache_on_a_full_disk_warns_and_training_goes_on(exp, caplog):
+    """The training-frame cache (issue 23) is an accelerator too: a write of it that fails is a warning, its partial
+    file is removed (the space goes back to the artifacts), training decodes every sample, and the teacher is the
+    one that a run with room (which builds the cache) trains."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    d = exp(keep=("manifest", "depth"))
+    epoch = ("--set", "teach.batch_size=8")  # 6 steps of 8 draw an epoch of samples: the cache is worth building
+    with full_disk(str((d / "store").resolve() / "frame-cache/*/data.npy.partial"), ENOSPC) as hit:
+        p = cli(d, "run", "--until", "teach", *epoch)
+    assert hit["hit"] is not None and p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "Exception in thread" not in p.stderr, p.stderr
+    err = " ".join((p.stdout + p.stderr + caplog.text).split())
+    assert "could not be written (No space left on device); training decodes every sample" in err, err
+    assert not list((d / "store").glob("frame-cache/*/data.npy*")) and not temporaries(d / "store")
+    teach = status(d, *epoch)["teach"]
+    assert teach["state"] == "fresh"
+    first = {k: v for k, v in outputs(d / "store").items() if k.startswith("teach/")}
+    shutil.rmtree(teach["path"])
+    p = cli(d, "run", "--until", "teach", *epoch)
+    assert p.returncode == 0, p.stderr
+    assert list((d / "store").glob("frame-cache/*/COMPLETE"))
+    assert {k: v for k, v in outputs(d / "store").items() if k.startswith("teach/")} == first
+
+
 def test_cache_export_and_import_on_a_full_disk(exp, tmp_path):
     d = exp(keep=("manifest", "depth"))
     out = tmp_path / "shared" / "cache.h5"

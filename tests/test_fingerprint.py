@@ -54,7 +54,7 @@ def test_combine_is_order_sensitive_and_unambiguous():
 
 def test_memo_rebuild_reads_nothing_and_touch_rehashes_only_that_file(tmp_path, spy):
     rels = _files(tmp_path)
-    memo_path = tmp_path / "cache" / "m.json"
+    memo_path = tmp_path / "cache" / "m.npz"
     first = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     assert len(spy) == 4 and len(set(first)) == 4
     assert first == [F.hash_file(tmp_path / r) for r in rels]
@@ -79,30 +79,76 @@ def test_memo_rebuild_reads_nothing_and_touch_rehashes_only_that_file(tmp_path, 
 
 def test_recent_files_are_hashed_but_not_memoised(tmp_path, spy):
     rels = _files(tmp_path, n=2, old=False)  # mtime = now: inside the racy window
-    memo_path = tmp_path / "m.json"
+    memo_path = tmp_path / "m.npz"
     F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     assert len(spy) == 4
 
 
+def _memo_header(path):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["header"]))
+
+
 def test_corrupt_memo_is_a_logged_miss_and_gets_rewritten(tmp_path, spy, caplog):
     rels = _files(tmp_path, n=3)
-    memo_path = tmp_path / "m.json"
+    memo_path = tmp_path / "m.npz"
     memo_path.write_text('{"schema": "dkp.fingerprint-memo/1", "entries": {tru')
     with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
         fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     assert "corrupt" in caplog.text and len(spy) == 3
-    assert json.loads(memo_path.read_text())["schema"] == F.MEMO_SCHEMA  # replaced by a valid memo
+    assert _memo_header(memo_path)["schema"] == F.MEMO_SCHEMA  # replaced by a valid memo
     spy.clear()
     assert F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False) == fps
     assert spy == []
-    # a memo whose entry has the right stat but a mangled record is also just a miss
-    data = json.loads(memo_path.read_text())
-    for k in data["entries"]:
-        data["entries"][k][1] = "garbage"
-    memo_path.write_text(json.dumps(data))
+    # a truncated file, then a memo whose segment columns disagree in length: each just a miss
+    raw = memo_path.read_bytes()
+    memo_path.write_bytes(raw[: len(raw) // 2])
     assert F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False) == fps
     assert len(spy) == 3
+    with np.load(memo_path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["s0.size"] = arrays["s0.size"][:1]
+    np.savez(memo_path, **arrays)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
+        assert F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False) == fps
+    assert len(spy) == 6 and "corrupt" in caplog.text
+
+
+def test_memo_of_the_json_format_is_read_then_rewritten_columnar(tmp_path, spy):
+    """A memo written before the columnar format (one JSON object per file) still vouches for its files."""
+    rels = _files(tmp_path, n=3)
+    fps = F.fingerprint_files(tmp_path, rels, None, progress=False)
+    spy.clear()
+    entries = {}
+    for r, fp in zip(rels, fps):
+        p = os.path.join(os.path.abspath(tmp_path), r)
+        st = os.stat(p)
+        entries[p] = [[st.st_ino, st.st_size, st.st_mtime_ns], {"xxh3": fp}]
+    legacy = tmp_path / "cache" / "fingerprints" / "x.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"schema": F.LEGACY_SCHEMA, "entries": entries}))
+    memo = F.FingerprintMemo(legacy.with_suffix(".npz"))  # what for_root names now; the .json beside it is read
+    assert F.fingerprint_files(tmp_path, rels, memo, progress=False) == fps and spy == []
+    assert not legacy.exists() and _memo_header(legacy.with_suffix(".npz"))["entries"] == {}
+    assert F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(legacy.with_suffix(".npz")), progress=False) == fps
+    assert spy == []
+
+
+def test_memo_follows_added_removed_and_reordered_files(tmp_path, spy):
+    rels = _files(tmp_path, n=4)
+    memo_path = tmp_path / "m.npz"
+    fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
+    spy.clear()
+    new = tmp_path / "d" / "f9.bin"
+    new.write_bytes(b"new")
+    os.utime(new, (OLD, OLD))
+    order = [rels[3], "d/f9.bin", rels[0], rels[2]]  # one removed, one added, the rest reordered
+    got = F.fingerprint_files(tmp_path, order, F.FingerprintMemo(memo_path), progress=False)
+    assert spy == ["f9.bin"] and got == [fps[3], F.hash_file(new), fps[0], fps[2]]
+    spy.clear()
+    assert F.fingerprint_files(tmp_path, order, F.FingerprintMemo(memo_path), progress=False) == got and spy == []
 
 
 def test_unwritable_memo_location_does_not_fail_the_scan(tmp_path, caplog):
@@ -110,7 +156,7 @@ def test_unwritable_memo_location_does_not_fail_the_scan(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
-        fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(blocker / "m.json"), progress=False)
+        fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(blocker / "m.npz"), progress=False)
     assert fps == [F.hash_file(tmp_path / r) for r in rels]
     assert "could not write" in caplog.text
 
@@ -118,7 +164,7 @@ def test_unwritable_memo_location_does_not_fail_the_scan(tmp_path, caplog):
 def test_memo_for_root_honours_dkp_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DKP_CACHE_DIR", str(tmp_path / "c"))
     m = F.FingerprintMemo.for_root(tmp_path / "data")
-    assert m.path.parent == tmp_path / "c" / "fingerprints" and m.path.suffix == ".json"
+    assert m.path.parent == tmp_path / "c" / "fingerprints" and m.path.suffix == ".npz"
     assert F.FingerprintMemo.for_root(tmp_path / "other").path != m.path
 
 
@@ -156,12 +202,12 @@ def test_depth_probe_accepts_float_npy_and_16bit_png_only(tmp_path):
 def test_probe_results_are_memoised_with_the_hash(tmp_path, spy):
     assert cv2.imwrite(str(tmp_path / "a.png"), np.zeros((5, 7, 3), np.uint8))
     os.utime(tmp_path / "a.png", (OLD, OLD))
-    memo = F.FingerprintMemo(tmp_path / "m.json")
+    memo = F.FingerprintMemo(tmp_path / "m.npz")
     F.scan_files(tmp_path, ["a.png"], memo, progress=False)  # hash only: no "wh" recorded
-    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.json"), probe=F.probe_image,
+    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=F.probe_image,
                        probe_keys=("wh",), progress=False)
     assert out[0].extra["wh"] == [7, 5] and len(spy) == 2  # the missing probe result forced a read
-    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.json"), probe=F.probe_image,
+    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=F.probe_image,
                        probe_keys=("wh",), progress=False)
     assert out[0].extra["wh"] == [7, 5] and len(spy) == 2
 
@@ -170,9 +216,9 @@ def test_sha256_file_memo(tmp_path, spy):
     p = tmp_path / "w.pt"
     p.write_bytes(b"weights" * 1000)
     os.utime(p, (OLD, OLD))
-    memo = F.FingerprintMemo(tmp_path / "files.json")
+    memo = F.FingerprintMemo(tmp_path / "files.npz")
     want = "sha256:" + hashlib.sha256(b"weights" * 1000).hexdigest()
     assert F.sha256_file_memo(p, memo) == want
-    assert F.sha256_file_memo(p, F.FingerprintMemo(tmp_path / "files.json")) == want
+    assert F.sha256_file_memo(p, F.FingerprintMemo(tmp_path / "files.npz")) == want
     assert len(spy) == 1
     assert F.sha256_file_memo(p) == want  # default memo under DKP_CACHE_DIR

@@ -195,6 +195,65 @@ def test_video_folder_errors_name_the_file_and_the_fix(video_root, tmp_path):
         build_manifest("taichi", only_images, progress=False, frame_stride=2)
 
 
+def test_video_rows_and_depth_through_the_chunked_parser_and_its_cache(video_root, tmp_path, monkeypatch):
+    """keypoints.csv read in chunks of 2 rows (issue 23's parser) with videos: the rows of frames the stride drops
+    are skipped in every chunk, their depth files too; the parsed-CSV cache is keyed by the stride (stride 5, then
+    1, then each again from the cache); a row past a video's end in a late chunk is refused with its line."""
+    from pipeline.data.build import build_manifest
+    from pipeline.data.layouts import folder as F
+
+    root, _ = video_root
+    d = tmp_path / "data"
+    shutil.copytree(root, d)
+    monkeypatch.setattr(F, "CHUNK_ROWS", 2)
+    parses = []
+    real = F._parse_csv
+    monkeypatch.setattr(F, "_parse_csv", lambda *a: parses.append(1) or real(*a))
+    full = build_manifest("folder", d, progress=False)
+    s5 = build_manifest("folder", d, progress=False, frame_stride=5)
+    again, s5_again = (build_manifest("folder", d, progress=False, frame_stride=k) for k in (1, 5))
+    assert len(parses) == 2  # the last two from the cache
+    at = [full.frame_ids.index(f) for f in s5.frame_ids]
+    for m, rows in ((s5, at), (s5_again, at), (again, list(range(len(full))))):
+        np.testing.assert_array_equal(m.keypoints, full.keypoints[rows])
+        assert m.splits == [full.splits[i] for i in rows]
+        assert m.fingerprints == [full.fingerprints[i] for i in rows]
+    assert len(s5) == 10 and s5.has_gt.all()
+    assert s5.depth_paths == [f"depth/{fid}.npy" for fid in s5.frame_ids]
+    lines = (d / "keypoints.csv").read_text().splitlines()
+    (d / "keypoints.csv").write_text("\n".join(lines + ["sub/b.mkv/30," + lines[1].split(",", 1)[1]]) + "\n")
+    with pytest.raises(ManifestError, match=rf"keypoints\.csv line {len(lines) + 1}: frame 'sub/b\.mkv/30' is past the "
+                                            r"end of video 'videos/sub/b\.mkv' \(24 frames: 0 to 23\)"):
+        build_manifest("folder", d, progress=False, frame_stride=5)
+
+
+def test_videos_of_different_lengths_rebuild_from_the_memo(tmp_path, monkeypatch):
+    """The videos' frame lists (one list of presentation times per video, of different lengths) survive the
+    columnar fingerprint memo: a rebuild reads no file and lists the same frames."""
+    import os
+    import time
+
+    from pipeline.data.build import build_manifest
+    from pipeline.store import fingerprint as FP
+
+    root = tmp_path / "data"
+    write_video(root / "videos" / "long.mkv", moving_figure(7))
+    write_video(root / "videos" / "short.mkv", moving_figure(3))
+    old = time.time() - 60  # older than the memo's racy window
+    for p in (root / "videos").iterdir():
+        os.utime(p, (old, old))
+    first = build_manifest("folder", root, progress=False)
+    reads: list = []
+    monkeypatch.setattr(FP, "_read_and_digest", lambda path, **kw: reads.append(path))  # a read fails the test
+    second = build_manifest("folder", root, progress=False, frame_stride=2)
+    third = build_manifest("folder", root, progress=False)
+    assert reads == []
+    assert third.video_frames == first.video_frames and third.fingerprints == first.fingerprints
+    assert second.frame_ids == ["long.mkv/0", "long.mkv/2", "long.mkv/4", "long.mkv/6", "short.mkv/0",
+                                             "short.mkv/2"]
+    assert second.video_frames == [first.video_frames[first.frame_ids.index(f)] for f in second.frame_ids]
+
+
 def test_images_and_videos_in_one_folder(tmp_path):
     import cv2
 

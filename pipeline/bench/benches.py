@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline.bench.depth import DEPTH_FRAMES, DEPTH_GOALS, DEPTH_MODEL
+from pipeline.bench.frames import bench_frames
+from pipeline.bench.scale import bench_scale
 from pipeline.bench.gpu import bench_gpu
 from pipeline.bench.gpu_report import gpu_markdown
 from pipeline.bench.harness import WARMUP, bench_device, compare, ratio, run_case, speed
@@ -24,7 +26,7 @@ from pipeline.bench.training import BASELINE_WIDTH, N_KEYPOINTS, PRESET_KEYPOINT
 from pipeline.errors import ConfigError
 
 WHATS = ("teach", "train-step", "side-by-side", "depth", "depth-overlap", "depth-precision", "depth-writer", "cache",
-         "teacher-cache", "recon-loss", "gpu", "precision", "video")
+         "teacher-cache", "recon-loss", "gpu", "precision", "video", "frames", "scale")
 ROUNDS = 2  # side-by-side: one / side by side, alternated this many times
 
 
@@ -257,6 +259,8 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "gpu": bench_gpu,  # the GPU suite of issue 16 (gpu.py)
     "video": lambda **kw: __import__("pipeline.bench.video", fromlist=["bench_video"]).bench_video(**kw),  # issue 26
     "precision": bench_precision,  # each preset's precision vs fp32 on this device (issue 23, precision.py)
+    "frames": bench_frames,  # a training sample per core, decoded vs from the frame cache (frames.py, issue 23)
+    "scale": bench_scale,  # no-op status/run, manifest and depth import at 10k..1M frames (scale.py, issue 23)
 }
 
 
@@ -310,7 +314,7 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
     ``isolate=False`` runs model cases in this process (tests: faster, but CPU peak RSS is then the
     process's, not the case's); ``kw`` goes to the bench (``model=``, ``frames=`` for depth). ``gpu`` also
     writes its markdown tables beside ``output`` (``X.jsonl`` -> ``X.md``), or prints them without one."""
-    if what == "gpu":
+    if what in ("gpu", "scale"):
         kw["console"] = console  # the suite says its estimate and each part's progress as it goes
     rec = run_bench(what, batch=batch, size=size, steps=steps, device=device, isolate=isolate, **kw)
     console.print(f"bench {what} on {rec['device']} ({rec['device_name']}, {rec['cpus']} CPUs, torch threads "
@@ -321,6 +325,8 @@ def bench_command(what: str, *, batch: int, size: int, steps: int, device: str, 
         flat.update({f"interleaved.{k}": v for k, v in c.get("interleaved", {}).items()})
         console.print(f"  {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(flat.items())), markup=False,
                       soft_wrap=True)
+    for k, v in rec.get("marginal_us_per_frame", {}).items():
+        console.print(f"  marginal cost {k}: {_fmt(v)} us per added frame", markup=False, soft_wrap=True)
     for k, v in rec["ratios"].items():
         console.print(f"  ratio {k} = {_fmt(v)}  (baseline: {rec['baseline']})", markup=False, soft_wrap=True)
     for k, g in rec.get("goals", {}).items():

@@ -193,8 +193,6 @@ def case_gpu_train(p: dict) -> dict:
     VGG16, random weights, GradScaler), distill {live, cached} x {fp32, AMP} (each group through ``compare`` in
     this process), the trainer's loop with its host reads counted (``syncs``, fp16 on CUDA), and the data side's
     ceiling: what the trainer's DataLoader delivers with the configured workers (``data``)."""
-    from pipeline.config import TrainConfig
-
     device = bench_device(p["device"])
     cuda = device.type == "cuda"
     amp = True if cuda else "bf16"  # the device's AMP dtype; CPU autocast: bf16
@@ -229,7 +227,7 @@ def case_gpu_train(p: dict) -> dict:
         budget.keep({"syncs": res})
     workers = p.get("train_workers")
     data = {"device": p["device"], "batch": p["batch"], "size": p["size"], "steps": p.get("data_batches", 20),
-            "workers": TrainConfig().num_workers if workers is None else workers,
+            "workers": workers,  # None: the config's default (from the cores, as the trainer resolves it)
             "frames": p.get("data_frames", 2 * p["batch"]), "frame_size": p.get("data_frame_size", 2 * p["size"])}
     res = budget.run("data", None, lambda: run_case("data_loader", data, isolate=False))
     if res is not None:

@@ -327,10 +327,11 @@ def case_train_window(p: dict) -> dict:
 
 def case_data_loader(p: dict) -> dict:
     """The data side's ceiling: samples/s that the trainer's DataLoader (:func:`pipeline.training.loop.make_loader`,
-    ``p["workers"]`` processes, pinned on CUDA) delivers from the teach stage's dataset (depth cache + frames at
-    ``p["size"]`` px, flips on), over a built-in synthetic dataset of ``p["frames"]`` frames of ``p["frame_size"]``
-    px (PNG) with its depth imported (``run --until depth``, untimed). Batches of ``p["batch"]``; the first
-    ``WARMUP`` batches (worker start-up) untimed. ``samples_per_s_per_worker`` divides by the workers (0 = the
+    ``p["workers"]`` processes, None: the trainer's default from the cores; pinned on CUDA; the items' parts
+    converted per batch by ``collate_frames``, as the trainer reads them) delivers from the teach stage's dataset
+    (depth cache + frames at ``p["size"]`` px, flips on), over a built-in synthetic dataset of ``p["frames"]`` frames
+    of ``p["frame_size"]`` px (PNG) with its depth imported (``run --until depth``, untimed). Batches of
+    ``p["batch"]``; the first ``WARMUP`` batches (worker start-up) untimed. ``samples_per_s_per_worker`` divides by the workers (0 = the
     main process, counted as 1)."""
     import io
 
@@ -338,15 +339,18 @@ def case_data_loader(p: dict) -> dict:
     from rich.console import Console
 
     from pipeline.config import load_config
-    from pipeline.data.datasets import FrameDataset, valid_train_indices
+    from pipeline.data.datasets import FrameDataset, collate_frames, valid_train_indices
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.runner import run_pipeline
     from pipeline.training import StepBatchSampler, TrainSettings
     from pipeline.training.loop import make_loader
+    from pipeline.training.settings import default_num_workers
     from pipeline.training.runtime import to_device
 
     device = bench_device(p["device"])
-    B, workers, n_batches = p["batch"], int(p["workers"]), int(p["steps"])
+    workers = p.get("workers")
+    workers = default_num_workers(device.type) if workers is None else int(workers)  # the trainer's default
+    B, n_batches = p["batch"], int(p["steps"])
     with tempfile.TemporaryDirectory(prefix="dkp-bench-data-") as tmp:
         root, store = Path(tmp) / "data", Path(tmp) / "store"
         frames = max(int(p["frames"]), B + 2)
@@ -361,7 +365,8 @@ def case_data_loader(p: dict) -> dict:
         settings = TrainSettings(batch_size=B, num_workers=workers)
         sampler = StepBatchSampler(dataset_len=len(ds), batch_size=B, seed=0, start_step=0,
                                    end_step=n_batches + WARMUP)
-        it = iter(make_loader(ds, sampler, settings, device))
+        # what the trainer reads: the items' parts, converted per batch (no frame cache: `bench frames` has it)
+        it = iter(make_loader(ds.loader_view(), sampler, settings, device, collate_fn=collate_frames))
         for _ in range(WARMUP):
             to_device(next(it), device)
         sync(device)
@@ -375,7 +380,8 @@ def case_data_loader(p: dict) -> dict:
     per_s = n_batches * B / seconds
     return {"samples_per_s": round(per_s, 1), "samples_per_s_per_worker": round(per_s / max(1, workers), 1),
             "workers": workers, "batch": B, "size": p["size"], "frames": frames, "frame_size": p["frame_size"],
-            "frame_format": "PNG (synthetic)", "batches": n_batches, "sample": f"depth (3, {p['size']}, {p['size']})",
+            "frame_format": "PNG (synthetic)", "frame_cache": False, "batches": n_batches,
+            "sample": f"depth (3, {p['size']}, {p['size']})",
             "pinned": bool(device.type == "cuda" and batch["depth"].is_cuda)}
 
 

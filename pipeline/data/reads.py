@@ -18,6 +18,7 @@ part that changed (:func:`describe`):
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -39,9 +40,23 @@ def digest(*parts: Any) -> str:
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.tobytes())
         else:
-            h.update(canonical_json(p).encode())
+            h.update(_json_bytes(p))
         h.update(b"\x00")
     return "xxh3:" + h.hexdigest()
+
+
+_PLAIN = re.compile(r'[^\x20-\x7e]|["\\]')  # what JSON would escape in a string (ensure_ascii)
+
+
+def _json_bytes(p: Any) -> bytes:
+    """``canonical_json(p).encode()``; for a list of strings JSON writes as they are (printable ASCII without
+    quotes or backslashes: every file name of a usual dataset), the same bytes by one join, ~4x faster at a
+    million names than the encoder."""
+    if isinstance(p, list) and p and all(type(x) is str for x in p):
+        body = '","'.join(p)
+        if not _PLAIN.search(body):
+            return ('["' + body + '"]').encode("ascii")
+    return canonical_json(p).encode()
 
 
 def frames_identity(m) -> str:
@@ -50,14 +65,25 @@ def frames_identity(m) -> str:
     before orientation was applied). Without tags: the schema-1 value, :attr:`Manifest.fingerprint`."""
     if not m.orientations:
         return m.fingerprint
-    return _frames_of(m, np.arange(len(m)))
+    return frames_of(m, np.arange(len(m)))
 
 
-def _frames_of(m, idx: np.ndarray) -> str:
+def frames_of(m, idx: np.ndarray) -> str:
     """``combine`` of the fingerprints of frames ``idx`` (``@exifN`` appended where a frame has a tag)."""
     orient = m.orientations
-    return combine([m.fingerprints[i] + (f"@exif{orient[i]}" if orient is not None and orient[i] != 1 else "")
-                    for i in idx.tolist()])
+    if orient is None:
+        if len(idx) == len(m) and (idx == np.arange(len(m))).all():
+            return m.fingerprint  # computed once per manifest
+        return combine([m.fingerprints[i] for i in idx.tolist()])
+    return combine([m.fingerprints[i] + (f"@exif{orient[i]}" if orient[i] != 1 else "") for i in idx.tolist()])
+
+
+def _union(m, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.union1d(a, b) of two index sets of ``m``'s frames, by a mask: O(N), no sort of a million indices."""
+    keep = np.zeros(len(m), dtype=bool)
+    keep[a] = True
+    keep[b] = True
+    return np.flatnonzero(keep).astype(np.int64)
 
 
 def _annotations_of(m, idx: np.ndarray) -> str:
@@ -96,16 +122,16 @@ def teach_fingerprint(m, synthetic: Optional[dict]) -> dict:
 def distill_fingerprint(m) -> dict:
     train, test = m.split("train"), m.split("test")
     return {"train": digest(train), "pictured": digest(test),
-            "frames": _frames_of(m, np.union1d(train, test))}
+            "frames": frames_of(m, _union(m, train, test))}
 
 
 def eval_fingerprint(m, synthetic: Optional[dict]) -> dict:
     fit, test = m.split("regress"), m.split("test")
-    both = np.union1d(fit, test)
+    both = _union(m, fit, test)
     masks = None
     if m.mask_fingerprints is not None:
         masks = combine([m.mask_fingerprints[i] or "-" for i in test.tolist()])
-    return {"splits": digest(fit, test), "annotations": _annotations_of(m, both), "frames": _frames_of(m, both),
+    return {"splits": digest(fit, test), "annotations": _annotations_of(m, both), "frames": frames_of(m, both),
             "masks": masks, "synthetic": None if synthetic is None else digest(synthetic)}
 
 

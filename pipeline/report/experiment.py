@@ -142,11 +142,11 @@ class ExperimentPage:
             return None
 
     def evaluation(self) -> str:
-        from pipeline.stages.evaluate import comparison_rows
-
         m = self.metrics()
         if m is None:
             return self.not_built("eval")
+        from pipeline.stages.evaluate import comparison_rows  # imports torch: only when there is something to show
+
         rows = comparison_rows(m)
         if not rows:
             return '<p class="note warn">metrics.json holds no scored model.</p>'
@@ -282,21 +282,23 @@ class ExperimentPage:
         return page(f"experiment {self.cfg.name}", sub, [(a, t, bodies[a]()) for a, t in SECTIONS])
 
 
-def experiment_plan(cfg: C.ExperimentConfig, store: Store):
-    """The plan of ``cfg`` as `status` sees it, or None while the synthetic data it needs is not generated."""
+def experiment_plan(cfg: C.ExperimentConfig, store: Store, manifest=None):
+    """The plan of ``cfg`` as `status` sees it, or None while the synthetic data it needs is not generated.
+    ``manifest``: the dataset's manifest when the caller has just built it (`run`: not walked twice)."""
     from pipeline.graph import build_plan
     from pipeline.runner import synthetic_data_pending
 
-    return None if synthetic_data_pending(cfg) else build_plan(cfg, store, progress=False)
+    return None if synthetic_data_pending(cfg) else build_plan(cfg, store, progress=False, manifest=manifest)
 
 
 def write_experiment_report(cfg: C.ExperimentConfig, store_dir: Optional[str], out: Optional[str] = None, *,
-                            source: Optional[str], overrides: tuple[str, ...] = (), plan=None) -> Path:
+                            source: Optional[str], overrides: tuple[str, ...] = (), plan=None,
+                            manifest=None) -> Path:
     """Write the page of ``cfg`` (default: STORE/reports/<name>.html) and return its path."""
     store = Store.from_option(store_dir)
     path = Path(out) if out else default_path(store, cfg.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plan = plan if plan is not None else experiment_plan(cfg, store)
+    plan = plan if plan is not None else experiment_plan(cfg, store, manifest)
     text = ExperimentPage(cfg, store, plan, out_dir=path.parent, source=source, overrides=overrides).render()
     write_atomic(path, text, what="the experiment's HTML report")
     return path

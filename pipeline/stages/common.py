@@ -30,6 +30,19 @@ def train_settings(section: C.TrainConfig):
     return TrainSettings.from_config(section)
 
 
+def attach_frame_cache(ctx, section: C.TrainConfig, ds, *, build: bool = True) -> None:
+    """Read ``ds``'s samples from the training-frame cache (pipeline/data/framecache.py) when ``frame_cache`` is
+    on: built first if missing, when this training draws at least one epoch of samples (``build``), else only
+    reused if another stage or run built it. The samples are the same either way; the keys do not change."""
+    if not section.frame_cache or len(ds) == 0:
+        return
+    from pipeline.data import framecache
+
+    worth = section.steps * section.batch_size >= len(ds)  # under an epoch, decoding each sample is cheaper
+    depth_key = ctx.plan.stages["depth"].key if ds.use_depth else None
+    framecache.attach(ds, ctx.store.root, depth_key=depth_key, build=build and worth, console=ctx.console)
+
+
 def reconstruction_loss(section: C.TrainConfig):
     from dkp_core.losses import make_reconstruction_loss
 

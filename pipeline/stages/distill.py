@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from pipeline.data.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, collate_frames, valid_train_indices
 from pipeline.stages import common
 from pipeline.stages.teach import _finish, fixed_batch, open_depth
 
@@ -134,17 +134,22 @@ class EmbeddingCache:
 
 
 class WithTargets:
-    """A DataLoader ``collate_fn``: the default collation plus ``target``, the cached teacher embeddings of the
-    batch. It runs where the batch is assembled (a DataLoader worker, or the main process without workers), on the
-    batch's CPU indices: one vectorised read per batch, pinned and copied to the device with the frames."""
+    """A DataLoader ``collate_fn``: the batch as ``collate`` makes it (the default collation, or
+    :func:`~pipeline.data.datasets.collate_frames` for a FrameDataset's ``loader_view``) plus ``target``, the cached
+    teacher embeddings of the batch. It runs where the batch is assembled (a DataLoader worker, or the main process
+    without workers), on the batch's CPU indices: one vectorised read per batch, pinned and copied to the device
+    with the frames."""
 
-    def __init__(self, cache: EmbeddingCache) -> None:
-        self.cache = cache
+    def __init__(self, cache: EmbeddingCache, collate: Optional[Callable[[list], dict]] = None) -> None:
+        self.cache, self.collate = cache, collate
 
     def __call__(self, items: list) -> dict:
-        from torch.utils.data import default_collate
+        if self.collate is None:
+            from torch.utils.data import default_collate
 
-        batch = default_collate(items)
+            batch = default_collate(items)
+        else:
+            batch = self.collate(items)
         batch["target"] = self.cache.lookup(batch["index"], batch["flip"])
         return batch
 
@@ -282,14 +287,16 @@ def run(ctx) -> dict:
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=True,
                       use_depth=(gamma > 0 and not use_cache), depth_reader=reader, hflip=hflip, seed=sec.seed,
                       depth_norm=sec.depth_norm)
+    common.attach_frame_cache(ctx, sec, ds)
     cache = None
     if use_cache:
         depth_ds = FrameDataset(manifest=m, indices=train_idx, image_size=cfg.teach.model.image_size,
                                 use_rgb=False, use_depth=True, depth_reader=reader, depth_norm=cfg.teach.depth_norm)
+        common.attach_frame_cache(ctx, sec, depth_ds, build=False)  # one pass: only the teacher's, if teach built it
         cache_path = ctx.path / EMBEDDINGS_DIRNAME
         build_embedding_cache(cache_path, teacher, depth_ds, layer, hflip, device, ctx.console, rank=dist_env.rank,
                               world=dist_env.world_size, barrier=lambda: barrier(dist_env, device),
-                              num_workers=sec.num_workers)
+                              num_workers=common.train_settings(sec).num_workers)
         cache = EmbeddingCache(cache_path)
 
     args = common.model_args(sec)
@@ -320,10 +327,10 @@ def run(ctx) -> dict:
 
     try:
         with common.training_progress():
-            res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
+            res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), step_fn=step_fn,
                         settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                         on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, train_log=log,
-                        collate_fn=WithTargets(cache) if cache is not None else None)
+                        collate_fn=WithTargets(cache, collate_frames) if cache is not None else collate_frames)
     finally:
         if cache is not None:
             cache.close()  # drop its memory maps

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.datasets import FrameDataset, valid_train_indices
+from pipeline.data.datasets import FrameDataset, collate_frames, valid_train_indices
 from pipeline.stages import common
 
 
@@ -97,6 +97,7 @@ def run(ctx) -> dict:
     train_idx = valid_train_indices(m, reader, "train")
     ds = FrameDataset(manifest=m, indices=train_idx, image_size=sec.model.image_size, use_rgb=False, use_depth=True,
                       depth_reader=reader, hflip=sec.hflip, seed=sec.seed, depth_norm=sec.depth_norm)
+    common.attach_frame_cache(ctx, sec, ds)
     args = common.model_args(sec)
     torch.manual_seed(sec.seed)  # initial weights are part of the run's identity
     model = common.build_model(args)
@@ -114,8 +115,9 @@ def run(ctx) -> dict:
                                                            out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
 
     with common.training_progress():
-        res = train(run_dir=ctx.path, model=model, dataset=ds, step_fn=step_fn,
-                    settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
+        res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
+                    step_fn=step_fn, settings=common.train_settings(sec),
+                    config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                     on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None, train_log=log)
     _finish(ctx, res, "teacher (depth)")
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,

@@ -133,20 +133,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# A lock's holder touches the lock file every HEARTBEAT_S seconds; a lock of another host untouched for
+# STALE_AFTER_S is a crashed process's (e.g. a rank of a multi-node job on a node that died): it is reported so by
+# `status` and taken over by the next writer. Generous on purpose: a live holder frozen that long (SIGSTOP, a
+# hung file system) and then resumed would find its lock taken, and refuses to publish (Lock.check_held).
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 @dataclass
 class Lock:
-    """An exclusive lock file holding the owner's pid and host.
+    """An exclusive lock file holding the owner's pid, host and heartbeat period.
 
     Created with O_CREAT|O_EXCL, so two processes cannot both take it. A lock whose owner is a dead
-    process on this host is stale and taken over; one from another host is never broken
-    automatically (we cannot see its processes): the message says how to remove it.
+    process on this host is stale and taken over. Processes of another host cannot be seen, so the
+    holder keeps the file's mtime fresh (a heartbeat every :data:`HEARTBEAT_S`); a lock of another host
+    without a heartbeat for :data:`STALE_AFTER_S` is stale too (a crashed rank of a multi-node job). A
+    lock from another host written before heartbeats existed is never broken automatically: the message
+    says how to remove it.
     """
 
     path: Path
     held: bool = False
+    heartbeat_s: float = HEARTBEAT_S
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "heartbeat_s": self.heartbeat_s}
         dead: list[int] = []  # pids of killed owners whose lock we took over
         for _ in range(3):
             try:
@@ -156,12 +173,12 @@ class Lock:
                 if owner is None:
                     # Torn/empty lock file: its writer died between create and write.
                     if time.time() - self._mtime() > 5:
-                        self._break()
+                        self._break(None)
                         continue
                     time.sleep(0.2)
                     continue
-                if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
-                    self._break()  # stale: its process is gone
+                if self.stale(owner):
+                    self._break(owner)  # its process is gone (this host) or silent for too long (another host)
                     dead.append(int(owner.get("pid", -1)))
                     continue
                 raise LockError(
@@ -178,9 +195,10 @@ class Lock:
                 with contextlib.suppress(OSError):
                     self.path.unlink()
                 raise
-            self.held = True
+            self.held, self._me = True, me
             for pid in dead:
                 remove_temporaries_of(self.path.parent, pid)
+            self._start_heartbeat()
             return
         raise LockError(f"could not take the lock {self.path}; remove it if no process is writing there")
 
@@ -190,14 +208,46 @@ class Lock:
         except FileNotFoundError:
             return 0.0
 
-    def _break(self) -> None:
-        # Rename first so two processes breaking the same stale lock cannot both succeed.
+    def stale(self, owner: dict) -> bool:
+        """Whether ``owner`` (read from the lock) is known gone: a dead pid on this host, or, on another host, no
+        heartbeat for :data:`STALE_AFTER_S` (only owners that declare a heartbeat can be judged so)."""
+        if owner.get("host") == socket.gethostname():
+            return not _pid_alive(int(owner.get("pid", -1)))
+        beat = owner.get("heartbeat_s")
+        return isinstance(beat, (int, float)) and time.time() - self._mtime() > max(STALE_AFTER_S, 10 * beat)
+
+    def describe(self, owner: dict) -> str:
+        """What `status` says about an artifact this lock holds: who writes it, or that its writer is gone."""
+        who = f"pid {owner.get('pid')} on {owner.get('host')}"
+        if owner.get("host") == socket.gethostname():
+            return f"being written by {who}"
+        age = time.time() - self._mtime()
+        if not isinstance(owner.get("heartbeat_s"), (int, float)):
+            return (f"being written by {who} since {owner.get('started')} (no heartbeat recorded: if that process "
+                    f"is gone, remove {self.path})")
+        if self.stale(owner):
+            return (f"interrupted: {who} left its lock and has not renewed it for {_age(age)} (its process is gone, "
+                    f"e.g. a crashed rank on another node); the next run takes the lock over and resumes")
+        return f"being written by {who} (heartbeat {_age(age)} ago)"
+
+    def _break(self, expected: Optional[dict]) -> None:
+        # Rename first so two processes breaking the same stale lock cannot both succeed; then make sure the
+        # renamed file is the lock judged stale, not one a faster process took over meanwhile (put that back).
         grave = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
         try:
             os.rename(self.path, grave)
-            grave.unlink()
         except FileNotFoundError:
-            pass
+            return
+        if expected is not None:
+            try:
+                got = json.loads(grave.read_text())
+            except (OSError, ValueError):
+                got = None
+            if got != expected:
+                with contextlib.suppress(OSError):
+                    os.link(grave, self.path)  # fails if yet another process holds it now: theirs stands
+        with contextlib.suppress(FileNotFoundError):
+            grave.unlink()
 
     def read_owner(self) -> Optional[dict]:
         try:
@@ -205,10 +255,34 @@ class Lock:
         except (FileNotFoundError, json.JSONDecodeError, ValueError):
             return None
 
+    def check_held(self) -> None:
+        """LockError unless the lock file still names this process (it was not taken over as stale)."""
+        owner = self.read_owner()
+        if owner != getattr(self, "_me", None):
+            raise LockError(f"the lock {self.path} was taken over by pid {(owner or {}).get('pid')} on "
+                            f"{(owner or {}).get('host')} (this process's heartbeat stopped for over "
+                            f"{STALE_AFTER_S:.0f} s); not publishing {self.path.parent}. Re-run to resume.")
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        stop = self._stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                if self.read_owner() != self._me:
+                    return  # taken over (this process was silent too long): never keep another owner's lock alive
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name=f"heartbeat {self.path}", daemon=True).start()
+
     def release(self) -> None:
         if self.held:
+            self._stop.set()
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                if self.read_owner() == self._me:  # never remove the lock of a process that took it over
+                    self.path.unlink()
             self.held = False
 
     def __enter__(self) -> "Lock":
@@ -359,10 +433,13 @@ class Store:
             return ArtifactState(stage, key, p, "damaged", rec,
                                  damage=[{"file": RECORD, "problem": "missing or unreadable"}])
         if p.exists():
-            owner = Lock(p / LOCK).read_owner() if (p / LOCK).exists() else None
+            lock = Lock(p / LOCK)
+            owner = lock.read_owner() if (p / LOCK).exists() else None
             if owner is not None and owner.get("host") == socket.gethostname() and not _pid_alive(
                     int(owner.get("pid", -1))):
                 owner = None  # its writer was killed: an interrupted run (the next one takes the lock over)
+            elif owner is not None:
+                owner = dict(owner, note=lock.describe(owner))  # what `status` says (a crashed remote rank...)
             return ArtifactState(stage, key, p, "in_progress", rec, owner)
         return ArtifactState(stage, key, p, "missing")
 
@@ -437,10 +514,10 @@ class Store:
         :meth:`ArtifactWriter.publish` is called. An exception leaves the directory as a resume point."""
         p = self.path(stage, key)
         p.mkdir(parents=True, exist_ok=True)
-        with Lock(p / LOCK):
+        with Lock(p / LOCK) as lock:
             if (p / COMPLETE).exists():
                 raise DkpError(f"{p} is already complete; nothing to write")
-            w = ArtifactWriter(stage=stage, key=key, path=p, inputs=inputs, config=config)
+            w = ArtifactWriter(stage=stage, key=key, path=p, inputs=inputs, config=config, lock=lock)
             w.write_record(status="in_progress")
             yield w
 
@@ -455,6 +532,7 @@ class ArtifactWriter:
     started: float = field(default_factory=time.time)
     cpu_started: float = field(default_factory=cpu_seconds)
     extra: dict = field(default_factory=dict)
+    lock: Optional[Lock] = None  # held while writing: checked before publishing
     unhashed: tuple[str, ...] = ()  # globs of files checksummed elsewhere (list_files), listed by size only
 
     def write_record(self, status: str, **extra: Any) -> None:
@@ -485,6 +563,8 @@ class ArtifactWriter:
 
     def publish(self, **extra: Any) -> None:
         """Final artifact.json, listing every output file (:func:`list_files`), then the COMPLETE marker, last
-        and atomically."""
+        and atomically; refused if this writer's lock was taken over meanwhile (:meth:`Lock.check_held`)."""
+        if self.lock is not None:
+            self.lock.check_held()
         self.write_record(status="complete", files=list_files(self.path, unhashed=self.unhashed), **extra)
         write_atomic(self.path / COMPLETE, self.key + "\n", what="the artifact's publish marker")

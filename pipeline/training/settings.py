@@ -35,7 +35,8 @@ class TrainSettings:
     checkpoint_every: int = _DEFAULTS.checkpoint_every  # steps; also on SIGTERM/SIGINT and at the end
     log_every: int = _DEFAULTS.log_every  # steps per metrics.jsonl line (values are means over the interval)
     eval_every: int = _DEFAULTS.eval_every  # steps between on_eval calls; 0 = only at the end
-    num_workers: int = _DEFAULTS.num_workers  # DataLoader processes per rank
+    # DataLoader processes per rank; None: default_num_workers(device), resolved when the settings are made
+    num_workers: int | None = _DEFAULTS.num_workers
     device: str = _DEFAULTS.device  # "auto" | "cpu" | "cuda" (under torchrun: cuda:LOCAL_RANK)
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on CUDA, as AutoLink
     keep_checkpoints: int = 2  # newest checkpoints kept; >1 so a damaged newest one has a fallback
@@ -58,6 +59,9 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.num_workers is None:
+            object.__setattr__(self, "num_workers",
+                               default_num_workers(self.device if self.device in _DEVICE_CHOICES else "cpu"))
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
@@ -88,6 +92,26 @@ class TrainSettings:
         """The settings of a teach/distill config section (the fields both have; the rest keep their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(section)}
         return cls(**{n: getattr(section, n) for n in sorted(names)})
+
+
+def default_num_workers(device: str = "auto") -> int:
+    """DataLoader processes per rank when the config leaves ``num_workers`` unset, from the cores.
+
+    CUDA: the cores of this rank's share of the node (``LOCAL_WORLD_SIZE`` ranks under torchrun) less one for
+    the process that drives the GPU, at most 8: a worker reading the training-frame cache supplies thousands of
+    samples a second (docs/benchmarks.md) and each worker is a copy of the process. CPU: 0, the training
+    step is then the consumer of every core, and a sample from the frame cache costs ~0.1 ms in the main process.
+    """
+    import os
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
 
 
 @dataclass(frozen=True)

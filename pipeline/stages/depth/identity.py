@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pipeline import config as C
 from pipeline.errors import CheckpointError, ConfigError
@@ -20,7 +20,14 @@ from pipeline.errors import CheckpointError, ConfigError
 class DepthIdentity:
     key_config: dict  # the key's semantic config
     fingerprint: Any  # the key's input fingerprint: the frames (midas) or the depth files (files)
-    spec: Optional[dict]  # the cache spec; None for an unknown MiDaS model type (the stage refuses it first)
+    # the cache spec, made on first use: a MiDaS spec needs dkp_core.midas (torch and timm, seconds to import),
+    # which `status` must not pay for a key that does not need it
+    make_spec: Callable[[], Optional[dict]] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def spec(self) -> Optional[dict]:
+        """The cache spec; None for an unknown MiDaS model type (the stage refuses it first)."""
+        return self.make_spec()
 
 
 def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthIdentity:
@@ -49,18 +56,23 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
     if d.provider == "midas":
         key["weights_sha256"] = weights_digest
         fingerprint = reads.frames_identity(m)
-        ms = _known_spec(d.model_type)
-        if ms is None:
-            spec = None
-        else:
-            spec.update(model_type=d.model_type, weights_sha256=(weights_digest or "").split(":", 1)[-1] or None,
-                        precision=d.precision, net_w=ms.net_w, net_h=ms.net_h, resize_mode=ms.resize_mode,
-                        ensure_multiple_of=ms.ensure_multiple_of, interpolation=ms.interpolation,
-                        mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
+
+        def midas_spec() -> Optional[dict]:
+            ms = _known_spec(d.model_type)
+            if ms is None:
+                return None
+            out = dict(spec, model_type=d.model_type,
+                       weights_sha256=(weights_digest or "").split(":", 1)[-1] or None, precision=d.precision,
+                       net_w=ms.net_w, net_h=ms.net_h, resize_mode=ms.resize_mode,
+                       ensure_multiple_of=ms.ensure_multiple_of, interpolation=ms.interpolation,
+                       mean=list(ms.mean), std=list(ms.std), output_resize="bicubic to frame size")
             if preprocess is not None:
-                spec["preprocess"] = preprocess
+                out["preprocess"] = preprocess
             if "tf32" in key:
-                spec["tf32"] = True
+                out["tf32"] = True
+            return out
+
+        return DepthIdentity(key, fingerprint, midas_spec)
     elif d.provider == "transformers":  # a Hugging Face folder: its weights, config and processor (hf.py)
         from pipeline.stages.depth.hf import folder_identity
 
@@ -84,7 +96,7 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
         fingerprint = m.depth_fingerprint
         opts = m.depth_options or {}
         spec.update(depth_fingerprint=m.depth_fingerprint, **{f"depth_options.{k}": v for k, v in sorted(opts.items())})
-    return DepthIdentity(key, fingerprint, spec)
+    return DepthIdentity(key, fingerprint, lambda: spec)
 
 
 @dataclass(frozen=True)
