@@ -87,9 +87,9 @@ def _check_previous(out_dir: Path, params: dict) -> bool:
             raise ManifestError(f"{p}: unreadable ({e}); delete {out_dir} and run synth again") from None
         old_params = old.get("synthetic", {}).get("parameters") if name == "dataset.yaml" else old
         if old_params != params:
-            diff = sorted(k for k in set(params) | set(old_params or {})
-                          if (old_params or {}).get(k) != params.get(k))
-            shown = ", ".join(f"{k}: {(old_params or {}).get(k)!r} there, {params.get(k)!r} asked" for k in diff)
+            old_flat, new_flat = _flat(old_params or {}), _flat(params)
+            diff = sorted(k for k in set(new_flat) | set(old_flat) if old_flat.get(k) != new_flat.get(k))
+            shown = ", ".join(f"{k}: {old_flat.get(k)!r} there, {new_flat.get(k)!r} asked" for k in diff)
             raise ManifestError(
                 f"{out_dir} already holds a synthetic dataset with other parameters ({shown}); "
                 f"write to another folder or delete {out_dir}"
@@ -104,6 +104,18 @@ def _check_previous(out_dir: Path, params: dict) -> bool:
                 f"choose an empty or new folder for synth"
             )
     return False
+
+
+def _flat(params: dict) -> dict:
+    """Parameters with the generator's ``config`` mapping spread out (``config.family``), so that a refusal names
+    the field that differs, not the whole mapping."""
+    out = {k: v for k, v in params.items() if k != "config"}
+    cfg = params.get("config")
+    if isinstance(cfg, dict):
+        out.update({f"config.{k}": v for k, v in cfg.items()})
+    elif "config" in params:
+        out["config"] = cfg
+    return out
 
 
 def _remove_stale_tmp(*dirs: Path) -> None:
