@@ -54,8 +54,8 @@ def check_embedding_shapes(teacher, student_args: dict, layer: str, flatten: str
         return (s_[0], t[0])
     if t[0] != s_[0] and flatten != "attention":
         raise ConfigError(
-            f"distill.layer={layer}: the teacher's tensor has {t[0]} channels (shape {t}) but the student's would "
-            f"have {s_[0]} (shape {s_}); make distill.model (n_keypoints, width) match teach.model, or bridge them "
+            f"distill.layer={layer}: the teacher's tensor is {t} but the student's would be {s_} (other channel "
+            f"counts); make distill.model (n_keypoints, width) match teach.model, or bridge them "
             "with distill.adapter: true (a learned 1x1 convolution) or distill.flatten: attention, or set "
             "distill.gamma: 0")
     return None
