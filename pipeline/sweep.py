@@ -5,7 +5,9 @@ stage it shares with earlier runs (the depth cache, a teacher that only the stud
 around), and a sweep that was interrupted or stopped by an error continues where it stopped when run again.
 
 An axis is ``KEY[+KEY...]=V1,V2,...``: each value is set on every key joined by ``+`` (e.g.
-``teach.recon_loss+distill.recon_loss=l1ssim,l1`` gives teacher and student the same loss). Seeds set
+``teach.recon_loss+distill.recon_loss=l1ssim,l1`` gives teacher and student the same loss), or, when every value
+has one part per key joined by ``:``, each key its own part (``teach.model.width+distill.model.width=16:8,8:16``:
+a wide teacher into a narrow student and the reverse, one axis of pairs). Seeds set
 ``teach.seed`` and ``distill.seed`` together. The table reports, per grid point, mean and sample standard
 deviation over the seeds of the student's and teacher's protocol value and (synthetic data) their heatmap
 mass on the figure as a multiple of the figure's area.
@@ -41,6 +43,16 @@ class Axis:
     @property
     def label(self) -> str:
         return "+".join(self.keys)
+
+    @property
+    def paired(self) -> bool:
+        """True when each value gives each key its own part (``a:b`` for two keys)."""
+        return len(self.keys) > 1 and all(v.count(":") == len(self.keys) - 1 for v in self.values)
+
+    def assignments(self, value: str) -> tuple[tuple[str, str], ...]:
+        """(key, value) of each key of the axis at ``value``."""
+        parts = value.split(":") if self.paired else [value] * len(self.keys)
+        return tuple(zip(self.keys, parts))
 
 
 def parse_axis(spec: str) -> Axis:
@@ -102,7 +114,7 @@ def plan_runs(base_name: str, axes: list[Axis], seeds: Optional[tuple[int, ...]]
             seen[k] = f"--vary {ax.label}"
     runs = []
     for point in itertools.product(*(ax.values for ax in axes)) if axes else [()]:
-        sets = tuple(f"{k}={v}" for ax, v in zip(axes, point) for k in ax.keys)
+        sets = tuple(f"{k}={v}" for ax, value in zip(axes, point) for k, v in ax.assignments(value))
         tag = "-".join(slug(v) for v in point)
         for seed in (seeds if seeds is not None else (None,)):
             extra = sets + (tuple(f"{k}={seed}" for k in SEED_KEYS) if seed is not None else ())

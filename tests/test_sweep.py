@@ -220,3 +220,16 @@ def test_sweep_reruns_train_again_and_the_page_shows_study_threads_and_spread(sw
                               str(d / "out" / "reruns.html"), reruns=1).read_text()
     assert "The study: each model against distill.gamma" in page and 'id="rerun-table"' in page
     assert "threads (T/S/B)" in page and "1/1/- det" in page and "seed 0 re-run 1" in page
+
+
+def test_paired_axis_gives_each_key_its_own_part():
+    ax = parse_axis("teach.model.width+distill.model.width=16:8,8:16")
+    assert ax.paired and ax.assignments("16:8") == (("teach.model.width", "16"), ("distill.model.width", "8"))
+    runs = plan_runs("x", [ax], (1,))
+    assert runs[0].overrides == ("teach.model.width=16", "distill.model.width=8", "teach.seed=1", "distill.seed=1",
+                                 "name=x-sweep-16_8-s1")
+    # one value without the parts: the same value for every key, as before
+    same = parse_axis("teach.recon_loss+distill.recon_loss=l1ssim,l1")
+    assert not same.paired and same.assignments("l1") == (("teach.recon_loss", "l1"), ("distill.recon_loss", "l1"))
+    mixed = parse_axis("data.synth_family+data.root=figures,puppets")
+    assert mixed.assignments("puppets") == (("data.synth_family", "puppets"), ("data.root", "puppets"))
