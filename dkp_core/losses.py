@@ -164,7 +164,15 @@ class PixelLoss(nn.Module):
         return d.abs().mean() if self.norm == "l1" else (d * d).mean()
 
 
-DISTILLATION_FLATTENS = ("sample", "keypoint", "location")
+DISTILLATION_FLATTENS = ("sample", "keypoint", "location", "attention")
+
+
+def attention_map(features: Tensor) -> Tensor:
+    """Attention transfer's spatial map (Zagoruyko & Komodakis, 2017): the channel mean of the squared activations,
+    ``(B, C, *spatial)`` -> ``(B, L)`` with L the number of locations. It has no channel axis, so models of any
+    widths compare."""
+    b = features.shape[0]
+    return features.float().pow(2).mean(dim=1).reshape(b, -1)  # (B, L)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, *, flatten: str = "sample") -> Tensor:
@@ -174,9 +182,18 @@ def distillation_loss(student: Tensor, teacher: Tensor, *, flatten: str = "sampl
     target: it is detached. Both tensors ``(B, C, *spatial)`` of the same shape; ``flatten``:
       - ``"sample"``: one cosine per sample over the whole flattened tensor (the default reading);
       - ``"keypoint"``: one cosine per channel (keypoint map) over its spatial values, averaged;
-      - ``"location"``: one cosine per spatial location over the channels, averaged.
+      - ``"location"``: one cosine per spatial location over the channels, averaged;
+      - ``"attention"``: one cosine per sample between the :func:`attention_map` s (where the activations are
+        strong), so the channel counts may differ (same batch and spatial shape). For unit-norm maps
+        ``1 - cos`` is half attention transfer's squared distance.
     Returns a scalar tensor.
     """
+    if flatten == "attention":
+        if student.ndim < 3 or student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"attention distillation needs (B, C, *spatial) tensors of one batch and spatial shape, "
+                             f"got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        cos = F.cosine_similarity(attention_map(student), attention_map(teacher.detach()), dim=1)  # (B,)
+        return (1 - cos).mean()
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ in shape")
     if flatten not in DISTILLATION_FLATTENS:

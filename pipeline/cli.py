@@ -15,7 +15,7 @@ import click
 from pipeline.bench.gpu import BUDGET_S, FRAME_SIZES, GPU_BATCHES, GPU_FRAMES, GPU_MODELS, TRAIN_BATCH  # no torch
 from pipeline.stages import registry  # no torch
 
-CONFIG_HELP = "A preset name (synthetic, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
+CONFIG_HELP = "A preset name (synthetic, synthetic-puppets, human36m, human36m_wobg, taichi, deepfashion) or an experiment YAML."
 SET_HELP = "Override one config field, e.g. --set teach.lr=3e-4 (repeatable)."
 JOBS_HELP = ("Trainings that do not read each other (the student and the baseline) run side by side, this many "
              "processes at once; default: one per training on a CPU (with torch's threads shared out), one after "
@@ -177,7 +177,8 @@ def run(config, overrides, store, dry_run, until, jobs, verify):
 @click.option("--sweep", "--vary", "vary", multiple=True, metavar="KEY[+KEY...]=V1,V2,...",
               help="Report the sweep over this grid axis instead (repeatable; the axes and --seeds of `sweep`).")
 @click.option("--seeds", default=None, metavar="S1,S2,...", help="With --sweep: the sweep's seeds.")
-def report(config, overrides, store, output, vary, seeds):
+@click.option("--reruns", type=click.IntRange(min=0), default=0, help="With --sweep: the sweep's --reruns.")
+def report(config, overrides, store, output, vary, seeds, reruns):
     """Write one self-contained HTML page for CONFIG from the store (runs nothing).
 
     \b
@@ -189,11 +190,12 @@ def report(config, overrides, store, output, vary, seeds):
     With --sweep/--seeds (as given to `sweep`): the sweep's table (mean ± sd over seeds), one plot
     per metric against the varied value with each seed's run, and a page per run, linked.
     """
-    if vary or seeds:
+    if vary or seeds or reruns:
         from pipeline.report.sweep import write_sweep_report
         from pipeline.sweep import parse_axis, parse_seeds
 
-        path = write_sweep_report(config, overrides, [parse_axis(v) for v in vary], parse_seeds(seeds), store, output)
+        path = write_sweep_report(config, overrides, [parse_axis(v) for v in vary], parse_seeds(seeds), store, output,
+                                  reruns=reruns)
     else:
         from pipeline.report.experiment import write_experiment_report
 
@@ -289,13 +291,16 @@ def manifest_list():
 @click.option("--size", default=128, show_default=True, help="Image size (square).")
 @click.option("--clip-length", default=32, show_default=True,
               help="Consecutive frames showing the same figure and walls (1 = every frame a new scene).")
-def synth(out, n, seed, size, clip_length):
+@click.option("--family", default="figures", show_default=True, type=click.Choice(["figures", "puppets"]),
+              help="Scene family: figures (H36M-like humans) or puppets (another figure model, clutter and light).")
+def synth(out, n, seed, size, clip_length, family):
     """Write the built-in synthetic dataset (folder layout, with GT depth and keypoints) to OUT."""
     from pathlib import Path
 
     from pipeline.data.synth import write_synthetic
 
-    info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, clip_length=clip_length, progress=True)
+    info = write_synthetic(Path(out), n=n, seed=seed, image_size=size, clip_length=clip_length, progress=True,
+                           family=family)
     _console().print(f"wrote {n} frames to {out}", info if isinstance(info, dict) else "")
 
 
@@ -404,8 +409,11 @@ def export(student, output, opset, no_check):
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the sweep's HTML page here (as `report CONFIG --sweep ...` does).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, envvar="DKP_JOBS", help=JOBS_HELP + " (env DKP_JOBS)")
+@click.option("--reruns", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also train the first seed of every grid point N more times (teach.rerun/distill.rerun = 1..N: "
+                   "new keys, the same settings) and report the spread of those runs beside the spread over seeds.")
 @_cluster_options
-def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs, **cluster):
+def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, jobs, reruns, **cluster):
     """Run CONFIG over a grid of config values and seeds; tabulate eval's numbers (mean ± sd over seeds).
 
     \b
@@ -417,8 +425,8 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
     """
     from pipeline.sweep import parse_axis, parse_seeds, run_sweep
 
-    if not vary and not seeds:
-        raise click.UsageError("give at least one --vary axis or --seeds")
+    if not vary and not seeds and not reruns:
+        raise click.UsageError("give at least one --vary axis, --seeds or --reruns")
     axes, seed_list, console = [parse_axis(v) for v in vary], parse_seeds(seeds), _console()
     executor = None
     if cluster.get("executor"):  # each run a submitit job; the table when they have ended
@@ -426,11 +434,11 @@ def sweep(config, overrides, store, vary, seeds, output, dry_run, report_path, j
 
         executor = job_options(cluster)
     run_sweep(config, overrides, axes, seed_list, store, console, dry_run=dry_run, output=output, jobs=jobs,
-              executor=executor)
+              executor=executor, reruns=reruns)
     if report_path:  # the page only reads the store: with --dry-run too
         from pipeline.report.sweep import write_sweep_report
 
-        console.print(f"report: {write_sweep_report(config, overrides, axes, seed_list, store, report_path)}",
+        console.print(f"report: {write_sweep_report(config, overrides, axes, seed_list, store, report_path, reruns=reruns)}",
                       markup=False, soft_wrap=True)
 
 

@@ -61,6 +61,24 @@ class DataConfig:
     # Videos (the folder layout's videos/): keep frames 0, k, 2k, ... of each video. Not in any key by itself: the
     # frames it keeps are (their ids and fingerprints), so a changed stride rebuilds exactly what reads frames.
     frame_stride: int = 1
+    # The scene family drawn (docs/synthetic.md): figures (H36M-like humans, what the presets were tuned on) |
+    # puppets (another figure model, joint set, clutter and lighting: the family recipes are validated on).
+    synth_family: str = "figures"
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """Worse depth for the teacher (the depth-quality study, docs/studies.md): applied to each map as the teacher
+    reads it from the cache (teach, distill's teacher targets, eval's teacher), never to the cache itself, so it is
+    in the teach key (only when set) and not the depth key. A pure function of (map, frame): a frame's noise and
+    holes are the same every epoch, as a poor depth estimator's errors are. In order: downscale, blur, noise,
+    quantise, holes. All zero (downscale 1) = the cache as it is."""
+
+    downscale: float = 1.0  # >= 1: shrink the map by this factor (area) and enlarge it back (bilinear)
+    blur: float = 0.0  # Gaussian blur, sigma as a fraction of the map's shorter side (0.02 = ~1 px at 48 px)
+    noise: float = 0.0  # Gaussian noise, sd as a fraction of the frame's inverse-depth range (max - min)
+    quantise: int = 0  # >= 2: round to this many levels over the frame's range; 0 = off
+    holes: float = 0.0  # fraction of the map dropped (NaN: no reading) in square cells of 1/8 of its shorter side
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,7 @@ class DepthConfig:
     # default). Faster on Ampere+, ~1e-3 relative error per matmul: in the key when true (midas, fp32).
     tf32: bool = False
     device: str = "auto"
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,9 @@ class ModelConfig:
     mask_ratio: float = 0.8  # fraction of mask cells removed
     mask_blocks: int = 16  # mask grid is mask_blocks x mask_blocks
     width: int = 64  # base channel count of detector and decoder (AutoLink: 64); CPU presets use less
+    # residual blocks added at the detector's S/16 bottleneck: a deeper detector (0 = AutoLink's; in the key only
+    # when > 0). With width, what the architecture-pairs study varies (docs/studies.md).
+    extra_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,13 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant (AutoLink) | cosine (to 0 at the last step)
     warmup_steps: int = 0  # linear warm-up before the schedule
     channels_last: bool = True  # NHWC memory format: same maths, faster convolutions
+    # true: train on one CPU thread (and torch's deterministic algorithms on CUDA), so that a key gives the same
+    # weights bit for bit whatever OMP_NUM_THREADS or the core count; false: torch's threads, whose float
+    # reductions change order with the thread count (two two-thread runs of one key differ). In the key when true.
+    deterministic: bool = False
+    # a repeat of the same training (the run-to-run spread, `sweep --reruns`): changes nothing computed, only the
+    # key (when > 0), so that a rerun really trains again instead of finding the first run's artifact fresh
+    rerun: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
     eval_every: int = 1000
@@ -140,7 +169,13 @@ class TeachConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     gamma: float = 0.1  # weight of (1 - cos) between teacher and student embeddings
     layer: str = "logits"  # detector tensor distilled: logits (pre-softmax output layer) | heatmaps | down1..4 | up1..2
-    flatten: str = "sample"  # cosine over: sample (whole tensor) | keypoint (per map) | location (per pixel)
+    # cosine over: sample (whole tensor) | keypoint (per map) | location (per pixel, over channels) | attention
+    # (attention transfer: 1 - cos of the maps of channel-mean squared activations; any widths)
+    flatten: str = "sample"
+    # a learned 1x1 convolution from the student's layer channels to the teacher's, trained with the student and
+    # stored in its model.pt: distils an intermediate layer between models of different widths (in the key when
+    # true)
+    adapter: bool = False
     teacher_cache: bool = True  # precompute teacher embeddings once when the teacher input is deterministic
     # the student's starting weights: scratch (random, the paper) | teacher_detector (the trained teacher's detector,
     # decoder and links random) | teacher (the whole trained teacher). Needs distill.model = teach.model; the
@@ -187,7 +222,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("auto", "off", "bf16", "fp16"),
     "lr_schedule": ("constant", "cosine"),
     "layer": ("logits", "heatmaps", "down1", "down2", "down3", "down4", "up1", "up2"),
-    "flatten": ("sample", "keypoint", "location"),
+    "flatten": ("sample", "keypoint", "location", "attention"),
+    "data.synth_family": ("figures", "puppets"),
     "init": ("scratch", "teacher_detector", "teacher"),
     "eval.protocol": ("auto", "h36m", "taichi", "deepfashion", "l2"),
     "eval.flip_pairs": ("none", "dataset"),
@@ -253,6 +289,13 @@ RANGES: dict[str, Range] = {
     "eval_every": Range(0, why="0 = only at the end"),
     "warmup_steps": Range(0),
     "gamma": Range(0, why="0 = the AutoLink baseline"),
+    "extra_blocks": Range(0),
+    "rerun": Range(0, why="0 = the first run"),
+    "depth.degrade.downscale": Range(1, why="1 = full resolution"),
+    "depth.degrade.blur": Range(0),
+    "depth.degrade.noise": Range(0),
+    "depth.degrade.quantise": Range(0, why="0 = off; >= 2 levels"),
+    "depth.degrade.holes": Range(0, 1, why="a fraction of the map"),
     "keypoint_weight": Range(0, why="0 = the paper's loss"),
 }
 
@@ -299,6 +342,8 @@ def validate(cfg: "ExperimentConfig") -> "ExperimentConfig":
         if m.mask_blocks > m.image_size:
             raise ConfigError(f"config field {section}.model.mask_blocks: {m.mask_blocks} is out of range; valid: "
                               f"1 to image_size ({m.image_size})")
+    if cfg.depth.degrade.quantise == 1:
+        raise ConfigError("config field depth.degrade.quantise: 1 level would erase the map; valid: 0 (off) or >= 2")
     d = cfg.distill
     if d.keypoint_weight > 0 and d.layer not in ("logits", "heatmaps"):
         raise ConfigError(f"config field distill.keypoint_weight: {d.keypoint_weight} needs the teacher's keypoints, "
@@ -480,7 +525,11 @@ def load_config(source: Optional[str] = None, overrides: tuple[str, ...] | list[
             except ConfigError as e:
                 raise ConfigError(f"{p}: {e}") from None
         else:
-            cfg = _build(ExperimentConfig, _fix_yaml_floats(_preset_dict(source)), "", cfg)
+            data = _fix_yaml_floats(_preset_dict(source))
+            base = data.pop("base", None)  # a preset may be another preset's variant (synthetic-puppets)
+            if base is not None:
+                cfg = _build(ExperimentConfig, _fix_yaml_floats(_preset_dict(base)), "", cfg)
+            cfg = _build(ExperimentConfig, data, "", cfg)
             default_name = source
         if cfg.name == "experiment":
             cfg = dataclasses.replace(cfg, name=default_name)

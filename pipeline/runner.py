@@ -75,7 +75,7 @@ def ensure_synthetic_data(cfg: C.ExperimentConfig, console) -> None:
         console.print(f"generating the synthetic dataset: {cfg.data.synth_frames} frames -> {root}")
     try:
         write_synthetic(root, n=cfg.data.synth_frames, seed=cfg.data.synth_seed, image_size=cfg.data.synth_image_size,
-                        clip_length=cfg.data.synth_clip_length, progress=pending)
+                        clip_length=cfg.data.synth_clip_length, progress=pending, family=cfg.data.synth_family)
     except OSError as e:
         if not is_storage_error(e):
             raise

@@ -235,8 +235,10 @@ def test_sweep_page_table_plots_and_run_links(tiny, tmp_path):
     sd = statistics.stdev(values)
     assert rows[0][head.index("student")] == mean_sd_text(statistics.mean(values), sd) and not math.isnan(sd)
     assert rows[1][head.index("student")] == "—"
-    # one plot per metric with a value (floor, baseline, student, teacher; 3 masses on the figure)
-    assert len(page.imgs) == 7 and all(i["src"].startswith("data:image/png;base64,") for i in page.imgs)
+    # the study plot (every model against gamma, the floor drawn), then one plot per metric with a value (floor,
+    # baseline, student, teacher; 3 masses on the figure)
+    assert len(page.imgs) == 8 and all(i["src"].startswith("data:image/png;base64,") for i in page.imgs)
+    assert page.imgs[0]["alt"] == "study: distill.gamma"
     # every run's page is linked and written, the missing ones too
     pages = {h for h in page.hrefs if h.endswith(".html")}
     assert len(pages) == 4 and all((path.parent / h).is_file() for h in pages)

@@ -148,3 +148,88 @@ def test_cli_dry_run_and_bad_input(swept):
     assert r.returncode == 2 and "expected KEY=V1,V2" in r.stderr
     r = run_cli(["sweep", swept["yaml"]], cwd=d)
     assert r.returncode == 2 and "--vary" in r.stderr
+
+
+# ---------------------------------------------------------------- re-runs, threads, the study plot (issue 27)
+def test_plan_runs_reruns_of_the_first_seed():
+    runs = plan_runs("x", [parse_axis("distill.gamma=0.1,1")], (7, 8), reruns=2)
+    assert [r.name for r in runs] == ["x-sweep-0.1-s7", "x-sweep-0.1-s8", "x-sweep-0.1-s7-r1", "x-sweep-0.1-s7-r2",
+                                      "x-sweep-1-s7", "x-sweep-1-s8", "x-sweep-1-s7-r1", "x-sweep-1-s7-r2"]
+    assert runs[3].rerun == 2 and runs[3].seed == 7
+    assert runs[3].overrides == ("distill.gamma=0.1", "teach.seed=7", "distill.seed=7", "teach.rerun=2",
+                                 "distill.rerun=2", "name=x-sweep-0.1-s7-r2")
+    assert [r.overrides for r in plan_runs("x", [], None, reruns=1)] == [
+        ("name=x-sweep",), ("teach.rerun=1", "distill.rerun=1", "name=x-sweep-r1")]
+    with pytest.raises(DkpError, match="teach.rerun is set by --reruns"):
+        plan_runs("x", [parse_axis("teach.rerun=1,2")], None, reruns=1)
+    with pytest.raises(DkpError, match="--reruns"):
+        plan_runs("x", [], None, reruns=-1)
+
+
+def test_summary_separates_seeds_from_reruns_by_hand():
+    def row(seed, rerun, v):
+        return {"point": ["a"], "seed": seed, "rerun": rerun, "student_value": v, "student_ratio_to_floor": v / 10,
+                "threads": "1/1/1 det"}
+
+    rows = [row(7, 0, 5.0), row(8, 0, 7.0), row(9, 0, 9.0), row(7, 1, 5.5), row(7, 2, 4.5)]
+    (s,) = summarise(rows)
+    assert s["n"] == 3 and s["seeds"] == [7, 8, 9]  # the re-runs are not more seeds
+    assert s["student_value"] == pytest.approx(7.0) and s["student_value_sd"] == pytest.approx(2.0)
+    rr = s["reruns"]
+    assert rr["seed"] == 7 and rr["n"] == 3 and rr["reruns"] == [0, 1, 2]
+    assert rr["student_value"] == pytest.approx(5.0) and rr["student_value_sd"] == pytest.approx(0.5)
+    assert (rr["student_ratio_to_floor_min"], rr["student_ratio_to_floor_max"]) == pytest.approx((0.45, 0.55))
+    assert s["threads"] == ["1/1/1 det"]
+    table = markdown_table([Axis(("k",), ("a",))], [s], "l2", "%", lower_better=True)
+    assert "| threads (T/S/B) |" in table.splitlines()[0]
+    assert "Re-runs of one seed" in table
+    assert "| a | 7 | 3 | 0.500 ± 0.050 (0.450–0.550) |" in table and "0.500, 0.550, 0.450" in table
+
+
+def test_study_plot_draws_models_floor_and_marks():
+    from pipeline.report.plots import study_plot
+
+    png = study_plot("gamma", "%", ["0.01", "0.1", "1", "10"],
+                     [("student", "#d62728", [[9.0, 9.5], [9.2], [None], [12.0, 11.0]]),
+                      ("teacher", "#1f77b4", [[6.0], [6.0], [6.0], [6.0]])],
+                     [15.5, 15.5, 15.5, 15.5], "distill.gamma", marks=("0.1", "0.4"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert study_plot("x", "%", ["a"], [("student", "#000", [[None]])], [None], "x") is None
+    assert study_plot("family", "%", ["figures", "puppets"], [("student", "#000", [[9.0], [10.0]])], [15.5, 14.9],
+                      "data.synth_family")[:4] == b"\x89PNG"
+
+
+def test_sweep_reruns_train_again_and_the_page_shows_study_threads_and_spread(swept):
+    """One re-run of seed 0 at gamma 0.4: a new student and teacher key, deterministic (the tiny config inherits the
+    preset's deterministic training), so the spread is exactly zero; the page carries the study plot, the threads
+    and the re-run table."""
+    from pipeline.report.sweep import write_sweep_report
+
+    d = swept["dir"]
+    axes = [parse_axis("distill.gamma=0.4")]
+    result = run_sweep(swept["yaml"], ("eval.flip_pairs=none",), axes, (0,), str(d / "store"),
+                       quiet_console(width=200), reruns=1)
+    first, again = result["runs"]
+    assert again["rerun"] == 1 and again["eval_key"] != first["eval_key"]
+    assert again["student_value"] == first["student_value"] and again["teacher_value"] == first["teacher_value"]
+    assert first["threads"] == "1/1/- det"  # teacher, student; no baseline in the tiny config
+    rr = result["summary"][0]["reruns"]
+    assert rr["n"] == 2 and rr["student_ratio_to_floor_sd"] == 0.0
+    assert "Re-runs of one seed" in result["table"]
+    page = write_sweep_report(swept["yaml"], ("eval.flip_pairs=none",), axes, (0,), str(d / "store"),
+                              str(d / "out" / "reruns.html"), reruns=1).read_text()
+    assert "The study: each model against distill.gamma" in page and 'id="rerun-table"' in page
+    assert "threads (T/S/B)" in page and "1/1/- det" in page and "seed 0 re-run 1" in page
+
+
+def test_paired_axis_gives_each_key_its_own_part():
+    ax = parse_axis("teach.model.width+distill.model.width=16:8,8:16")
+    assert ax.paired and ax.assignments("16:8") == (("teach.model.width", "16"), ("distill.model.width", "8"))
+    runs = plan_runs("x", [ax], (1,))
+    assert runs[0].overrides == ("teach.model.width=16", "distill.model.width=8", "teach.seed=1", "distill.seed=1",
+                                 "name=x-sweep-16_8-s1")
+    # one value without the parts: the same value for every key, as before
+    same = parse_axis("teach.recon_loss+distill.recon_loss=l1ssim,l1")
+    assert not same.paired and same.assignments("l1") == (("teach.recon_loss", "l1"), ("distill.recon_loss", "l1"))
+    mixed = parse_axis("data.synth_family+data.root=figures,puppets")
+    assert mixed.assignments("puppets") == (("data.synth_family", "puppets"), ("data.root", "puppets"))

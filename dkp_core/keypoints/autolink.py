@@ -42,7 +42,7 @@ class AutoLink(nn.Module):
 
     def __init__(self, *, n_keypoints: int, in_channels: int = 3, image_size: int = 128,
                  heatmap_size: int = 32, thick: float = 5e-4, sklr: float = 512.0,
-                 mask_ratio: float = 0.8, mask_blocks: int = 16, width: int = 64) -> None:
+                 mask_ratio: float = 0.8, mask_blocks: int = 16, width: int = 64, extra_blocks: int = 0) -> None:
         super().__init__()
         self.n_keypoints = n_keypoints
         self.in_channels = in_channels
@@ -50,7 +50,8 @@ class AutoLink(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.mask_blocks = int(mask_blocks)
         self.detector = KeypointDetector(n_keypoints=n_keypoints, in_channels=in_channels,
-                                         image_size=image_size, heatmap_size=heatmap_size, width=width)
+                                         image_size=image_size, heatmap_size=heatmap_size, width=width,
+                                         extra_blocks=extra_blocks)
         self.links = LinkRenderer(n_keypoints=n_keypoints, size=image_size, thick=thick, sklr=sklr)
         self.decoder = Decoder(in_channels=in_channels, width=width)
 

@@ -99,6 +99,26 @@ class ResDownBlock(nn.Module):
         return self.act(self.net(x) + self.conv_res(x))
 
 
+class BottleneckBlock(nn.Module):
+    """conv3x3-BN-LeakyReLU-conv3x3-BN plus the input, then LeakyReLU: same channels and resolution (the blocks
+    ``extra_blocks`` adds to the detector; not in AutoLink)."""
+
+    def __init__(self, *, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+        return self.act(self.net(x) + x)
+
+
 class UpBlock(nn.Module):
     """Bilinear ×2, conv3×3, BN, LeakyReLU (AutoLink's ``TransposedBlock``; no transposed conv)."""
 
@@ -144,7 +164,7 @@ class KeypointDetector(nn.Module):
     """
 
     def __init__(self, *, n_keypoints: int, in_channels: int = 3, image_size: int = 128,
-                 heatmap_size: int = 32, width: int = 64) -> None:
+                 heatmap_size: int = 32, width: int = 64, extra_blocks: int = 0) -> None:
         super().__init__()
         if n_keypoints < 1:
             raise ValueError(f"n_keypoints must be >= 1, got {n_keypoints}")
@@ -167,6 +187,12 @@ class KeypointDetector(nn.Module):
         self.down2 = ResDownBlock(in_channels=w, out_channels=2 * w)  # S/4
         self.down3 = ResDownBlock(in_channels=2 * w, out_channels=4 * w)  # S/8
         self.down4 = ResDownBlock(in_channels=4 * w, out_channels=8 * w)  # S/16
+        if extra_blocks < 0:
+            raise ValueError(f"extra_blocks must be >= 0, got {extra_blocks}")
+        # A deeper detector for architecture studies: residual blocks at the S/16 bottleneck, resolution kept. Only
+        # created when asked for, so AutoLink's state-dict names (and its checkpoints) are unchanged at 0.
+        if extra_blocks:
+            self.mid = nn.Sequential(*(BottleneckBlock(channels=8 * w) for _ in range(extra_blocks)))
         self.up1 = UpBlock(in_channels=8 * w, out_channels=4 * w)  # S/8
         self.up2 = UpBlock(in_channels=4 * w, out_channels=2 * w)  # S/4
         self.head = nn.Conv2d(2 * w, n_keypoints, kernel_size=3, padding=1)
@@ -192,6 +218,8 @@ class KeypointDetector(nn.Module):
         h = x
         for name in ("down1", "down2", "down3", "down4", "up1", "up2"):
             h = getattr(self, name)(h)
+            if name == "down4" and hasattr(self, "mid"):
+                h = self.mid(h)  # (B, 8w, S/16, S/16): the extra depth, before what down4 names
             feats[name] = h
         logits = self.head(h)  # (B, K, S/4, S/4)
         keypoints, heatmaps = soft_argmax(logits)

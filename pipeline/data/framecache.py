@@ -98,6 +98,11 @@ def specs_for(ds, *, depth_key: Optional[str]) -> list[CacheSpec]:
             raise ValueError("a depth frame cache needs the key of the depth artifact it is read from")
         ident = {"kind": "depth", "size": S, "decode": DECODE_RULE, "depth": depth_key, "norm": ds.depth_norm,
                  "rows": digest(idx)}
+        degrade = getattr(ds.depth_reader, "degrade", None)  # depth.degrade: the teacher reads other maps
+        if degrade is not None:  # (absent otherwise: the caches built before degrade existed keep their keys)
+            import dataclasses
+
+            ident["degrade"] = dataclasses.asdict(degrade)
         out.append(CacheSpec("depth", _key(ident), ident, (S, S), "float32"))
     if m.apply_masks and (ds.use_rgb or ds.use_depth):
         from pipeline.store.fingerprint import combine

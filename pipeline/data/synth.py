@@ -87,9 +87,9 @@ def _check_previous(out_dir: Path, params: dict) -> bool:
             raise ManifestError(f"{p}: unreadable ({e}); delete {out_dir} and run synth again") from None
         old_params = old.get("synthetic", {}).get("parameters") if name == "dataset.yaml" else old
         if old_params != params:
-            diff = sorted(k for k in set(params) | set(old_params or {})
-                          if (old_params or {}).get(k) != params.get(k))
-            shown = ", ".join(f"{k}: {(old_params or {}).get(k)!r} there, {params.get(k)!r} asked" for k in diff)
+            old_flat, new_flat = _flat(old_params or {}), _flat(params)
+            diff = sorted(k for k in set(new_flat) | set(old_flat) if old_flat.get(k) != new_flat.get(k))
+            shown = ", ".join(f"{k}: {old_flat.get(k)!r} there, {new_flat.get(k)!r} asked" for k in diff)
             raise ManifestError(
                 f"{out_dir} already holds a synthetic dataset with other parameters ({shown}); "
                 f"write to another folder or delete {out_dir}"
@@ -104,6 +104,18 @@ def _check_previous(out_dir: Path, params: dict) -> bool:
                 f"choose an empty or new folder for synth"
             )
     return False
+
+
+def _flat(params: dict) -> dict:
+    """Parameters with the generator's ``config`` mapping spread out (``config.family``), so that a refusal names
+    the field that differs, not the whole mapping."""
+    out = {k: v for k, v in params.items() if k != "config"}
+    cfg = params.get("config")
+    if isinstance(cfg, dict):
+        out.update({f"config.{k}": v for k, v in cfg.items()})
+    elif "config" in params:
+        out["config"] = cfg
+    return out
 
 
 def _remove_stale_tmp(*dirs: Path) -> None:
@@ -122,12 +134,14 @@ def write_synthetic(
     image_size: int = 128,
     test_fraction: float = 0.2,
     progress: bool = True,
-    n_joints: int = 16,
+    n_joints: Optional[int] = None,
     clip_length: int = 32,
     workers: Optional[int] = None,
+    family: str = "figures",
 ) -> dict[str, Any]:
     """Render ``n`` synthetic frames into ``out_dir`` in the folder layout (module docstring), on ``workers``
-    processes (None: :func:`default_workers`; the files do not depend on it).
+    processes (None: :func:`default_workers`; the files do not depend on it). ``family``: the scene family
+    (``dkp_core.synthetic.FAMILIES``); ``n_joints`` None = the family's default (16 for figures, 15 for puppets).
 
     Returns a summary dict: ``out_dir`` (str), ``n_train``, ``n_test``, ``written`` (frames rendered
     by this call), ``skipped`` (frames already on disk), ``image_size``, ``n_joints``, ``seed``,
@@ -139,15 +153,16 @@ def write_synthetic(
     _check_args(n, seed, image_size, test_fraction)
     out_dir = Path(out_dir)
     try:
-        cfg = SyntheticConfig(image_size=image_size, n_joints=n_joints, clip_length=clip_length)
+        cfg = SyntheticConfig(image_size=image_size, n_joints=n_joints, clip_length=clip_length, family=family)
     except ValueError as e:
         raise ConfigError(f"synth: {e}") from None
+    n_joints = cfg.n_joints
     params = {
         "generator_version": GENERATOR_VERSION,
         "n": n,
         "seed": seed,
         "test_fraction": float(test_fraction),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": generator_parameters(cfg),
     }
     train, test = split_indices(n, test_fraction, cfg.clip_length)
     summary = {"out_dir": str(out_dir), "n_train": len(train), "n_test": len(test), "written": 0, "skipped": 0,
@@ -206,13 +221,25 @@ def write_synthetic(
             "units": {"keypoints": "pixels (x right, y down)", "depth": "metres along the optical axis"},
             "splits": {"train": len(train), "test": len(test),
                        "rule": "train = indices 0..n_train-1; test starts at the next clip boundary"},
-            "joint_names": list(joint_names(n_joints)),
-            "left_right_pairs": [list(p) for p in left_right_pairs(n_joints)],
+            "joint_names": list(joint_names(n_joints, cfg.family)),
+            "left_right_pairs": [list(p) for p in left_right_pairs(n_joints, cfg.family)],
         },
     }
     _atomic_write(out_dir / "dataset.yaml", yaml.safe_dump(description, sort_keys=False).encode())
     (out_dir / _MARKER).unlink(missing_ok=True)
     return summary
+
+
+def generator_parameters(cfg) -> dict:
+    """``cfg`` (a SyntheticConfig) as the ``config`` mapping ``dataset.yaml`` records: every field, except the
+    scene family when it is the first one (``figures``), so that datasets written before a second family existed
+    keep their parameters (which teach's and eval's keys hash) byte for byte."""
+    from dkp_core.synthetic import DEFAULT_FAMILY
+
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    if out.get("family") == DEFAULT_FAMILY:
+        del out["family"]
+    return out
 
 
 def default_workers(n: int) -> int:

@@ -113,3 +113,73 @@ def metric_vs_value(title: str, ylabel: str, labels: Sequence[str], per_seed: Se
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
+
+
+# The models a study plot draws, in legend order: (metric key of pipeline.sweep, label, colour).
+STUDY_MODELS = (("student_value", "student (RGB, distilled)", "#d62728"),
+                ("baseline_value", "baseline (RGB, gamma 0)", "#2ca02c"),
+                ("teacher_value", "teacher (depth)", "#1f77b4"))
+
+
+def study_plot(title: str, ylabel: str, labels: Sequence[str], models: Sequence[tuple[str, str, Sequence[Sequence]]],
+               floor: Sequence[Optional[float]], xlabel: str, marks: Sequence[str] = (),
+               lower_better: bool = True) -> Optional[bytes]:
+    """A study at a glance: each model's metric against the varied value, one line per model through the means
+    (error bars: sd over seeds, faint points: each seed), the floor drawn as a dashed line.
+
+    ``labels``: the varied values in grid order (numbers are spaced by value, on a log axis when they span more
+    than 30x and are all positive); ``models``: (label, colour, per point the values of each seed's run, None
+    where unfinished); ``floor``: the floor at each point; ``marks``: values to mark with a dotted vertical line
+    (e.g. the paper's gamma 0.1 and 0.4). None when no model has a value."""
+    import numpy as np
+
+    if not any(v is not None for _, _, pts in models for vs in pts for v in vs):
+        return None
+    try:
+        xs = [float(x) for x in labels]
+        numeric = len(set(xs)) == len(xs)
+    except ValueError:
+        numeric = False
+    if not numeric:
+        xs = [float(i) for i in range(len(labels))]
+    log_x = numeric and min(xs) > 0 and max(xs) / min(xs) > 30
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=100)
+    for label, colour, pts in models:
+        mx, my, sd = [], [], []
+        for x, vs in zip(xs, pts):
+            ys = [float(v) for v in vs if v is not None and math.isfinite(float(v))]
+            if not ys:
+                continue
+            ax.plot([x] * len(ys), ys, "o", color=colour, alpha=0.25, markersize=4)
+            mx.append(x)
+            my.append(float(np.mean(ys)))
+            sd.append(float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0)
+        if mx:
+            ax.errorbar(mx, my, yerr=sd, fmt="-o", color=colour, capsize=3, lw=1.6, markersize=5, label=label)
+    fl = [(x, f) for x, f in zip(xs, floor) if f is not None]
+    if fl:
+        if len({round(f, 6) for _, f in fl}) == 1:
+            ax.axhline(fl[0][1], color="#555555", ls="--", lw=1.2, label="floor (mean pose)")
+        else:
+            ax.plot(*zip(*fl), "--", color="#555555", lw=1.2, marker="_", markersize=12, label="floor (mean pose)")
+    for m in marks:
+        try:
+            mxv = float(m) if numeric else float(list(labels).index(m))
+        except ValueError:
+            continue
+        ax.axvline(mxv, color="#9467bd", ls=":", lw=1.2)
+        ax.annotate(f"paper {m}", (mxv, 0.02), xycoords=("data", "axes fraction"), fontsize=7, color="#9467bd",
+                    rotation=90, va="bottom", ha="right")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20 if max(len(s) for s in labels) > 6 else 0, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (lower is better)" if lower_better else " (higher is better)"), fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)

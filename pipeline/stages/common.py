@@ -13,15 +13,31 @@ from pipeline.errors import CheckpointError
 
 def model_args(section: C.TrainConfig, in_channels: int = 3) -> dict:
     m = section.model
-    return dict(n_keypoints=m.n_keypoints, in_channels=in_channels, image_size=m.image_size,
+    args = dict(n_keypoints=m.n_keypoints, in_channels=in_channels, image_size=m.image_size,
                 heatmap_size=m.heatmap_size, thick=m.thick, sklr=m.sklr, mask_ratio=m.mask_ratio,
                 mask_blocks=m.mask_blocks, width=m.width)
+    if m.extra_blocks:  # only when set: model.pt files of AutoLink's depth keep their arguments
+        args["extra_blocks"] = m.extra_blocks
+    return args
+
+
+# model_args key of a student trained with distill.adapter: (student channels, teacher channels) of its 1x1 adapter
+ADAPTER_ARG = "distill_adapter"
 
 
 def build_model(args: dict):
+    """An AutoLink from its model_args; a student distilled through a learned adapter (``distill.adapter``) gets
+    the adapter as its ``distill_adapter`` submodule, so that its model.pt loads whole (eval never runs it)."""
     from dkp_core.keypoints import AutoLink
 
-    return AutoLink(**args)
+    args = dict(args)
+    adapter = args.pop(ADAPTER_ARG, None)
+    model = AutoLink(**args)
+    if adapter is not None:
+        from torch import nn
+
+        model.distill_adapter = nn.Conv2d(int(adapter[0]), int(adapter[1]), kernel_size=1)
+    return model
 
 
 def train_settings(section: C.TrainConfig):
@@ -78,6 +94,43 @@ def training_progress():
         if handler is not None:
             logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+@contextlib.contextmanager
+def training_threads(section: C.TrainConfig):
+    """Run a training with ``section.deterministic``'s threads; yields what enters the artifact's record.
+
+    On a CPU the float reductions of a convolution's backward pass are split over torch's threads, so their order,
+    and the last bits of every gradient, change with the thread count; two two-thread runs of one key differ too
+    (docs/results.md, "Run-to-run spread"). One thread is the only count that gives the same weights on any
+    machine with the same kernels, so ``deterministic`` trains on one (the thread count is restored after).
+    On CUDA it turns on torch's deterministic algorithms (warn-only: an op without one warns) and cuDNN's
+    deterministic mode; that path is not measured on a GPU here.
+
+    Yields ``{"threads": N, "deterministic": bool, "cpu_capability": "AVX512" ...}``: the thread count and the
+    CPU's kernel family decide the bits of a non-deterministic run, so they are recorded beside every model."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    det_before = torch.are_deterministic_algorithms_enabled()
+    cudnn_before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    if section.deterministic:
+        torch.set_num_threads(1)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        cap = None
+    try:
+        yield {"threads": torch.get_num_threads(), "deterministic": bool(section.deterministic), "cpu_capability": cap}
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(det_before)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
 
 
 def load_trained(path: Path):

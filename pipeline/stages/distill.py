@@ -30,21 +30,52 @@ def teacher_embedding(teacher, depth: torch.Tensor, layer: str) -> torch.Tensor:
     return out.features[layer].float()
 
 
-def check_embedding_shapes(teacher, student_args: dict, layer: str) -> None:
-    """Refuse a teacher/student pair whose ``layer`` tensors differ in shape (the cosine needs equal shapes)."""
-    from pipeline.errors import ConfigError
-
+def embedding_shapes(teacher, student_args: dict, layer: str) -> tuple[tuple, tuple]:
+    """(C, h, w) of the teacher's and of a student's ``layer`` tensor."""
     student = common.build_model(student_args).eval()
     with torch.no_grad():
         t = teacher_embedding(teacher, torch.zeros(1, 3, teacher.image_size, teacher.image_size,
                                                    device=next(teacher.parameters()).device), layer)
         s_ = student.detector(torch.zeros(1, 3, student.image_size, student.image_size),
                               return_features=(layer,)).features[layer]
-    if tuple(t.shape[1:]) != tuple(s_.shape[1:]):
+    return tuple(t.shape[1:]), tuple(s_.shape[1:])
+
+
+def check_embedding_shapes(teacher, student_args: dict, layer: str, flatten: str = "sample",
+                           adapter: bool = False):
+    """Refuse a teacher/student pair whose ``layer`` tensors cannot be compared; return the adapter's
+    (student channels, teacher channels) when ``adapter``, else None.
+
+    The spatial sizes may differ (a teacher at another image_size): the teacher's tensor is resized to the
+    student's (:func:`match_target`). The channels must match unless the alignment bridges them: a learned 1x1
+    ``adapter``, or ``flatten: attention`` (which has no channel axis)."""
+    from pipeline.errors import ConfigError
+
+    t, s_ = embedding_shapes(teacher, student_args, layer)
+    if adapter:
+        return (s_[0], t[0])
+    if t[0] != s_[0] and flatten != "attention":
         raise ConfigError(
-            f"distill.layer={layer}: the teacher's tensor is {tuple(t.shape[1:])} but the student's would be "
-            f"{tuple(s_.shape[1:])}; make distill.model (n_keypoints, image_size, heatmap_size, width) match "
-            "teach.model, or set distill.gamma: 0")
+            f"distill.layer={layer}: the teacher's tensor is {t} but the student's would be {s_} (other channel "
+            f"counts); make distill.model (n_keypoints, width) match teach.model, or bridge them "
+            "with distill.adapter: true (a learned 1x1 convolution) or distill.flatten: attention, or set "
+            "distill.gamma: 0")
+    return None
+
+
+def match_target(t: torch.Tensor, size: tuple, layer: str) -> torch.Tensor:
+    """The teacher's ``layer`` tensor (B, C, h, w) at the student's spatial ``size`` (h', w'): area-averaged when
+    smaller, bilinear when larger; heatmaps are renormalised so that each map sums to 1 again."""
+    import torch.nn.functional as F
+
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    smaller = size[0] * size[1] < t.shape[-2] * t.shape[-1]
+    out = F.interpolate(t, size=size, mode="area") if smaller else \
+        F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    if layer == "heatmaps":
+        out = out / out.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return out
 
 
 def init_from_teacher(student, teacher, init: str) -> None:
@@ -241,7 +272,9 @@ def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool, keyp
     """The trainer's ``step_fn`` of this stage: reconstruction of ``batch["rgb"]`` + gamma * (1 - cos) between the
     student's ``layer`` tensor and ``target(batch)``, the frozen teacher's (live, or from the embedding cache),
     + ``keypoint_weight`` * the squared distance of the two soft-argmax keypoints.
-    ``gamma <= 0`` never calls ``target``: plain AutoLink."""
+    ``gamma <= 0`` never calls ``target``: plain AutoLink. A student with a ``distill_adapter`` (``distill.adapter``)
+    maps its tensor to the teacher's channels through it first; a teacher tensor of another spatial size is
+    resized to the student's (:func:`match_target`)."""
     from dkp_core.losses import distillation_loss, keypoint_distillation_loss
 
     def step_fn(model, batch, sctx):
@@ -251,8 +284,12 @@ def distill_step(recon, target, *, gamma: float, layer: str, flatten: bool, keyp
         logs = {"recon_loss": rec.detach()}  # device tensors: the trainer reads them once per metrics line
         if gamma <= 0:
             return rec, logs
-        t = target(batch).to(x.device)
-        kd = distillation_loss(out.detector_output.features[layer].float(), t, flatten=flatten)
+        s_ = out.detector_output.features[layer]
+        adapter = getattr(sctx.module, "distill_adapter", None)
+        if adapter is not None:
+            s_ = adapter(s_)  # (B, C_student, h, w) -> (B, C_teacher, h, w)
+        t = match_target(target(batch).to(x.device), tuple(s_.shape[-2:]), layer)
+        kd = distillation_loss(s_.float(), t, flatten=flatten)
         logs["kd_loss"] = kd.detach()
         loss = rec + gamma * kd
         if keypoint_weight > 0:
@@ -279,8 +316,9 @@ def run(ctx) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.to(device).eval()
+    adapter = None
     if gamma > 0:
-        check_embedding_shapes(teacher, common.model_args(sec), layer)
+        adapter = check_embedding_shapes(teacher, common.model_args(sec), layer, sec.flatten, sec.adapter)
 
     train_idx = valid_train_indices(m, reader, "train")
     use_cache = bool(sec.teacher_cache and gamma > 0)
@@ -300,6 +338,8 @@ def run(ctx) -> dict:
         cache = EmbeddingCache(cache_path)
 
     args = common.model_args(sec)
+    if adapter is not None:  # stored in model.pt's arguments: the student loads whole, adapter included
+        args[common.ADAPTER_ARG] = list(adapter)
     torch.manual_seed(sec.seed)
     model = common.build_model(args)
     if sec.init != "scratch":
@@ -326,7 +366,7 @@ def run(ctx) -> dict:
                                                            out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
 
     try:
-        with common.training_progress():
+        with common.training_progress(), common.training_threads(sec) as threads:
             res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), step_fn=step_fn,
                         settings=common.train_settings(sec), config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                         on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, train_log=log,
@@ -338,4 +378,4 @@ def run(ctx) -> dict:
     _finish(ctx, res, f"student (RGB), gamma={gamma}")
     return {"result": {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
                        "amp": res.amp_dtype, "world_size": res.world_size, "device": res.device,
-                       "n_train_frames": len(ds), "teacher_cache": use_cache}}
+                       "n_train_frames": len(ds), "teacher_cache": use_cache, **threads}}

@@ -118,7 +118,10 @@ def run(ctx) -> dict:
     device = resolve_device(settings.device)
     fit, test = m.split("regress"), m.split("test")
     options = protocol_options(ctx, protocol)
-    reader = DepthCacheReader(ctx.upstream_path("depth"))
+    from pipeline.data.degrade import teacher_reader
+
+    # the teacher is scored on the depth it was trained on (depth.degrade; the cache's own maps by default)
+    reader = teacher_reader(DepthCacheReader(ctx.upstream_path("depth")), ctx.cfg.depth.degrade)
     results, arrays = {}, {}
     roles = [r for r in ROLES if r[1] in ctx.plan.stages]
     for role, entry, key in roles:

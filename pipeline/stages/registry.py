@@ -184,11 +184,29 @@ def _train_settings(section: str) -> Callable[[C.ExperimentConfig, Any], C.Train
     return settings
 
 
+# Training fields added after artifacts existed, at the value that was the only behaviour before them: left out of
+# the key there, so models trained before keep their keys (init and keypoint_weight: distill's own, below).
+_TRAIN_FIELDS_ADDED = (("deterministic", False), ("rerun", 0), ("adapter", False))
+
+
 def _train_config(s: C.TrainConfig) -> dict:
     sem = C.semantic_dict(s)
     if s.recon_loss == "perceptual":
         sem["vgg_sha256"] = file_digest(s.vgg_weights) if s.vgg_weights else "torchvision-default"
+    for name, before in _TRAIN_FIELDS_ADDED:
+        if name in sem and sem[name] == before:
+            del sem[name]
+    if sem["model"].get("extra_blocks") == 0:
+        del sem["model"]["extra_blocks"]
     return sem
+
+
+def degrade_settings(depth_settings) -> Optional[dict]:
+    """depth.degrade as the teacher applies it, or None when it leaves the depth as it is (the default)."""
+    d = getattr(getattr(depth_settings, "config", None), "degrade", None)
+    if d is None or d == C.DegradeConfig():
+        return None
+    return dataclasses.asdict(d)
 
 
 def _masked(env: KeyEnv, fingerprint: dict, part: str) -> dict:
@@ -201,7 +219,11 @@ def _masked(env: KeyEnv, fingerprint: dict, part: str) -> dict:
 def _teach_key(s: C.TrainConfig, env: KeyEnv) -> KeyParts:
     from pipeline.data import reads
 
-    return KeyParts(_train_config(s), env.upstream(TEACH.upstream),
+    sem = _train_config(s)
+    degrade = degrade_settings(env.settings.get("depth"))
+    if degrade is not None:  # the teacher reads worse depth than the cache holds (docs/studies.md)
+        sem["depth_degrade"] = degrade
+    return KeyParts(sem, env.upstream(TEACH.upstream),
                     _masked(env, reads.teach_fingerprint(env.manifest, env.synthetic), "masks"))
 
 
@@ -244,10 +266,10 @@ def _run_distill(ctx) -> dict:
 
 def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach
-    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch and no keypoint term, as a baseline must
-    not learn from the depth teacher)."""
+    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch, no keypoint term and no adapter, as a
+    baseline must not learn from the depth teacher)."""
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0, init="scratch",
-                                                                        keypoint_weight=0.0),
+                                                                        keypoint_weight=0.0, adapter=False),
                                eval=dataclasses.replace(cfg.eval, baseline=False))
 
 

@@ -12,9 +12,11 @@ from pipeline.stages import common
 
 
 def open_depth(ctx):
+    """The depth cache as the teacher reads it: degraded when ``depth.degrade`` is set (pipeline/data/degrade.py)."""
+    from pipeline.data.degrade import teacher_reader
     from pipeline.depth_cache import DepthCacheReader
 
-    return DepthCacheReader(ctx.upstream_path("depth"))
+    return teacher_reader(DepthCacheReader(ctx.upstream_path("depth")), ctx.cfg.depth.degrade)
 
 
 def fixed_batch(ds, n: int = 16) -> dict:
@@ -114,14 +116,14 @@ def run(ctx) -> dict:
         common.log_picture(log, step, common.keypoint_grid(model, vis["depth"], background=vis["depth"],
                                                            out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
 
-    with common.training_progress():
+    with common.training_progress(), common.training_threads(sec) as threads:
         res = train(run_dir=ctx.path, model=model, dataset=ds.loader_view(), collate_fn=collate_frames,
                     step_fn=step_fn, settings=common.train_settings(sec),
                     config=ctx.stage.inputs["config"] | {"steps": sec.steps},
                     on_eval=on_eval, config_hash=ctx.stage.key, model_args=args, params=None, train_log=log)
     _finish(ctx, res, "teacher (depth)")
     result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s,
-              "amp": res.amp_dtype, "world_size": res.world_size, "device": res.device, "n_train_frames": len(ds)}
+              "amp": res.amp_dtype, "world_size": res.world_size, "device": res.device, "n_train_frames": len(ds), **threads}
     test_idx = m.split("test") if len(m.split("test")) else train_idx
     is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                    and torch.distributed.get_rank() != 0)  # under torchrun only rank 0 reports

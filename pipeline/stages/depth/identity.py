@@ -44,6 +44,9 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
 
     d = resolve_auto(d)
     key = C.semantic_dict(d)
+    # degrade is applied when the teacher reads the cache (pipeline/data/degrade.py), never to the cache: it is in
+    # teach's key (registry), and one cache serves every degradation
+    key.pop("degrade", None)
     if not d.tf32 or d.provider != "midas" or d.precision != "fp32":  # read only by fp32 MiDaS (on CUDA)
         key.pop("tf32")
     spec: Optional[dict] = {"provider": d.provider, "manifest_fingerprint": m.fingerprint,
