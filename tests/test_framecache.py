@@ -125,6 +125,13 @@ def test_cache_keys_follow_what_the_rows_are_made_of(masked, plain):
         manifest=masked, indices=np.arange(len(masked)), image_size=16, use_rgb=True, use_depth=True,
         depth_reader=HoledDepth(24, 40)), depth_key="e" * 64)}
     assert other_depth["depth"] != base["depth"] and other_depth["rgb"] == base["rgb"]
+    # depth.degrade: the teacher reads other maps from the same depth artifact, so another depth cache per setting
+    from pipeline.config import DegradeConfig
+    from pipeline.data.degrade import DegradedReader
+
+    noisy, blurred = (keys(masked, depth_reader=DegradedReader(HoledDepth(24, 40), DegradeConfig(**kw)))
+                      for kw in ({"noise": 0.1}, {"blur": 0.05}))
+    assert len({noisy["depth"], blurred["depth"], base["depth"]}) == 3 and noisy["rgb"] == base["rgb"]
     assert set(keys(plain)) == {"rgb", "depth"}  # no masks applied: no mask cache
     # a frame's bytes, its EXIF orientation or a mask's bytes: a new key for the cache that holds them
     from copy import copy

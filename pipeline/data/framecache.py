@@ -98,7 +98,7 @@ def specs_for(ds, *, depth_key: Optional[str]) -> list[CacheSpec]:
             raise ValueError("a depth frame cache needs the key of the depth artifact it is read from")
         ident = {"kind": "depth", "size": S, "decode": DECODE_RULE, "depth": depth_key, "norm": ds.depth_norm,
                  "rows": digest(idx)}
-        degrade = getattr(ds.depth_reader, "degrade", None)  # depth.degrade: the teacher reads other maps
+        degrade = getattr(ds.reader, "degrade", None)  # depth.degrade: the teacher reads other maps
         if degrade is not None:  # (absent otherwise: the caches built before degrade existed keep their keys)
             import dataclasses
 
