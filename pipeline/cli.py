@@ -7,7 +7,6 @@ command is a few lines over a function elsewhere, and the whole surface reads be
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -145,12 +144,13 @@ def run(config, overrides, store, dry_run, until, jobs, verify):
     experiment's HTML page (see `report`)."""
     import errno
 
+    from pipeline.process import this_process
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
     console = _console()
     plan = run_pipeline(cfg, store, dry_run=dry_run, until=until, console=console, jobs=jobs, verify=verify)
-    if not dry_run and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the page
+    if not dry_run and this_process().is_main:  # under torchrun, rank 0 writes the page
         from pipeline.report.experiment import write_experiment_report
 
         try:  # a run that built something: the plan again (states changed), over the manifest it used (not walked
@@ -318,7 +318,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache_info(cache_dir, as_json):
     """Frames, validity, size and the spec (model, weights sha256, resize rule, ...) of a depth cache."""
-    from pipeline.depth_cache.cli import info_command
+    from pipeline.stages.depth.share import info_command
 
     info_command(cache_dir, _console(), as_json)
 
@@ -327,7 +327,7 @@ def cache_info(cache_dir, as_json):
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 def cache_verify(cache_dir):
     """Re-check every shard's checksum, every chunk and every frame hash of a depth cache."""
-    from pipeline.depth_cache.cli import verify_command
+    from pipeline.stages.depth.share import verify_command
 
     verify_command(cache_dir, _console())
 
@@ -337,7 +337,7 @@ def cache_verify(cache_dir):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .h5 file to write.")
 def cache_export(config, overrides, store, output):
     """Write CONFIG's depth cache as ONE HDF5 file a colleague can `cache import`."""
-    from pipeline.depth_cache.cli import export_command
+    from pipeline.stages.depth.share import export_command
 
     export_command(_load(config, overrides), store, output, _console())
 
@@ -350,7 +350,7 @@ def cache_export(config, overrides, store, output):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def cache_import(file, store, config, overrides):
     """Verify a shared depth-cache file and place it in the store under its key (no MiDaS needed)."""
-    from pipeline.depth_cache.cli import import_command
+    from pipeline.stages.depth.share import import_command
 
     import_command(file, store, _console(), cfg=_load(config, overrides) if config else None)
 

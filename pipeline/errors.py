@@ -42,15 +42,19 @@ class StorageError(DkpError, OSError):
     the runner, which knows which stage was writing.
     """
 
+    # How the message is written: set by pipeline.store.io (describe_storage_error), which builds these errors, so
+    # that this bottom module imports nothing of the store above it. Computed when printed: the runner fills in the
+    # artifact after the error was raised lower down.
+    describe = None
+
     def __init__(self, errno_: int, strerror: str, filename: str, *, what: str = "", needed=None,
                  artifact: str = "") -> None:
         OSError.__init__(self, errno_, strerror, filename)
         self.what, self.needed, self.artifact = what, needed, artifact
 
     def __str__(self) -> str:
-        from pipeline.store.io import describe_storage_error
-
-        return describe_storage_error(self)
+        describe = type(self).describe
+        return describe(self) if describe is not None else OSError.__str__(self)
 
 
 def printable(text: str) -> str:

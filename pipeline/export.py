@@ -73,7 +73,7 @@ def metadata(model, source: Path, payload: dict) -> dict[str, str]:
                         "frame: invert the resize/crop (docs/conventions.md, pipeline.predict.model_to_image)"),
         "links": [[round(float(v), 6) for v in row] for row in links],
         "source": {"file": str(src.resolve()), "sha256": sha256_file(src),
-                   "trained_by": payload.get("stage") or "distill"},
+                   "trained_by": (payload.get("info") or {}).get("stage") or "distill"},
     }
     return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
 

@@ -3,7 +3,8 @@
 manifest -> depth -> teach -> distill -> eval; with ``eval.baseline`` a second distill artifact, the
 gamma = 0 RGB-only baseline ("baseline": the same key a ``--set distill.gamma=0`` run has), is built
 before eval, which scores it beside the student. Which entries there are, what each key hashes and how a
-stage runs is declared once, in :mod:`pipeline.stages.registry`; this module walks it. Computing the keys needs only the manifest (whose frame
+stage runs is declared once, in each stage's folder (the tuple in :mod:`pipeline.stages.registry`); this module
+walks it. Computing the keys needs only the manifest (whose frame
 fingerprints are memoised by inode/size/mtime) and the digests of weight files, so `status` is cheap.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline.store.artifacts import Store, artifact_key, key_inputs
 from pipeline.stages import registry
+from pipeline.stages.declaration import KeyEnv, Stage
 
 
 @dataclass
@@ -86,7 +88,7 @@ def explain_change(stage: str, old: dict, new: dict, data=None) -> list[str]:
                 if part == "frames" and stage == "manifest":
                     why.append(frames_changed(old_m, new_m))
                 else:
-                    why.append(describe(stage, part, ofp.get(part), old_m, new_m, synthetic))
+                    why.append(describe(registry.stage(stage).reads, part, ofp.get(part), old_m, new_m, synthetic))
         elif stage == "manifest":
             why.append(frames_changed(*(data or (None, None))[:2]))
         else:
@@ -145,9 +147,10 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     settings: dict[str, Any] = {}
     for entry, stage, entry_cfg in registry.plan_entries(cfg):
         s = stage.settings(entry_cfg, m)
-        parts = stage.key(s, registry.KeyEnv(manifest=m, synthetic=synthetic, keys=keys, settings=settings))
-        key = artifact_key(stage.name, parts.config, parts.upstream, parts.fingerprint)
-        stages[entry] = StagePlan(stage.name, key, key_inputs(stage.name, parts.config, parts.upstream, parts.fingerprint),
+        parts = stage.key(s, KeyEnv(manifest=m, synthetic=synthetic, keys=keys, settings=settings))
+        key = artifact_key(stage.name, parts.config, parts.upstream, parts.fingerprint, schema=stage.schema)
+        stages[entry] = StagePlan(stage.name, key, key_inputs(stage.name, parts.config, parts.upstream,
+                                                              parts.fingerprint, schema=stage.schema),
                                   C.to_dict(getattr(entry_cfg, stage.section)), settings=s,
                                   cfg=entry_cfg if entry_cfg is not cfg else None)
         keys[entry], settings[entry] = key, s
@@ -156,9 +159,9 @@ def build_plan(cfg: C.ExperimentConfig, store: Store, *, progress: bool = True, 
     last = store.last_built(cfg.name)
     old_manifest = _old_manifest(store, last.get("manifest"), stages["manifest"].key)
     for name, sp in stages.items():
-        st = store.state(sp.stage, sp.key, verify=verify)
-        sp.path = st.path
         stage = registry.stage(sp.stage)
+        st = store.state(sp.stage, sp.key, verify=verify, outputs=stage.outputs, check=stage.integrity)
+        sp.path = st.path
         if st.state == "damaged":
             sp.state, sp.damage = "damaged", st.damage
             sp.why = [f"{d['file']} {d['problem']}" for d in st.damage[:5]]
@@ -210,7 +213,7 @@ def preflight(plan: Plan, stages, console=None) -> None:
             raise DkpError(problem)
 
 
-def progress_of(stage: registry.Stage, path: Path) -> Optional[str]:
+def progress_of(stage: Stage, path: Path) -> Optional[str]:
     """'frames 1024/6000' or 'step 300/20001' for an interrupted artifact, read from its files (None: unknown)."""
     if stage.progress is None:
         return None

@@ -4,7 +4,7 @@ On a CPU two small trainings in two processes of one thread each get more steps 
 with two threads (`bench side-by-side` on the 2-core development VM: 7.11 against 4.88 steps/s of the
 synthetic preset's step, 1.46 x; docs/benchmarks.md). The runner hands over a group of entries none of which
 reads another's artifact (the distilled student and the gamma = 0 baseline: both read teach and depth
-only). Each entry runs in its own spawned process through the runner's own ``_run_stage`` (the lock,
+only). Each entry runs in its own spawned process through :func:`pipeline.execute.run_stage` (the lock,
 the resume from the last checkpoint, the publish), with ``threads // n`` torch threads, its console
 output appended to ``STORE/logs/<entry>-<key16>.log``. The parent shows each entry's step (from its
 metrics.jsonl) and, when one fails, re-raises its error once every entry has stopped; what the others
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import DkpError
+from pipeline.process import this_process
 
 POLL_S = 0.5
 LINE_EVERY_S = 30.0  # a progress line at most this often when the console is not a terminal
@@ -54,7 +55,7 @@ def choose_jobs(plan, group: list[str], requested: Optional[int]) -> int:
     else ``requested`` (``--jobs``), else one per entry on a CPU while each keeps at least one of torch's
     threads (``OMP_NUM_THREADS=1`` therefore means one at a time), one where a training would use CUDA (one
     GPU, kept by one process)."""
-    if len(group) < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if len(group) < 2 or this_process().distributed:
         return 1
     if requested is not None:
         return max(1, min(int(requested), len(group)))
@@ -143,7 +144,7 @@ def run_side_by_side(cfg, plan, group: list[str], store, console, options: dict,
                 del running[name]
                 sp = plan.stages[name]
                 if result[0] == "ok":
-                    from pipeline.runner import record_built  # the runner imports this module
+                    from pipeline.execute import record_built
 
                     if len(result) > 1:  # its log could not be written (a full disk): a warning, not a failure
                         console.print(f"warning: {result[1]}", markup=False, soft_wrap=True)
@@ -255,7 +256,7 @@ def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, op
         torch.set_num_threads(threads)
         from rich.console import Console
 
-        from pipeline import runner
+        from pipeline.execute import run_stage
         from pipeline.graph import build_plan
         from pipeline.stages import registry
         from pipeline.store.artifacts import Store
@@ -268,7 +269,7 @@ def _child(cfg, store_root: str, name: str, key: str, threads: int, log: str, op
         sp = plan.stages[name]
         if sp.key != key:  # the inputs changed between the parent's plan and this one
             raise DkpError(f"{name}: its inputs changed while the run was starting (key {key[:16]} -> {sp.key[:16]})")
-        runner._run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, options)
+        run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, options)
         failed = log_problem or sys.stdout.failed or sys.stderr.failed
         send.send(("ok", f"the output of {name} is incomplete in {log} ({failed}); the training itself finished")
                   if failed else ("ok",))

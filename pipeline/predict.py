@@ -126,7 +126,11 @@ def _read_image(path: Path) -> np.ndarray:
 
 def trained_by(path: Path, payload: dict) -> str | None:
     """"teach" or "distill": the stage that trained the model at ``path`` (a model.pt or its artifact directory),
-    from the artifact's record, else from the config saved in model.pt (only distill's has ``gamma``)."""
+    as its model.pt records it (``info``); for a model.pt written before it did, from the artifact's record, else
+    from the config saved beside the weights (only distill's has ``gamma``)."""
+    stage = (payload.get("info") or {}).get("stage")
+    if stage in ("teach", "distill"):
+        return stage
     record = (path if path.is_dir() else path.parent) / "artifact.json"
     try:
         stage = json.loads(record.read_text()).get("stage")

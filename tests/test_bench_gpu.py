@@ -127,9 +127,9 @@ def test_bench_gpu_suite_on_cpu(tmp_path, monkeypatch):
 
 
 def test_budget_skips_and_records_what_would_overrun():
-    from pipeline.bench.gpu import _Budget
+    from pipeline.bench.gpu import Budget
 
-    b = _Budget(time.time() + 5)
+    b = Budget(time.time() + 5)
     assert b.run("first", None, lambda: {"x": 1}) == {"x": 1}  # no estimate yet: runs while time is left
     assert b.run("too long", 60.0, lambda: pytest.fail("must not run")) is None
     assert b.run("fits", 0.5, lambda: {"y": 2}) == {"y": 2}
@@ -138,7 +138,7 @@ def test_budget_skips_and_records_what_would_overrun():
     assert [r["case"] for r in b.log] == ["first", "too long", "fits", "fails"]
     assert b.log[1]["skipped"] == "budget" and b.log[1]["estimate_s"] == 60.0 and "actual_s" not in b.log[1]
     assert b.log[3]["error"].startswith("RuntimeError") and b.log[2]["actual_s"] >= 0
-    late = _Budget(time.time() - 1)
+    late = Budget(time.time() - 1)
     assert late.run("any", None, lambda: pytest.fail("must not run")) is None and late.log[0]["skipped"] == "budget"
 
 
@@ -147,10 +147,10 @@ def test_a_killed_part_hands_back_what_it_finished(tmp_path):
     included) and adds the error, so a part killed past its deadline loses only its running case."""
     import subprocess
 
-    from pipeline.bench.gpu import _Budget, _recover
+    from pipeline.bench.gpu import Budget, _recover
 
     progress = tmp_path / "part.jsonl"
-    b = _Budget(time.time() + 60, str(progress))
+    b = Budget(time.time() + 60, str(progress))
     b.keep({"bare/fp32/b1": b.run("bare/fp32/b1", None, lambda: {"frames_per_s": 3.0})})
     b.run("stage/cpu", 600.0, lambda: pytest.fail("must not run"))
     with open(progress, "a") as f:

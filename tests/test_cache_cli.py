@@ -124,7 +124,7 @@ def test_teach_after_import_never_runs_depth(built, tmp_path):
 def test_import_refuses_a_cache_the_config_does_not_need(built, tmp_path):
     from rich.console import Console
 
-    from pipeline.depth_cache.cli import export_command, import_command
+    from pipeline.stages.depth.share import export_command, import_command
     from pipeline.config import load_config
     from pipeline.errors import CacheError
 

@@ -190,7 +190,8 @@ def test_rebuild_refused_when_what_it_reads_is_not_fresh(exp):
     from pipeline.config import load_config
     from pipeline.errors import DkpError
     from pipeline.graph import build_plan
-    from pipeline.runner import prepare_rebuild
+    from pipeline.execute import prepare_rebuild
+    from pipeline.stages import registry
     from pipeline.store.artifacts import Store
 
     d = exp(keep=("manifest", "depth", "teach"))
@@ -199,5 +200,5 @@ def test_rebuild_refused_when_what_it_reads_is_not_fresh(exp):
     plan = build_plan(load_config(str(d / "tiny.yaml"), []), Store(d / "store"), progress=False)
     with pytest.raises(DkpError, match=r"teach artifact .* is damaged \(model.pt missing\); rebuilding it reads the "
                                        r"depth artifact, which is damaged \(shards/shard-00001.h5 missing\)"):
-        prepare_rebuild(plan, "teach", plan.store)
+        prepare_rebuild(plan, "teach", plan.store, registry.stage("teach"))
     assert (artifact(d, "teach") / "COMPLETE").exists()  # refused before touching anything

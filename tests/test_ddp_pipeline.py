@@ -39,7 +39,8 @@ def test_torchrun_two_ranks_runs_every_stage_and_equals_one_process(tiny_experim
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.graph import build_plan
     from pipeline.stages.common import load_trained
-    from pipeline.stages.distill import EmbeddingCache, build_embedding_cache
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache, build_embedding_cache
+    from dkp_core.keypoints.teacher import FrozenTeacher
     from pipeline.store.artifacts import Store
 
     exp = tiny_experiment
@@ -80,7 +81,8 @@ def test_torchrun_two_ranks_runs_every_stage_and_equals_one_process(tiny_experim
     idx = valid_train_indices(m, two_depth, "train")
     ds = FrameDataset(manifest=m, indices=idx, image_size=cfg.teach.model.image_size, use_rgb=False, use_depth=True,
                       depth_reader=two_depth, depth_norm=cfg.teach.depth_norm)
-    teacher, _ = load_trained(_artifact(exp["store"], "teach"))
+    model, _ = load_trained(_artifact(exp["store"], "teach"))
+    teacher = FrozenTeacher(model)
     alone = Path(exp["cwd"]) / "alone"
     build_embedding_cache(alone, teacher, ds, cfg.distill.layer, bool(index["n_flip"] == 2), torch.device("cpu"),
                           Console(file=io.StringIO()))

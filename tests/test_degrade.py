@@ -127,14 +127,14 @@ def test_the_teacher_reads_degraded_depth_in_every_stage(tiny_store):
     degraded maps), while the depth cache is the clean run's artifact."""
     import json
 
-    import h5py
     import torch
 
     from pipeline.config import load_config
     from pipeline.data.datasets import FrameDataset
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.stages import common
-    from pipeline.stages.distill import teacher_embedding
+    from dkp_core.keypoints.teacher import FrozenTeacher
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache
 
     sets = ("distill.layer=heatmaps", "distill.flatten=keypoint")
     plan_c = tiny_store(sets, until="teach")["plan"]
@@ -147,17 +147,18 @@ def test_the_teacher_reads_degraded_depth_in_every_stage(tiny_store):
     assert rec["inputs"]["config"]["depth_degrade"]["noise"] == 0.3
 
     cfg = load_config(t["yaml"], list(sets + deg))
-    teacher, _ = common.load_trained(plan_d.stages["teach"].path)
+    teacher = FrozenTeacher(common.load_trained(plan_d.stages["teach"].path)[0])
     m = plan_d.manifest
-    with h5py.File(plan_d.stages["distill"].path / "teacher_embeddings.h5") as f:
-        cached, position = f["embedding"][:], f["position"][:]
+    cache = EmbeddingCache(plan_d.stages["distill"].path / "teacher_embeddings")
+    position = np.load(plan_d.stages["distill"].path / "teacher_embeddings" / "position.npy")
     i = int(np.flatnonzero(position >= 0)[0])
+    cached = cache.lookup(np.array([i]), np.array([0]))[0].numpy()
     for reader, same in ((DepthCacheReader(plan_d.stages["depth"].path), False),
                          (teacher_reader(DepthCacheReader(plan_d.stages["depth"].path), cfg.depth.degrade), True)):
         ds = FrameDataset(manifest=m, indices=[i], image_size=teacher.image_size, use_rgb=False, use_depth=True,
                           depth_reader=reader)
-        emb = teacher_embedding(teacher, ds[0]["depth"][None], "heatmaps")[0].numpy()
-        assert np.allclose(emb, cached[position[i], 0], atol=1e-6) == same
+        emb = teacher.embedding(ds[0]["depth"][None], "heatmaps")[0].numpy()
+        assert np.allclose(emb, cached, atol=1e-6) == same
     m_eval = json.loads((plan_d.stages["eval"].path / "metrics.json").read_text())
     assert m_eval["teacher"]["artifact"] == plan_d.stages["teach"].key
     torch.set_num_threads(torch.get_num_threads())

@@ -78,13 +78,13 @@ def test_a_flipped_byte_in_a_direct_chunk_is_an_error_on_read(tmp_path):
 def _write_shard(root, maps, threads: int, direct: bool):
     from pipeline.depth_cache import CacheWriter
     from pipeline.depth_cache import writer as W
-    from pipeline.stages.depth.writer import _BackgroundWriter
+    from pipeline.stages.depth.writer import BackgroundWriter
 
-    old, W._DIRECT_CHUNKS = W._DIRECT_CHUNKS, direct
+    old, W.DIRECT_CHUNKS = W.DIRECT_CHUNKS, direct
     try:
         cw = CacheWriter(root, spec={"t": 1}, n_frames=len(maps), shard_size=len(maps), storage_dtype="float16")
         (plan,) = cw.shards_todo()
-        bw = _BackgroundWriter(cw, threads=threads)
+        bw = BackgroundWriter(cw, threads=threads)
         bw.open(plan, (40, 50))
         for k in range(0, len(maps), 3):
             bw.add([(j, f"f{j}", "h", maps[j], maps[j] is not None) for j in range(k, min(len(maps), k + 3))])
@@ -92,7 +92,7 @@ def _write_shard(root, maps, threads: int, direct: bool):
         bw.close(abort=False)
         return bw
     finally:
-        W._DIRECT_CHUNKS = old
+        W.DIRECT_CHUNKS = old
 
 
 def test_the_writer_pool_stores_what_hdf5s_filters_store(tmp_path):

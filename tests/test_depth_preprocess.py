@@ -211,10 +211,11 @@ def test_preprocess_enters_the_depth_key_only_when_it_changes_values(tmp_path):
     assert cpu.key == explicit.key != dev.key
     assert "preprocess" not in cpu.inputs["config"] and dev.inputs["config"]["preprocess"] == "device"
     # the key the code computed before depth.preprocess existed: the same semantic fields without it (and without
-    # tf32, which came later and stays out of the key at its default; tests/test_golden_keys.py pins literals)
-    old_sem = {k: v for k, v in C.semantic_dict(cpu.settings.config).items() if k not in ("preprocess", "tf32")}
+    # tf32, which came later and stays out of the key at its default, and degrade, which only the teacher reads;
+    # tests/test_golden_keys.py pins literals)
+    old_sem = {k: v for k, v in C.semantic_dict(cpu.settings.config).items() if k not in ("preprocess", "tf32", "degrade")}
     old_sem["weights_sha256"] = cpu.inputs["config"]["weights_sha256"]
-    assert artifact_key("depth", old_sem, cpu.inputs["upstream"], cpu.inputs["fingerprint"]) == cpu.key
+    assert artifact_key("depth", old_sem, cpu.inputs["upstream"], cpu.inputs["fingerprint"], schema=1) == cpu.key
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="depth.preprocess: 'gpu' is not one of auto, cpu, device"):

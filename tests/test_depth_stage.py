@@ -407,7 +407,7 @@ def _run_fake(tmp_path, monkeypatch, fake, *, sizes, model_type="dpt_beit_base_3
         _folder_dataset(root, sizes)
     weights = tmp_path / f"{model_type}.pt"
     weights.write_bytes(b"stand-in; the fake model never reads it")
-    monkeypatch.setattr(D, "load_model", lambda d, sha: (fake, torch.device(model_device), {
+    monkeypatch.setattr(D, "load_model", lambda d, sha, **kw: (fake, torch.device(model_device), {
         "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.precision]))
     y = _midas_yaml(tmp_path, root, weights, model_type=model_type, **depth)
     from rich.console import Console

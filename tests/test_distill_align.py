@@ -35,7 +35,7 @@ def test_attention_transfer_compares_where_activations_are_whatever_the_widths()
 
 
 def test_match_target_resizes_and_keeps_heatmaps_distributions():
-    from pipeline.stages.distill import match_target
+    from pipeline.stages.distill.run import match_target
 
     h = torch.softmax(torch.randn(2, 4, 16 * 16), -1).reshape(2, 4, 16, 16)
     small = match_target(h, (12, 12), "heatmaps")

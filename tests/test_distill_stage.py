@@ -38,7 +38,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_gamma_zero_is_the_baseline_through_the_same_code(tiny, monkeypatch):
-    import pipeline.stages.distill as distill_mod
+    import pipeline.stages.distill.run as distill_mod
 
     calls = []
     real = distill_mod.run
@@ -65,13 +65,14 @@ def test_gamma_zero_is_the_baseline_through_the_same_code(tiny, monkeypatch):
 
 
 def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
-    import pipeline.stages.distill as distill_mod
+    from dkp_core.keypoints.teacher import FrozenTeacher
 
     seen = []
-    real = distill_mod.teacher_embedding
+    real = FrozenTeacher.embedding
 
-    def spy(teacher, depth, layer):
-        out = real(teacher, depth, layer)
+    def spy(frozen, depth, layer):
+        out = real(frozen, depth, layer)
+        teacher = frozen.model
         seen.append({"training": teacher.training, "any_training": any(m.training for m in teacher.modules()),
                      "requires_grad": any(p.requires_grad for p in teacher.parameters()),
                      "has_grad": any(p.grad is not None for p in teacher.parameters()),
@@ -80,7 +81,7 @@ def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
                                            if p.is_floating_point()))})
         return out
 
-    monkeypatch.setattr(distill_mod, "teacher_embedding", spy)
+    monkeypatch.setattr(FrozenTeacher, "embedding", spy)
     d = distill(tiny, "distill.gamma=0.4", "distill.teacher_cache=false")
     assert len(seen) == 7  # live teacher: the shape check before training, then one forward per step
     assert not any(s["training"] or s["any_training"] or s["requires_grad"] or s["has_grad"] or s["out_requires_grad"]
@@ -88,13 +89,18 @@ def test_teacher_stays_in_eval_without_gradients(tiny, monkeypatch):
     assert len({s["checksum"] for s in seen}) == 1  # weights and BN statistics never change
     assert not (d / "teacher_embeddings").exists()
 
-    # and the guard itself: a teacher in train() mode is refused
+    # and the guard itself: a train() call cannot undo the teacher's eval(), and a teacher that was unfrozen behind
+    # its back (a parameter made trainable) is refused
     from pipeline.stages.common import load_trained
 
     teacher, _ = load_trained(_teach_dir(tiny))
+    frozen = FrozenTeacher(teacher)
     teacher.train()
-    with pytest.raises(AssertionError, match="eval"):
-        real(teacher, torch.zeros(1, 3, 32, 32), "logits")
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    real(frozen, torch.zeros(1, 3, 32, 32), "logits")
+    next(teacher.parameters()).requires_grad_(True)
+    with pytest.raises(AssertionError, match="frozen"):
+        real(frozen, torch.zeros(1, 3, 32, 32), "logits")
 
 
 def _teach_dir(tiny) -> Path:
@@ -110,7 +116,8 @@ def test_embedding_cache_equals_live_teacher(tiny):
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.data.build import build_manifest
     from pipeline.stages.common import load_trained
-    from pipeline.stages.distill import EmbeddingCache, teacher_embedding
+    from dkp_core.keypoints.teacher import FrozenTeacher
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache
 
     cached = distill(tiny, "distill.gamma=0.4", "distill.hflip=true")
     live = distill(tiny, "distill.gamma=0.4", "distill.hflip=true", "distill.teacher_cache=false")
@@ -128,7 +135,7 @@ def test_embedding_cache_equals_live_teacher(tiny):
     cache = EmbeddingCache(cached / "teacher_embeddings")
     picks = [(0, False), (0, True), (5, True), (len(ds) - 1, False)]
     depth = torch.stack([ds.load(i, f)["depth"] for i, f in picks])
-    want = teacher_embedding(teacher, depth, "logits")
+    want = FrozenTeacher(teacher).embedding(depth, "logits")
     got = cache.lookup(torch.tensor([int(idx[i]) for i, _ in picks]), torch.tensor([f for _, f in picks]))
     assert got.shape == want.shape == (4, 4, 8, 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -147,7 +154,7 @@ def test_embedding_cache_equals_live_teacher(tiny):
     ("heatmaps", "keypoint", "true", (4, 8, 8)),  # the synthetic preset's choice, through the embedding cache
 ])
 def test_layer_and_flatten_options(tiny, layer, flatten, cache, shape):
-    from pipeline.stages.distill import EmbeddingCache
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache
 
     d = distill(tiny, "distill.gamma=0.4", f"distill.layer={layer}", f"distill.flatten={flatten}",
                 f"distill.teacher_cache={cache}")
@@ -187,7 +194,7 @@ def test_init_from_teacher_copies_its_weights(tiny):
     teacher the whole model; a student of another width is refused with the field named."""
     from pipeline.errors import ConfigError
     from pipeline.stages.common import build_model, load_trained
-    from pipeline.stages.distill import init_from_teacher
+    from pipeline.stages.distill.run import init_from_teacher
 
     teacher, payload = load_trained(_teach_dir(tiny))
     args = payload["model_args"]

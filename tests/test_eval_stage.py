@@ -128,7 +128,7 @@ def _folder_with_pairs(root, dataset_yaml, csv=FOLDER_CSV):
 
 
 def test_flip_pairs_errors(tiny, tmp_path):
-    from pipeline.stages.evaluate import dataset_flip_pairs
+    from pipeline.stages.eval.run import dataset_flip_pairs
 
     with pytest.raises(DkpError, match="works with protocol l2 only"):
         _run(tiny, "eval.flip_pairs=dataset", "eval.protocol=taichi")
@@ -142,7 +142,7 @@ def test_flip_pairs_errors(tiny, tmp_path):
 
 
 def test_flip_pairs_of_your_own_folder_dataset_and_the_old_synthetic_key(tmp_path, caplog):
-    from pipeline.stages.evaluate import dataset_flip_pairs
+    from pipeline.stages.eval.run import dataset_flip_pairs
 
     with caplog.at_level("WARNING"):
         m = _folder_with_pairs(tmp_path, "left_right_pairs: [[0, 1], [2, 3]]\n")
@@ -191,7 +191,7 @@ def test_floor_row_and_ratios(tiny):
 
 
 def test_print_comparison_says_when_a_model_does_not_beat_the_floor():
-    from pipeline.stages.evaluate import print_comparison
+    from pipeline.stages.eval.run import print_comparison
 
     def role(v, floor=10.0):
         return {"value": v, "unit": "%", "higher_is_better": False, "ratio_to_floor": v / floor,

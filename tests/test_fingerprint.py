@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import xxhash
 
+from pipeline.data.images import probe_depth, probe_image
 from pipeline.store import fingerprint as F
+from pipeline.store import memo as memo_module
 
 OLD = 1_600_000_000  # a past mtime (s): outside the racy window, so entries are memoised
 
@@ -97,7 +99,7 @@ def test_corrupt_memo_is_a_logged_miss_and_gets_rewritten(tmp_path, spy, caplog)
     with caplog.at_level(logging.WARNING, logger="pipeline.store.fingerprint"):
         fps = F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False)
     assert "corrupt" in caplog.text and len(spy) == 3
-    assert _memo_header(memo_path)["schema"] == F.MEMO_SCHEMA  # replaced by a valid memo
+    assert _memo_header(memo_path)["schema"] == memo_module.MEMO_SCHEMA  # replaced by a valid memo
     spy.clear()
     assert F.fingerprint_files(tmp_path, rels, F.FingerprintMemo(memo_path), progress=False) == fps
     assert spy == []
@@ -128,7 +130,7 @@ def test_memo_of_the_json_format_is_read_then_rewritten_columnar(tmp_path, spy):
         entries[p] = [[st.st_ino, st.st_size, st.st_mtime_ns], {"xxh3": fp}]
     legacy = tmp_path / "cache" / "fingerprints" / "x.json"
     legacy.parent.mkdir(parents=True)
-    legacy.write_text(json.dumps({"schema": F.LEGACY_SCHEMA, "entries": entries}))
+    legacy.write_text(json.dumps({"schema": memo_module.LEGACY_SCHEMA, "entries": entries}))
     memo = F.FingerprintMemo(legacy.with_suffix(".npz"))  # what for_root names now; the .json beside it is read
     assert F.fingerprint_files(tmp_path, rels, memo, progress=False) == fps and spy == []
     assert not legacy.exists() and _memo_header(legacy.with_suffix(".npz"))["entries"] == {}
@@ -178,11 +180,11 @@ def test_probes_read_sizes_from_headers_of_non_square_images(tmp_path):
     for ext in (".png", ".jpg"):
         p = tmp_path / f"i{ext}"
         assert cv2.imwrite(str(p), img)
-        info = F.scan_files(tmp_path, [p.name], None, probe=F.probe_image, probe_keys=("wh",), progress=False)
+        info = F.scan_files(tmp_path, [p.name], None, probe=probe_image, probe_keys=("wh",), progress=False)
         assert info[0].extra["wh"] == [40, 24]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
-        F.scan_files(tmp_path, ["bad.png"], None, probe=F.probe_image, probe_keys=("wh",), progress=False)
+        F.scan_files(tmp_path, ["bad.png"], None, probe=probe_image, probe_keys=("wh",), progress=False)
 
 
 def test_depth_probe_accepts_float_npy_and_16bit_png_only(tmp_path):
@@ -190,13 +192,13 @@ def test_depth_probe_accepts_float_npy_and_16bit_png_only(tmp_path):
     assert cv2.imwrite(str(tmp_path / "d16.png"), np.ones((24, 40), np.uint16))
     assert cv2.imwrite(str(tmp_path / "d8.png"), np.ones((24, 40), np.uint8))
     np.save(tmp_path / "i.npy", np.ones((24, 40), np.int32))
-    out = F.scan_files(tmp_path, ["d.npy", "d16.png"], None, probe=F.probe_depth,
+    out = F.scan_files(tmp_path, ["d.npy", "d16.png"], None, probe=probe_depth,
                        probe_keys=("wh", "depth_format"), progress=False)
     assert [o.extra["wh"] for o in out] == [[40, 24], [40, 24]]
     assert out[0].extra["depth_format"] == "npy:<f4" and out[1].extra["depth_format"] == "png16"
     for bad in ("d8.png", "i.npy"):
         with pytest.raises(ValueError, match=bad):
-            F.scan_files(tmp_path, [bad], None, probe=F.probe_depth, progress=False)
+            F.scan_files(tmp_path, [bad], None, probe=probe_depth, progress=False)
 
 
 def test_probe_results_are_memoised_with_the_hash(tmp_path, spy):
@@ -204,10 +206,10 @@ def test_probe_results_are_memoised_with_the_hash(tmp_path, spy):
     os.utime(tmp_path / "a.png", (OLD, OLD))
     memo = F.FingerprintMemo(tmp_path / "m.npz")
     F.scan_files(tmp_path, ["a.png"], memo, progress=False)  # hash only: no "wh" recorded
-    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=F.probe_image,
+    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=probe_image,
                        probe_keys=("wh",), progress=False)
     assert out[0].extra["wh"] == [7, 5] and len(spy) == 2  # the missing probe result forced a read
-    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=F.probe_image,
+    out = F.scan_files(tmp_path, ["a.png"], F.FingerprintMemo(tmp_path / "m.npz"), probe=probe_image,
                        probe_keys=("wh",), progress=False)
     assert out[0].extra["wh"] == [7, 5] and len(spy) == 2
 

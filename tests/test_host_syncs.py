@@ -66,7 +66,7 @@ def _loop_reads(counter: HostReadCounter) -> dict:
 
 def test_teach_step_reads_the_device_once_per_log_interval(tmp_path):
     from dkp_core.losses import make_reconstruction_loss
-    from pipeline.stages.teach import teach_step
+    from pipeline.stages.teach.run import teach_step
 
     counter = HostReadCounter()
     with counter:
@@ -85,11 +85,13 @@ def test_distill_step_with_cached_targets_reads_once_per_log_interval(tmp_path):
     the step on the device with the frames: no lookup, no read-back inside the step."""
     from rich.console import Console
 
+    from dkp_core.keypoints.teacher import FrozenTeacher
     from dkp_core.losses import make_reconstruction_loss
-    from pipeline.stages.distill import EmbeddingCache, WithTargets, build_embedding_cache, distill_step
+    from pipeline.stages.distill.run import distill_step
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache, WithTargets, build_embedding_cache
 
     frames = RandomFrames()
-    teacher = _autolink().eval()
+    teacher = FrozenTeacher(_autolink())
     build_embedding_cache(tmp_path / "emb", teacher, frames, "heatmaps", False, torch.device("cpu"),
                           Console(file=io.StringIO()))
     cache = EmbeddingCache(tmp_path / "emb")
@@ -117,7 +119,7 @@ def test_distill_step_with_cached_targets_reads_once_per_log_interval(tmp_path):
 def test_the_counter_sees_a_read_in_every_step(tmp_path):
     """Not vacuous: a step function that reads its loss back (``float(loss)``) is counted at every step."""
     from dkp_core.losses import make_reconstruction_loss
-    from pipeline.stages.teach import teach_step
+    from pipeline.stages.teach.run import teach_step
 
     inner = teach_step(make_reconstruction_loss("l1"))
 

@@ -317,7 +317,7 @@ def test_exif_orientation_matches_viewers(tmp_path, orientation):
     """read_rgb and the manifest's size probe show a JPEG as PIL's exif_transpose (what viewers do) does."""
     from PIL import Image, ImageOps
 
-    from pipeline.store.fingerprint import probe_image
+    from pipeline.data.images import probe_image
     from pipeline.data.images import read_rgb
 
     rng = np.random.default_rng(orientation)

@@ -78,7 +78,9 @@ def test_keypoint_term_hand_computed():
 
 def test_teacher_keypoints_from_heatmaps_equal_soft_argmax():
     from dkp_core.keypoints.detector import soft_argmax
-    from pipeline.stages.distill import target_keypoints
+    from dkp_core.keypoints.teacher import FrozenTeacher
+
+    target_keypoints = FrozenTeacher.keypoints
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 6, 6) * 3

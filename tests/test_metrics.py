@@ -138,7 +138,7 @@ def test_deepfashion_pck_is_judged_at_256_px_when_gt_was_resized_to_128(offset, 
     det = rng.uniform(5, 122, size=(41, 17, 2))  # detections in the 128 px frame
     gt256 = det / 127 * 255  # exactly linear in AutoLink's features, no intercept needed
     gt256[40, 0] += (0.0, offset)
-    gt128 = (gt256 + 0.5) * 0.5 - 0.5  # what pipeline.stages.evaluate passes
+    gt128 = (gt256 + 0.5) * 0.5 - 0.5  # what pipeline.stages.eval.run passes
     res = M.deepfashion_pck(det[:40], gt128[:40], det[40:], gt128[40:], 128)
     assert res.value == pytest.approx(100.0 * (16 + hit) / 17)
     np.testing.assert_allclose(res.pred_test[0, 1:], gt128[40, 1:], atol=1e-6)

@@ -169,13 +169,16 @@ def test_midas_depth_key_unchanged_by_issue_13(tmp_path):
     plan = build_plan(cfg, Store(tmp_path / "store"), progress=False)
     m = plan.manifest
     old_manifest_key = artifact_key("manifest", {"dataset": cfg.data.manifest,
-                                                 "description_sha256": m.description_sha256}, {}, m.fingerprint)
+                                                 "description_sha256": m.description_sha256}, {}, m.fingerprint,
+                                    schema=1)
     from pipeline.stages.depth.identity import resolve_auto
 
     # preprocess and tf32 came later and are unkeyed at their CPU values ("cpu", off); precision "auto" is resolved
-    # before keying (fp32 on a CPU): the key is the formula of before all three existed
-    old_sem = {k: v for k, v in semantic_dict(resolve_auto(cfg.depth)).items() if k not in ("preprocess", "tf32")}
+    # before keying (fp32 on a CPU): the key is the formula of before all three existed. degrade is read by the
+    # teacher, never by the depth stage, so it is never in the depth key
+    old_sem = {k: v for k, v in semantic_dict(resolve_auto(cfg.depth)).items()
+               if k not in ("preprocess", "tf32", "degrade")}
     old_depth_key = artifact_key("depth", dict(old_sem, weights_sha256=None),
-                                 {"manifest": old_manifest_key}, m.fingerprint)
+                                 {"manifest": old_manifest_key}, m.fingerprint, schema=1)
     assert plan.stages["depth"].key == old_depth_key
     assert plan.stages["manifest"].key != old_manifest_key  # the manifest's own key now covers annotations too

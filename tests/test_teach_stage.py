@@ -62,9 +62,10 @@ def test_teach_outputs_reuse_staleness_and_progress(tiny_experiment):
     res = rec["result"]
     assert res["steps"] == 6 and res["n_train_frames"] > 0
     # synthetic data: the share of heatmap mass on the (re-rendered) figure, for the issue's check
-    assert res["n_frames"] == 10 and 0 < res["figure_area_fraction"] < 1 and 0 <= res["figure_heatmap_mass"] <= 1
+    fig = res["figure_heatmap_mass"]  # eval's own measure (stages.common.figure_mass) on the first test frames
+    assert fig["n_frames"] == 10 and 0 < fig["mask_area"] < 1 and 0 <= fig["mass_in_mask"] <= 1
     assert "heatmap mass on the figure" in out
-    _check_figure_mass_against_uniform_heatmaps(tiny, model, res)
+    _check_figure_mass_against_uniform_heatmaps(tiny, model, fig)
 
     # pictures: loss curve, keypoint grids at each eval interval, keypoints.png = the last grid
     import cv2
@@ -98,13 +99,13 @@ def test_teach_outputs_reuse_staleness_and_progress(tiny_experiment):
     assert {s["stage"]: s["state"] for s in json.loads(r5.stdout)}["teach"] == "fresh"
 
 
-def _check_figure_mass_against_uniform_heatmaps(tiny, model, res):
+def _check_figure_mass_against_uniform_heatmaps(tiny, model, fig):
     """Uniform heatmaps put exactly the figure's area fraction on it; the stage's number uses the same masks."""
     from types import SimpleNamespace
 
     from pipeline.depth_cache import DepthCacheReader
     from pipeline.data.build import build_manifest
-    from pipeline.stages.teach import figure_heatmap_mass
+    from pipeline.stages.common import figure_mass
 
     m = build_manifest("synthetic", tiny["root"], progress=False)
     reader = DepthCacheReader(next(p for p in (tiny["cwd"] / "store" / "depth").iterdir()))
@@ -115,11 +116,11 @@ def _check_figure_mass_against_uniform_heatmaps(tiny, model, res):
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.detector = lambda x: SimpleNamespace(heatmaps=torch.full((len(x), 4, 8, 8), 1 / 64))
 
-    u = figure_heatmap_mass(Uniform(), m, reader, m.split("test"), 32)
-    assert u["n_frames"] == 10 and u["figure_area_fraction"] == res["figure_area_fraction"]
-    assert u["figure_heatmap_mass"] == pytest.approx(u["figure_area_fraction"], abs=1e-4)
-    assert figure_heatmap_mass(model, m, reader, m.split("test"), 32)["figure_heatmap_mass"] == pytest.approx(
-        res["figure_heatmap_mass"], abs=1e-4)
+    u = figure_mass(Uniform(), m, m.split("test"), 32, "depth", reader, "cpu")
+    assert u["n_frames"] == 10 and u["mask_area"] == fig["mask_area"]
+    assert u["mass_in_mask"] == pytest.approx(u["mask_area"], abs=1e-4)
+    assert figure_mass(model, m, m.split("test"), 32, "depth", reader, "cpu")["mass_in_mask"] == pytest.approx(
+        fig["mass_in_mask"], abs=1e-4)
 
 
 def test_perceptual_loss_without_vgg_weights_is_a_clear_error(tiny_experiment, tmp_path):

@@ -67,10 +67,10 @@ def case_depth_precision(p: dict) -> dict:
 def bench_depth_precision(*, batch: int, size: int, steps: int, device, isolate: bool = True, models=MODELS,
                           frames: int = 4, precisions=None) -> dict:
     """The bench (module docstring); ``size``: the frames' side; ``batch``/``steps`` are unused."""
-    from pipeline.bench.gpu import _parse_list
+    from pipeline.bench.gpu import parse_list
     from pipeline.bench.harness import run_case
 
-    models = _parse_list(models, "models", str)
+    models = parse_list(models, "models", str)
     precisions = list(precisions or (("bf16", "fp16") if device.type == "cuda" else ("bf16",)))
     res = run_case("depth_precision", {"device": str(device), "models": list(models), "frames": frames,
                                        "size": size, "precisions": precisions}, isolate=isolate, timeout=3600)

@@ -80,11 +80,11 @@ COMPILE_PRIOR_S = 60.0
 PART_PRIOR_S = 10.0
 GRACE_S = 60.0  # how far past its deadline a part may run (its last case) before it is killed
 SYNC_LOG_EVERY = 4  # the trainer's loop in the syncs case: 2 metrics intervals of this many steps
-_AMP = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+AMP_DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 # --------------------------------------------------------------------------------------------------------- budget
-class _Budget:
+class Budget:
     """Runs cases in priority order until ``deadline`` (``time.time()``); logs estimate vs actual per case and keeps
     the results. With ``progress`` (a file), every log row and result is also appended there as it happens, so a
     part killed past its deadline (``run_case``'s timeout) still hands back what it finished (:func:`_recover`)."""
@@ -178,7 +178,7 @@ def _matmul_rates(device, precisions) -> dict[str, float]:
     n, reps = (4096, 10) if device.type == "cuda" else (384, 3)
     out = {}
     for prec in precisions:
-        dtype = getattr(torch, _AMP[prec] or "float32")
+        dtype = getattr(torch, AMP_DTYPES[prec] or "float32")
         a = torch.randn(n, n, device=device).to(dtype)
         a @ a  # warm-up
         t = min(timed(lambda: a @ a, reps, device))
@@ -206,7 +206,7 @@ def case_gpu_train(p: dict) -> dict:
     # How much longer than teach's a case of the group takes (the estimate's prior): VGG16 at 224 px per image
     # (and emulated fp16 on a CPU) for the paper's step; a teacher forward or a lookup beside the student's step.
     weight = {"teach": 1.0, "paper": 3.0 if cuda else 10.0, "distill": 1.5}
-    budget = _Budget(p["deadline"], p.get("progress"))
+    budget = Budget(p["deadline"], p.get("progress"))
     per_case = None  # seconds one teach case took (alone + its share of the interleaved run)
     for group, specs in groups.items():
         est = None if per_case is None else per_case * len(specs) * weight[group]
@@ -236,7 +236,7 @@ def case_gpu_train(p: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- the suite
-def _parse_list(text, what: str, cast) -> tuple:
+def parse_list(text, what: str, cast) -> tuple:
     if isinstance(text, (list, tuple)):
         return tuple(text)
     try:
@@ -281,9 +281,9 @@ def bench_gpu(*, batch: int, size: int, steps: int, device, isolate: bool = True
     experiments."""
     from dkp_core.midas import list_models
 
-    models = _parse_list(models, "models", str)
-    batches = tuple(sorted(set(_parse_list(batches, "batches", int))))
-    frame_sizes = tuple(sorted(set(_parse_list(frame_sizes, "frame-sizes", int))))
+    models = parse_list(models, "models", str)
+    batches = tuple(sorted(set(parse_list(batches, "batches", int))))
+    frame_sizes = tuple(sorted(set(parse_list(frame_sizes, "frame-sizes", int))))
     bad = [m for m in models if m not in list_models()]
     if bad:
         raise ConfigError(f"bench gpu --models: {bad[0]!r} is not a MiDaS 3.1 model; valid: {', '.join(list_models())}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.bench.depth import depth_config, random_midas_weights, run_depth_stage, run_py_loop
-from pipeline.bench.gpu import _AMP, COMPILE_PRIOR_S, _Budget
+from pipeline.bench.gpu import AMP_DTYPES, COMPILE_PRIOR_S, Budget
 from pipeline.bench.harness import (WARMUP, BenchError, EnvVar, Memory, Utilisation, autocast, bench_device, rate,
                                     sync, timed)
 
@@ -45,7 +45,7 @@ def case_gpu_model(p: dict) -> dict:
     from pipeline.data.images import decode_rgb, read_frame_bytes, read_rgb
     from pipeline.stages.depth.frames import device_batch
 
-    budget = _Budget(p["deadline"], p.get("progress"))
+    budget = Budget(p["deadline"], p.get("progress"))
     if time.time() >= p["deadline"]:  # no time left for this part: not even its setup
         budget.run("(all cases)", None, dict)
         return budget.result()
@@ -86,7 +86,7 @@ def case_gpu_model(p: dict) -> dict:
 
         def bare(prec: str, b: int, variant: str = "default") -> dict:
             m = model(variant)
-            amp = getattr(torch, _AMP[prec]) if _AMP[prec] else None
+            amp = getattr(torch, AMP_DTYPES[prec]) if AMP_DTYPES[prec] else None
             memory_format = fmt["other" if variant == "other" else "default"]
             x = xs_dev[torch.arange(b) % len(xs_dev)].contiguous(memory_format=memory_format)  # (b, 3, h, w)
 
@@ -204,13 +204,13 @@ def case_gpu_model(p: dict) -> dict:
             from torch.utils.data import DataLoader
 
             from pipeline.depth_cache.writer import ShardPlan
-            from pipeline.stages.depth.frames import BatchedFrames, _identity, plan_batches
+            from pipeline.stages.depth.frames import BatchedFrames, keep_batch, plan_batches
 
             m = manifest_of(size)
             plans = [ShardPlan(0, 0, len(m))]
             batches = plan_batches(m, plans, b_stage, lambda h, w: (3, *target_size(h, w, spec)))
             ds = BatchedFrames(m, batches, midas_spec=spec, preprocess=pre)
-            dl = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity,
+            dl = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=keep_batch,
                             prefetch_factor=2 if workers else None, pin_memory=cuda)
             t0 = t1 = time.perf_counter()
             got = first = 0
@@ -228,7 +228,7 @@ def case_gpu_model(p: dict) -> dict:
             """The writer's ceiling: frames/s the background HDF5 writer stores (float16 + scale, gzip, checksums),
             smooth maps of the frame size, nothing else running."""
             from pipeline.depth_cache import CacheWriter
-            from pipeline.stages.depth.writer import _BackgroundWriter
+            from pipeline.stages.depth.writer import BackgroundWriter
 
             k = max(8, min(n, 64 if size >= 512 else 256))
             yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -238,7 +238,7 @@ def case_gpu_model(p: dict) -> dict:
             cw = CacheWriter(root / f"writer-{size}", spec={"bench": "writer"}, n_frames=k, shard_size=k,
                              storage_dtype="float16")
             (plan,) = cw.shards_todo()
-            w = _BackgroundWriter(cw)
+            w = BackgroundWriter(cw)
             t0 = time.perf_counter()
             w.open(plan, (size, size))
             for j in range(k):

@@ -65,7 +65,7 @@ def stand_ins(model_s: float, data_s_per_worker: float):
     from pipeline.stages.depth.frames import BatchedFrames
 
     old_load, old_extra = compute.load_model, BatchedFrames.extra_work_s
-    compute.load_model = lambda d, sha: (StandInModel(model_s), torch.device("cpu"), None)
+    compute.load_model = lambda d, sha, **kw: (StandInModel(model_s), torch.device("cpu"), None)
     BatchedFrames.extra_work_s = data_s_per_worker
     try:
         yield

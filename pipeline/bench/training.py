@@ -1,14 +1,14 @@
 """The training-step cases: AutoLink's step and the distillation step, built from the stages' own step function.
 
-Both run :func:`pipeline.stages.distill.distill_step` (at gamma 0 it is plain AutoLink, the reconstruction step
+Both run :func:`pipeline.stages.distill.run.distill_step` (at gamma 0 it is plain AutoLink, the reconstruction step
 the teach stage runs on its depth input) inside one optimiser step as the trainer runs it (zero_grad, the step
 under autocast, GradScaler, the trainer's own AdamW, :func:`pipeline.training.runtime.make_optimizer`, with the
 config's default lr and weight decay: fused on CUDA). ``recon_loss: perceptual`` + ``amp: fp16`` is the paper's
 step (AutoLink's VGG16 loss, random weights: the same cost as ImageNet's; fp16 with a GradScaler). The
-distillation target comes from a live frozen teacher (:func:`~pipeline.stages.distill.teacher_embedding`) or from
-the stage's teacher-embedding cache (written by :func:`~pipeline.stages.distill.build_embedding_cache`), and each
+distillation target comes from a live frozen teacher (:class:`dkp_core.keypoints.teacher.FrozenTeacher`) or from
+the stage's teacher-embedding cache (written by :func:`~pipeline.stages.distill.teacher_cache.build_embedding_cache`), and each
 distillation step takes its batch as the trainer does: from the trainer's DataLoader (the cached targets read by
-the stage's collate, :class:`~pipeline.stages.distill.WithTargets`, on CPU indices) through the trainer's
+the stage's collate, :class:`~pipeline.stages.distill.teacher_cache.WithTargets`, on CPU indices) through the trainer's
 ``to_device``. The AutoLink step's input is a random tensor already on the device.
 
 Every step case counts the host reads of its first timed step (:class:`pipeline.training.syncs.HostReadCounter`:
@@ -144,7 +144,7 @@ def build_autolink_step(p: dict) -> Case:
     paper's step."""
     import torch
 
-    from pipeline.stages.distill import distill_step
+    from pipeline.stages.distill.run import distill_step
 
     device = bench_device(p["device"])
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def build_autolink_step(p: dict) -> Case:
 
 
 class _RandomDepthFrames:
-    """What :func:`~pipeline.stages.distill.build_embedding_cache` reads of its FrameDataset (``indices``,
+    """What :func:`~pipeline.stages.distill.teacher_cache.build_embedding_cache` reads of its FrameDataset (``indices``,
     ``manifest.split("all")``, ``load(i, flip)["depth"]``), for ``depth`` (N, 3, S, S): frames 0..N-1, all training."""
 
     def __init__(self, depth) -> None:
@@ -218,8 +218,9 @@ def build_distill_step(p: dict) -> Case:
     from rich.console import Console
 
     from pipeline.config import DistillConfig
-    from pipeline.stages.distill import (EmbeddingCache, WithTargets, build_embedding_cache, distill_step,
-                                         teacher_embedding)
+    from dkp_core.keypoints.teacher import FrozenTeacher
+    from pipeline.stages.distill.run import distill_step
+    from pipeline.stages.distill.teacher_cache import EmbeddingCache, WithTargets, build_embedding_cache
     from pipeline.training import StepBatchSampler, TrainSettings
     from pipeline.training.loop import make_loader
     from pipeline.training.runtime import to_device
@@ -231,11 +232,10 @@ def build_distill_step(p: dict) -> Case:
     width = p.get("width", WIDTH)
     student = _autolink(S, width, device).train()
     recon = _reconstruction_loss("l1ssim").to(device)
-    teacher = _autolink(S, width, device).eval()
+    teacher = _autolink(S, width, device)
     if p.get("channels_last"):
         teacher.to(memory_format=torch.channels_last)
-    for t in teacher.parameters():
-        t.requires_grad_(False)
+    teacher = FrozenTeacher(teacher)
     n = B * (steps + 2 * WARMUP + 2)  # the alone run's and the interleaved run's steps, each frame once
     rgb = torch.rand(n, 3, S, S) * 2 - 1  # (N, 3, S, S) on the CPU, as a dataset gives them
     depth = torch.rand(n, 3, S, S) * 2 - 1
@@ -245,7 +245,7 @@ def build_distill_step(p: dict) -> Case:
         frames = _RandomFrames(rgb, depth)
 
         def target(b):
-            return teacher_embedding(teacher, b["depth"], defaults.layer)
+            return teacher.embedding(b["depth"], defaults.layer)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="dkp-bench-")
         path = Path(tmp.name) / "teacher_embeddings"
@@ -395,7 +395,7 @@ def case_trainer_syncs(p: dict) -> dict:
     import torch
 
     from dkp_core.losses import make_reconstruction_loss
-    from pipeline.stages.teach import teach_step
+    from pipeline.stages.teach.run import teach_step
     from pipeline.training import TrainSettings, train
     from pipeline.training.syncs import HostReadCounter, counting_step
 

@@ -4,7 +4,7 @@
 HDF5's own shuffle + gzip + fletcher32 on the one writer thread, under h5py's lock, a frame at a time.
 ``threads_N``: the frames converted *and* their chunks encoded (``depth_cache.chunks``, the same bytes) on N pool
 threads; the writer thread only hands HDF5 finished chunks. Each case stores ``--steps`` x 8 smooth ``--size``²
-maps (float32 in, float16 + scale stored) into one shard, through the stage's own ``_BackgroundWriter``; the cases
+maps (float32 in, float16 + scale stored) into one shard, through the stage's own ``BackgroundWriter``; the cases
 alternate twice (ABAB...) so each sees the same load; frames/s is the median of the two.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 def _store(root: Path, maps, n: int, threads: int, direct: bool) -> float:
     from pipeline.depth_cache import CacheWriter
     from pipeline.depth_cache import writer as W
-    from pipeline.stages.depth.writer import _BackgroundWriter
+    from pipeline.stages.depth.writer import BackgroundWriter
 
     size = maps[0].shape[0]
-    old, W._DIRECT_CHUNKS = W._DIRECT_CHUNKS, direct
+    old, W.DIRECT_CHUNKS = W.DIRECT_CHUNKS, direct
     try:
         cw = CacheWriter(root, spec={"bench": "depth-writer"}, n_frames=n, shard_size=n, storage_dtype="float16")
         (plan,) = cw.shards_todo()
-        bw = _BackgroundWriter(cw, threads=threads)
+        bw = BackgroundWriter(cw, threads=threads)
         t0 = time.perf_counter()
         bw.open(plan, (size, size))
         for j in range(0, n, 8):
@@ -34,7 +34,7 @@ def _store(root: Path, maps, n: int, threads: int, direct: bool) -> float:
         bw.close(abort=False)
         return n / (time.perf_counter() - t0)
     finally:
-        W._DIRECT_CHUNKS = old
+        W.DIRECT_CHUNKS = old
 
 
 def bench_depth_writer(*, batch: int, size: int, steps: int, device, isolate: bool = True, threads=None) -> dict:

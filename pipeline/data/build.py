@@ -19,7 +19,9 @@ from pipeline.data.layouts.listing import Listing
 from pipeline.data.manifest import Manifest
 from pipeline.data.paths import Inside, fail
 from pipeline.data.spec import DatasetSpec, load_spec
-from pipeline.store.fingerprint import FingerprintMemo, Scan, Stats, probe_depth, probe_image, scan_files, stat_files
+from pipeline.data.images import probe_depth, probe_image
+from pipeline.process import this_process
+from pipeline.store.fingerprint import FingerprintMemo, Scan, Stats, scan_files, stat_files
 
 
 def _to_pixels(L: Listing, sizes: np.ndarray) -> Optional[np.ndarray]:
@@ -201,7 +203,8 @@ _calls = 0  # build_manifest_once calls in this process: every rank makes them i
 def _agent_store():
     """(c10d store, rank) when this process is a rank > 1-process torchrun job whose elastic agent serves a store
     at MASTER_ADDR:MASTER_PORT (``TORCHELASTIC_USE_AGENT_STORE``), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    process = this_process()
+    if not process.distributed or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     import datetime
 
@@ -212,7 +215,7 @@ def _agent_store():
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                      timeout=datetime.timedelta(hours=24))
     prefix = f"dkp/manifest/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    return PrefixStore(prefix, store), int(os.environ.get("RANK", "0"))
+    return PrefixStore(prefix, store), process.rank
 
 
 def build_manifest_once(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike, *, store_root: Path,

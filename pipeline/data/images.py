@@ -18,6 +18,8 @@ OpenCV, whose C++ path handling crashes on names that are not valid UTF-8.
 """
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 from typing import Optional
 
@@ -318,3 +320,60 @@ def size_warnings(sizes: np.ndarray, ids, model_size: int) -> list[str]:
                    f"crop keeps as little as {kept:.1f} % of the longer side (the detector never sees the rest), "
                    f"{example(wide)}; crop or pad them to near-square")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# probes: image and depth headers, so a frame's size costs nothing beyond the read for its hash (the manifest
+# build hands them to pipeline.store.fingerprint.scan_files, which reads each file once)
+
+
+def _png_header(head: bytes) -> Optional[tuple[int, int, int]]:
+    """(W, H, bit depth) from a PNG's IHDR, or None if ``head`` is not a PNG."""
+    if len(head) >= 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return w, h, head[24]
+    return None
+
+
+def probe_image(head: bytes, path: str | os.PathLike) -> dict:
+    """``{"wh": [W, H], "orientation": 1..8}`` of an image from its header, as viewers show it: a JPEG's EXIF
+    orientation 5..8 swaps W and H (pipeline.data.images.read_rgb applies the tag). Decodes with OpenCV, from
+    the bytes, only for other formats."""
+    png = _png_header(head)
+    if png is not None:
+        return {"wh": [png[0], png[1]], "orientation": 1}
+    jpg = jpeg_header(head)  # (H, W, components, bits): the marker walk the depth stage's reader uses too
+    if jpg is not None and jpg[0] > 0 and jpg[1] > 0:
+        o = exif_orientation(head)
+        h, w = jpg[0], jpg[1]
+        return {"wh": [h, w] if o >= 5 else [w, h], "orientation": o}
+    import cv2
+    import numpy as np
+
+    raw = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: its path handling crashes on non-UTF-8 names
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if img is None:
+        raise ValueError("not a readable image (OpenCV could not decode it)")
+    return {"wh": [int(img.shape[1]), int(img.shape[0])], "orientation": 1}
+
+
+def probe_depth(head: bytes, path: str | os.PathLike) -> dict:
+    """``{"wh": [W, H], "depth_format": "png16" | "npy:<dtype>"}`` from a depth file's header."""
+    png = _png_header(head)
+    if png is not None:
+        if png[2] != 16:
+            raise ValueError(f"PNG depth must be 16-bit, this one is {png[2]}-bit (save it as 16-bit PNG or float .npy)")
+        return {"wh": [png[0], png[1]], "depth_format": "png16"}
+    if head[:6] == b"\x93NUMPY":
+        import io
+
+        import numpy as np
+
+        f = io.BytesIO(head)
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = reader(f)
+        if len(shape) != 2 or dtype.kind != "f":
+            raise ValueError(f".npy depth must be a 2-D float array (H, W), this one is {dtype} {shape}")
+        return {"wh": [int(shape[1]), int(shape[0])], "depth_format": f"npy:{dtype.str}"}
+    raise ValueError("neither a 16-bit PNG nor a .npy file")

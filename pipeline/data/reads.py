@@ -1,27 +1,19 @@
-"""What each stage reads from the dataset, as the fingerprint that enters its artifact key.
+"""The pieces a stage's fingerprint is made of: what it reads of the dataset, as the named parts that enter its
+artifact key (each stage composes its own in its declaration, ``Stage.reads``, pipeline/stages/<name>/__init__.py).
 
 A stage's key must change when, and only when, something it reads changes (a stale result reported
 fresh is the worst bug this tool can have; a needless rebuild of a depth cache costs hours). So each
 stage's fingerprint is a small dict of named parts, one per thing it reads, and ``status`` names the
-part that changed (:func:`describe`):
-
-- ``depth`` reads every frame (MiDaS) or every depth file: keyed by the frames' content
-  (:func:`frames_identity`, unchanged since schema 1 so existing caches stay valid). Annotations and
-  splits are not read, so editing them never rebuilds a cache.
-- ``teach`` reads the depth of the *train* split, and the test split's depth for its pictures and
-  figure-mass number (plus the synthetic generator's parameters for the latter).
-- ``distill`` reads the RGB frames of the same frames.
-- ``eval`` reads the regress and test splits: their annotations (coordinates and visibility: NaN =
-  missing joint), their frames, the test frames' foreground masks and the synthetic block of
-  ``ROOT/dataset.yaml`` (left/right pairs, generator parameters).
-- ``manifest`` holds all of it (manifest.json), so its key covers all of it.
+part that changed (:func:`describe`). Here: digests of arrays and values, the frames' identity (unchanged since
+schema 1, so existing depth caches stay valid), index sets, annotations, masks, the synthetic block of
+``ROOT/dataset.yaml``, and the words for a part that changed.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -78,7 +70,7 @@ def frames_of(m, idx: np.ndarray) -> str:
     return combine([m.fingerprints[i] + (f"@exif{orient[i]}" if orient[i] != 1 else "") for i in idx.tolist()])
 
 
-def _union(m, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def union(m, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """np.union1d(a, b) of two index sets of ``m``'s frames, by a mask: O(N), no sort of a million indices."""
     keep = np.zeros(len(m), dtype=bool)
     keep[a] = True
@@ -86,7 +78,7 @@ def _union(m, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def _annotations_of(m, idx: np.ndarray) -> str:
+def annotations_of(m, idx: np.ndarray) -> str:
     kp = m.keypoints[idx] if m.keypoints is not None else np.zeros((len(idx), 0, 2), np.float32)
     return digest(np.asarray(kp, dtype=np.float32))
 
@@ -109,43 +101,16 @@ def manifest_fingerprint(m) -> dict:
     if m.depth_fingerprints is not None:
         depth_files = m.depth_fingerprint
     return {"frames": frames_identity(m), "names": digest(m.frame_ids, m.paths), "splits": digest(m.splits),
-            "annotations": _annotations_of(m, np.arange(len(m))), "masks": m.mask_fingerprint,
+            "annotations": annotations_of(m, np.arange(len(m))), "masks": m.mask_fingerprint,
             "depth_files": depth_files}
 
 
-def teach_fingerprint(m, synthetic: Optional[dict]) -> dict:
-    train, test = m.split("train"), m.split("test")
-    return {"train": digest(train), "pictured": digest(test),
-            "synthetic": None if synthetic is None else digest(synthetic.get("parameters"))}
-
-
-def distill_fingerprint(m) -> dict:
-    train, test = m.split("train"), m.split("test")
-    return {"train": digest(train), "pictured": digest(test),
-            "frames": frames_of(m, _union(m, train, test))}
-
-
-def eval_fingerprint(m, synthetic: Optional[dict]) -> dict:
-    fit, test = m.split("regress"), m.split("test")
-    both = _union(m, fit, test)
-    masks = None
-    if m.mask_fingerprints is not None:
-        masks = combine([m.mask_fingerprints[i] or "-" for i in test.tolist()])
-    return {"splits": digest(fit, test), "annotations": _annotations_of(m, both), "frames": frames_of(m, both),
-            "masks": masks, "synthetic": None if synthetic is None else digest(synthetic)}
-
-
-FINGERPRINTS = {
-    "manifest": lambda m, synthetic: manifest_fingerprint(m),
-    "teach": teach_fingerprint,
-    "distill": lambda m, synthetic: distill_fingerprint(m),
-    "eval": eval_fingerprint,
-}
-
-
-def stage_fingerprint(stage: str, m, synthetic: Optional[dict]) -> dict:
-    """The fingerprint of what ``stage`` reads from manifest ``m`` (and the dataset.yaml synthetic block)."""
-    return FINGERPRINTS[stage](m, synthetic)
+def applied_masks(m, fingerprint: dict, part: str) -> dict:
+    """``fingerprint`` plus the masks' content as ``part`` when every model input is multiplied by its frame's
+    mask (human36m_wobg: the masks' bytes are then read by whatever reads a frame)."""
+    if m.apply_masks:
+        fingerprint[part] = m.mask_fingerprint
+    return fingerprint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,17 +158,19 @@ _GENERIC = {
 }
 
 
-def describe(stage: str, part: str, old_value: Any, old_m, new_m, synthetic: Optional[dict]) -> str:
-    """Why fingerprint part ``part`` of ``stage`` changed, with counts when the old manifest is known.
+def describe(reads: Optional[Callable[[Any, Optional[dict]], dict]], part: str, old_value: Any, old_m, new_m,
+             synthetic: Optional[dict]) -> str:
+    """Why fingerprint part ``part`` of a stage changed, with counts when the old manifest is known; ``reads`` is
+    the stage's own fingerprint (its declaration's ``Stage.reads``).
 
     ``old_m`` is the manifest this experiment last built (None if gone); the counts are given only when
     recomputing ``part`` from it gives ``old_value``, i.e. when it really is the data the artifact saw.
     """
     generic = _GENERIC.get(part, f"input {part} changed")
-    if old_m is None:
+    if old_m is None or reads is None:
         return generic
     try:
-        same_source = stage_fingerprint(stage, old_m, synthetic).get(part) == old_value
+        same_source = reads(old_m, synthetic).get(part) == old_value
     except Exception:  # an old manifest this version cannot split the same way
         same_source = False
     if not same_source:

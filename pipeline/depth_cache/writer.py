@@ -276,7 +276,7 @@ class ShardWriter:
         mixing the two ways would give the same frames at other offsets, and a shard's bytes must not depend on
         how its frames arrived."""
         h, w = stored.shape
-        if not _DIRECT_CHUNKS:
+        if not DIRECT_CHUNKS:
             self._depth[row, :h, :w] = stored
             return
         from pipeline.depth_cache.chunks import encode_chunk
@@ -396,7 +396,7 @@ class PreparedFrame:
 
 
 # the chunk encoder reproduces exactly this filter pipeline; any other COMPRESSION falls back to HDF5's filters
-_DIRECT_CHUNKS = (COMPRESSION["filter"] == "gzip" and COMPRESSION["shuffle"] and COMPRESSION["fletcher32"])
+DIRECT_CHUNKS = (COMPRESSION["filter"] == "gzip" and COMPRESSION["shuffle"] and COMPRESSION["fletcher32"])
 
 
 def prepare_frame(depth: np.ndarray | None, *, valid: bool, storage_dtype: str, frame_index: int, frame_id: str,
@@ -424,7 +424,7 @@ def prepare_frame(depth: np.ndarray | None, *, valid: bool, storage_dtype: str, 
             stored = d
     h, w = stored.shape
     checksum = frame_checksum(stored, scale)
-    if not (_DIRECT_CHUNKS and chunk_shape is not None and h and w and h <= chunk_shape[0] and w <= chunk_shape[1]):
+    if not (DIRECT_CHUNKS and chunk_shape is not None and h and w and h <= chunk_shape[0] and w <= chunk_shape[1]):
         return PreparedFrame((h, w), scale, checksum, stored)
     from pipeline.depth_cache.chunks import encode_chunk
 

@@ -19,15 +19,13 @@ from pipeline import config as C
 from pipeline.store.artifacts import Store, git_sha
 from pipeline.store.io import write_atomic
 from pipeline.graph import flatten
+from pipeline.stages import registry
 from pipeline.report import plots
 from pipeline.report.html import esc, figure, fmt, gallery, link, page, read_png, state_badge, table
 
-TRAINING = ("teach", "distill")  # stage kinds that train (metrics.jsonl, keypoints.png, samples/)
 SECTIONS = (("stages", "Stages"), ("evaluation", "Evaluation"), ("curves", "Training curves"),
             ("pictures", "Keypoints"), ("depth", "Depth"), ("provenance", "Provenance"))
 STAGE_HEAD = ("stage", "state", "why / progress", "key", "started", "wall s", "CPU s", "device", "versions")
-ENTRY_LABELS = {"manifest": "manifest", "depth": "depth cache", "teach": "teacher (depth)",
-                "distill": "student (RGB)", "baseline": "baseline (RGB, gamma 0)", "eval": "eval"}
 
 
 def default_path(store: Store, name: str) -> Path:
@@ -93,7 +91,7 @@ class ExperimentPage:
         st = self.state(name)
         sp = self.plan.stages.get(name) if self.plan is not None else None
         why = "; ".join(([sp.progress] if sp and sp.progress else []) + (sp.why if sp else []))
-        return (f'<p class="note warn">{esc(ENTRY_LABELS.get(name, name))}: {state_badge(st)}'
+        return (f'<p class="note warn">{esc(registry.label(name))}: {state_badge(st)}'
                 f"{' (' + esc(why) + ')' if why else ''}: build it with <code>dkp-pipeline run "
                 f"{esc(self.source or self.cfg.name)}</code>.</p>")
 
@@ -101,7 +99,7 @@ class ExperimentPage:
     def stages(self) -> str:
         if self.plan is None:
             rows = [[esc(s), state_badge("missing"), "the synthetic dataset is not generated yet", "", "", "", "", "",
-                     ""] for s in ("manifest", "depth", "teach", "distill", "eval")]
+                     ""] for s in registry.stage_names()]
             return (table(STAGE_HEAD, rows, attrs='id="stage-table"')
                     + f'<p class="note">No plan yet: <code>dkp-pipeline run {esc(self.source or self.cfg.name)}'
                       f"</code> generates the data ({esc(self.cfg.data.root)}) and builds every stage.</p>")
@@ -145,7 +143,7 @@ class ExperimentPage:
         m = self.metrics()
         if m is None:
             return self.not_built("eval")
-        from pipeline.stages.evaluate import comparison_rows  # imports torch: only when there is something to show
+        from pipeline.stages.eval.run import comparison_rows  # imports torch: only when there is something to show
 
         rows = comparison_rows(m)
         if not rows:
@@ -179,7 +177,7 @@ class ExperimentPage:
         return "\n".join(body)
 
     def training_entries(self) -> list[str]:
-        return [n for n, sp in self.entries() if sp.stage in TRAINING]
+        return [n for n, sp in self.entries() if registry.stage(sp.stage).trains]
 
     def curves(self) -> str:
         if self.plan is None:

@@ -1,10 +1,15 @@
-"""What teach and distill share: model construction from config, losses, pictures, model loading."""
+"""What teach and distill share when they run: model construction from config, losses, the depth the teacher
+reads, the frame cache, threads and progress, pictures, the end of a training, model loading, progress and repair
+of an interrupted or damaged one."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
+
 import numpy as np
 
 from pipeline import config as C
@@ -273,3 +278,117 @@ def _intact_metrics_step(path: Path) -> int:
             break
         last = step
     return last
+
+
+def open_teacher_depth(ctx):
+    """The depth cache as the teacher reads it: degraded when ``depth.degrade`` is set (pipeline/data/degrade.py)."""
+    from pipeline.data.degrade import teacher_reader
+    from pipeline.depth_cache import DepthCacheReader
+
+    return teacher_reader(DepthCacheReader(ctx.upstream_path("depth")), ctx.cfg.depth.degrade)
+
+
+def fixed_batch(ds, n: int = 16) -> dict:
+    """The first n items (no flip): the same frames in every picture of a run."""
+    import torch
+
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def finish_training(ctx, res, title: str) -> None:
+    """The end of a training (rank 0 owns the pictures): its loss curve (loss.png) and its last picture
+    (keypoints.png)."""
+    from pipeline.viz import loss_curve
+
+    if res.metrics_path.exists():
+        loss_curve(res.metrics_path, ctx.path / "loss.png", title=title)
+    samples = sorted((ctx.path / "samples").glob("step_*.png"))
+    if samples:
+        import shutil
+
+        shutil.copyfile(samples[-1], ctx.path / "keypoints.png")
+
+
+@dataclass
+class TrainingInputs:
+    """What both trainings open before they build their dataset: their section, the device (cuda:local rank under
+    torchrun), the depth as the teacher reads it, and the training frames that have valid depth."""
+
+    section: C.TrainConfig
+    device: Any
+    reader: Any  # the depth cache as the teacher reads it (depth.degrade applied)
+    train_idx: np.ndarray  # (N,) manifest indices of the train split with valid depth
+
+
+def open_training(ctx, section: str) -> TrainingInputs:
+    """The device (an emulated precision refused before any work), the teacher's depth and the training frames."""
+    from pipeline.data.datasets import valid_train_indices
+    from pipeline.training import resolve_device
+    from pipeline.training.runtime import check_amp
+
+    sec = ctx.settings  # the section, hflip resolved (the stage's settings)
+    device = resolve_device(sec.device, ctx.process.local_rank)
+    check_amp(sec.amp, device, section=section)
+    reader = open_teacher_depth(ctx)
+    return TrainingInputs(sec, device, reader, valid_train_indices(ctx.plan.manifest, reader, "train"))
+
+
+def train_stage(ctx, inputs: TrainingInputs, *, dataset, model, args: dict, step_fn, pictures: str, title: str,
+                collate_fn=None, record: Optional[dict] = None) -> dict:
+    """What teach and distill do around the trainer, once: the fixed picture batch (the first test frames, ``pictures``
+    "depth" or "rgb", drawn at every eval step), the TensorBoard log, the trainer (its threads, its progress lines,
+    the checkpoints and model.pt, which records the stage and its ``input``), then the end: the loss curve, the last
+    picture and the result for artifact.json (``record``: the stage's own fields). Returns the trainer's result and
+    the result dict as ``(res, result)``. The stage seeds and builds its model before (the initial weights are part
+    of the run's identity)."""
+    from pipeline.data.datasets import FrameDataset, collate_frames
+    from pipeline.training import train
+
+    m, sec = ctx.plan.manifest, inputs.section
+    test = m.split("test")
+    vis_idx = test[:16] if len(test) else inputs.train_idx[:16]
+    vis = fixed_batch(FrameDataset(manifest=m, indices=vis_idx, image_size=sec.model.image_size, use_rgb=True,
+                                   use_depth=pictures == "depth", depth_reader=inputs.reader))
+    log = train_log(ctx)
+
+    def on_eval(step, model):
+        log_picture(log, step, keypoint_grid(model, vis[pictures], background=vis[pictures],
+                                             out_png=ctx.path / "samples" / f"step_{step:06d}.png"))
+
+    with training_progress(), training_threads(sec) as threads:
+        res = train(run_dir=ctx.path, model=model, dataset=dataset.loader_view(), step_fn=step_fn,
+                    settings=train_settings(sec), config=ctx.run_config, on_eval=on_eval, config_hash=ctx.stage.key,
+                    model_args=args, train_log=log, collate_fn=collate_fn or collate_frames,
+                    model_info={"stage": ctx.stage.stage, "input": pictures, "image_size": sec.model.image_size,
+                                "depth_norm": sec.depth_norm})
+    if ctx.process.is_main:
+        finish_training(ctx, res, title)
+    result = {"steps": res.steps, "final_loss": res.final_loss, "steps_per_s": res.steps_per_s, "amp": res.amp_dtype,
+              "world_size": res.world_size, "device": res.device, "n_train_frames": len(dataset), **threads,
+              **(record or {})}
+    return res, result
+
+
+def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -> dict | None:
+    """Share of the detector's heatmap mass on the figure (pipeline.data.foreground), when masks are known.
+
+    Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
+    fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).
+    """
+    import torch
+
+    from pipeline.data.datasets import FrameDataset
+    from pipeline.data.foreground import foreground_masks, heatmap_mass_in_mask
+
+    if len(indices) == 0:
+        return None
+    masks = foreground_masks(manifest, indices, size)
+    if masks is None:
+        return None
+    ds = FrameDataset(manifest=manifest, indices=indices, image_size=size, use_rgb=key == "rgb",
+                      use_depth=key == "depth", depth_reader=reader)
+    x = torch.stack([ds[i][key] for i in range(len(ds))]).to(device)
+    with torch.no_grad():
+        heat = model.to(device).eval().detector(x).heatmaps.float().cpu().numpy()  # (N, K, h, w)
+    return heatmap_mass_in_mask(heat, masks) | {"n_frames": int(len(indices))}

@@ -30,47 +30,38 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from pipeline.errors import DkpError, LockError
-from pipeline.stages.registry import SCHEMA_VERSIONS
 from pipeline.store.io import (is_storage_error, json_digest, remove_temporaries_of, sha256_file, storage_error,
                                write_atomic, write_json_atomic)
 
-# SCHEMA_VERSIONS (declared once per stage in pipeline/stages/registry.py) are bumped by hand when the meaning of a
-# stage's output changes (never derived from the git SHA). History:
-# manifest: its key is also the frames identity that depth's key hangs on (graph.build_plan), so bumping
-#   it rebuilds every depth cache; manifest keys changed without a bump when annotations and splits
-#   entered them (the fingerprint became a dict of parts, so no old key can be met again).
-# teach, distill, eval 2: their keys cover the splits, annotations and frames they read (issue 13).
+# A stage's schema version (declared once, in its Stage: pipeline/stages/<name>/__init__.py) is bumped by hand when
+# the meaning of its output changes (never derived from the git SHA); callers pass it in, so this floor of the house
+# knows no stage.
 
 COMPLETE = "COMPLETE"
 LOCK = "LOCK"
 RECORD = "artifact.json"
 
 
-def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> str:
+def artifact_key(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict], *,
+                 schema: int) -> str:
     """sha256 of canonical JSON of (stage, schema version, semantic config, upstream keys, input fingerprint).
 
     ``config`` must already be the *semantic* config (see :func:`pipeline.config.semantic_dict`);
-    ``fingerprint`` is one ``"xxh3:..."`` or a dict of named parts (pipeline/data/reads.py).
+    ``fingerprint`` is one ``"xxh3:..."`` or a dict of named parts (pipeline/data/reads.py); ``schema`` is the
+    stage's declared schema version (``Stage.schema``).
     """
-    if stage not in SCHEMA_VERSIONS:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(SCHEMA_VERSIONS)}")
-    payload = {
-        "stage": stage,
-        "schema": SCHEMA_VERSIONS[stage],
-        "config": config,
-        "upstream": dict(upstream),
-        "fingerprint": fingerprint,
-    }
-    return json_digest(payload)
+    return json_digest(key_inputs(stage, config, upstream, fingerprint, schema=schema))
 
 
-def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict]) -> dict:
-    """What :func:`artifact_key` hashed, kept in artifact.json so `status` can say why a key changed."""
-    return {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "config": config, "upstream": dict(upstream),
-            "fingerprint": fingerprint}
+def key_inputs(stage: str, config: dict, upstream: dict[str, str], fingerprint: Optional[str | dict], *,
+               schema: int) -> dict:
+    """What :func:`artifact_key` hashes, kept in artifact.json so `status` can say why a key changed."""
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise TypeError(f"schema of stage {stage!r} must be its declared int version, got {schema!r}")
+    return {"stage": stage, "schema": schema, "config": config, "upstream": dict(upstream), "fingerprint": fingerprint}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,21 +338,20 @@ def check_files(path: Path, files: dict[str, dict], *, deep: bool = False) -> li
     return damage
 
 
-def integrity(stage: str, path: Path, record: dict, *, deep: bool = False) -> list[dict]:
+def integrity(path: Path, record: dict, *, outputs: tuple = (), check: Optional[Callable[[Path, bool], list]] = None,
+              deep: bool = False) -> list[dict]:
     """Damage of the published artifact at ``path``: its record's file list checked (or, for an artifact
-    published before file lists, the files every artifact of ``stage`` has), then the stage's own check
-    (the depth cache's shards against its index; with ``deep``, every checksum)."""
-    from pipeline.stages import registry
-
-    st = registry.stage(stage)
+    published before file lists, ``outputs``: the files every artifact of its stage has), then the stage's own
+    ``check`` (the depth cache's shards against its index; with ``deep``, every checksum). ``outputs`` and
+    ``check`` are the stage's declaration's (``Stage.outputs``, ``Stage.integrity``)."""
     files = record.get("files")
     if isinstance(files, dict):
         damage = check_files(path, files, deep=deep)
     else:  # published before issue 24: no list, but these files are there in every finished artifact
-        damage = [{"file": rel, "problem": "missing"} for rel in st.outputs if not (Path(path) / rel).is_file()]
-    if st.integrity is not None and (deep or not isinstance(files, dict)):
+        damage = [{"file": rel, "problem": "missing"} for rel in outputs if not (Path(path) / rel).is_file()]
+    if check is not None and (deep or not isinstance(files, dict)):
         seen = {d["file"] for d in damage}
-        damage += [d for d in st.integrity(Path(path), deep) if d["file"] not in seen]
+        damage += [d for d in check(Path(path), deep) if d["file"] not in seen]
     return damage
 
 
@@ -421,13 +411,15 @@ class Store:
             return None
         return rec
 
-    def state(self, stage: str, key: str, *, verify: bool = False) -> ArtifactState:
+    def state(self, stage: str, key: str, *, verify: bool = False, outputs: tuple = (),
+              check: Optional[Callable[[Path, bool], list]] = None) -> ArtifactState:
         """fresh / damaged / in_progress / missing. A published artifact is fresh only while every file its record
-        lists is there with its size (``verify``: and its checksum); else damaged, with the files named."""
+        lists is there with its size (``verify``: and its checksum); else damaged, with the files named.
+        ``outputs``/``check``: the stage's declared files and own check (:func:`integrity`; graph passes them)."""
         p = self.path(stage, key)
         rec = self.record(stage, key)
         if (p / COMPLETE).exists() and rec is not None and rec.get("key") == key:
-            damage = integrity(stage, p, rec, deep=verify)
+            damage = integrity(p, rec, outputs=outputs, check=check, deep=verify)
             return ArtifactState(stage, key, p, "damaged" if damage else "fresh", rec, damage=damage)
         if (p / COMPLETE).exists() and not self._record_of_another_key(p, key):
             return ArtifactState(stage, key, p, "damaged", rec,
@@ -507,6 +499,19 @@ class Store:
                 raise
             raise DkpError(f"store {self.root} is not writable ({e.strerror or e}) and {needed}; make it writable, "
                            f"or pass --store DIR with a writable directory") from None
+
+    def install(self, stage: str, key: str, src: Path, record: dict, *, unhashed: tuple[str, ...] = ()) -> Path:
+        """Publish a directory built elsewhere in this store (an imported depth cache, built in a temporary directory
+        beside its final place): ``record`` with the list of ``src``'s files, then ``COMPLETE``, written into
+        ``src``, which is then renamed to the artifact's path in one step. Fails with OSError, changing nothing
+        there, if that path exists. The other way in beside :meth:`ArtifactWriter.publish`; both end the same way,
+        with the record listing the files and ``COMPLETE`` written last."""
+        final = self.path(stage, key)
+        rec = dict(record, key=key, stage=stage, status="complete", files=list_files(Path(src), unhashed=unhashed))
+        write_json_atomic(Path(src) / RECORD, rec, what="the artifact's record")
+        write_atomic(Path(src) / COMPLETE, key + "\n", what="the artifact's publish marker")
+        os.rename(src, final)  # atomic; refused if another import or run created the directory meanwhile
+        return final
 
     @contextlib.contextmanager
     def open_for_write(self, stage: str, key: str, *, inputs: dict, config: dict) -> Iterator["ArtifactWriter"]:

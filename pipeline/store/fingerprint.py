@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import stat as stat_mod
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,8 @@ import numpy as np
 import xxhash
 
 from pipeline.store.io import HASH_CHUNK, stream_file
-# the memo lives in its own module; these names stay importable from here (callers, tests)
-from pipeline.store.memo import (LEGACY_SCHEMA, MEMO_SCHEMA, FingerprintMemo, _objects, _Segment,  # noqa: F401
-                                 _segment_id, default_cache_dir, names_blob)
+# the memo lives in its own module; FingerprintMemo and default_cache_dir stay importable from here (callers)
+from pipeline.store.memo import FingerprintMemo, Segment, default_cache_dir, names_blob, object_array, segment_id
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +173,7 @@ def scan_files(
     now_ns = time.time_ns()
     st = stats if stats is not None else stat_files(root_s, relpaths)
     blob = names_blob(relpaths)
-    seg = memo._segment(_segment_id(root_s, desc)) if memo is not None else None
+    seg = memo.segment(segment_id(root_s, desc)) if memo is not None else None
 
     xxh3 = np.zeros(n, dtype="S37")
     hit = np.zeros(n, dtype=bool)
@@ -203,9 +201,8 @@ def scan_files(
         for k, i in enumerate(misses):
             p = os.path.join(root_s, relpaths[i])
             rec = None
-            if memo is not None and memo._entries:  # an older memo's entries, moved into this segment
-                rec = memo.lookup(p, os.stat(p))
-                memo._entries.pop(p, None)
+            if memo is not None and memo.has_entries:  # an older memo's entries, moved into this segment
+                rec = memo.take(p, os.stat(p))
                 if rec is not None and ("xxh3" not in rec or any(key not in rec for key in probe_keys)):
                     rec = None
             if rec is None:
@@ -235,7 +232,7 @@ def scan_files(
     if memo is not None and not unchanged:
         # files written this recently are not vouched for (those the memo vouched for were older already)
         ok = hit | (st.mtime < now_ns - RACY_WINDOW_NS)
-        memo.put_segment(root_s, desc, _Segment(names=blob, ino=st.ino, size=st.size, mtime=st.mtime, ok=ok,
+        memo.put_segment(root_s, desc, Segment(names=blob, ino=st.ino, size=st.size, mtime=st.mtime, ok=ok,
                                                 xxh3=xxh3, extras=columns, has=has))
         memo.save()
     return Scan(_strings(xxh3), {k: columns[k] for k in probe_keys}, st)
@@ -268,7 +265,7 @@ def _put(columns: dict, has: dict, key: str, i: int, value: Any, n: int) -> None
     elif col.dtype != object and not _fits(col, value):
         # an (N, L) column becomes (N,) objects, one list per row: a list of another length (a video's frame
         # times) fits then
-        col = columns[key] = _objects(col.tolist()) if col.ndim > 1 else col.astype(object)
+        col = columns[key] = object_array(col.tolist()) if col.ndim > 1 else col.astype(object)
     col[i] = value
     has[key][i] = True
 
@@ -302,59 +299,12 @@ def sha256_file_memo(path: str | os.PathLike, memo: Optional[FingerprintMemo] = 
     return rec["sha256"]
 
 
-# --------------------------------------------------------------------------------------------------
-# probes: image and depth headers, so a frame's size costs nothing beyond the read for its hash
-
-
-def _png_header(head: bytes) -> Optional[tuple[int, int, int]]:
-    """(W, H, bit depth) from a PNG's IHDR, or None if ``head`` is not a PNG."""
-    if len(head) >= 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        w, h = struct.unpack(">II", head[16:24])
-        return w, h, head[24]
-    return None
-
-
-def probe_image(head: bytes, path: str | os.PathLike) -> dict:
-    """``{"wh": [W, H], "orientation": 1..8}`` of an image from its header, as viewers show it: a JPEG's EXIF
-    orientation 5..8 swaps W and H (pipeline.data.images.read_rgb applies the tag). Decodes with OpenCV, from
-    the bytes, only for other formats."""
-    from pipeline.data.images import exif_orientation, jpeg_header
-
-    png = _png_header(head)
-    if png is not None:
-        return {"wh": [png[0], png[1]], "orientation": 1}
-    jpg = jpeg_header(head)  # (H, W, components, bits): the marker walk the depth stage's reader uses too
-    if jpg is not None and jpg[0] > 0 and jpg[1] > 0:
-        o = exif_orientation(head)
-        h, w = jpg[0], jpg[1]
-        return {"wh": [h, w] if o >= 5 else [w, h], "orientation": o}
-    import cv2
-    import numpy as np
-
-    raw = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: its path handling crashes on non-UTF-8 names
-    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
-    if img is None:
-        raise ValueError("not a readable image (OpenCV could not decode it)")
-    return {"wh": [int(img.shape[1]), int(img.shape[0])], "orientation": 1}
-
-
-def probe_depth(head: bytes, path: str | os.PathLike) -> dict:
-    """``{"wh": [W, H], "depth_format": "png16" | "npy:<dtype>"}`` from a depth file's header."""
-    png = _png_header(head)
-    if png is not None:
-        if png[2] != 16:
-            raise ValueError(f"PNG depth must be 16-bit, this one is {png[2]}-bit (save it as 16-bit PNG or float .npy)")
-        return {"wh": [png[0], png[1]], "depth_format": "png16"}
-    if head[:6] == b"\x93NUMPY":
-        import io
-
-        import numpy as np
-
-        f = io.BytesIO(head)
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _fortran, dtype = reader(f)
-        if len(shape) != 2 or dtype.kind != "f":
-            raise ValueError(f".npy depth must be a 2-D float array (H, W), this one is {dtype} {shape}")
-        return {"wh": [int(shape[1]), int(shape[0])], "depth_format": f"npy:{dtype.str}"}
-    raise ValueError("neither a 16-bit PNG nor a .npy file")
+def file_digest(path: Optional[str]) -> Optional[str]:
+    """``"sha256:<hex>"`` of a weights file named by a config (memoised by inode, size and mtime like frame
+    fingerprints), ``"missing:<path>"`` when it is not there (so `status` still plans), None when none is named."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"missing:{p}"
+    return sha256_file_memo(p)

@@ -284,6 +284,9 @@ def describe_storage_error(e: StorageError) -> str:
     return f"{text}. Fix: {fix}, {RESUME}"
 
 
+StorageError.describe = staticmethod(describe_storage_error)  # the errors module's message, written here
+
+
 # ---------------------------------------------------------------------------------------------- HDF5 writes
 class GuardedFile:
     """A binary file for a C library that writes through Python (h5py's ``fileobj`` driver): the first OSError

@@ -40,12 +40,12 @@ def names_blob(relpaths: Sequence[str]) -> bytes:
     return "\0".join(relpaths).encode("utf-8", "surrogatepass")
 
 
-# A memo segment's per-file columns, besides its probe results (see _Segment).
+# A memo segment's per-file columns, besides its probe results (see Segment).
 _COLUMNS = ("ino", "size", "mtime", "ok", "xxh3")
 
 
 @dataclass
-class _Segment:
+class Segment:
     """What one scan (one root, one ``desc``: frames, masks, depth files, ...) learnt, one row per file in scan
     order: stat identity, whether the row may vouch for the file (False: hashed inside the racy window),
     the digest and the probe results (``extras[key]`` values, ``has[key]`` where recorded)."""
@@ -72,7 +72,7 @@ class _Segment:
         return np.fromiter((index.get(r, -1) for r in relpaths), dtype=np.int64, count=len(relpaths))
 
 
-def _objects(values: list) -> np.ndarray:
+def object_array(values: list) -> np.ndarray:
     """An (N,) object array holding ``values`` as they are (lists stay lists, whatever their lengths)."""
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
@@ -80,7 +80,7 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
-def _segment_id(root: str, desc: str) -> str:
+def segment_id(root: str, desc: str) -> str:
     return f"{desc}\0{root}"
 
 
@@ -99,7 +99,7 @@ class FingerprintMemo:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._entries: dict[str, list] = {}
-        self._segments: dict[str, _Segment] = {}
+        self._segments: dict[str, Segment] = {}
         self._npz: Any = None  # the loaded file, segments read from it on first use
         self._on_disk: dict[str, int] = {}  # segment id -> its number in the file
         self._legacy: Optional[Path] = None
@@ -153,7 +153,7 @@ class FingerprintMemo:
         self._json_of = {sid: set(v) for sid, v in header.get("json", {}).items()}
         self._npz = npz
 
-    def _segment(self, sid: str) -> Optional[_Segment]:
+    def segment(self, sid: str) -> Optional[Segment]:
         if sid in self._segments:
             return self._segments[sid]
         k = self._on_disk.get(sid)
@@ -161,12 +161,12 @@ class FingerprintMemo:
             return None
         try:
             z = self._npz
-            seg = _Segment(names=z[f"s{k}.names"].tobytes(), **{c: z[f"s{k}.{c}"] for c in _COLUMNS})
+            seg = Segment(names=z[f"s{k}.names"].tobytes(), **{c: z[f"s{k}.{c}"] for c in _COLUMNS})
             for key in self._extras_of.get(sid, []):
                 seg.extras[key] = z[f"s{k}.x.{key}"]
                 seg.has[key] = z[f"s{k}.h.{key}"]
                 if key in self._json_of.get(sid, ()):
-                    seg.extras[key] = _objects([json.loads(s) for s in seg.extras[key].tolist()])
+                    seg.extras[key] = object_array([json.loads(s) for s in seg.extras[key].tolist()])
                 elif seg.extras[key].dtype.kind == "U":
                     seg.extras[key] = seg.extras[key].astype(object)
             n = len(seg.ino)
@@ -179,7 +179,7 @@ class FingerprintMemo:
         return seg
 
     def __len__(self) -> int:
-        return len(self._entries) + sum(len(s) for s in (self._segment(sid) for sid in self._sids()) if s)
+        return len(self._entries) + sum(len(s) for s in (self.segment(sid) for sid in self._sids()) if s)
 
     def _sids(self) -> list[str]:
         return list(dict.fromkeys([*self._on_disk, *self._segments]))
@@ -196,13 +196,24 @@ class FingerprintMemo:
             return None
         return e[1]
 
+    @property
+    def has_entries(self) -> bool:
+        """Whether single-file entries (an older memo's, or :meth:`store`'s) are held."""
+        return bool(self._entries)
+
+    def take(self, path: str | os.PathLike, st: os.stat_result) -> Optional[dict]:
+        """:meth:`lookup`, the entry then dropped (moved into a segment by the caller)."""
+        rec = self.lookup(path, st)
+        self._entries.pop(str(path), None)
+        return rec
+
     def store(self, path: str | os.PathLike, st: os.stat_result, record: Mapping[str, Any]) -> None:
         self._entries[str(path)] = [self._stat_key(st), dict(record)]
         self._dirty = True
 
     # ---- writing
-    def put_segment(self, root: str, desc: str, seg: _Segment) -> None:
-        self._segments[_segment_id(root, desc)] = seg
+    def put_segment(self, root: str, desc: str, seg: Segment) -> None:
+        self._segments[segment_id(root, desc)] = seg
         self._dirty = True
 
     def save(self) -> None:
@@ -216,7 +227,7 @@ class FingerprintMemo:
         extras: dict[str, list[str]] = {}
         as_json: dict[str, list[str]] = {}  # segment -> its extras stored as JSON text (lists of varying lengths)
         for k, sid in enumerate(self._sids()):
-            seg = self._segment(sid)
+            seg = self.segment(sid)
             if seg is None:
                 continue
             segments[sid] = k

@@ -40,7 +40,8 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
           config: Mapping[str, Any], on_eval: Callable[[int, nn.Module], None] | None = None,
           params: Iterable[nn.Parameter] | None = None, config_hash: str | None = None,
           model_args: Mapping[str, Any] | None = None,
-          collate_fn: Callable[[list[Any]], Any] | None = None, train_log: TrainLog | None = None) -> TrainResult:
+          collate_fn: Callable[[list[Any]], Any] | None = None, train_log: TrainLog | None = None,
+          model_info: Mapping[str, Any] | None = None) -> TrainResult:
     """Train ``model`` with AdamW for ``settings.steps`` steps, resuming from ``run_dir`` if possible.
 
     Args:
@@ -61,6 +62,8 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
         config_hash: identity of the semantic config (the artifact key); a checkpoint written
             under another hash is refused. Default: :func:`config_digest` of ``config``.
         model_args: constructor arguments of the model, stored in ``model.pt`` so it can be rebuilt.
+        model_info: what a reader of ``model.pt`` needs besides the weights (the stage that trained it, its input
+            modality, size and normalisation), stored there as ``info`` (plain values only).
         collate_fn: DataLoader collate function (default: torch's ``default_collate``).
         train_log: a :class:`TrainLog` that also receives every metrics line (TensorBoard); rank 0 only.
 
@@ -76,20 +79,22 @@ def train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: St
     check_plain(dict(config), "config")
     if model_args is not None:
         check_plain(dict(model_args), "model_args")
+    if model_info is not None:
+        check_plain(dict(model_info), "model_info")
     # The group lives as long as the process (runtime.init_default_group): `dkp-pipeline run` under torchrun
     # trains teach and then distill in one process.
     dist_env, device = setup_distributed(settings.device)
     return _train(run_dir=Path(run_dir), model=model, dataset=dataset, step_fn=step_fn, settings=settings,
                   config=dict(config), on_eval=on_eval, params=params, config_hash=config_hash or config_digest(config),
                   model_args=dict(model_args or {}), collate_fn=collate_fn, dist_env=dist_env, device=device,
-                  train_log=train_log if dist_env.is_main else None)
+                  train_log=train_log if dist_env.is_main else None, model_info=dict(model_info or {}))
 
 
 def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: StepFn, settings: TrainSettings,
            config: dict[str, Any], on_eval: Callable[[int, nn.Module], None] | None,
            params: Iterable[nn.Parameter] | None, config_hash: str, model_args: dict[str, Any],
            collate_fn: Callable[[list[Any]], Any] | None, dist_env: Dist, device: torch.device,
-           train_log: TrainLog | None = None) -> TrainResult:
+           train_log: TrainLog | None = None, model_info: dict[str, Any] | None = None) -> TrainResult:
     rank, world, is_main = dist_env.rank, dist_env.world_size, dist_env.is_main
     ckpt_dir = run_dir / CHECKPOINT_DIRNAME
     metrics_path = run_dir / METRICS_FILENAME
@@ -226,7 +231,7 @@ def _train(*, run_dir: Path, model: nn.Module, dataset: EpochDataset, step_fn: S
         lines = read_metric_lines(metrics_path)
         last_record = json.loads(lines[-1][1]) if lines else None
     if is_main:
-        save_model(state, model_path, model_args)
+        save_model(state, model_path, model_args, info=model_info)
     barrier(dist_env, device)
     ran = done - start_step
     return TrainResult(steps=settings.steps, resumed_from=start_step,

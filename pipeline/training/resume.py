@@ -105,11 +105,15 @@ def resume(state: RunState, ckpt_dir: Path, device: torch.device, is_main: bool)
     return start_step, path
 
 
-def save_model(state: RunState, path: Path, model_args: dict[str, Any]) -> None:
-    """The final weights (CPU tensors) with what rebuilds the model: ``model.pt``."""
+def save_model(state: RunState, path: Path, model_args: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    """The final weights (CPU tensors) with what rebuilds the model, ``model.pt``; ``info``: what a reader needs
+    besides (the stage that trained it, its input modality...), absent when the caller gave none."""
     state_dict = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
-    save_atomic({"format": MODEL_FORMAT, "state_dict": state_dict, "model_args": model_args, "config": state.config,
-                 "config_hash": state.config_hash, "step": state.settings.steps}, path)
+    payload = {"format": MODEL_FORMAT, "state_dict": state_dict, "model_args": model_args, "config": state.config,
+               "config_hash": state.config_hash, "step": state.settings.steps}
+    if info:
+        payload["info"] = info
+    save_atomic(payload, path)
 
 
 def check_resumable(ckpt: Mapping[str, Any], *, path: Path, settings: TrainSettings, config_hash: str,
@@ -123,7 +127,7 @@ def check_resumable(ckpt: Mapping[str, Any], *, path: Path, settings: TrainSetti
                               f"this run's is {config_hash[:12]}…); it cannot be resumed with this config; {fix}")
     saved = ckpt["settings"]
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(settings, k)!r}"
-             for k in TrainSettings._RESUME_MUST_MATCH
+             for k in TrainSettings.RESUME_MUST_MATCH
              if (tuple(saved.get(k)) if k == "betas" else saved.get(k)) != getattr(settings, k)]
     if ckpt["amp_dtype"] != amp_name(amp_dtype):
         diffs.append(f"amp: checkpoint {ckpt['amp_dtype']!r} vs now {amp_name(amp_dtype)!r}")

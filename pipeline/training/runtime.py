@@ -180,8 +180,10 @@ def setup_distributed(device_setting: str) -> tuple[Dist, torch.device]:
 
     Under torchrun (``WORLD_SIZE`` > 1) joins the process group if no stage did yet (:func:`init_default_group`);
     a group that already exists is reused only if it fits the device (:func:`training_group`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from pipeline.process import this_process
+
+    process = this_process()
+    world, local_rank = process.world, process.local_rank
     if not (dist.is_available() and (dist.is_initialized() or world > 1)):
         return Dist(0, 1, 0, False), resolve_device(device_setting, 0)
     device = resolve_device(device_setting, local_rank)

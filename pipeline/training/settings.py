@@ -54,7 +54,7 @@ class TrainSettings:
     # keys use (matched by name; keep_checkpoints is no config field, so it never reaches a key).
     NON_SEMANTIC: ClassVar[frozenset[str]] = NON_SEMANTIC
     # Fields a checkpoint must agree on to be resumed (steps may grow: that extends a run).
-    _RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "betas", "seed",
+    RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "betas", "seed",
                                                      "lr_schedule", "warmup_steps")
 
     def __post_init__(self) -> None:
@@ -104,13 +104,15 @@ def default_num_workers(device: str = "auto") -> int:
     """
     import os
 
+    from pipeline.process import this_process
+
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = cpus // max(1, this_process().local_world)
     return max(0, min(8, per_rank - 1))
 
 

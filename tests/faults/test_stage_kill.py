@@ -47,7 +47,7 @@ WRAPPER = """\
 import os, sys, time
 if sys.argv[1] in ("teach", "distill"):
     import torch._dynamo  # the optimiser imports it lazily: loaded first so it is not mistaken for work
-import pipeline.depth_cache, pipeline.data.images, pipeline.stages.distill, pipeline.training
+import pipeline.depth_cache, pipeline.data.images, pipeline.stages.distill.run, pipeline.training
 fd = os.open(os.environ["DKP_TEST_EVENTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 def event():
     os.write(fd, b".")
@@ -65,7 +65,7 @@ def wrap(mod, name, before, after=lambda: None):
         return out
     setattr(mod, name, f)
 wrap(pipeline.data.images, "read_depth_file", lambda: time.sleep({delay}), event)
-wrap(pipeline.stages.distill, "build_embedding_cache", start)
+wrap(pipeline.stages.distill.run, "build_embedding_cache", start)
 train = pipeline.training.train
 def train_counting(*a, step_fn, **k):
     def counted(*sa, **sk):
@@ -232,11 +232,11 @@ def _reference(ref: Store) -> dict[str, float]:
     import torch
 
     import pipeline.depth_cache
-    import pipeline.stages.distill
+    import pipeline.stages.distill.run
     import pipeline.training
 
     t_start: list[float] = []
-    saved = [(pipeline.stages.distill, "build_embedding_cache"), (pipeline.training, "train")]
+    saved = [(pipeline.stages.distill.run, "build_embedding_cache"), (pipeline.training, "train")]
     originals = [getattr(m, n) for m, n in saved] + [pipeline.depth_cache.CacheWriter.__init__]
 
     def mark(orig):

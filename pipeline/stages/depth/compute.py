@@ -17,9 +17,9 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline.errors import CheckpointError, ConfigError, ManifestError
-from pipeline.stages.depth.frames import BatchedFrames, _identity, device_batch, plan_batches
+from pipeline.stages.depth.frames import BatchedFrames, keep_batch, device_batch, plan_batches
 from pipeline.stages.depth.lanes import lane_for
-from pipeline.stages.depth.writer import _BackgroundWriter, _max_shape, append_part_file
+from pipeline.stages.depth.writer import BackgroundWriter, append_part_file, largest_frame
 
 IN_FLIGHT = 2  # batches launched and not yet fetched: batch k computes while k-1 is copied back and k+1 copied in
 PREFETCH = 2  # batches each DataLoader worker prepares ahead
@@ -27,8 +27,8 @@ CPU_BATCH, CPU_WORKERS = 8, 2  # the CPU defaults (the model needs the cores: fe
 GPU_MAX_BATCH, GPU_MAX_WORKERS = 64, 16
 
 
-def depth_device(d):
-    """The torch device the depth model runs on (``depth.device``; cuda:LOCAL_RANK under torchrun)."""
+def depth_device(d, local_rank: int = 0):
+    """The torch device the depth model runs on (``depth.device``; cuda:``local_rank`` under torchrun)."""
     import torch
 
     if d.device == "cuda" and not torch.cuda.is_available():
@@ -37,16 +37,17 @@ def depth_device(d):
                           "of torch")
     from pipeline.training import resolve_device
 
-    return resolve_device(d.device, int(os.environ.get("LOCAL_RANK", 0)))
+    return resolve_device(d.device, local_rank)
 
 
-def load_model(d, weights_sha: Optional[str]):
-    """``(model, device, amp dtype or None)`` ready for inference, for the resolved depth config ``d``."""
+def load_model(d, weights_sha: Optional[str], local_rank: int = 0):
+    """``(model, device, amp dtype or None)`` ready for inference, for the resolved depth config ``d`` (on
+    cuda:``local_rank`` under torchrun: ``ctx.process.local_rank``)."""
     import torch
 
     from pipeline.weights.midas import load_midas
 
-    device = depth_device(d)
+    device = depth_device(d, local_rank)
     if d.provider == "transformers":  # a Hugging Face folder (hf.py): same bundle, same loop
         from pipeline.stages.depth.hf import load_model as load_hf
 
@@ -166,7 +167,7 @@ class _Launched:
         self.h_in, self.h_compute, self.h_out, self.group, self.amp = h_in, h_compute, h_out, group, amp
 
 
-def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Optional[str] = None) -> dict:
+def compute_part(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Optional[str] = None) -> dict:
     """Write the shards ``todo``; returns timing stats. Skipped frames go to ``skipped.part<part>.json``.
 
     ``lane_kind="threads"``: run the model on the GPU stand-in lane (benches and tests, :mod:`.lanes`)."""
@@ -214,7 +215,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
         desc = "depth (files)"
     plans = {p.index: p for p in todo}
     n_frames = sum(p.n for p in todo)
-    loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity,
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=keep_batch,
                         prefetch_factor=PREFETCH if workers else None, pin_memory=cuda)
     pad_to = batch if (midas and d.compile) else 0  # one compiled graph per shape: every batch full
     stats: dict[str, Any] = {"frames": n_frames, "batches": 0, "batch_size": batch, "num_workers": workers,
@@ -224,7 +225,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
     skipped: list[dict] = []
     t0 = time.perf_counter()
     done = 0
-    writer = _BackgroundWriter(cw)
+    writer = BackgroundWriter(cw)
     fifo: collections.deque = collections.deque()  # host ops and launched groups, in the order they happened
     n_launched = 0  # launched groups in `fifo`
 
@@ -356,7 +357,7 @@ def _compute(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: Opti
                     plan = plans[item["shard"]]
                     if current is not None:
                         fifo.append(writer.commit)
-                    fifo.append(lambda plan=plan: writer.open(plan, _max_shape(m, plan)))
+                    fifo.append(lambda plan=plan: writer.open(plan, largest_frame(m, plan)))
                     current = item["shard"]
                 for i, message in item["errors"]:
                     if not skip_bad:

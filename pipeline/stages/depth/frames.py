@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from pipeline.errors import ManifestError
 
 
-def _identity(x):
+def keep_batch(x):
     return x
 
 

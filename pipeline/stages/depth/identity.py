@@ -32,7 +32,7 @@ class DepthIdentity:
 
 def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthIdentity:
     """The identity of the depth cache of ``d`` over manifest ``m``; ``weights_digest`` is
-    ``"sha256:<hex>"`` of ``d.weights`` (:func:`pipeline.stages.registry.file_digest`; midas only).
+    ``"sha256:<hex>"`` of ``d.weights`` (:func:`pipeline.store.fingerprint.file_digest`; midas only).
 
     Where key and spec differ, it is on purpose: the key holds the weights digest as planned (``"missing:..."``
     for an absent file, so `status` still works) and the frames' identity; the spec holds the numbers a reader
@@ -191,7 +191,7 @@ def expected_spec(cfg: C.ExperimentConfig, manifest) -> dict:
     digest = None
     if cfg.depth.provider == "midas":
         check_midas_config(cfg.depth)
-        from pipeline.stages.registry import file_digest
+        from pipeline.store.fingerprint import file_digest
 
         digest = file_digest(cfg.depth.weights)
     elif cfg.depth.provider == "transformers":

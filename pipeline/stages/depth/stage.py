@@ -2,7 +2,6 @@
 merge and publish by whichever process finishes last."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,7 +40,7 @@ def run_managed(ctx) -> bool:
     s, m, sp = ctx.settings, ctx.plan.manifest, ctx.stage
     d = s.config
     shard_i, shard_n = _parse_shard(ctx.options.get("shard"))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = ctx.process.rank, ctx.process.world
     if world > 1 and shard_n > 1:
         raise ConfigError("use either torchrun or --shard i/n, not both")
     part, parts = (rank, world) if world > 1 else (shard_i, shard_n)
@@ -59,7 +58,7 @@ def run_managed(ctx) -> bool:
         model = None
         if d.provider in ("midas", "transformers") and not (path / "layout.json").exists():
             # Load (and so check) the weights before the artifact directory exists: a wrong file leaves nothing.
-            model = compute.load_model(d, weights_sha)
+            model = compute.load_model(d, weights_sha, local_rank=ctx.process.local_rank)
         path.mkdir(parents=True, exist_ok=True)
         lock_name = LOCK if parts == 1 else f"{LOCK}.part{part}of{parts}"
         with Lock(path / lock_name):
@@ -71,8 +70,8 @@ def run_managed(ctx) -> bool:
             todo = cw.shards_todo(part, parts)
             if todo:
                 if model is None and d.provider in ("midas", "transformers"):
-                    model = compute.load_model(d, weights_sha)  # resuming: only when this part has shards left
-                stats = compute._compute(ctx, cw, todo, skip_bad, model, part, lane_kind=ctx.options.get("lane"))
+                    model = compute.load_model(d, weights_sha, local_rank=ctx.process.local_rank)  # resuming: only when this part has shards left
+                stats = compute.compute_part(ctx, cw, todo, skip_bad, model, part, lane_kind=ctx.options.get("lane"))
                 append_part_file(path, f"stats.part{part}.json", [stats])
         if world > 1:
             import torch.distributed as dist

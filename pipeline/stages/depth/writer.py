@@ -21,7 +21,7 @@ def encode_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-class _BackgroundWriter:
+class BackgroundWriter:
     """Runs every HDF5 operation of this process (open shard, add frames, commit) on one thread, and the work
     before HDF5 (checks, float16 + scale, checksum, the chunk's shuffle + deflate + fletcher32:
     :func:`~pipeline.depth_cache.writer.prepare_frame`) on a pool of ``threads``, so compression no longer runs
@@ -128,7 +128,7 @@ class _BackgroundWriter:
             self._raise()
 
 
-def _max_shape(m, plan) -> Optional[tuple[int, int]]:
+def largest_frame(m, plan) -> Optional[tuple[int, int]]:
     """(H, W) of the largest frame of the shard from the manifest, so frames are written as they come."""
     wh = m.sizes[plan.start:plan.stop]  # (n, 2) (W, H)
     if len(wh) == 0 or (wh <= 0).any():

@@ -73,27 +73,6 @@ def detect(model, ds: FrameDataset, key: str, device, batch: int = 64) -> np.nda
     return np.concatenate(out) if out else np.zeros((0, model.detector.n_keypoints, 2))
 
 
-def figure_mass(model, manifest, indices, size: int, key: str, reader, device) -> dict | None:
-    """Share of the detector's heatmap mass on the figure (pipeline.data.foreground), when masks are known.
-
-    Independent of the regression: a detector whose keypoints ignore the figure has mass ~ the figure's area
-    fraction. Returns {"mass_in_mask", "mask_area", "ratio", "n_frames"} or None (no masks for this dataset).
-    """
-    from pipeline.data.foreground import foreground_masks, heatmap_mass_in_mask
-
-    if len(indices) == 0:
-        return None
-    masks = foreground_masks(manifest, indices, size)
-    if masks is None:
-        return None
-    ds = FrameDataset(manifest=manifest, indices=indices, image_size=size, use_rgb=key == "rgb",
-                      use_depth=key == "depth", depth_reader=reader)
-    x = torch.stack([ds[i][key] for i in range(len(ds))]).to(device)
-    with torch.no_grad():
-        heat = model.to(device).eval().detector(x).heatmaps.float().cpu().numpy()  # (N, K, h, w)
-    return heatmap_mass_in_mask(heat, masks) | {"n_frames": int(len(indices))}
-
-
 ROLES = (("student", "distill", "rgb"), ("baseline", "baseline", "rgb"), ("teacher", "teach", "depth"))
 
 
@@ -165,7 +144,7 @@ def run(ctx) -> dict:
                 "what": "the fit split's mean pose predicted for every test frame (no detector), through the "
                         "same protocol", "n_fit": int(len(sets["fit"][0])), "n_test": int(len(sets["test"][0])),
                 "image_size": int(S)})
-        on_figure = figure_mass(model, m, sets["test"][0][:64], S, key, reader, device)
+        on_figure = common.figure_mass(model, m, sets["test"][0][:64], S, key, reader, device)
         if on_figure is not None:
             results[role]["figure_heatmap_mass"] = on_figure
         # picture: first 16 test frames, regressed keypoints (colours) and ground truth (white crosses)

@@ -1,9 +1,11 @@
-"""`dkp-pipeline cache verify|export|import`: check a depth cache and share it under its artifact key.
+"""`dkp-pipeline cache verify|export|import|info`: check a depth cache and share it under its artifact key (the
+depth stage's sharing: a colleague who imports a cache never runs MiDaS).
 
 An export is the one-file form of :func:`pipeline.depth_cache.export_cache` plus one root attribute,
 ``artifact_json``: the depth artifact's record (key, the inputs that key hashes, resolved config,
 cache spec, skipped frames). Import rebuilds and verifies the cache in a temporary directory of the
-store, writes that record and ``COMPLETE``, and renames the directory to ``STORE/depth/<key[:16]>/`` —
+store and installs it with that record (``Store.install``: the record, ``COMPLETE``, one rename) as
+``STORE/depth/<key[:16]>/`` —
 exactly where ``status``/``teach`` look for the depth stage of the config that built it, so whoever
 imports it never runs MiDaS.
 """
@@ -90,7 +92,8 @@ def export_command(cfg, store, output, console) -> None:
 def _read_record(file: Path) -> dict:
     import h5py
 
-    from pipeline.store.artifacts import SCHEMA_VERSIONS, artifact_key
+    from pipeline.stages.depth import DEPTH
+    from pipeline.store.artifacts import artifact_key
 
     try:
         with h5py.File(file, "r", locking=False) as f:
@@ -111,10 +114,10 @@ def _read_record(file: Path) -> dict:
     inputs = rec.get("inputs") or {}
     if rec.get("stage") != "depth" or inputs.get("stage") != "depth":
         raise CacheError(f"{file}: the record is for stage {rec.get('stage')!r}, not depth")
-    if inputs.get("schema") != SCHEMA_VERSIONS["depth"]:
+    if inputs.get("schema") != DEPTH.schema:
         raise CacheError(f"{file}: exported with depth schema version {inputs.get('schema')}, this dkp-pipeline "
-                         f"uses {SCHEMA_VERSIONS['depth']}; rebuild the cache with this version")
-    key = artifact_key("depth", inputs["config"], inputs["upstream"], inputs["fingerprint"])
+                         f"uses {DEPTH.schema}; rebuild the cache with this version")
+    key = artifact_key("depth", inputs["config"], inputs["upstream"], inputs["fingerprint"], schema=DEPTH.schema)
     if key != rec.get("key"):
         raise CacheError(f"{file}: its key {str(rec.get('key'))[:16]}… does not match the inputs it records "
                          f"({key[:16]}…); the record was edited, export it again")
@@ -129,9 +132,9 @@ def import_command(file, store, console, cfg=None) -> None:
     With ``cfg``: refused unless it is the depth cache ``cfg`` asks for — the spec is compared field by
     field (the message names every differing field) and every frame hash against the local manifest.
     """
-    from pipeline.store.artifacts import COMPLETE, LOCK, Lock, Store, list_files
-    from pipeline.store.io import write_atomic, write_json_atomic
     from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX, spec_diff
+    from pipeline.stages.depth import DEPTH
+    from pipeline.store.artifacts import LOCK, Lock, Store
     from pipeline.depth_cache.transfer import import_cache
 
     file = Path(file)
@@ -154,7 +157,7 @@ def import_command(file, store, console, cfg=None) -> None:
             raise CacheError(f"{file} has depth key {key[:16]}, {cfg.name!r} needs {sp.key[:16]}: {'; '.join(why)}")
         expected_spec, expected_hashes = want, plan.manifest.fingerprints
     final = st.path("depth", key)
-    state = st.state("depth", key)
+    state = st.state("depth", key, outputs=DEPTH.outputs, check=DEPTH.integrity)
     if state.state == "fresh":
         console.print(f"depth cache {key[:16]} is already in {st.root} ({final}); nothing to import")
         return
@@ -175,13 +178,10 @@ def import_command(file, store, console, cfg=None) -> None:
                          expected_frame_hashes=expected_hashes)
             import datetime as _dt
 
-            record = dict(rec, status="complete", imported_from=str(file.resolve()),
-                          imported_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                          files=list_files(tmp, unhashed=CHECKSUMMED_IN_INDEX))
-            write_json_atomic(tmp / "artifact.json", record)
-            write_atomic(tmp / COMPLETE, key + "\n")
-        try:
-            os.rename(tmp, final)  # atomic; fails if another import/run created the directory meanwhile
+            record = dict(rec, imported_from=str(file.resolve()),
+                          imported_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        try:  # the record listing its files, COMPLETE, then the rename into place: the store's one way to publish
+            st.install("depth", key, tmp, record, unhashed=CHECKSUMMED_IN_INDEX)
         except OSError:
             raise CacheError(f"{final} appeared while importing (another import or depth run); nothing was "
                              f"changed, check `dkp-pipeline status`") from None
