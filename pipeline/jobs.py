@@ -35,7 +35,8 @@ LINE_EVERY_S = 30.0  # a progress line at most this often when the console is no
 
 def independent_group(plan, walk: list[str], start: int) -> list[str]:
     """The entries from ``walk[start]`` on that could be built side by side: consecutive, not fresh, of a stage
-    that allows it (``Stage.side_by_side``), none reading another's artifact. Always at least ``walk[start]``."""
+    that allows it (``Stage.side_by_side``), none reading another's artifact nor being the same artifact (a gamma =
+    0 student is its own baseline: built once, then found fresh). Always at least ``walk[start]``."""
     from pipeline.stages import registry
 
     group = [walk[start]]
@@ -45,6 +46,8 @@ def independent_group(plan, walk: list[str], start: int) -> list[str]:
         sp = plan.stages[name]
         stage = registry.stage(sp.stage)
         if sp.state == "fresh" or not stage.side_by_side or any(g in stage.upstream for g in group):
+            break
+        if any((plan.stages[g].stage, plan.stages[g].key) == (sp.stage, sp.key) for g in group):
             break
         group.append(name)
     return group

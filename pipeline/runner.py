@@ -101,10 +101,13 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
     walk = wanted if only is None else ["manifest", only]
     preflight(plan, walk, console)
     built = []
+    done: set[tuple[str, str]] = set()  # (stage, key) built by this run: an entry of the same artifact is fresh
     i = 0
     while i < len(walk):
         name = walk[i]
         sp = plan.stages[name]
+        if (sp.stage, sp.key) in done:  # e.g. the baseline of a gamma = 0 student: the student's own artifact
+            sp.state, sp.why, sp.damage, sp.progress = "fresh", [], [], None
         if sp.state == "fresh":
             if name in wanted:
                 console.print(f"[green]✓[/] {name:8s} fresh  {sp.key[:16]}  (reused)", markup=True)
@@ -125,10 +128,12 @@ def run_pipeline(cfg: C.ExperimentConfig, store_dir: Optional[str], *, dry_run: 
                 break
         if n_jobs > 1:
             built += jobs_mod.run_side_by_side(cfg, plan, group, store, console, stage_options or {}, n_jobs)
+            done |= {(plan.stages[e].stage, plan.stages[e].key) for e in group}
             i += len(group)
             continue
         t0 = time.time()
         i += 1
+        done.add((sp.stage, sp.key))
         if not run_stage(registry.stage(sp.stage), sp.cfg or cfg, plan, sp, store, console, stage_options or {}):
             sync_ranks()
             built.append(f"{name} (this process's part)")

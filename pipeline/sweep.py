@@ -338,7 +338,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], axes: list[Axis], seeds: 
                 states = "synthetic data not generated yet"
             else:
                 plan = build_plan(cfg, store, progress=False)
-                states = ", ".join(f"{s.stage} {s.state}" for s in plan if s.stage != "manifest")
+                states = ", ".join(f"{name} {s.state}" for name, s in plan.stages.items() if name != "manifest")
             console.print(f"  {r.name}: {sets or '(the config as it is)'}  [{states}]", markup=False, soft_wrap=True)
             listed.append(r.name)
         return {"runs": listed}

@@ -108,7 +108,93 @@ def test_semantic_dict_drops_non_semantic_fields_only():
     assert "num_workers" not in s and "log_every" not in s and "device" not in s
     assert s["lr"] == 1e-4 and s["model"]["n_keypoints"] == 16
     assert "workers" not in str(sorted(s))
-    assert "num_workers" in NON_SEMANTIC
+    assert "teach.num_workers" in NON_SEMANTIC and "depth.num_workers" in NON_SEMANTIC
+
+
+def test_each_field_is_described_once_by_its_full_path():
+    """CHOICES, RANGES and NON_SEMANTIC come from the fields' metadata, by dotted path: a new field named like an
+    old one (``seed``, ``weights``) gets no rule it did not declare."""
+    import dataclasses
+
+    from pipeline import config as C
+
+    assert C.CHOICES["teach.recon_loss"] == C.CHOICES["distill.recon_loss"] == ("perceptual", "l1ssim", "l1", "mse")
+    assert "recon_loss" not in C.CHOICES and "seed" not in C.RANGES and "weights" not in C.NON_SEMANTIC
+    assert C.RANGES["distill.gamma"].ok(0) and not C.RANGES["distill.gamma"].ok(-0.1)
+    assert "teach.gamma" not in C.RANGES  # teach has no gamma
+    assert {"name", "depth.weights", "teach.vgg_weights", "eval.device"} <= C.NON_SEMANTIC
+    assert "data.synth_seed" not in C.NON_SEMANTIC and "distill.teacher_cache" not in C.NON_SEMANTIC
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:  # a section some later issue adds: its own field named seed has only the rules it declares
+        seed: str = C.opt("a")
+        weights: int = C.opt(3, valid=C.Range(1))
+
+    assert C.semantic_dict(Section()) == {"seed": "a", "weights": 3}
+
+
+def test_the_baseline_resets_what_its_fields_declare():
+    """baseline_of resets exactly the fields that declare a baseline value: the student's recipe options, gamma and
+    eval.baseline; the rest of the student's section (its schedule, its model) is the baseline's too."""
+    from pipeline import config as C
+
+    cfg = load_config("synthetic", ["distill.gamma=0.4", "distill.init=teacher", "distill.keypoint_weight=2",
+                                    "distill.adapter=true", "distill.layer=heatmaps", "distill.steps=77",
+                                    "eval.baseline=true"])
+    b = C.baseline_of(cfg)
+    assert (b.distill.gamma, b.distill.init, b.distill.keypoint_weight, b.distill.adapter) == (0.0, "scratch", 0.0,
+                                                                                           False)
+    assert (b.distill.steps, b.distill.layer, b.eval.baseline, b.teach) == (77, "heatmaps", False, cfg.teach)
+    resets = {p for p, f in C.leaves() if "baseline" in f.metadata}
+    assert resets == {"distill.gamma", "distill.init", "distill.keypoint_weight", "distill.adapter", "eval.baseline"}
+
+
+def test_fields_added_later_stay_out_of_the_key_at_their_old_value():
+    from pipeline import config as C
+
+    t = C.TrainConfig()
+    assert "deterministic" not in C.key_dict(t) and "rerun" not in C.key_dict(t)
+    assert "extra_blocks" not in C.key_dict(t)["model"] and "extra_blocks" in C.semantic_dict(t)["model"]
+    changed = C.key_dict(dataclasses.replace(t, deterministic=True, rerun=2))
+    assert changed["deterministic"] is True and changed["rerun"] == 2
+    unkeyed = {p for p, f in C.leaves() if "unkeyed_at" in f.metadata}
+    assert {"teach.rerun", "distill.init", "distill.adapter", "distill.model.extra_blocks", "depth.tf32"} <= unkeyed
+
+
+@pytest.mark.parametrize("path, names", [
+    ("teach.recon_loss", lambda: __import__("dkp_core.losses", fromlist=["x"]).RECONSTRUCTION_LOSSES),
+    ("distill.layer", lambda: __import__("dkp_core.keypoints", fromlist=["x"]).FEATURE_NAMES),
+    ("distill.flatten", lambda: __import__("dkp_core.losses", fromlist=["x"]).DISTILLATION_FLATTENS),
+    ("eval.protocol", lambda: ("auto", *__import__("pipeline.data.spec", fromlist=["x"]).PROTOCOLS)),
+])
+def test_the_configs_choices_are_the_registries_names(path, names):
+    """A name added to a registry (a loss, a detector layer, a flatten, a protocol) and not to the config's field,
+    or the reverse, fails here."""
+    from pipeline import config as C
+
+    assert sorted(C.CHOICES[path]) == sorted(names())
+
+
+def test_the_protocols_and_layouts_are_the_registries_names():
+    from dkp_core.metrics import PROTOCOL_ALIASES, PROTOCOLS
+    from pipeline.data.layouts import WALKERS
+    from pipeline.data.spec import LAYOUTS
+    from pipeline.data.spec import PROTOCOLS as MANIFEST_PROTOCOLS
+
+    assert sorted(PROTOCOL_ALIASES) == sorted(MANIFEST_PROTOCOLS)
+    assert set(PROTOCOL_ALIASES.values()) <= set(PROTOCOLS)
+    assert sorted(WALKERS) == sorted(LAYOUTS)
+
+
+def test_the_presets_name_only_known_midas_types():
+    """depth.model_type has no fixed choices in the config (the files and transformers providers do not read it);
+    the midas provider checks it against the MiDaS registry, the one list, which the presets must use."""
+    from dkp_core.midas import list_models
+    from pipeline import config as C
+
+    for preset in C.list_presets():
+        d = load_config(preset).depth
+        assert d.provider != "midas" or d.model_type in list_models(), preset
 
 
 @pytest.mark.parametrize("args", [["--set", "teach.lrr=1"], ["--set", "teach.lr=abc"], ["--set", "oops"]])

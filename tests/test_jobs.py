@@ -79,6 +79,26 @@ def _state(path: Path) -> dict:
     return load_trained(path)[0].state_dict()
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_gamma_0_student_is_its_own_baseline_built_once(folder, tmp_path, jobs):
+    """With distill.gamma = 0 the student and the baseline are one artifact (one key): it is built once, never
+    twice side by side, and the baseline entry is then found fresh (it used to fail: "already complete")."""
+    from pipeline.jobs import independent_group
+    from pipeline.runner import run_pipeline
+
+    plan = _plan(folder, tmp_path / "store", "distill.gamma=0")
+    walk = list(plan.stages)
+    assert plan.stages["distill"].key == plan.stages["baseline"].key
+    assert independent_group(plan, walk, walk.index("distill")) == ["distill"]
+    console = quiet_console(200)
+    with torch_threads(1):
+        done = run_pipeline(_cfg(folder, "distill.gamma=0"), str(tmp_path / "store"), console=console, jobs=jobs)
+    out = console.file.getvalue()
+    assert "distill  built" in out and "baseline fresh" in out and "baseline built" not in out, out
+    assert all(sp.state == "fresh" for sp in done.stages.values())
+    assert done.built == ["manifest", "depth", "teach", "distill", "eval"]
+
+
 def test_side_by_side_builds_what_one_after_the_other_builds(folder, tmp_path):
     """Two stores, the same config: jobs=1 in this process, jobs=2 in two spawned children of one thread each.
     The same keys, bit-identical weights and metrics, each child's output in STORE/logs, both remembered."""

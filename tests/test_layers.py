@@ -126,7 +126,8 @@ def test_no_module_imports_another_modules_private_name():
 
 
 def test_only_the_process_module_reads_rank_and_world_from_the_environment():
-    env_read = re.compile(r"environ[^\n]*\b(LOCAL_RANK|RANK|WORLD_SIZE|LOCAL_WORLD_SIZE)\b|getenv\([\"'](LOCAL_)?(RANK|WORLD_SIZE)")
+    env_read = re.compile(r"environ[^\n]*\b(LOCAL_RANK|RANK|WORLD_SIZE|LOCAL_WORLD_SIZE)\b"
+                          r"|getenv\([\"'](LOCAL_)?(RANK|WORLD_SIZE)")
     readers = sorted(str(p.relative_to(REPO)) for p in MODULES.values() if env_read.search(p.read_text()))
     assert readers == [], readers  # process.py reads them through a name (env.get), which this pattern allows
     assert 'env.get("RANK"' in (REPO / "pipeline" / "process.py").read_text()

@@ -19,23 +19,14 @@ def settings_of(section: str) -> Callable[[C.ExperimentConfig, Any], C.TrainConf
     return settings
 
 
-# Training fields added after artifacts existed, at the value that was the only behaviour before them: left out of
-# the key there, so models trained before keep their keys (init and keypoint_weight: distill's own).
-_TRAIN_FIELDS_ADDED = (("deterministic", False), ("rerun", 0), ("adapter", False))
-
-
 def key_config(s: C.TrainConfig) -> dict:
-    """A training section's semantic config as its key hashes it (the VGG weights by their digest)."""
+    """A training section's config as its key hashes it (:func:`pipeline.config.key_dict`: the fields added later
+    left out at their old values) with the VGG weights by their digest."""
     from pipeline.store.fingerprint import file_digest
 
-    sem = C.semantic_dict(s)
+    sem = C.key_dict(s)
     if s.recon_loss == "perceptual":
         sem["vgg_sha256"] = file_digest(s.vgg_weights) if s.vgg_weights else "torchvision-default"
-    for name, before in _TRAIN_FIELDS_ADDED:
-        if name in sem and sem[name] == before:
-            del sem[name]
-    if sem["model"].get("extra_blocks") == 0:
-        del sem["model"]["extra_blocks"]
     return sem
 
 

@@ -10,12 +10,12 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from pipeline.config import NON_SEMANTIC, TrainConfig
+from pipeline.config import TrainConfig, choices_of
 from pipeline.errors import ConfigError
 
 _DEFAULTS = TrainConfig()
-_AMP_CHOICES = ("auto", "off", "bf16", "fp16")
-_SCHEDULE_CHOICES = ("constant", "cosine")
+_AMP_CHOICES = choices_of(TrainConfig, "amp")
+_SCHEDULE_CHOICES = choices_of(TrainConfig, "lr_schedule")
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -50,9 +50,10 @@ class TrainSettings:
     # refusing it (runtime.check_amp). Not a config field, so never in a key; for tests and deliberate experiments.
     allow_slow_amp: bool = False
 
-    # The fields that cannot change the trained weights are config.NON_SEMANTIC, the one list the artifact
-    # keys use (matched by name; keep_checkpoints is no config field, so it never reaches a key).
-    NON_SEMANTIC: ClassVar[frozenset[str]] = NON_SEMANTIC
+    # The fields that cannot change the trained weights: TrainConfig's non-semantic ones (pipeline/config.py, the
+    # one description the artifact keys use; keep_checkpoints is no config field, so it never reaches a key).
+    NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset(f.name for f in dataclasses.fields(TrainConfig)
+                                                       if not f.metadata.get("semantic", True))
     # Fields a checkpoint must agree on to be resumed (steps may grow: that extends a run).
     RESUME_MUST_MATCH: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "betas", "seed",
                                                      "lr_schedule", "warmup_steps")

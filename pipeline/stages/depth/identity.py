@@ -43,19 +43,18 @@ def depth_identity(d: C.DepthConfig, m, weights_digest: Optional[str]) -> DepthI
     from pipeline.data.images import DEPTH_FILE_RULE
 
     d = resolve_auto(d)
-    key = C.semantic_dict(d)
+    key = C.key_dict(d)  # preprocess "cpu" and tf32 off, the behaviour before they existed, are left out
     # degrade is applied when the teacher reads the cache (pipeline/data/degrade.py), never to the cache: it is in
-    # teach's key (registry), and one cache serves every degradation
+    # teach's key, and one cache serves every degradation
     key.pop("degrade", None)
-    if not d.tf32 or d.provider != "midas" or d.precision != "fp32":  # read only by fp32 MiDaS (on CUDA)
-        key.pop("tf32")
+    if d.provider != "midas" or d.precision != "fp32":  # tf32 is read only by fp32 MiDaS (on CUDA)
+        key.pop("tf32", None)
     spec: Optional[dict] = {"provider": d.provider, "manifest_fingerprint": m.fingerprint,
                             "storage_dtype": d.storage_dtype}
-    # preprocess changes values only on the device path: absent for the run.py-identical default (and for the
-    # files provider, which never reads it), so keys and caches from before the option stay valid
-    preprocess = d.preprocess if d.provider == "midas" and d.preprocess != "cpu" else None
-    if preprocess is None:
-        key.pop("preprocess")
+    # preprocess changes values only on the device path of MiDaS (the other providers never read it)
+    if d.provider != "midas":
+        key.pop("preprocess", None)
+    preprocess = key.get("preprocess")
     if d.provider == "midas":
         key["weights_sha256"] = weights_digest
         fingerprint = reads.frames_identity(m)

@@ -7,7 +7,6 @@ what it reads of the dataset: the RGB frames of the train and test splits.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 from pipeline import config as C
@@ -24,12 +23,7 @@ def _reads(m, synthetic: Optional[dict]) -> dict:
 
 
 def _key(s: C.TrainConfig, env: KeyEnv) -> KeyParts:
-    sem = trained.key_config(s)
-    # fields added later, at the value that was the only behaviour before them: students built then keep keys
-    for name, before in (("init", "scratch"), ("keypoint_weight", 0.0)):
-        if sem.get(name) == before:
-            del sem[name]
-    return KeyParts(sem, env.upstream(DISTILL.upstream), _reads(env.manifest, env.synthetic))
+    return KeyParts(trained.key_config(s), env.upstream(DISTILL.upstream), _reads(env.manifest, env.synthetic))
 
 
 def _run(ctx) -> dict:
@@ -39,12 +33,10 @@ def _run(ctx) -> dict:
 
 
 def baseline_config(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
-    """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach
-    (the same key a ``--set distill.gamma=0`` run has; ``init`` scratch, no keypoint term and no adapter, as a
-    baseline must not learn from the depth teacher)."""
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, gamma=0.0, init="scratch",
-                                                                        keypoint_weight=0.0, adapter=False),
-                               eval=dataclasses.replace(cfg.eval, baseline=False))
+    """``cfg`` with gamma = 0: plain AutoLink on RGB through the distill stage, sharing depth and teach: every
+    field that declares a baseline value reset to it (:func:`pipeline.config.baseline_of`; gamma 0, ``init``
+    scratch, no keypoint term, no adapter, as a baseline must not learn from the depth teacher)."""
+    return C.baseline_of(cfg)
 
 
 # 2: its key covers the splits, annotations and frames it reads (issue 13).
