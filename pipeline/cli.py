@@ -35,6 +35,14 @@ def _load(config: str, overrides):
     return load_config(config, overrides)
 
 
+def _plan(cfg, store):
+    """The plan of ``cfg`` over the store ``store`` (a path or None: DKP_STORE, then ./dkp-store)."""
+    from pipeline.graph import build_plan
+    from pipeline.store.artifacts import Store
+
+    return build_plan(cfg, Store.from_option(store), progress=False)
+
+
 def _cluster_options(f):
     """Options of commands that can submit their work as submitit jobs (pipeline/cluster.py, the slurm extra)."""
     for opt in reversed((
@@ -339,7 +347,7 @@ def cache_export(config, overrides, store, output):
     """Write CONFIG's depth cache as ONE HDF5 file a colleague can `cache import`."""
     from pipeline.stages.depth.share import export_command
 
-    export_command(_load(config, overrides), store, output, _console())
+    export_command(_plan(_load(config, overrides), store), output, _console())
 
 
 @cache.command("import")
@@ -352,7 +360,7 @@ def cache_import(file, store, config, overrides):
     """Verify a shared depth-cache file and place it in the store under its key (no MiDaS needed)."""
     from pipeline.stages.depth.share import import_command
 
-    import_command(file, store, _console(), cfg=_load(config, overrides) if config else None)
+    import_command(file, store, _console(), plan=_plan(_load(config, overrides), store) if config else None)
 
 
 # --------------------------------------------------------------------------------------------------

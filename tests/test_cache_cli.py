@@ -130,7 +130,11 @@ def test_import_refuses_a_cache_the_config_does_not_need(built, tmp_path):
 
     exp = _copy(built, tmp_path)
     out = tmp_path / "d.h5"
-    export_command(load_config(exp["yaml"]), exp["store"], out, Console(file=io.StringIO()))
+    from pipeline.graph import build_plan
+    from pipeline.store.artifacts import Store
+
+    export_command(build_plan(load_config(exp["yaml"]), Store(exp["store"]), progress=False), out,
+                   Console(file=io.StringIO()))
     r = run_cli(["cache", "import", str(out), "--store", str(tmp_path / "o1"), "--config", exp["yaml"],
                  "--set", "depth.storage_dtype=float32"])
     assert r.returncode == 2 and "storage_dtype: cache 'float16', expected 'float32'" in r.stderr, r.stderr

@@ -204,6 +204,7 @@ def case_gpu_model(p: dict) -> dict:
             from torch.utils.data import DataLoader
 
             from pipeline.depth_cache.writer import ShardPlan
+            from pipeline.data.workers import dies_with_this_process
             from pipeline.stages.depth.frames import BatchedFrames, keep_batch, plan_batches
 
             m = manifest_of(size)
@@ -211,7 +212,8 @@ def case_gpu_model(p: dict) -> dict:
             batches = plan_batches(m, plans, b_stage, lambda h, w: (3, *target_size(h, w, spec)))
             ds = BatchedFrames(m, batches, midas_spec=spec, preprocess=pre)
             dl = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=keep_batch,
-                            prefetch_factor=2 if workers else None, pin_memory=cuda)
+                            prefetch_factor=2 if workers else None, pin_memory=cuda,
+                            worker_init_fn=dies_with_this_process() if workers else None)
             t0 = t1 = time.perf_counter()
             got = first = 0
             for b, item in enumerate(dl):

@@ -257,8 +257,11 @@ def _write(d: Path, spec: CacheSpec, ds, n: int, workers: int, console) -> None:
         console.print(f"frame cache: {spec.kind} {'x'.join(map(str, spec.row_shape))} {spec.dtype} for {n} frames "
                       f"({spec.nbytes(n) / 2**20:.0f} MiB){f', resuming at row {done}' if done else ''} -> {d}",
                       markup=False, soft_wrap=True)
+    from pipeline.data.workers import dies_with_this_process
+
     loader = DataLoader(_Chunks(ds, spec.kind, done, n), batch_size=None, num_workers=workers,
-                        collate_fn=_identity, prefetch_factor=4 if workers else None)
+                        collate_fn=_identity, prefetch_factor=4 if workers else None,
+                        worker_init_fn=dies_with_this_process() if workers else None)
     with open(partial, "r+b" if done else "w+b") as f:
         if done:  # the header as the killed build wrote it
             version = np.lib.format.read_magic(f)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from pipeline import config as C
 from pipeline.store.artifacts import Store, git_sha
 from pipeline.store.io import write_atomic
-from pipeline.graph import flatten
+from pipeline.stages.changes import flatten
 from pipeline.stages import registry
 from pipeline.report import plots
 from pipeline.report.html import esc, figure, fmt, gallery, link, page, read_png, state_badge, table

@@ -10,8 +10,10 @@ beside it: :mod:`.settings`, :mod:`.sampling`, :mod:`.rng`, :mod:`.runtime`, :mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -247,7 +249,7 @@ def make_loader(dataset: EpochDataset, sampler: StepBatchSampler, settings: Trai
     processes, pinned on CUDA so that :func:`to_device`'s non-blocking copies are asynchronous."""
     return DataLoader(ByEpochIndex(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
                       collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                      worker_init_fn=worker_init if settings.num_workers > 0 else None)
+                      worker_init_fn=functools.partial(worker_init, os.getpid()) if settings.num_workers else None)
 
 
 def _place(model: nn.Module, settings: TrainSettings, device: torch.device, world: int, is_main: bool,

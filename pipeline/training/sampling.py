@@ -105,10 +105,14 @@ class ByEpochIndex(torch.utils.data.Dataset):
         return self.dataset.get(index, epoch)
 
 
-def worker_init(_worker_id: int) -> None:
+def worker_init(parent: int, _worker_id: int) -> None:
+    """A training loader's worker (``functools.partial(worker_init, os.getpid())`` in the process that makes it)."""
     # Ctrl-C reaches the whole process group and Slurm signals every process of a job step; the
     # main process turns those into a clean checkpoint, so workers must not die underneath it
-    # (they still exit when the main process goes: DataLoader's watchdog sees the parent vanish).
+    # (they still exit when the main process goes: pipeline/data/workers.py).
+    from pipeline.data.workers import exit_with_parent
+
+    exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -297,7 +297,26 @@ def _run(tmp_path: Path, *, seed: int, kills: dict[str, int], videos: bool = Fal
     _same_depth(ref.path("depth"), killed.path("depth"))
     _same_model(ref.path("teach"), killed.path("teach"))
     _same_model(ref.path("distill"), killed.path("distill"))
+    assert _outlivers(tmp_path) == [], "processes of killed runs still alive (DataLoader workers?)"
     return log
+
+
+def _outlivers(tmp_path: Path, wait_s: float = 10.0) -> list[str]:
+    """Processes (not zombies) whose command line names ``tmp_path``, once they had ``wait_s`` to go: a worker of
+    a killed run must die with it (pipeline/data/workers.py; they used to wait forever on a full pipe)."""
+    deadline = time.time() + wait_s
+    while True:
+        left = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and str(tmp_path) in (d / "cmdline").read_text().replace("\0", " ") \
+                        and (d / "stat").read_text().split()[2] != "Z":
+                    left.append(d.name)
+            except OSError:
+                continue
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def test_kill_stages_resume_identical(tmp_path):

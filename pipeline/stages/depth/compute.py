@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.data.workers import dies_with_this_process
 from pipeline.errors import CheckpointError, ConfigError, ManifestError
 from pipeline.stages.depth.frames import BatchedFrames, keep_batch, device_batch, plan_batches
 from pipeline.stages.depth.lanes import lane_for
@@ -216,7 +217,8 @@ def compute_part(ctx, cw, todo, skip_bad: bool, model, part: int, *, lane_kind: 
     plans = {p.index: p for p in todo}
     n_frames = sum(p.n for p in todo)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=keep_batch,
-                        prefetch_factor=PREFETCH if workers else None, pin_memory=cuda)
+                        prefetch_factor=PREFETCH if workers else None, pin_memory=cuda,
+                        worker_init_fn=dies_with_this_process() if workers else None)
     pad_to = batch if (midas and d.compile) else 0  # one compiled graph per shape: every batch full
     stats: dict[str, Any] = {"frames": n_frames, "batches": 0, "batch_size": batch, "num_workers": workers,
                              "lane": lane.name if lane else None, "in_flight": IN_FLIGHT, "seconds_model": 0.0,

@@ -60,22 +60,13 @@ def verify_command(cache_dir, console) -> None:
                   f"(checksums, chunks, shard sha256s; frame hashes against {against})")
 
 
-def _depth_artifact(cfg, store):
-    """(plan, depth StagePlan) for ``cfg``; CacheError unless its depth artifact is published."""
-    from pipeline.store.artifacts import Store
-    from pipeline.graph import build_plan
-
-    plan = build_plan(cfg, Store.from_option(store), progress=False)
-    sp = plan.stages["depth"]
-    return plan, sp
-
-
-def export_command(cfg, store, output, console) -> None:
-    """Write ``cfg``'s published depth cache as one HDF5 file (+ ``.sha256``) carrying its artifact record."""
+def export_command(plan, output, console) -> None:
+    """Write the published depth cache of ``plan`` (:func:`pipeline.graph.build_plan` of the config, in its store)
+    as one HDF5 file (+ ``.sha256``) carrying its artifact record."""
     from pipeline.depth_cache.transfer import export_cache
     from pipeline.store.io import canonical_json
 
-    _, sp = _depth_artifact(cfg, store)
+    cfg, store, sp = plan.cfg, plan.store.root, plan.stages["depth"]
     if sp.state != "fresh":
         why = f": {'; '.join(sp.why)}" if sp.state == "damaged" else ""
         raise CacheError(f"no finished depth cache for {cfg.name!r} in store {store} (depth is {sp.state}, key "
@@ -126,11 +117,12 @@ def _read_record(file: Path) -> dict:
     return rec
 
 
-def import_command(file, store, console, cfg=None) -> None:
+def import_command(file, store, console, plan=None) -> None:
     """Verify an export and install it as ``STORE/depth/<key[:16]>/`` (artifact.json + COMPLETE).
 
-    With ``cfg``: refused unless it is the depth cache ``cfg`` asks for — the spec is compared field by
-    field (the message names every differing field) and every frame hash against the local manifest.
+    With ``plan`` (of a config, over ``store``): refused unless it is the depth cache the config asks for — the
+    spec is compared field by field (the message names every differing field) and every frame hash against the
+    local manifest.
     """
     from pipeline.depth_cache.format import CHECKSUMMED_IN_INDEX, spec_diff
     from pipeline.stages.depth import DEPTH
@@ -142,16 +134,17 @@ def import_command(file, store, console, cfg=None) -> None:
     key = rec["key"]
     st = Store.from_option(store)
     expected_spec, expected_hashes = None, None
-    if cfg is not None:
+    cfg = plan.cfg if plan is not None else None
+    if plan is not None:
         from pipeline.stages.depth.identity import expected_spec as spec_for
 
-        plan, sp = _depth_artifact(cfg, store)
+        sp = plan.stages["depth"]
         want = spec_for(cfg, plan.manifest)
         diffs = spec_diff(rec["cache_spec"], want)
         if diffs:
             raise CacheError(f"{file} is not the depth cache {cfg.name!r} needs: {'; '.join(diffs)}")
         if sp.key != key:
-            from pipeline.graph import explain_change
+            from pipeline.stages.changes import explain_change
 
             why = explain_change("depth", rec["inputs"], sp.inputs)
             raise CacheError(f"{file} has depth key {key[:16]}, {cfg.name!r} needs {sp.key[:16]}: {'; '.join(why)}")

@@ -142,8 +142,11 @@ def build_embedding_cache(path: Path, teacher: FrozenTeacher, ds, layer: str, hf
     if not part.exists():
         tmp = part.with_name(part.name + f".tmp-{os.getpid()}")  # the pattern a lock takeover cleans up
         rows_shape = (hi - lo, n_flip, *shape)
+        from pipeline.data.workers import dies_with_this_process
+
         loader = DataLoader(_DepthRows(ds, lo, hi), batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=torch.device(device).type == "cuda")
+                            pin_memory=torch.device(device).type == "cuda",
+                            worker_init_fn=dies_with_this_process() if num_workers else None)
         # Written in order as a plain file (an .npy header, then the rows), not through a writable memory map: a
         # full disk is then an OSError at the write (one StorageError naming the file), never a SIGBUS on a page
         # that cannot be allocated; atomic_file renames it into place only when complete.
