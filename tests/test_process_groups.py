@@ -187,8 +187,17 @@ def test_depth_barrier_group_is_not_the_training_group_two_cpu_ranks(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        for rank in (0, 1):
+            (tmp_path / f"rank{rank}.json").unlink(missing_ok=True)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        # One retry, for one signature only: gloo's SIGABRT of a rank at shutdown ("terminate called without an
+        # active exception"), seen in 2 of 4 full-suite runs on the loaded 2-core VM of 2026-12-06 (and in 2 of ~70
+        # runs of this script when it was written), never in 12 runs of the script alone beside two busy loops.
+        # Any other failure, or the same one twice, fails the test.
+        if r.returncode == 0 or attempt or "terminate called without an active exception" not in r.stderr:
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
