@@ -299,27 +299,25 @@ def choices_of(cls, name: str) -> tuple[str, ...]:
     return next(f.metadata["choices"] for f in fields(cls) if f.name == name)
 
 
-def semantic_dict(obj) -> dict:
-    """The fields of a config section that can change results (the non-semantic ones removed, at every depth)."""
+def _as_dict(obj, drop_unkeyed: bool) -> dict:
     out = {}
     for f in fields(obj):
-        if f.metadata.get("semantic", True):
-            v = getattr(obj, f.name)
-            out[f.name] = semantic_dict(v) if is_dataclass(v) else copy.deepcopy(v)
+        v = getattr(obj, f.name)
+        if not f.metadata.get("semantic", True) or (drop_unkeyed and "unkeyed_at" in f.metadata
+                                                     and v == f.metadata["unkeyed_at"]):
+            continue
+        out[f.name] = _as_dict(v, drop_unkeyed) if is_dataclass(v) else copy.deepcopy(v)
     return out
+
+
+def semantic_dict(obj) -> dict:
+    """The fields of a config section that can change results (the non-semantic ones removed, at every depth)."""
+    return _as_dict(obj, drop_unkeyed=False)
 
 
 def key_dict(obj) -> dict:
     """:func:`semantic_dict` less each field at its ``unkeyed_at`` value: a section's config as its key hashes it."""
-    out = {}
-    for f in fields(obj):
-        if not f.metadata.get("semantic", True):
-            continue
-        v = getattr(obj, f.name)
-        if "unkeyed_at" in f.metadata and v == f.metadata["unkeyed_at"]:
-            continue
-        out[f.name] = key_dict(v) if is_dataclass(v) else copy.deepcopy(v)
-    return out
+    return _as_dict(obj, drop_unkeyed=True)
 
 
 def baseline_of(obj):

@@ -224,24 +224,30 @@ print(json.dumps({"keys": {k: s.key for k, s in plan.stages.items()}, "reads": l
 """
 
 
-def test_under_torchrun_rank_0_alone_walks_and_hashes_the_dataset(tmp_path):
-    """Two ranks against a c10d store as torchrun's agent serves it: rank 1 waits for rank 0's manifest and reads
-    no frame (on another node its memo would be cold: every frame hashed again), and both plan the same keys."""
+def _two_ranks(tmp_path, cfg):
+    """Ranks 1 and 0 of a 2-rank job (the follower started first: it must wait) planning ``cfg`` against a c10d
+    store as torchrun's agent serves it; (processes, their (stdout, stderr)), follower first."""
     from torch.distributed import TCPStore
 
-    root = tmp_path / "data"
-    for i in range(6):
-        img(root / "images" / f"f{i}.png", 10, 8)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"name": "t", "data": {"manifest": "folder", "root": str(root)}}))
     server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port),
                TORCHELASTIC_USE_AGENT_STORE="True", DKP_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(cfg), str(tmp_path / "store")],
                               env=env | {"RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (1, 0)]  # the follower first: it must wait
-    outs = [p.communicate(timeout=300) for p in procs]
+             for r in (1, 0)]
+    return procs, [p.communicate(timeout=300) for p in procs]
+
+
+def test_under_torchrun_rank_0_alone_walks_and_hashes_the_dataset(tmp_path):
+    """Two ranks against a c10d store as torchrun's agent serves it: rank 1 waits for rank 0's manifest and reads
+    no frame (on another node its memo would be cold: every frame hashed again), and both plan the same keys."""
+    root = tmp_path / "data"
+    for i in range(6):
+        img(root / "images" / f"f{i}.png", 10, 8)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"name": "t", "data": {"manifest": "folder", "root": str(root)}}))
+    procs, outs = _two_ranks(tmp_path, cfg)
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     follower, leader = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
     assert leader["walks"] == 1 and leader["reads"] == 6
@@ -251,19 +257,10 @@ def test_under_torchrun_rank_0_alone_walks_and_hashes_the_dataset(tmp_path):
 
 
 def test_a_manifest_error_on_rank_0_is_every_ranks_error(tmp_path):
-    from torch.distributed import TCPStore
-
     cfg = tmp_path / "c.yaml"
     (tmp_path / "data" / "images").mkdir(parents=True)  # no frames: rank 0's build fails
     cfg.write_text(json.dumps({"name": "t", "data": {"manifest": "folder", "root": str(tmp_path / "data")}}))
-    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port),
-               TORCHELASTIC_USE_AGENT_STORE="True", DKP_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(cfg), str(tmp_path / "store")],
-                              env=env | {"RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (1, 0)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs, outs = _two_ranks(tmp_path, cfg)
     assert all(p.returncode != 0 for p in procs)
     assert "rank 0 could not build the manifest: dataset folder: no images" in outs[0][1]
 

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.data.layouts import WALKERS
 from pipeline.data.layouts.listing import Listing
 from pipeline.data.manifest import Manifest
-from pipeline.data.paths import Inside, fail
+from pipeline.data.paths import Inside, fail, refuse_duplicate_ids
 from pipeline.data.spec import DatasetSpec, load_spec
 from pipeline.data.images import probe_depth, probe_image
 from pipeline.process import this_process
@@ -78,13 +78,9 @@ def build_manifest(name_or_yaml_path: str | os.PathLike, root: str | os.PathLike
     stride = {"frame_stride": frame_stride} if frame_stride != 1 else {}  # only the folder walker takes it
     L = WALKERS[spec.layout](spec, root_p, memo, progress, **stride)
 
-    if not L.ids_unique and len(set(L.ids)) != len(L.ids):  # a set, not a per-frame loop (seconds at a million)
-        first: dict[str, int] = {}
-        for i, fid in enumerate(L.ids):
-            j = first.setdefault(fid, i)
-            if j != i:
-                raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and {L.paths[i]!r} "
-                                 f"(listed twice in the annotations?)")
+    if not L.ids_unique:
+        refuse_duplicate_ids(spec, L.ids, lambda fid, a, b: f"duplicate frame id {fid!r}: {L.paths[a]!r} and "
+                                                            f"{L.paths[b]!r} (listed twice in the annotations?)")
     # Every file is stat'ed once, before anything is read: the stat says what is a symlink (checked to stay in
     # the root), and the memo compares it with what it recorded (a rebuild reads nothing).
     inside = Inside(spec, root_p)

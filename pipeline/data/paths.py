@@ -23,6 +23,18 @@ def fail(spec: DatasetSpec, msg: str) -> ManifestError:
     return ManifestError(f"dataset {spec.name}: {msg}")
 
 
+def refuse_duplicate_ids(spec: DatasetSpec, ids: list[str], message) -> None:
+    """A named error for the first id listed twice: ``message(fid, first, second)`` gets the id and the indices of
+    its two entries. One set when there is none (a per-frame loop costs seconds at a million frames)."""
+    if len(set(ids)) == len(ids):
+        return
+    first: dict[str, int] = {}
+    for i, fid in enumerate(ids):
+        j = first.setdefault(fid, i)
+        if j != i:
+            raise fail(spec, message(fid, j, i))
+
+
 def safe_relpath(spec: DatasetSpec, root: Path, rel: str, where: str) -> str:
     """``rel`` as a clean POSIX relative path, refusing absolute paths and ``..`` (paths escaping the root)."""
     p = PurePosixPath(rel.replace("\\", "/"))

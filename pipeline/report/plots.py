@@ -69,6 +69,18 @@ def loss_curves(series: Sequence[tuple[str, list[dict]]]) -> Optional[bytes]:
     return _png(fig)
 
 
+
+def _x_positions(labels) -> tuple[list[float], bool]:
+    """Where a plot puts its grid points: at their values when every label is a distinct number (numeric), else at
+    0, 1, 2, ... in grid order."""
+    try:
+        xs = [float(x) for x in labels]
+        if len(set(xs)) == len(xs):
+            return xs, True
+    except ValueError:
+        pass
+    return [float(i) for i in range(len(labels))], False
+
 def metric_vs_value(title: str, ylabel: str, labels: Sequence[str], per_seed: Sequence[Sequence[Optional[float]]],
                     xlabel: str) -> Optional[bytes]:
     """One metric of a sweep against the varied value: each seed's run as a point, mean ± sd as a bar.
@@ -79,13 +91,7 @@ def metric_vs_value(title: str, ylabel: str, labels: Sequence[str], per_seed: Se
 
     if not any(v is not None for vs in per_seed for v in vs):
         return None
-    try:
-        xs = [float(x) for x in labels]
-        numeric = len(set(xs)) == len(xs)
-    except ValueError:
-        numeric = False
-    if not numeric:
-        xs = list(range(len(labels)))
+    xs, _ = _x_positions(labels)
     span = (max(xs) - min(xs)) if len(xs) > 1 else 1.0
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 3.3), dpi=100)
@@ -135,13 +141,7 @@ def study_plot(title: str, ylabel: str, labels: Sequence[str], models: Sequence[
 
     if not any(v is not None for _, _, pts in models for vs in pts for v in vs):
         return None
-    try:
-        xs = [float(x) for x in labels]
-        numeric = len(set(xs)) == len(xs)
-    except ValueError:
-        numeric = False
-    if not numeric:
-        xs = [float(i) for i in range(len(labels))]
+    xs, numeric = _x_positions(labels)
     log_x = numeric and min(xs) > 0 and max(xs) / min(xs) > 30
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=100)

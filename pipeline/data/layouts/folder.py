@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.data.layouts.listing import Listing
-from pipeline.data.paths import fail, require_dir, walk_images, walk_images_stat
+from pipeline.data.paths import fail, refuse_duplicate_ids, require_dir, walk_images, walk_images_stat
 from pipeline.data.spec import FOLDER_SPLITS, DatasetSpec
 from pipeline.data.video import VIDEOS_DIR
 from pipeline.store.fingerprint import FingerprintMemo, Stats, combine, names_blob, scan_files, stat_files
@@ -55,8 +55,8 @@ def walk(spec: DatasetSpec, root: Path, memo: Optional[FingerprintMemo], progres
     # The frame id is the path under images/ without its extension: every listed name ends with one of
     # image_exts, so the last "." starts it (os.path.splitext per frame costs ~1 s a million).
     ids = [rel[plen:rel.rfind(".")] for rel in images]
-    _refuse_duplicates(spec, ids, images, lambda fid, a, b: f"duplicate frame id {fid!r}: {a!r} and {b!r}; keep "
-                                                            f"one file per frame name")
+    refuse_duplicate_ids(spec, ids, lambda fid, a, b: f"duplicate frame id {fid!r}: {images[a]!r} and "
+                                                      f"{images[b]!r}; keep one file per frame name")
     L.ids, L.paths, L.ids_unique = ids, list(images), True
     videos = None
     if vdir.is_dir():
@@ -150,25 +150,10 @@ def _add_videos(spec: DatasetSpec, root: Path, vdir: Path, memo: Optional[Finger
         L.ids += [f"{rel[len(prefix):]}/{k}" for k in ks]
         L.paths += [rel] * len(ks)
         L.video_frames += [[k, int(pts[k])] for k in ks]
-    if len(set(L.ids)) != len(L.ids):  # an image named like a video frame (images/clip.mp4/3.png)
-        first: dict[str, int] = {}
-        for i, fid in enumerate(L.ids):
-            j = first.setdefault(fid, i)
-            if j != i:
-                raise fail(spec, f"duplicate frame id {fid!r}: {L.paths[j]!r} and frame {L.video_frames[i][0]} of "
-                                 f"{L.paths[i]!r}; rename one")
+    # an image named like a video frame (images/clip.mp4/3.png)
+    refuse_duplicate_ids(spec, L.ids, lambda fid, a, b: f"duplicate frame id {fid!r}: {L.paths[a]!r} and frame "
+                                                        f"{L.video_frames[b][0]} of {L.paths[b]!r}; rename one")
     return _Videos(spec, prefix, L.videos, stride)
-
-
-def _refuse_duplicates(spec: DatasetSpec, ids: list[str], paths: list[str], message) -> None:
-    """A named error for the first id listed twice (in ``paths`` order); one set when there is none."""
-    if len(set(ids)) == len(ids):
-        return
-    first: dict[str, int] = {}
-    for i, fid in enumerate(ids):
-        j = first.setdefault(fid, i)
-        if j != i:
-            raise fail(spec, message(fid, paths[j], paths[i]))
 
 
 def _depth_files(spec: DatasetSpec, root: Path, ddir: Path, ids: list[str],
