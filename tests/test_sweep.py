@@ -199,6 +199,20 @@ def test_study_plot_draws_models_floor_and_marks():
                       "data.synth_family")[:4] == b"\x89PNG"
 
 
+def test_study_axis_is_log_with_gamma_zero_a_decade_below():
+    """gamma 0, 0.01 ... 10: a log axis, 0 drawn at 0.001 (its tick says 0); linear when the values do not span."""
+    from pipeline.report.plots import _study_axis, study_plot
+
+    assert _study_axis([0.0, 0.01, 0.1, 0.4, 1.0, 10.0], True) == ([0.001, 0.01, 0.1, 0.4, 1.0, 10.0], True)
+    assert _study_axis([0.01, 1.0, 10.0], True) == ([0.01, 1.0, 10.0], True)
+    assert _study_axis([0.0, 0.5, 1.5, 4.0], True) == ([0.0, 0.5, 1.5, 4.0], False)  # 8x: linear
+    assert _study_axis([-1.0, 0.01, 10.0], True) == ([-1.0, 0.01, 10.0], False)
+    assert _study_axis([0.0, 1.0, 2.0], False) == ([0.0, 1.0, 2.0], False)  # categories
+    png = study_plot("gamma", "%", ["0", "0.01", "0.1", "10"], [("student", "#000", [[15.0], [11.0], [11.0], [11.0]])],
+                     [15.5] * 4, "distill.gamma", marks=("0.1", "0.4"))
+    assert png[:4] == b"\x89PNG"
+
+
 def test_sweep_reruns_train_again_and_the_page_shows_study_threads_and_spread(swept):
     """One re-run of seed 0 at gamma 0.4: a new student and teacher key, deterministic (the tiny config inherits the
     preset's deterministic training), so the spread is exactly zero; the page carries the study plot, the threads

@@ -127,6 +127,19 @@ STUDY_MODELS = (("student_value", "student (RGB, distilled)", "#d62728"),
                 ("teacher_value", "teacher (depth)", "#1f77b4"))
 
 
+def _study_axis(xs: list[float], numeric: bool) -> tuple[list[float], bool]:
+    """Log or linear x for a study plot: log when the values are numbers whose positive part spans more than 30x.
+    A single 0 among them (gamma 0, no noise) cannot sit on a log axis: it is drawn one decade below the smallest
+    positive value, its tick still labelled 0, so that 0.01 and 0.1 are not squeezed against it."""
+    pos = [x for x in xs if x > 0]
+    if not numeric or len(pos) < 2 or max(pos) / min(pos) <= 30:
+        return xs, False
+    zeros = [x for x in xs if x == 0]
+    if len(pos) + len(zeros) != len(xs) or len(zeros) > 1:
+        return xs, False
+    return [x if x > 0 else min(pos) / 10 for x in xs], True
+
+
 def study_plot(title: str, ylabel: str, labels: Sequence[str], models: Sequence[tuple[str, str, Sequence[Sequence]]],
                floor: Sequence[Optional[float]], xlabel: str, marks: Sequence[str] = (),
                lower_better: bool = True) -> Optional[bytes]:
@@ -142,7 +155,7 @@ def study_plot(title: str, ylabel: str, labels: Sequence[str], models: Sequence[
     if not any(v is not None for _, _, pts in models for vs in pts for v in vs):
         return None
     xs, numeric = _x_positions(labels)
-    log_x = numeric and min(xs) > 0 and max(xs) / min(xs) > 30
+    xs, log_x = _study_axis(xs, numeric)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=100)
     for label, colour, pts in models:
@@ -164,9 +177,14 @@ def study_plot(title: str, ylabel: str, labels: Sequence[str], models: Sequence[
         else:
             ax.plot(*zip(*fl), "--", color="#555555", lw=1.2, marker="_", markersize=12, label="floor (mean pose)")
     for m in marks:
-        try:
-            mxv = float(m) if numeric else float(list(labels).index(m))
-        except ValueError:
+        if m in labels:
+            mxv = xs[list(labels).index(m)]
+        elif numeric:
+            try:
+                mxv = float(m)
+            except ValueError:
+                continue
+        else:
             continue
         ax.axvline(mxv, color="#9467bd", ls=":", lw=1.2)
         ax.annotate(f"paper {m}", (mxv, 0.02), xycoords=("data", "axes fraction"), fontsize=7, color="#9467bd",
